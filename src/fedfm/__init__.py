@@ -1,0 +1,26 @@
+"""fedfm: federated fine-tuning of foundation models.
+
+    import fedfm
+    result = fedfm.run()                                   # the embedded default experiment
+    cfg = fedfm.load_config("exp.toml", ["partition.alpha=0.1"])
+    result = fedfm.run(cfg, output="runs/alpha01")
+"""
+
+from fedfm.api import run
+from fedfm.config import ConfigError, RunConfig, load_config
+from fedfm.loop import RunResult
+from fedfm.types import ClientResult, Params, RoundContext, Update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClientResult",
+    "ConfigError",
+    "Params",
+    "RoundContext",
+    "RunConfig",
+    "RunResult",
+    "Update",
+    "load_config",
+    "run",
+]

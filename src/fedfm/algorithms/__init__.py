@@ -1,0 +1,1 @@
+"""Strategy parts: aggregators (pure), server optimizers (FedOpt), client objectives."""

@@ -1,0 +1,44 @@
+"""Aggregators: pure functions from a stream of (delta, weight) pairs to one aggregate delta.
+
+``mean`` is FedAvg's weighted mean (McMahan et al., 2017, "Communication-Efficient Learning of
+Deep Networks from Decentralized Data"). It keeps a running weighted sum and never holds every
+client's update, so server memory does not grow with the cohort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from fedfm.registry import Registry
+from fedfm.types import Params
+
+Aggregator = Callable[[Iterable[tuple[Params, float]]], Params]
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
+
+
+class EmptyCohortError(ValueError):
+    """Raised when there is nothing to aggregate."""
+
+
+@AGGREGATORS.register("mean")
+def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
+    """Σ_k w_k Δ_k / Σ_k w_k, accumulated in float64 for stability, returned in each tensor's dtype."""
+    total: dict[str, torch.Tensor] | None = None
+    dtypes: dict[str, torch.dtype] = {}
+    weight_sum = 0.0
+    for delta, weight in updates:
+        if weight < 0:
+            raise ValueError(f"aggregation weight must be non-negative, got {weight}")
+        if total is None:
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in delta.items()}
+            dtypes = {k: v.dtype for k, v in delta.items()}
+        for k, v in delta.items():
+            total[k].add_(v.to(torch.float64), alpha=float(weight))
+        weight_sum += float(weight)
+    if total is None:
+        raise EmptyCohortError("no updates to aggregate")
+    if weight_sum <= 0:
+        raise EmptyCohortError("the aggregation weights sum to zero")
+    return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}

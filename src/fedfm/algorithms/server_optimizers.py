@@ -1,0 +1,104 @@
+"""Server optimizers: turn the aggregate delta into the next global state (FedOpt).
+
+Reddi et al., 2021, "Adaptive Federated Optimization". The aggregate delta Δ = mean(θ_k − θ)
+is treated as a negative pseudo-gradient:
+
+- ``sgd``:     m ← β·m + Δ;  θ ← θ + η·m   (β = 0, η = 1 is FedAvg; β > 0 is FedAvgM)
+- ``adam``:    m ← β1·m + (1−β1)·Δ;  v ← β2·v + (1−β2)·Δ²;            θ ← θ + η·m / (√v + τ)
+- ``yogi``:    m as adam;  v ← v − (1−β2)·Δ²·sign(v − Δ²);             θ ← θ + η·m / (√v + τ)
+- ``adagrad``: m as adam;  v ← v + Δ²;                                  θ ← θ + η·m / (√v + τ)
+
+As in the paper there is no bias correction, and v starts at τ² (paper: v₋₁ ≥ τ²).
+State is a plain dict of tensors so it checkpoints as a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedfm.registry import Registry
+from fedfm.types import Params
+
+ServerState = dict[str, Params]
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """``init(θ) -> state`` and ``step(θ, Δ, state) -> (θ', state')``, both pure."""
+
+    name: str
+    lr: float
+    beta1: float = 0.0
+    beta2: float = 0.0
+    tau: float = 1e-3
+
+    def init(self, params: Params) -> ServerState:
+        state: ServerState = {"m": {k: torch.zeros_like(v) for k, v in params.items()}}
+        if self.name != "sgd":
+            state["v"] = {k: torch.full_like(v, self.tau**2) for k, v in params.items()}
+        return state
+
+    def step(self, params: Params, delta: Params, state: ServerState) -> tuple[Params, ServerState]:
+        new_params: Params = {}
+        new_m: Params = {}
+        new_v: Params = {}
+        for k, p in params.items():
+            d = delta[k].to(p.dtype)
+            m_prev = state["m"][k]
+            if self.name == "sgd":
+                m = self.beta1 * m_prev + d
+                new_params[k] = p + self.lr * m
+            else:
+                m = self.beta1 * m_prev + (1 - self.beta1) * d
+                v = _second_moment(self.name, state["v"][k], d * d, self.beta2)
+                new_v[k] = v
+                new_params[k] = p + self.lr * m / (v.sqrt() + self.tau)
+            new_m[k] = m
+        new_state: ServerState = {"m": new_m}
+        if new_v:
+            new_state["v"] = new_v
+        return new_params, new_state
+
+
+def _second_moment(name: str, v: torch.Tensor, d2: torch.Tensor, beta2: float) -> torch.Tensor:
+    if name == "adam":
+        return beta2 * v + (1 - beta2) * d2
+    if name == "yogi":
+        return v - (1 - beta2) * d2 * torch.sign(v - d2)
+    return v + d2  # adagrad
+
+
+Factory = Callable[..., ServerOptimizer]
+SERVER_OPTIMIZERS: Registry[Factory] = Registry("server optimizer")
+
+
+@SERVER_OPTIMIZERS.register("sgd")
+def sgd(*, lr: float = 1.0, momentum: float = 0.0, **_: float) -> ServerOptimizer:
+    return ServerOptimizer("sgd", lr=lr, beta1=momentum)
+
+
+def _adaptive(name: str) -> Factory:
+    def factory(*, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **_):
+        return ServerOptimizer(name, lr=lr, beta1=beta1, beta2=beta2, tau=tau)
+
+    factory.__doc__ = f"FedOpt server optimizer {name!r} (Reddi et al., 2021)."
+    return factory
+
+
+for _name in ("adam", "yogi", "adagrad"):
+    SERVER_OPTIMIZERS.register(_name)(_adaptive(_name))
+
+
+def make_server_optimizer(strategy) -> ServerOptimizer:
+    """Build the configured server optimizer from a ``StrategySection``."""
+    factory = SERVER_OPTIMIZERS.get(strategy.server_optimizer)
+    return factory(
+        lr=strategy.server_lr,
+        momentum=strategy.server_momentum,
+        beta1=strategy.beta1,
+        beta2=strategy.beta2,
+        tau=strategy.tau,
+    )

@@ -1,0 +1,251 @@
+"""Run configuration: pydantic models per component, TOML loading, dotted overrides, resolved dump.
+
+Every field has a default, so an empty config is the embedded default experiment (BBC News,
+pretrained MiniLM + LoRA, 10 Dirichlet(0.5) clients, FedAvg). Unknown keys and bad values are
+rejected before any work starts, with the dotted field name and the allowed values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _registered(kind: str, name: str) -> str:
+    from fedfm import components
+
+    registry = components.registry_for(kind)
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(registry.names())}")
+    return name
+
+
+class RunSection(_Section):
+    name: str = Field("fedfm", description="A label for this experiment; part of the run folder name.")
+    rounds: int = Field(6, ge=1, description="Number of federated rounds.")
+    seed: int = Field(0, description="Root seed; every random draw is derived from it.")
+    engine: str = Field("inprocess", description="Execution engine (registered name).")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        return _registered("engine", v)
+
+
+class ModelSection(_Section):
+    name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
+    init: Literal["pretrained", "random"] = "pretrained"
+    max_length: int = Field(64, ge=4, le=32768, description="Tokens per example (truncation).")
+
+
+class PeftSection(_Section):
+    method: Literal["lora", "ia3", "prompt_tuning", "head", "full"] = "lora"
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        None, description="Modules to adapt; default: PEFT's per-architecture choice."
+    )
+    num_virtual_tokens: int = Field(8, ge=1, description="Prompt tuning: soft prompt length.")
+
+
+class DataSection(_Section):
+    name: str = Field("bbc-news", description="Registered dataset, 'csv', 'jsonl', or a HF dataset id.")
+    path: str | None = Field(None, description="File for 'csv'/'jsonl' sources.")
+    test_path: str | None = Field(None, description="Optional test file for 'csv'/'jsonl'.")
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Held-out server test share when the source has no test split."
+    )
+    client_test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of each client's data kept as its local test split."
+    )
+    max_examples: int | None = Field(
+        None, ge=2, description="Stratified subsample of the training set (quick experiments)."
+    )
+    max_test_examples: int | None = Field(None, ge=1, description="Stratified subsample of the test set.")
+    hf_config: str | None = None
+    hf_train_split: str = "train"
+    hf_test_split: str | None = "test"
+
+
+class PartitionSection(_Section):
+    method: str = Field("dirichlet", description="Partitioner (registered name).")
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
+    min_size: int = Field(10, ge=0, description="Dirichlet: minimum examples per client.")
+    classes_per_client: int = Field(2, ge=1, description="Shards: label shards per client.")
+    column: str | None = Field(None, description="Natural: the column whose values are clients.")
+    sigma: float = Field(1.0, ge=0, description="Quantity: log-normal spread of client sizes.")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _registered("partitioner", v)
+
+
+class SamplingSection(_Section):
+    clients_per_round: int | None = Field(None, ge=1, description="Cohort size; overrides fraction.")
+    fraction: float = Field(0.5, gt=0, le=1, description="Share of clients sampled each round.")
+    min_clients: int = Field(1, ge=1, description="Fewer successful clients than this skips the round.")
+
+
+class TrainingSection(_Section):
+    local_epochs: float = Field(1.0, gt=0, description="Passes over local data per round.")
+    local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+
+
+class StrategySection(_Section):
+    aggregator: str = Field("mean", description="Aggregator (registered name).")
+    weighting: Literal["examples", "uniform"] = "examples"
+    server_optimizer: str = Field("sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad.")
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
+    objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
+    mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
+
+    @field_validator("aggregator")
+    @classmethod
+    def _aggregator(cls, v: str) -> str:
+        return _registered("aggregator", v)
+
+    @field_validator("server_optimizer")
+    @classmethod
+    def _server_optimizer(cls, v: str) -> str:
+        return _registered("server optimizer", v)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        return _registered("objective", v)
+
+
+class EvalSection(_Section):
+    every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
+    at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
+    batch_size: int = Field(64, ge=1)
+    local: bool = Field(False, description="Also evaluate on every client's local test split.")
+
+
+class RunConfig(_Section):
+    """The whole experiment. ``RunConfig()`` is the embedded default experiment."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    data: DataSection = Field(default_factory=DataSection)
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.sampling.clients_per_round and self.sampling.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                f"sampling.clients_per_round ({self.sampling.clients_per_round}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        if self.eval.local and self.data.client_test_fraction == 0:
+            raise ValueError("eval.local needs data.client_test_fraction > 0")
+        if self.partition.method == "natural" and not self.partition.column:
+            raise ValueError("partition.column is required for partition.method = 'natural'")
+        return self
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"partition.alpha=0.1"`` → (["partition", "alpha"], 0.1); values are TOML, else strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    path = [p.strip() for p in key.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override {text!r}: the key must be section.field")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A new nested dict with each ``section.field=value`` applied."""
+    result: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `fedfm run --help` and docs/configuration.md)"
+        got = e.get("input")
+        shown = f" (got {got!r})" if e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
+        lines.append(f"  {field}: {msg}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def make_config(data: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Validate a nested mapping (plus dotted overrides) into a ``RunConfig``."""
+    merged = apply_overrides(data or {}, overrides)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a TOML experiment file (or none: the default experiment) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    return make_config(data, overrides)

@@ -1,0 +1,89 @@
+"""Build everything a run needs from its config: data splits, client partition, model, task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedfm.config import RunConfig
+from fedfm.data.dataset import TextDataset, stratified_sample, stratified_split
+from fedfm.data.partition import PARTITIONERS, PartitionError, label_counts
+from fedfm.data.sources import load_source
+from fedfm.models.build import ModelBundle, build_classifier
+from fedfm.seeding import numpy_rng
+from fedfm.tasks.classification import ClassificationTask, encode
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """The server's test set and every client's training (and optional local test) rows."""
+
+    train: TextDataset
+    test: TextDataset
+    client_train: list[np.ndarray]
+    client_test: list[np.ndarray]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+    def partition_summary(self, method: str) -> dict:
+        counts = label_counts(self.train.labels, self.client_train, self.train.num_labels)
+        return {
+            "method": method,
+            "num_clients": self.num_clients,
+            "label_names": self.train.label_names,
+            "num_train": len(self.train),
+            "num_test": len(self.test),
+            "clients": [
+                {
+                    "client": k,
+                    "num_train": int(len(self.client_train[k])),
+                    "num_local_test": int(len(self.client_test[k])),
+                    "label_counts": dict(zip(self.train.label_names, map(int, row), strict=True)),
+                }
+                for k, row in enumerate(counts)
+            ],
+        }
+
+
+def prepare_data(cfg: RunConfig) -> FederatedData:
+    """Load the source, hold out the server test split, partition the rest among clients."""
+    seed, d = cfg.run.seed, cfg.data
+    train, test = load_source(d)
+    if test is None:
+        rest, held = stratified_split(train.labels, d.test_fraction, numpy_rng(seed, "test-split"))
+        train, test = train.subset(rest), train.subset(held)
+    if d.max_examples:
+        train = train.subset(stratified_sample(train.labels, d.max_examples, numpy_rng(seed, "sub-train")))
+    if d.max_test_examples:
+        test = test.subset(stratified_sample(test.labels, d.max_test_examples, numpy_rng(seed, "sub-test")))
+    p = cfg.partition
+    groups = train.columns.get(p.column) if p.column else None
+    if p.column and groups is None:
+        raise PartitionError(
+            f"partition.column {p.column!r} is not a column of the data; "
+            f"columns: {', '.join(train.columns) or 'none'}"
+        )
+    parts = PARTITIONERS.get(p.method)(train.labels, groups, p, numpy_rng(seed, "partition"))
+    client_train, client_test = [], []
+    for k, part in enumerate(parts):
+        part = np.asarray(part, dtype=np.int64)
+        if d.client_test_fraction > 0:
+            rest, held = stratified_split(
+                train.labels[part], d.client_test_fraction, numpy_rng(seed, "client-test", k)
+            )
+            client_train.append(part[rest])
+            client_test.append(part[held])
+        else:
+            client_train.append(part)
+            client_test.append(np.array([], dtype=np.int64))
+    return FederatedData(train, test, client_train, client_test)
+
+
+def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:
+    bundle = build_classifier(cfg.model, cfg.peft, data.train.label_names, cfg.run.seed, cfg.run.device)
+    tok, length = bundle.tokenizer, cfg.model.max_length
+    task = ClassificationTask(encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels)
+    return bundle, task

@@ -1,0 +1,141 @@
+"""Build the foundation model for a task and wrap it with the configured PEFT method.
+
+One frozen base model per process: engines swap the small trainable state in and out of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedfm.models.resolve import ModelError, load_error, resolve_model
+from fedfm.models.state import trainable_parameters
+from fedfm.seeding import seed_torch
+
+HEAD_MODULES = ("classifier", "score")
+
+
+@dataclass
+class ModelBundle:
+    """The model, its tokenizer, and the trainable parameters keyed as the payload keys them."""
+
+    model: nn.Module
+    tokenizer: Any
+    trainable: dict[str, nn.Parameter]
+    source: str
+    device: torch.device
+    method: str
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable.values())
+
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"run.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+def load_tokenizer(source: str, name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise load_error(name, err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"model {name!r}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_classifier(model_cfg, peft_cfg, label_names: list[str], seed: int, device: str = "auto") -> ModelBundle:
+    """A sequence classifier (encoder or decoder) with the PEFT method applied, seeded by ``seed``."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    source = resolve_model(model_cfg.name)
+    tokenizer = load_tokenizer(source, model_cfg.name)
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {n: i for i, n in enumerate(label_names)}}
+    seed_torch(seed, "model-init")
+    try:
+        if model_cfg.init == "pretrained":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=torch.float32, **labels
+            )
+        else:
+            config = AutoConfig.from_pretrained(source, **labels)
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    except Exception as err:
+        raise load_error(model_cfg.name, err) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_peft(model, peft_cfg, model_cfg.name)
+    dev = pick_device(device)
+    model.to(dev)
+    return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev, peft_cfg.method)
+
+
+def apply_peft(model: nn.Module, peft_cfg, name: str) -> nn.Module:
+    """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full."""
+    method = peft_cfg.method
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "head":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.split(".")[0] in HEAD_MODULES)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ModelError(f"model {name!r} has no classification head named {HEAD_MODULES}")
+        return model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config(peft_cfg, model))
+    except ValueError as err:
+        raise ModelError(
+            f"peft.method = {method!r} on model {name!r}: {err}. Set peft.target_modules to the "
+            "names of the linear layers to adapt."
+        ) from None
+
+
+def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str = "SEQ_CLS"):
+    from peft import IA3Config, LoraConfig, PromptTuningConfig
+
+    if peft_cfg.method == "lora":
+        return LoraConfig(
+            task_type=task_type,
+            r=peft_cfg.r,
+            lora_alpha=peft_cfg.alpha,
+            lora_dropout=peft_cfg.dropout,
+            target_modules=peft_cfg.target_modules,
+        )
+    if peft_cfg.method == "ia3":
+        targets = peft_cfg.target_modules
+        return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None)
+    if peft_cfg.method == "prompt_tuning":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)
+    raise ModelError(f"peft.method {peft_cfg.method!r} has no PEFT config")

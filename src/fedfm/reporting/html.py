@@ -1,0 +1,108 @@
+"""A self-contained HTML report: config, per-round table, plots (inline PNG) and partition.
+
+Later capabilities add sections (privacy budget, bytes sent, generations) through ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable
+from pathlib import Path
+
+# Extra sections: functions (history) -> HTML fragment or "" — registered by later features.
+SECTIONS: list[Callable[[list[dict]], str]] = []
+
+TABLE_KEYS = [
+    ("round", "round"),
+    ("clients", "num_clients"),
+    ("train loss", "train_loss"),
+    ("test loss", "test_loss"),
+    ("test accuracy", "test_accuracy"),
+    ("test macro-F1", "test_macro_f1"),
+    ("client acc mean", "client_accuracy_mean"),
+    ("client acc worst 10%", "client_accuracy_worst10"),
+    ("elapsed (s)", "elapsed_s"),
+]
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
+img{max-width:100%;margin:.5em 0}.warn{color:#a60}
+"""
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _round_table(history: list[dict]) -> str:
+    keys = [(h, k) for h, k in TABLE_KEYS if any(r.get(k) is not None for r in history)]
+    head = "".join(f"<th>{h}</th>" for h, _ in keys)
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k))}</td>" for _, k in keys) + "</tr>" for r in history)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _problems(history: list[dict]) -> str:
+    items = []
+    for r in history:
+        if r.get("skipped"):
+            items.append(f"<li class=warn>round {r['round']}: {html.escape(r['skipped'])}</li>")
+        for f in r.get("failed", []):
+            items.append(
+                f"<li>round {r['round']}: client {f['client']} rejected at {html.escape(f['stage'])}: "
+                f"{html.escape(f['reason'])}</li>"
+            )
+    return f"<h2>Failed and rejected clients</h2><ul>{''.join(items)}</ul>" if items else ""
+
+
+def _partition_table(partition: dict) -> str:
+    names = partition["label_names"]
+    head = "<th>client</th><th>train</th><th>local test</th>" + "".join(
+        f"<th>{html.escape(n)}</th>" for n in names
+    )
+    rows = "".join(
+        f"<tr><td>{c['client']}</td><td>{c['num_train']}</td><td>{c['num_local_test']}</td>"
+        + "".join(f"<td>{c['label_counts'][n]}</td>" for n in names)
+        + "</tr>"
+        for c in partition["clients"]
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def render_report(title: str, config_text: str, history: list[dict], partition: dict | None, plots) -> str:
+    final = next((r for r in reversed(history) if r.get("test_accuracy") is not None), None)
+    headline = (
+        f"<p><b>final test accuracy {final['test_accuracy']:.4f}</b> after round {final['round']} "
+        f"({final.get('elapsed_s', 0):.0f} s)</p>"
+        if final
+        else ""
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>fedfm: {html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body><h1>fedfm run: {html.escape(title)}</h1>{headline}",
+        "<h2>Rounds</h2>",
+        _round_table(history),
+        "<h2>Plots</h2>",
+        *(_img(p) for p in plots),
+        _problems(history),
+    ]
+    parts += [section(history) for section in SECTIONS]
+    if partition:
+        parts += [
+            f"<h2>Partition</h2><p>{partition['num_clients']} clients, {partition['method']}; "
+            f"{partition['num_train']} training and {partition['num_test']} server test examples.</p>",
+            _partition_table(partition),
+        ]
+    parts += [f"<h2>Configuration</h2><pre>{html.escape(config_text)}</pre></body></html>"]
+    return "\n".join(parts)

@@ -1,0 +1,51 @@
+"""PNG plots of a run: accuracy and loss per round, and the client × label distribution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in history if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for key, label in keys:
+        x, y = _series(history, key)
+        if x:
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_partition(partition: dict, path: Path) -> Path:
+    """Stacked bars: examples of each label held by each client."""
+    names = partition["label_names"]
+    counts = np.array([[c["label_counts"][n] for n in names] for c in partition["clients"]])
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.35 * len(counts)), 3.6), dpi=100)
+    bottom = np.zeros(len(counts))
+    for j, name in enumerate(names):
+        ax.bar(np.arange(len(counts)), counts[:, j], bottom=bottom, label=name)
+        bottom += counts[:, j]
+    ax.set_xlabel("client")
+    ax.set_ylabel("training examples")
+    ax.set_title(f"{partition['method']} partition")
+    ax.legend(fontsize=7, ncol=min(5, len(names)))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

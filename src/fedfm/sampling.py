@@ -1,0 +1,19 @@
+"""Client sampling: which clients train in a round, drawn from (seed, round) alone."""
+
+from __future__ import annotations
+
+from fedfm.seeding import numpy_rng
+
+
+def cohort_size(num_clients: int, clients_per_round: int | None, fraction: float) -> int:
+    if clients_per_round:
+        return min(clients_per_round, num_clients)
+    return max(1, min(num_clients, round(fraction * num_clients)))
+
+
+def sample_cohort(num_clients: int, size: int, seed: int, round_: int) -> list[int]:
+    """``size`` distinct client ids, sorted, uniformly without replacement."""
+    if size >= num_clients:
+        return list(range(num_clients))
+    rng = numpy_rng(seed, round_, "cohort")
+    return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))

@@ -1,0 +1,1 @@
+"""Tasks: turn examples into batches, compute the training loss, evaluate a model."""

@@ -1,0 +1,87 @@
+"""Sequence classification: tokenize once, batch by index, cross-entropy loss, accuracy/F1 eval.
+
+Works with any ``AutoModelForSequenceClassification`` (encoders pool the first token, decoders
+the last non-pad token; both handled by transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedfm.data.dataset import TextDataset
+from fedfm.tasks.metrics import accuracy, macro_f1
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized dataset: fixed-width rows, trimmed to the longest row of each batch."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(tokenizer, data: TextDataset, max_length: int) -> Encoded:
+    enc = tokenizer(
+        list(data.texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(data.labels, dtype=torch.long))
+
+
+class ClassificationTask:
+    """Batches, loss and evaluation for one tokenized train set and test set."""
+
+    name = "classification"
+
+    def __init__(self, train: Encoded, test: Encoded, num_labels: int) -> None:
+        self.train = train
+        self.test = test
+        self.num_labels = num_labels
+
+    @staticmethod
+    def batch(data: Encoded, indices: Sequence[int] | torch.Tensor, device: torch.device) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        mask = data.attention_mask[idx]
+        width = int(mask.sum(dim=1).max()) if len(idx) else 1
+        return {
+            "input_ids": data.input_ids[idx, :width].to(device),
+            "attention_mask": mask[:, :width].to(device),
+            "labels": data.labels[idx].to(device),
+        }
+
+    @staticmethod
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits, batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, data: Encoded, indices: Sequence[int] | None, batch_size: int, device
+    ) -> dict[str, float]:
+        """Accuracy, macro-F1 and mean loss of ``model`` on ``data[indices]`` (all rows if None)."""
+        idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+        was_training = model.training
+        model.eval()
+        preds, total_loss = [], 0.0
+        for start in range(0, len(idx), batch_size):
+            b = self.batch(data, idx[start : start + batch_size], device)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            total_loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            preds.append(logits.argmax(dim=-1).cpu().numpy())
+        model.train(was_training)
+        labels = data.labels[torch.as_tensor(idx, dtype=torch.long)].numpy()
+        p = np.concatenate(preds) if preds else np.array([], dtype=np.int64)
+        return {
+            "accuracy": accuracy(p, labels),
+            "macro_f1": macro_f1(p, labels, self.num_labels),
+            "loss": total_loss / max(len(idx), 1),
+        }

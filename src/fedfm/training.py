@@ -1,0 +1,102 @@
+"""The local training a client runs: one function every engine calls unchanged.
+
+``client_update`` sets the global state into the (shared) model, trains for the configured
+number of local steps with the client objective's hooks, and returns the delta θ_k − θ.
+Shuffling and dropout draw from seeds derived from (seed, round, client), never from the
+order in which an engine happens to run clients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedfm.algorithms.objectives import Objective
+from fedfm.models.build import ModelBundle
+from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.seeding import seed_torch, torch_generator
+from fedfm.types import Params, RoundContext, Update
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in a round: who it is and which training rows it holds."""
+
+    client_id: int
+    indices: np.ndarray
+
+
+def num_local_steps(num_examples: int, cfg) -> int:
+    """``training.local_steps`` if set, else ceil(local_epochs · n / batch_size), at least 1."""
+    if cfg.local_steps:
+        return cfg.local_steps
+    return max(1, math.ceil(cfg.local_epochs * num_examples / cfg.batch_size))
+
+
+def batch_order(num_examples: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Index batches over repeated seeded permutations (epochs), ``steps`` of them."""
+    produced = 0
+    while produced < steps:
+        perm = torch.randperm(num_examples, generator=generator)
+        for start in range(0, num_examples, batch_size):
+            if produced == steps:
+                return
+            yield perm[start : start + batch_size]
+            produced += 1
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def client_update(
+    bundle: ModelBundle,
+    task,
+    job: ClientJob,
+    global_params: Params,
+    ctx: RoundContext,
+    cfg,
+    objective: Objective,
+    client_state: Params | None = None,
+) -> tuple[Update, Params | None]:
+    """Train one client from ``global_params``; return its update and its new client state."""
+    n = len(job.indices)
+    if n == 0:
+        raise ValueError("the client has no training examples")
+    model, trainable, device = bundle.model, bundle.trainable, bundle.device
+    set_trainable_state(trainable, global_params)
+    seed_torch(ctx.seed, ctx.round, job.client_id, "dropout")
+    generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
+    hook = objective.client_hook(global_params, ctx, client_state, device)
+    optimizer = make_optimizer(list(trainable.values()), cfg)
+    steps = num_local_steps(n, cfg)
+    rows = torch.as_tensor(job.indices, dtype=torch.long)
+    model.train()
+    losses = []
+    for positions in batch_order(n, cfg.batch_size, steps, generator):
+        batch = task.batch(task.train, rows[positions], device)
+        loss = task.loss(model, batch)
+        losses.append(float(loss.detach()))
+        if hook.penalty is not None:
+            loss = loss + hook.penalty(trainable)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at local step {len(losses)}")
+        loss.backward()
+        if hook.adjust_gradients is not None:
+            hook.adjust_gradients(trainable)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    final = get_trainable_state(trainable)
+    delta = {k: final[k] - global_params[k] for k in global_params}
+    control_delta, new_state = None, client_state
+    if hook.finish is not None:
+        control_delta, new_state = hook.finish(final, steps, cfg.lr)
+    metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
+    return Update(delta, n, metrics, control_delta), new_state

@@ -1,0 +1,1 @@
+"""Update transforms applied between local training and aggregation (validation first)."""

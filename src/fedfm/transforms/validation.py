@@ -1,0 +1,34 @@
+"""Validate a client update against the global state before it may touch the aggregate.
+
+Checks: the same tensor names, shapes and dtypes as the global state; finite values; a
+positive example count. A failing update is dropped with the client id and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedfm.types import Update
+
+
+def update_problem(update: Update, reference: Mapping[str, torch.Tensor]) -> str | None:
+    """``None`` for a valid update, else the first reason it is not."""
+    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+        return f"num_examples must be a positive integer, got {update.num_examples!r}"
+    missing = sorted(set(reference) - set(update.delta))
+    extra = sorted(set(update.delta) - set(reference))
+    if missing or extra:
+        return f"parameter names differ from the global state (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, ref in reference.items():
+        t = update.delta[name]
+        if not isinstance(t, torch.Tensor):
+            return f"{name}: not a tensor"
+        if t.shape != ref.shape:
+            return f"{name}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"{name}: dtype {t.dtype} != expected {ref.dtype}"
+        if not torch.isfinite(t).all():
+            return f"{name}: contains NaN or Inf"
+    return None
