@@ -35,7 +35,7 @@ def _registered(kind: str, name: str) -> str:
 
 class RunSection(_Section):
     name: str = Field("fedfm", description="A label for this experiment; part of the run folder name.")
-    rounds: int = Field(6, ge=1, description="Number of federated rounds.")
+    rounds: int = Field(5, ge=1, description="Number of federated rounds.")
     seed: int = Field(0, description="Root seed; every random draw is derived from it.")
     engine: str = Field("inprocess", description="Execution engine (registered name).")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
@@ -51,7 +51,7 @@ class RunSection(_Section):
 class ModelSection(_Section):
     name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
     init: Literal["pretrained", "random"] = "pretrained"
-    max_length: int = Field(64, ge=4, le=32768, description="Tokens per example (truncation).")
+    max_length: int = Field(48, ge=4, le=32768, description="Tokens per example (truncation).")
 
 
 class PeftSection(_Section):
@@ -76,6 +76,9 @@ class DataSection(_Section):
     )
     client_test_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of each client's data kept as its local test split."
+    )
+    deduplicate: bool = Field(
+        True, description="Drop exact duplicate texts (and test texts seen in training) before splitting."
     )
     max_examples: int | None = Field(
         None, ge=2, description="Stratified subsample of the training set (quick experiments)."
@@ -112,7 +115,7 @@ class TrainingSection(_Section):
     local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
     batch_size: int = Field(16, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")

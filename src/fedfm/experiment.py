@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedfm.config import RunConfig
-from fedfm.data.dataset import TextDataset, stratified_sample, stratified_split
+from fedfm.data.dataset import TextDataset, first_occurrences, stratified_sample, stratified_split
 from fedfm.data.partition import PARTITIONERS, PartitionError, label_counts
 from fedfm.data.sources import load_source
 from fedfm.models.build import ModelBundle, build_classifier
@@ -52,6 +52,10 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
     """Load the source, hold out the server test split, partition the rest among clients."""
     seed, d = cfg.run.seed, cfg.data
     train, test = load_source(d)
+    if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
+        train = train.subset(first_occurrences(train.texts))
+        if test is not None:
+            test = test.subset(first_occurrences(test.texts, exclude=train.texts))
     if test is None:
         rest, held = stratified_split(train.labels, d.test_fraction, numpy_rng(seed, "test-split"))
         train, test = train.subset(rest), train.subset(held)

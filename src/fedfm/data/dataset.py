@@ -76,3 +76,14 @@ def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -
         return np.arange(len(labels))
     _, taken = stratified_split(labels, size / len(labels), rng)
     return taken
+
+
+def first_occurrences(texts: Sequence[str], exclude: Sequence[str] = ()) -> np.ndarray:
+    """Indices of the first occurrence of each distinct text, skipping texts in ``exclude``."""
+    seen = set(exclude)
+    keep = []
+    for i, text in enumerate(texts):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ def pick_device(name: str) -> torch.device:
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -82,8 +84,9 @@ def build_classifier(model_cfg, peft_cfg, label_names: list[str], seed: int, dev
     seed_torch(seed, "model-init")
     try:
         if model_cfg.init == "pretrained":
+            # A checkpoint whose head has another label count gets a fresh head.
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=torch.float32, **labels
+                source, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
             )
         else:
             config = AutoConfig.from_pretrained(source, **labels)
