@@ -1,13 +1,28 @@
 import pytest
 
-from fedfm.config import ConfigError, RunConfig, apply_overrides, load_config, make_config, parse_override
+from fedfm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    make_config,
+    parse_override,
+)
 
 
 def test_default_config_is_the_embedded_experiment():
     cfg = RunConfig()
     assert (cfg.model.name, cfg.data.name, cfg.peft.method) == ("minilm", "bbc-news", "lora")
-    assert (cfg.partition.method, cfg.partition.num_clients, cfg.partition.alpha) == ("dirichlet", 10, 0.5)
-    assert (cfg.strategy.aggregator, cfg.strategy.server_optimizer, cfg.strategy.server_lr) == ("mean", "sgd", 1.0)
+    assert (cfg.partition.method, cfg.partition.num_clients, cfg.partition.alpha) == (
+        "dirichlet",
+        10,
+        0.5,
+    )
+    assert (cfg.strategy.aggregator, cfg.strategy.server_optimizer, cfg.strategy.server_lr) == (
+        "mean",
+        "sgd",
+        1.0,
+    )
 
 
 def test_overrides_parse_toml_values():
@@ -35,7 +50,9 @@ def test_bad_values_name_the_field_and_allowed_values():
         make_config({}, ["peft.method=lorax"])
     with pytest.raises(ConfigError, match=r"strategy\.aggregator: unknown aggregator 'avg'; allowed: mean"):
         make_config({}, ["strategy.aggregator=avg"])
-    with pytest.raises(ConfigError, match="partition.method.*allowed: dirichlet, iid, natural, quantity, shards"):
+    with pytest.raises(
+        ConfigError, match="partition.method.*allowed: dirichlet, iid, natural, quantity, shards"
+    ):
         make_config({}, ["partition.method=label"])
 
 

@@ -63,8 +63,12 @@ def test_unknown_dataset_names_the_alternatives():
 def test_natural_partition_and_client_test_split(tiny_config):
     from fedfm.config import make_config
 
-    cfg = make_config(tiny_config(partition={"method": "natural", "column": "site", "num_clients": 4},
-                                  data={"client_test_fraction": 0.2}))
+    cfg = make_config(
+        tiny_config(
+            partition={"method": "natural", "column": "site", "num_clients": 4},
+            data={"client_test_fraction": 0.2},
+        )
+    )
     data = prepare_data(cfg)
     assert data.num_clients == 4
     for k in range(4):

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from fedfm.config import ModelSection, PeftSection
-from fedfm.models import ModelError, build_classifier, get_trainable_state, resolve_model, set_trainable_state
+from fedfm.models import (
+    ModelError,
+    build_classifier,
+    get_trainable_state,
+    resolve_model,
+    set_trainable_state,
+)
 
 LABELS = ["a", "b", "c"]
 
@@ -47,11 +53,14 @@ def test_same_seed_same_initial_state_and_random_init(tiny_model_dir):
     a = get_trainable_state(build(tiny_model_dir).trainable)
     b = get_trainable_state(build(tiny_model_dir).trainable)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rnd = build_classifier(ModelSection(name=str(tiny_model_dir), init="random"), PeftSection(), LABELS, 0, "cpu")
+    rnd = build_classifier(
+        ModelSection(name=str(tiny_model_dir), init="random"), PeftSection(), LABELS, 0, "cpu"
+    )
     pre = build(tiny_model_dir)
     w = "bert.embeddings.word_embeddings.weight"
     assert not torch.equal(
-        dict(rnd.model.base_model.model.named_parameters())[w], dict(pre.model.base_model.model.named_parameters())[w]
+        dict(rnd.model.base_model.model.named_parameters())[w],
+        dict(pre.model.base_model.model.named_parameters())[w],
     )
 
 

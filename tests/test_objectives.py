@@ -44,11 +44,16 @@ def test_scaffold_hook_corrects_gradients_and_reports_control_delta():
 def test_plain_and_fedprox_hooks():
     params = {"w": torch.tensor([1.0])}
     assert make_objective(StrategySection()).client_hook(params, RoundContext(1, 0), None).penalty is None
-    hook = make_objective(StrategySection(objective="fedprox", mu=2.0)).client_hook(params, RoundContext(1, 0), None)
+    hook = make_objective(StrategySection(objective="fedprox", mu=2.0)).client_hook(
+        params, RoundContext(1, 0), None
+    )
     assert hook.penalty({"w": torch.tensor([3.0])}).item() == pytest.approx(4.0)
 
 
 def test_server_control_only_for_scaffold():
     params = {"w": torch.ones(2)}
     assert make_objective(StrategySection()).server_init(params) is None
-    assert torch.equal(make_objective(StrategySection(objective="scaffold")).server_init(params)["w"], torch.zeros(2))
+    assert torch.equal(
+        make_objective(StrategySection(objective="scaffold")).server_init(params)["w"],
+        torch.zeros(2),
+    )

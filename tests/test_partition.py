@@ -4,7 +4,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedfm.config import PartitionSection
-from fedfm.data.partition import PARTITIONERS, PartitionError, dirichlet, label_counts, natural, shards
+from fedfm.data.partition import (
+    PARTITIONERS,
+    PartitionError,
+    dirichlet,
+    label_counts,
+    natural,
+    shards,
+)
 
 labels_strategy = st.lists(st.integers(0, 4), min_size=20, max_size=200).map(np.array)
 
@@ -16,11 +23,21 @@ def assert_exact_cover(parts, n):
 
 
 @settings(max_examples=30, deadline=None)
-@given(labels=labels_strategy, num_clients=st.integers(1, 8), seed=st.integers(0, 2**16),
-       method=st.sampled_from(["iid", "dirichlet", "shards", "quantity"]))
+@given(
+    labels=labels_strategy,
+    num_clients=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["iid", "dirichlet", "shards", "quantity"]),
+)
 def test_every_example_lands_in_exactly_one_client(labels, num_clients, seed, method):
-    cfg = PartitionSection(method=method, num_clients=num_clients, alpha=0.3, min_size=0,
-                           classes_per_client=2, sigma=1.5)
+    cfg = PartitionSection(
+        method=method,
+        num_clients=num_clients,
+        alpha=0.3,
+        min_size=0,
+        classes_per_client=2,
+        sigma=1.5,
+    )
     parts = PARTITIONERS.get(method)(labels, None, cfg, np.random.default_rng(seed))
     assert len(parts) == num_clients
     assert_exact_cover(parts, len(labels))
@@ -63,4 +80,9 @@ def test_natural_one_client_per_key():
 
 def test_too_many_clients_is_a_clear_error():
     with pytest.raises(PartitionError, match="cannot split 3 examples among 5 clients"):
-        PARTITIONERS.get("iid")(np.zeros(3), None, PartitionSection(method="iid", num_clients=5), np.random.default_rng(0))
+        PARTITIONERS.get("iid")(
+            np.zeros(3),
+            None,
+            PartitionSection(method="iid", num_clients=5),
+            np.random.default_rng(0),
+        )

@@ -1,9 +1,9 @@
 """fedfm: federated fine-tuning of foundation models.
 
-    import fedfm
-    result = fedfm.run()                                   # the embedded default experiment
-    cfg = fedfm.load_config("exp.toml", ["partition.alpha=0.1"])
-    result = fedfm.run(cfg, output="runs/alpha01")
+import fedfm
+result = fedfm.run()                                   # the embedded default experiment
+cfg = fedfm.load_config("exp.toml", ["partition.alpha=0.1"])
+result = fedfm.run(cfg, output="runs/alpha01")
 """
 
 from fedfm.api import run

@@ -48,7 +48,9 @@ def run(
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(output) if output else Path(cfg.run.output_root) / f"{cfg.run.name}-{stamp}"
         if (run_dir / "checkpoint").exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume or pick another --output")
+            raise ConfigError(
+                f"{run_dir} already holds a run; resume it with --resume or pick another --output"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return Run(cfg, run_dir, progress=progress, callbacks=callbacks).execute()

@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of foundation models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of foundation models."
+)
 err_console = Console(stderr=True)
 
 
@@ -22,8 +24,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 @app.command()
 def run(
-    config: Path | None = typer.Argument(None, help="TOML experiment file (default: the embedded experiment)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: --set partition.alpha=0.1 (repeatable)."),
+    config: Path | None = typer.Argument(
+        None, help="TOML experiment file (default: the embedded experiment)."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a field: --set partition.alpha=0.1 (repeatable)."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),

@@ -78,7 +78,8 @@ class DataSection(_Section):
         0.0, ge=0, lt=1, description="Share of each client's data kept as its local test split."
     )
     deduplicate: bool = Field(
-        True, description="Drop exact duplicate texts (and test texts seen in training) before splitting."
+        True,
+        description="Drop exact duplicate texts (and test texts seen in training) before splitting.",
     )
     max_examples: int | None = Field(
         None, ge=2, description="Stratified subsample of the training set (quick experiments)."

@@ -89,5 +89,7 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
 def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:
     bundle = build_classifier(cfg.model, cfg.peft, data.train.label_names, cfg.run.seed, cfg.run.device)
     tok, length = bundle.tokenizer, cfg.model.max_length
-    task = ClassificationTask(encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels)
+    task = ClassificationTask(
+        encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
+    )
     return bundle, task

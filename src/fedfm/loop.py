@@ -1,11 +1,11 @@
 """The round loop, top to bottom: sample a cohort, run it, validate, aggregate, step, evaluate, save.
 
-    for round t:
-      cohort  = sample_cohort(seed, t)
-      results = engine.run_cohort(θ, cohort, ctx)        # the one seam to execution
-      Δ       = aggregator(valid updates, weights)         # streamed: no list of all updates
-      θ       = server_optimizer.step(θ, Δ)
-      metrics = evaluate(θ); checkpoint(state); callbacks(metrics)
+for round t:
+  cohort  = sample_cohort(seed, t)
+  results = engine.run_cohort(θ, cohort, ctx)        # the one seam to execution
+  Δ       = aggregator(valid updates, weights)         # streamed: no list of all updates
+  θ       = server_optimizer.step(θ, Δ)
+  metrics = evaluate(θ); checkpoint(state); callbacks(metrics)
 """
 
 from __future__ import annotations
@@ -143,7 +143,12 @@ class Run:
     def execute(self) -> RunResult:
         cfg = self.cfg
         if self.state.round == 0 and cfg.eval.at_start and not self.metrics.has_round(0):
-            record = {"round": 0, "num_clients": 0, "train_loss": None, **self.evaluate(self.state.params)}
+            record = {
+                "round": 0,
+                "num_clients": 0,
+                "train_loss": None,
+                **self.evaluate(self.state.params),
+            }
             self._finish_round(record)
         with self.console.rounds(cfg.run.rounds, self.state.round) as bar:
             for t in range(self.state.round + 1, cfg.run.rounds + 1):
@@ -162,7 +167,10 @@ class Run:
         tally = _RoundTally()
         results = self.engine.run_cohort(state.params, cohort, ctx)
         updates = tally.valid_updates(
-            results, state.params, cfg.strategy.weighting == "uniform", bar.start_round(t, len(cohort))
+            results,
+            state.params,
+            cfg.strategy.weighting == "uniform",
+            bar.start_round(t, len(cohort)),
         )
         skipped = None
         try:
@@ -210,12 +218,16 @@ class Run:
         set_trainable_state(self.bundle.trainable, params)
         with self.console.status("evaluating"):
             m = task.evaluate(self.bundle.model, task.test, None, cfg.eval.batch_size, self.bundle.device)
-            record = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_loss": m["loss"]}
+            record = {
+                "test_accuracy": m["accuracy"],
+                "test_macro_f1": m["macro_f1"],
+                "test_loss": m["loss"],
+            }
             if cfg.eval.local:
                 accs = [
-                    task.evaluate(self.bundle.model, task.train, rows, cfg.eval.batch_size, self.bundle.device)[
-                        "accuracy"
-                    ]
+                    task.evaluate(
+                        self.bundle.model, task.train, rows, cfg.eval.batch_size, self.bundle.device
+                    )["accuracy"]
                     for rows in self.data.client_test
                     if len(rows)
                 ]

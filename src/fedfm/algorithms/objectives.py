@@ -63,7 +63,11 @@ class Objective:
         return None
 
     def server_update(
-        self, control: Params | None, mean_control_delta: Params | None, cohort: int, num_clients: int
+        self,
+        control: Params | None,
+        mean_control_delta: Params | None,
+        cohort: int,
+        num_clients: int,
     ) -> Params | None:
         if control is None or mean_control_delta is None:
             return control
@@ -79,7 +83,12 @@ def proximal_term(
 
 
 def scaffold_client_control(
-    client_control: Params, server_control: Params, global_params: Params, final: Params, steps: int, lr: float
+    client_control: Params,
+    server_control: Params,
+    global_params: Params,
+    final: Params,
+    steps: int,
+    lr: float,
 ) -> Params:
     """SCAFFOLD option II: c_k⁺ = c_k − c + (w_global − w_k) / (K·η)."""
     scale = 1.0 / (steps * lr)

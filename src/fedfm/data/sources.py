@@ -73,7 +73,11 @@ def _read_rows(path: Path, fmt: str) -> list[dict]:
 
 
 def rows_to_dataset(
-    rows: list[dict], text_column: str, label_column: str, where: str, label_names: list[str] | None = None
+    rows: list[dict],
+    text_column: str,
+    label_column: str,
+    where: str,
+    label_names: list[str] | None = None,
 ) -> TextDataset:
     """Build a dataset from row dicts; with ``label_names`` given, labels must be among them."""
     if not rows:

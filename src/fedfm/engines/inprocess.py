@@ -35,7 +35,9 @@ class InProcessEngine:
         self.objective = objective
         self.client_states: dict[int, Params] = {}
 
-    def run_cohort(self, global_params: Params, cohort: Sequence[int], ctx: RoundContext) -> Iterator[ClientResult]:
+    def run_cohort(
+        self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
+    ) -> Iterator[ClientResult]:
         for client_id in cohort:
             job = ClientJob(client_id, self.client_indices[client_id])
             try:

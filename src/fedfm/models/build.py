@@ -72,15 +72,20 @@ def load_tokenizer(source: str, name: str):
     return tokenizer
 
 
-def build_classifier(model_cfg, peft_cfg, label_names: list[str], seed: int, device: str = "auto") -> ModelBundle:
+def build_classifier(
+    model_cfg, peft_cfg, label_names: list[str], seed: int, device: str = "auto"
+) -> ModelBundle:
     """A sequence classifier (encoder or decoder) with the PEFT method applied, seeded by ``seed``."""
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     source = resolve_model(model_cfg.name)
     tokenizer = load_tokenizer(source, model_cfg.name)
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {n: i for i, n in enumerate(label_names)}}
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
     seed_torch(seed, "model-init")
     try:
         if model_cfg.init == "pretrained":
@@ -138,7 +143,9 @@ def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str = "SEQ_
         )
     if peft_cfg.method == "ia3":
         targets = peft_cfg.target_modules
-        return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None)
+        return IA3Config(
+            task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None
+        )
     if peft_cfg.method == "prompt_tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)
     raise ModelError(f"peft.method {peft_cfg.method!r} has no PEFT config")

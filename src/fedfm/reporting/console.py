@@ -103,5 +103,12 @@ class ConsoleReporter:
             table.add_row(*(_fmt(record, k, f) for _, k, f in COLUMNS))
         self.console.print(table)
         self.console.print(f"[bold green]done.[/bold green] outputs in [bold]{run_dir}[/bold]:")
-        for name in ("report.html", "metrics.jsonl", "config.toml", "partition.json", "adapter/", "checkpoint/"):
+        for name in (
+            "report.html",
+            "metrics.jsonl",
+            "config.toml",
+            "partition.json",
+            "adapter/",
+            "checkpoint/",
+        ):
             self.console.print(f"  {run_dir / name}")

@@ -49,7 +49,9 @@ def _img(path: Path) -> str:
 def _round_table(history: list[dict]) -> str:
     keys = [(h, k) for h, k in TABLE_KEYS if any(r.get(k) is not None for r in history)]
     head = "".join(f"<th>{h}</th>" for h, _ in keys)
-    rows = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k))}</td>" for _, k in keys) + "</tr>" for r in history)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_cell(r.get(k))}</td>" for _, k in keys) + "</tr>" for r in history
+    )
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 

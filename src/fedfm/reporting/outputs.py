@@ -13,7 +13,10 @@ from fedfm.reporting.metrics import MetricsLog
 from fedfm.reporting.plots import plot_curves, plot_partition
 
 PLOTS = {
-    "accuracy.png": ([("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")], "score"),
+    "accuracy.png": (
+        [("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")],
+        "score",
+    ),
     "loss.png": ([("train_loss", "train loss"), ("test_loss", "test loss")], "loss"),
 }
 

@@ -32,7 +32,11 @@ class Encoded:
 
 def encode(tokenizer, data: TextDataset, max_length: int) -> Encoded:
     enc = tokenizer(
-        list(data.texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+        list(data.texts),
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
     )
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(data.labels, dtype=torch.long))
 
@@ -65,7 +69,12 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, data: Encoded, indices: Sequence[int] | None, batch_size: int, device
+        self,
+        model: nn.Module,
+        data: Encoded,
+        indices: Sequence[int] | None,
+        batch_size: int,
+        device,
     ) -> dict[str, float]:
         """Accuracy, macro-F1 and mean loss of ``model`` on ``data[indices]`` (all rows if None)."""
         idx = np.arange(len(data)) if indices is None else np.asarray(indices)
