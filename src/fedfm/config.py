@@ -35,7 +35,7 @@ def _registered(kind: str, name: str) -> str:
 
 class RunSection(_Section):
     name: str = Field("fedfm", description="A label for this experiment; part of the run folder name.")
-    rounds: int = Field(5, ge=1, description="Number of federated rounds.")
+    rounds: int = Field(7, ge=1, description="Number of federated rounds.")
     seed: int = Field(0, description="Root seed; every random draw is derived from it.")
     engine: str = Field("inprocess", description="Execution engine (registered name).")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
@@ -50,12 +50,16 @@ class RunSection(_Section):
 
 class ModelSection(_Section):
     name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
-    init: Literal["pretrained", "random"] = "pretrained"
-    max_length: int = Field(48, ge=4, le=32768, description="Tokens per example (truncation).")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="Pretrained weights, or the same architecture freshly initialised."
+    )
+    max_length: int = Field(32, ge=4, le=32768, description="Tokens per example (truncation).")
 
 
 class PeftSection(_Section):
-    method: Literal["lora", "ia3", "prompt_tuning", "head", "full"] = "lora"
+    method: Literal["lora", "ia3", "prompt_tuning", "head", "full"] = Field(
+        "lora", description="What trains and travels: an adapter (+ head), the head only, or every weight."
+    )
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -69,8 +73,8 @@ class DataSection(_Section):
     name: str = Field("bbc-news", description="Registered dataset, 'csv', 'jsonl', or a HF dataset id.")
     path: str | None = Field(None, description="File for 'csv'/'jsonl' sources.")
     test_path: str | None = Field(None, description="Optional test file for 'csv'/'jsonl'.")
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Held-out server test share when the source has no test split."
     )
@@ -85,14 +89,14 @@ class DataSection(_Section):
         None, ge=2, description="Stratified subsample of the training set (quick experiments)."
     )
     max_test_examples: int | None = Field(None, ge=1, description="Stratified subsample of the test set.")
-    hf_config: str | None = None
-    hf_train_split: str = "train"
-    hf_test_split: str | None = "test"
+    hf_config: str | None = Field(None, description="Hugging Face dataset configuration name.")
+    hf_train_split: str = Field("train", description="Hugging Face split used for training.")
+    hf_test_split: str | None = Field("test", description="Hugging Face split used as the server test set.")
 
 
 class PartitionSection(_Section):
     method: str = Field("dirichlet", description="Partitioner (registered name).")
-    num_clients: int = Field(10, ge=1)
+    num_clients: int = Field(10, ge=1, description="Number of clients the training data is split among.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
     min_size: int = Field(10, ge=0, description="Dirichlet: minimum examples per client.")
     classes_per_client: int = Field(2, ge=1, description="Shards: label shards per client.")
@@ -114,22 +118,24 @@ class SamplingSection(_Section):
 class TrainingSection(_Section):
     local_epochs: float = Field(1.0, gt=0, description="Passes over local data per round.")
     local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
-    batch_size: int = Field(16, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1, description="Local mini-batch size.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
+    lr: float = Field(5e-3, gt=0, description="Local learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
 
 
 class StrategySection(_Section):
     aggregator: str = Field("mean", description="Aggregator (registered name).")
-    weighting: Literal["examples", "uniform"] = "examples"
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="Aggregation weight per client: its example count, or 1."
+    )
     server_optimizer: str = Field("sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad.")
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
+    server_lr: float = Field(1.0, gt=0, description="Server learning rate (1.0 with sgd is FedAvg).")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="sgd server momentum (FedAvgM).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
     objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
     mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
@@ -153,7 +159,7 @@ class StrategySection(_Section):
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
     local: bool = Field(False, description="Also evaluate on every client's local test split.")
 
 

@@ -1,0 +1,29 @@
+"""Docs and shipped examples stay in step with the code."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_configuration_reference_is_current():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gen_config_docs import render
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == render(), (
+        "docs/configuration.md is stale: run `python tools/gen_config_docs.py`"
+    )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_validate(path):
+    load_config(path)
+
+
+def test_default_example_is_the_embedded_default():
+    cfg = load_config(ROOT / "examples" / "default.toml", ["run.name=fedfm"])
+    assert cfg == load_config(None)
