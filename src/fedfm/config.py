@@ -138,6 +138,11 @@ class StrategySection(_Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
     objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share β cut from each end.")
+    byzantine: int = Field(1, ge=0, description="krum/multi_krum/bulyan: Byzantine clients f tolerated.")
+    krum_m: int | None = Field(None, ge=1, description="multi_krum: updates averaged (default n − f).")
+    norm_bound: float = Field(1.0, gt=0, description="norm_bound: L2 bound each update is scaled to.")
+    gm_iters: int = Field(10, ge=1, description="geometric_median: smoothed Weiszfeld iterations.")
     mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
 
     @field_validator("aggregator")
@@ -154,6 +159,36 @@ class StrategySection(_Section):
     @classmethod
     def _objective(cls, v: str) -> str:
         return _registered("objective", v)
+
+
+class ValidationSection(_Section):
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Reject updates whose L2 norm exceeds this; null: no bound."
+    )
+    max_num_examples: int | None = Field(
+        None, ge=1, description="Reject reported example counts above this; default: the training set size."
+    )
+
+
+class AttackSection(_Section):
+    kind: Literal[
+        "none",
+        "label_flip",
+        "backdoor",
+        "sign_flip",
+        "scale",
+        "gaussian",
+        "alie",
+        "nan",
+        "inf",
+        "wrong_shape",
+    ] = Field("none", description="Simulated attack (see fedfm.attacks).")
+    fraction: float = Field(0.2, ge=0, le=1, description="Share of each cohort that is malicious.")
+    scale: float = Field(10.0, description="sign_flip / scale: factor applied to the update.")
+    noise_std: float = Field(1.0, ge=0, description="gaussian: standard deviation of the sent noise.")
+    target_label: int = Field(0, ge=0, description="backdoor: the label the trigger should produce.")
+    trigger: str = Field("cf mn bb", min_length=1, description="backdoor: phrase prepended to the text.")
+    poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of poisoned rows per batch.")
 
 
 class EvalSection(_Section):
@@ -175,6 +210,8 @@ class RunConfig(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    attack: AttackSection = Field(default_factory=AttackSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedfm.config import RunConfig
+from fedfm.config import ConfigError, RunConfig
 from fedfm.data.dataset import TextDataset, first_occurrences, stratified_sample, stratified_split
 from fedfm.data.partition import PARTITIONERS, PartitionError, label_counts
 from fedfm.data.sources import load_source
@@ -92,4 +92,17 @@ def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, Classi
     task = ClassificationTask(
         encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
     )
+    if cfg.attack.kind == "backdoor":
+        if cfg.attack.target_label >= data.train.num_labels:
+            raise ConfigError(
+                f"attack.target_label = {cfg.attack.target_label} but the data has "
+                f"{data.train.num_labels} labels"
+            )
+        task.triggered_train = encode(tok, with_trigger(data.train, cfg.attack.trigger), length)
+        task.triggered_test = encode(tok, with_trigger(data.test, cfg.attack.trigger), length)
     return bundle, task
+
+
+def with_trigger(data: TextDataset, trigger: str) -> TextDataset:
+    """The same examples with ``trigger`` prepended (so truncation keeps it)."""
+    return TextDataset([f"{trigger} {t}" for t in data.texts], data.labels, data.label_names)

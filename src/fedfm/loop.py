@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from fedfm.algorithms.aggregators import AGGREGATORS, EmptyCohortError
+from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator
 from fedfm.algorithms.objectives import make_objective
+from fedfm.algorithms.robust import min_cohort
 from fedfm.algorithms.server_optimizers import make_server_optimizer
+from fedfm.attacks import attack_results, plan_round
 from fedfm.checkpoint import ServerState, load_checkpoint, save_checkpoint
-from fedfm.config import RunConfig
+from fedfm.config import ConfigError, RunConfig
 from fedfm.engines import ENGINES
 from fedfm.experiment import FederatedData, build_task, prepare_data
 from fedfm.models.export import export_adapter
@@ -32,7 +34,7 @@ from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, sample_cohort
 from fedfm.tasks.metrics import summarize_clients
 from fedfm.transforms.validation import update_problem
-from fedfm.types import ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, Params, RoundContext, Update
 
 Callback = Callable[[dict], None]
 
@@ -53,13 +55,18 @@ class _RoundTally:
 
     accepted: list[int] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
     client_records: list[dict] = field(default_factory=list)
     loss_sum: float = 0.0
     examples: int = 0
     control_sum: Params | None = None
 
     def valid_updates(
-        self, results: Iterable[ClientResult], reference: Params, uniform: bool, on_client: Callable
+        self,
+        results: Iterable[ClientResult],
+        check: Callable[[Update], str | None],
+        uniform: bool,
+        on_client: Callable,
     ) -> Iterator[tuple[Params, float]]:
         for result in results:
             on_client()
@@ -67,9 +74,9 @@ class _RoundTally:
                 self.failed.append(result.failure.as_dict())
                 continue
             update = result.update
-            problem = update_problem(update, reference)
+            problem = check(update)
             if problem is not None:
-                self.failed.append({"client": result.client_id, "stage": "validate", "reason": problem})
+                self.rejected.append({"client": result.client_id, "reason": problem})
                 continue
             self.accepted.append(result.client_id)
             loss = float(update.metrics.get("train_loss", float("nan")))
@@ -104,7 +111,7 @@ class Run:
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
         self.objective = make_objective(cfg.strategy)
         self.server_optimizer = make_server_optimizer(cfg.strategy)
-        self.aggregate = AGGREGATORS.get(cfg.strategy.aggregator)
+        self.aggregate = make_aggregator(cfg.strategy)
         self.engine = ENGINES.get(cfg.run.engine)(
             self.bundle, self.task, self.data.client_train, cfg.training, self.objective
         )
@@ -112,9 +119,20 @@ class Run:
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
         if self.cohort < cfg.sampling.min_clients:
-            raise ValueError(
+            raise ConfigError(
                 f"sampling.min_clients ({cfg.sampling.min_clients}) exceeds the cohort size ({self.cohort})"
             )
+        needed = min_cohort(cfg.strategy)
+        if self.cohort < needed:
+            raise ConfigError(
+                f"strategy.aggregator = {cfg.strategy.aggregator!r} with strategy.byzantine = "
+                f"{cfg.strategy.byzantine} needs at least {needed} clients per round; the cohort is "
+                f"{self.cohort} (raise sampling.clients_per_round / sampling.fraction or lower byzantine)"
+            )
+        max_examples = cfg.validation.max_num_examples or len(self.data.train)
+        self.check_update = lambda update: update_problem(
+            update, self.state.params, cfg.validation.max_update_norm, max_examples
+        )
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
@@ -163,14 +181,13 @@ class Run:
         cfg, state = self.cfg, self.state
         round_start = time.perf_counter()
         cohort = sample_cohort(self.data.num_clients, self.cohort, cfg.run.seed, t)
-        ctx = RoundContext(round=t, seed=cfg.run.seed, server_control=state.server_control)
+        plan = plan_round(cfg.attack, cohort, cfg.run.seed, t)
+        ctx = RoundContext(round=t, seed=cfg.run.seed, server_control=state.server_control, attack=plan)
         tally = _RoundTally()
         results = self.engine.run_cohort(state.params, cohort, ctx)
+        results = attack_results(results, plan, len(cohort), cfg.run.seed, t)
         updates = tally.valid_updates(
-            results,
-            state.params,
-            cfg.strategy.weighting == "uniform",
-            bar.start_round(t, len(cohort)),
+            results, self.check_update, cfg.strategy.weighting == "uniform", bar.start_round(t, len(cohort))
         )
         skipped = None
         try:
@@ -202,13 +219,18 @@ class Run:
             "cohort": cohort,
             "train_loss": tally.loss_sum / tally.examples if tally.examples else None,
             "failed": tally.failed,
+            "rejected": tally.rejected,
             "round_s": time.perf_counter() - round_start,
         }
+        if plan is not None:
+            record["malicious"] = sorted(plan.malicious)
         if skipped:
             record["skipped"] = skipped
             self.console.warn(f"round {t}: {skipped}")
         for f in tally.failed:
             self.console.warn(f"round {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
+        for r in tally.rejected:
+            self.console.warn(f"round {t}: update of client {r['client']} rejected: {r['reason']}")
         if t % cfg.eval.every == 0 or t == cfg.run.rounds:
             record.update(self.evaluate(state.params))
         return record
@@ -232,6 +254,10 @@ class Run:
                     if len(rows)
                 ]
                 record.update(summarize_clients(accs))
+            if cfg.attack.kind == "backdoor":
+                record["attack_success_rate"] = task.attack_success_rate(
+                    self.bundle.model, cfg.attack.target_label, cfg.eval.batch_size, self.bundle.device
+                )
         return record
 
     def _finish_round(self, record: dict) -> None:

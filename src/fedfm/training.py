@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedfm.algorithms.objectives import Objective
+from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.seeding import seed_torch, torch_generator
@@ -79,7 +80,10 @@ def client_update(
     model.train()
     losses = []
     for positions in batch_order(n, cfg.batch_size, steps, generator):
-        batch = task.batch(task.train, rows[positions], device)
+        if ctx.attack is not None and ctx.attack.poisons_data(job.client_id):
+            batch = poison_batch(ctx.attack, task, rows[positions], generator, device)
+        else:
+            batch = task.batch(task.train, rows[positions], device)
         loss = task.loss(model, batch)
         losses.append(float(loss.detach()))
         if hook.penalty is not None:

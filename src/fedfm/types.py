@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,6 +65,7 @@ class RoundContext:
     round: int
     seed: int
     server_control: Params | None = None
+    attack: Any = None  # fedfm.attacks.AttackPlan in simulated attacks; None otherwise
 
 
 def clone_params(params: Mapping[str, torch.Tensor]) -> Params:

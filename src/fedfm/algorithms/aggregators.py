@@ -7,6 +7,8 @@ client's update, so server memory does not grow with the cohort.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,3 +44,16 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
     if weight_sum <= 0:
         raise EmptyCohortError("the aggregation weights sum to zero")
     return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}
+
+
+def make_aggregator(strategy) -> Aggregator:
+    """The configured aggregator with its keyword parameters (``trim_ratio``, ``byzantine``, ...)
+    bound from the ``[strategy]`` section by name."""
+    fn = AGGREGATORS.get(strategy.aggregator)
+    params = inspect.signature(fn).parameters
+    kwargs = {
+        name: getattr(strategy, name)
+        for name, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(strategy, name)
+    }
+    return functools.partial(fn, **kwargs)

@@ -22,6 +22,7 @@ TABLE_KEYS = [
     ("test macro-F1", "test_macro_f1"),
     ("client acc mean", "client_accuracy_mean"),
     ("client acc worst 10%", "client_accuracy_worst10"),
+    ("attack success", "attack_success_rate"),
     ("elapsed (s)", "elapsed_s"),
 ]
 
@@ -60,6 +61,11 @@ def _problems(history: list[dict]) -> str:
     for r in history:
         if r.get("skipped"):
             items.append(f"<li class=warn>round {r['round']}: {html.escape(r['skipped'])}</li>")
+        for f in r.get("rejected", []):
+            items.append(
+                f"<li>round {r['round']}: update of client {f['client']} rejected: "
+                f"{html.escape(f['reason'])}</li>"
+            )
         for f in r.get("failed", []):
             items.append(
                 f"<li>round {r['round']}: client {f['client']} rejected at {html.escape(f['stage'])}: "

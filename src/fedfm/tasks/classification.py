@@ -50,6 +50,16 @@ class ClassificationTask:
         self.train = train
         self.test = test
         self.num_labels = num_labels
+        # Backdoor simulation only: the same rows with the trigger phrase prepended.
+        self.triggered_train: Encoded | None = None
+        self.triggered_test: Encoded | None = None
+
+    def attack_success_rate(self, model: nn.Module, target: int, batch_size: int, device) -> float:
+        """Share of triggered test examples of other classes that the model assigns to ``target``."""
+        trig = self.triggered_test
+        rows = torch.nonzero(self.test.labels != target).flatten().numpy()
+        as_target = Encoded(trig.input_ids, trig.attention_mask, torch.full_like(trig.labels, target))
+        return self.evaluate(model, as_target, rows, batch_size, device)["accuracy"]
 
     @staticmethod
     def batch(data: Encoded, indices: Sequence[int] | torch.Tensor, device: torch.device) -> dict:

@@ -1,7 +1,9 @@
 """Validate a client update against the global state before it may touch the aggregate.
 
-Checks: the same tensor names, shapes and dtypes as the global state; finite values; a
-positive example count. A failing update is dropped with the client id and the reason.
+Checks: the same tensor names, shapes and dtypes as the global state; finite values; an L2
+norm within ``validation.max_update_norm`` (if set); a positive example count no larger than
+``validation.max_num_examples`` (default: the training set size). A failing update is dropped
+with the client id and the reason, and never touches the aggregate.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import torch
 from fedfm.types import Update
 
 
-def update_problem(update: Update, reference: Mapping[str, torch.Tensor]) -> str | None:
+def update_problem(
+    update: Update,
+    reference: Mapping[str, torch.Tensor],
+    max_norm: float | None = None,
+    max_examples: int | None = None,
+) -> str | None:
     """``None`` for a valid update, else the first reason it is not."""
     if not isinstance(update.num_examples, int) or update.num_examples <= 0:
         return f"num_examples must be a positive integer, got {update.num_examples!r}"
+    if max_examples is not None and update.num_examples > max_examples:
+        return f"num_examples {update.num_examples} is implausible (more than {max_examples})"
     missing = sorted(set(reference) - set(update.delta))
     extra = sorted(set(update.delta) - set(reference))
     if missing or extra:
@@ -31,4 +40,8 @@ def update_problem(update: Update, reference: Mapping[str, torch.Tensor]) -> str
             return f"{name}: dtype {t.dtype} != expected {ref.dtype}"
         if not torch.isfinite(t).all():
             return f"{name}: contains NaN or Inf"
+    if max_norm is not None:
+        norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in update.delta.values())))
+        if norm > max_norm:
+            return f"update L2 norm {norm:.4g} exceeds validation.max_update_norm = {max_norm:.4g}"
     return None
