@@ -7,7 +7,7 @@ from fedfm.config import StrategySection, TrainingSection, make_config
 from fedfm.engines import InProcessEngine
 from fedfm.experiment import build_task, prepare_data
 from fedfm.models.state import get_trainable_state
-from fedfm.training import ClientJob, batch_order, client_update, num_local_steps
+from fedfm.training import ClientJob, ClientProgram, batch_order, client_update, num_local_steps
 from fedfm.types import RoundContext
 
 
@@ -66,7 +66,9 @@ def test_fedprox_pulls_towards_the_global_model(setup):
 def test_engine_reports_a_failing_client_and_goes_on(setup):
     cfg, data, bundle, task = setup
     clients = [data.client_train[0], np.array([], dtype=np.int64), data.client_train[2]]
-    engine = InProcessEngine(bundle, task, clients, cfg.training, make_objective(cfg.strategy))
+    engine = InProcessEngine(
+        bundle, task, clients, ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
+    )
     results = list(engine.run_cohort(get_trainable_state(bundle.trainable), [0, 1, 2], RoundContext(1, 0)))
     assert [r.client_id for r in results] == [0, 1, 2]
     assert results[1].failure.stage == "train" and "no training examples" in results[1].failure.reason
@@ -77,11 +79,13 @@ def test_engine_keeps_scaffold_state_per_client(setup):
     cfg, data, bundle, task = setup
     obj = make_objective(StrategySection(objective="scaffold"))
     theta = get_trainable_state(bundle.trainable)
-    engine = InProcessEngine(bundle, task, data.client_train, cfg.training, obj)
+    program = ClientProgram(cfg.training, obj, cfg.compression)
+    engine = InProcessEngine(bundle, task, data.client_train, program)
     ctx = RoundContext(1, 0, obj.server_init(theta))
     results = list(engine.run_cohort(theta, [0, 2], ctx))
     assert all(r.update.control_delta is not None for r in results)
     assert set(engine.client_states) == {0, 2}
-    restored = InProcessEngine(bundle, task, data.client_train, cfg.training, obj)
+    restored = InProcessEngine(bundle, task, data.client_train, program)
     restored.load_state_dict(engine.state_dict())
-    assert all(torch.equal(restored.client_states[2][k], engine.client_states[2][k]) for k in theta)
+    kept, original = restored.client_states[2]["scaffold"], engine.client_states[2]["scaffold"]
+    assert all(torch.equal(kept[k], original[k]) for k in theta)

@@ -28,6 +28,7 @@ class ServerState:
     server_control: Params | None = None
     engine_state: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    comm: dict = field(default_factory=dict)  # cumulative bytes up / down
 
 
 def save_checkpoint(folder: str | Path, state: ServerState) -> Path:

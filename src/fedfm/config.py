@@ -191,6 +191,15 @@ class AttackSection(_Section):
     poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of poisoned rows per batch.")
 
 
+class CompressionSection(_Section):
+    method: Literal["none", "fp16", "bf16", "q8", "q4", "topk", "randk"] = Field(
+        "none", description="Upload compression (see fedfm.transforms.compression)."
+    )
+    block_size: int = Field(0, ge=0, description="q8/q4: values per scale block; 0: one scale per tensor.")
+    ratio: float = Field(0.01, gt=0, le=1, description="topk/randk: share of entries sent.")
+    error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
@@ -210,6 +219,7 @@ class RunConfig(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    compression: CompressionSection = Field(default_factory=CompressionSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     attack: AttackSection = Field(default_factory=AttackSection)
 

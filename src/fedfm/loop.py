@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, sample_cohort
 from fedfm.tasks.metrics import summarize_clients
+from fedfm.training import ClientProgram
+from fedfm.transforms.compression import decode, serialized_nbytes
 from fedfm.transforms.validation import update_problem
 from fedfm.types import ClientResult, Params, RoundContext, Update
 
@@ -60,19 +62,30 @@ class _RoundTally:
     loss_sum: float = 0.0
     examples: int = 0
     control_sum: Params | None = None
+    bytes_up: int = 0
 
-    def valid_updates(
-        self,
-        results: Iterable[ClientResult],
-        check: Callable[[Update], str | None],
-        uniform: bool,
-        on_client: Callable,
-    ) -> Iterator[tuple[Params, float]]:
+    def decoded(
+        self, results: Iterable[ClientResult], decode_delta: Callable[[Params], Params], on_client: Callable
+    ) -> Iterator[ClientResult]:
+        """Server halves of the transforms: count the bytes received, decode; undecodable → rejected."""
         for result in results:
             on_client()
             if result.failure is not None:
                 self.failed.append(result.failure.as_dict())
                 continue
+            self.bytes_up += upload_nbytes(result.update)
+            try:
+                delta = decode_delta(result.update.delta)
+            except Exception as err:  # a malformed payload is rejected, never raised
+                reason = f"undecodable payload ({type(err).__name__}: {err})"
+                self.rejected.append({"client": result.client_id, "reason": reason})
+                continue
+            yield replace(result, update=replace(result.update, delta=delta))
+
+    def valid_updates(
+        self, results: Iterable[ClientResult], check: Callable[[Update], str | None], uniform: bool
+    ) -> Iterator[tuple[Params, float]]:
+        for result in results:
             update = result.update
             problem = check(update)
             if problem is not None:
@@ -112,9 +125,8 @@ class Run:
         self.objective = make_objective(cfg.strategy)
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.aggregate = make_aggregator(cfg.strategy)
-        self.engine = ENGINES.get(cfg.run.engine)(
-            self.bundle, self.task, self.data.client_train, cfg.training, self.objective
-        )
+        program = ClientProgram(cfg.training, self.objective, cfg.compression)
+        self.engine = ENGINES.get(cfg.run.engine)(self.bundle, self.task, self.data.client_train, program)
         self.cohort = cohort_size(
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
@@ -129,10 +141,7 @@ class Run:
                 f"{cfg.strategy.byzantine} needs at least {needed} clients per round; the cohort is "
                 f"{self.cohort} (raise sampling.clients_per_round / sampling.fraction or lower byzantine)"
             )
-        max_examples = cfg.validation.max_num_examples or len(self.data.train)
-        self.check_update = lambda update: update_problem(
-            update, self.state.params, cfg.validation.max_update_norm, max_examples
-        )
+        self.max_examples = cfg.validation.max_num_examples or len(self.data.train)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
@@ -185,10 +194,9 @@ class Run:
         ctx = RoundContext(round=t, seed=cfg.run.seed, server_control=state.server_control, attack=plan)
         tally = _RoundTally()
         results = self.engine.run_cohort(state.params, cohort, ctx)
+        results = tally.decoded(results, self.decode_delta, bar.start_round(t, len(cohort)))
         results = attack_results(results, plan, len(cohort), cfg.run.seed, t)
-        updates = tally.valid_updates(
-            results, self.check_update, cfg.strategy.weighting == "uniform", bar.start_round(t, len(cohort))
-        )
+        updates = tally.valid_updates(results, self.check_update, cfg.strategy.weighting == "uniform")
         skipped = None
         try:
             aggregate = self.aggregate(updates)
@@ -221,6 +229,7 @@ class Run:
             "failed": tally.failed,
             "rejected": tally.rejected,
             "round_s": time.perf_counter() - round_start,
+            **self.count_bytes(len(cohort), tally.bytes_up, ctx),
         }
         if plan is not None:
             record["malicious"] = sorted(plan.malicious)
@@ -234,6 +243,27 @@ class Run:
         if t % cfg.eval.every == 0 or t == cfg.run.rounds:
             record.update(self.evaluate(state.params))
         return record
+
+    def count_bytes(self, cohort: int, bytes_up: int, ctx: RoundContext) -> dict:
+        """This round's and the run's bytes, next to what full fine-tuning would move."""
+        down = serialized_nbytes(self.state.params) + serialized_nbytes(ctx.server_control or {})
+        comm = self.state.comm
+        comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + bytes_up
+        comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + cohort * down
+        return {
+            "bytes_up": bytes_up,
+            "bytes_down": cohort * down,
+            **comm,
+            "full_finetune_bytes": 2 * cohort * 4 * self.bundle.num_total(),
+        }
+
+    def decode_delta(self, payload: Params) -> Params:
+        return decode(payload, self.cfg.compression, self.state.params)
+
+    def check_update(self, update: Update) -> str | None:
+        return update_problem(
+            update, self.state.params, self.cfg.validation.max_update_norm, self.max_examples
+        )
 
     def evaluate(self, params: Params) -> dict:
         cfg, task = self.cfg, self.task
@@ -275,3 +305,7 @@ class Run:
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
         return RunResult(self.run_dir, history, final, self.cfg)
+
+
+def upload_nbytes(update: Update) -> int:
+    return serialized_nbytes(update.delta) + serialized_nbytes(update.control_delta or {})

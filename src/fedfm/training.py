@@ -9,7 +9,7 @@ order in which an engine happens to run clients.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.seeding import seed_torch, torch_generator
+from fedfm.transforms.compression import encode
 from fedfm.types import Params, RoundContext, Update
 
 
@@ -104,3 +105,38 @@ def client_update(
         control_delta, new_state = hook.finish(final, steps, cfg.lr)
     metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state
+
+
+@dataclass(frozen=True)
+class ClientProgram:
+    """What a client runs each round: local training, then the client halves of the transforms.
+
+    Engines call it unchanged. Client state is a dict of named ``Params`` that the engine keeps
+    per client and checkpoints: ``"scaffold"`` (control variate), ``"residual"`` (top-k error
+    feedback).
+    """
+
+    training: object
+    objective: Objective
+    compression: object
+
+    def __call__(
+        self,
+        bundle: ModelBundle,
+        task,
+        job: ClientJob,
+        global_params: Params,
+        ctx: RoundContext,
+        state: dict[str, Params] | None = None,
+    ) -> tuple[Update, dict[str, Params]]:
+        state = dict(state or {})
+        update, control = client_update(
+            bundle, task, job, global_params, ctx, self.training, self.objective, state.get("scaffold")
+        )
+        if control is not None:
+            state["scaffold"] = control
+        generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
+        payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))
+        if residual is not None:
+            state["residual"] = residual
+        return replace(update, delta=payload), state

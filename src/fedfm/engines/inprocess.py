@@ -2,7 +2,8 @@
 
 Memory does not grow with the number of clients: clients share the model, and results are
 yielded one at a time for the server to fold into a running aggregate. Per-client state
-(SCAFFOLD's control variates) is held here and checkpointed through ``state_dict``.
+(SCAFFOLD's control variates, top-k residuals) is held here and checkpointed through
+``state_dict``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from fedfm.algorithms.objectives import Objective
 from fedfm.models.build import ModelBundle
-from fedfm.training import ClientJob, client_update
+from fedfm.training import ClientJob, ClientProgram
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
 
@@ -21,19 +21,13 @@ class InProcessEngine:
     """Runs clients one after another in this process on one shared model."""
 
     def __init__(
-        self,
-        bundle: ModelBundle,
-        task,
-        client_indices: Sequence[np.ndarray],
-        training_cfg,
-        objective: Objective,
+        self, bundle: ModelBundle, task, client_indices: Sequence[np.ndarray], program: ClientProgram
     ) -> None:
         self.bundle = bundle
         self.task = task
         self.client_indices = list(client_indices)
-        self.training_cfg = training_cfg
-        self.objective = objective
-        self.client_states: dict[int, Params] = {}
+        self.program = program
+        self.client_states: dict[int, dict[str, Params]] = {}
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
@@ -41,21 +35,14 @@ class InProcessEngine:
         for client_id in cohort:
             job = ClientJob(client_id, self.client_indices[client_id])
             try:
-                update, state = client_update(
-                    self.bundle,
-                    self.task,
-                    job,
-                    global_params,
-                    ctx,
-                    self.training_cfg,
-                    self.objective,
-                    self.client_states.get(client_id),
+                update, state = self.program(
+                    self.bundle, self.task, job, global_params, ctx, self.client_states.get(client_id)
                 )
             except Exception as err:  # one broken client must not stop the round
                 reason = f"{type(err).__name__}: {err}"
                 yield ClientResult(client_id, failure=ClientFailure(client_id, "train", reason))
                 continue
-            if state is not None:
+            if state:
                 self.client_states[client_id] = state
             yield ClientResult(client_id, update=update)
 
