@@ -146,8 +146,12 @@ def test_top_k_residuals_are_checkpointed_so_resume_matches(tiny_config, tmp_pat
     import fedfm
 
     comp = {"method": "topk", "ratio": 0.05}
-    full = fedfm.run(tiny_config(run={"rounds": 3}, compression=comp), output=tmp_path / "full", progress=False)
-    part = fedfm.run(tiny_config(run={"rounds": 2}, compression=comp), output=tmp_path / "part", progress=False)
+    full = fedfm.run(
+        tiny_config(run={"rounds": 3}, compression=comp), output=tmp_path / "full", progress=False
+    )
+    part = fedfm.run(
+        tiny_config(run={"rounds": 2}, compression=comp), output=tmp_path / "part", progress=False
+    )
     resumed = fedfm.run(resume=part.run_dir, overrides=["run.rounds=3"], progress=False)
     assert resumed.final_metrics["test_loss"] == full.final_metrics["test_loss"]
     assert resumed.final_metrics["bytes_up_total"] == full.final_metrics["bytes_up_total"]
@@ -160,7 +164,12 @@ def test_compression_composes_with_strategies_and_robust_rules(tiny_config, tmp_
         run={"rounds": 1},
         partition={"num_clients": 6},
         compression={"method": "q8"},
-        strategy={"aggregator": "median", "server_optimizer": "adam", "server_lr": 0.01, "objective": "fedprox"},
+        strategy={
+            "aggregator": "median",
+            "server_optimizer": "adam",
+            "server_lr": 0.01,
+            "objective": "fedprox",
+        },
         attack={"kind": "scale", "fraction": 0.2},
     )
     last = _round(fedfm.run(cfg, output=tmp_path / "r", progress=False))

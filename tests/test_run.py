@@ -42,6 +42,7 @@ def test_run_folder_holds_every_output(tiny_config, tmp_path):
     assert fedfm.load_config(d / "config.toml") == make_config(tiny_config())
     html = (d / "report.html").read_text()
     assert "data:image/png;base64" in html and "Partition" in html and "[partition]" in html
+    assert "Communication" in html and "less than sending every weight" in html
 
 
 def test_exported_adapter_loads_with_peft_and_predicts_the_same(tiny_config, tiny_model_dir, tmp_path):

@@ -65,7 +65,8 @@ def test_fedprox_pulls_towards_the_global_model(setup):
 
 def test_engine_reports_a_failing_client_and_goes_on(setup):
     cfg, data, bundle, task = setup
-    clients = [data.client_train[0], np.array([], dtype=np.int64), data.client_train[2]]
+    rows = [data.client_train[0], np.array([], dtype=np.int64), data.client_train[2]]
+    clients = [ClientJob(k, r) for k, r in enumerate(rows)]
     engine = InProcessEngine(
         bundle, task, clients, ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
     )
@@ -80,12 +81,13 @@ def test_engine_keeps_scaffold_state_per_client(setup):
     obj = make_objective(StrategySection(objective="scaffold"))
     theta = get_trainable_state(bundle.trainable)
     program = ClientProgram(cfg.training, obj, cfg.compression)
-    engine = InProcessEngine(bundle, task, data.client_train, program)
+    jobs = [ClientJob(k, r) for k, r in enumerate(data.client_train)]
+    engine = InProcessEngine(bundle, task, jobs, program)
     ctx = RoundContext(1, 0, obj.server_init(theta))
     results = list(engine.run_cohort(theta, [0, 2], ctx))
     assert all(r.update.control_delta is not None for r in results)
     assert set(engine.client_states) == {0, 2}
-    restored = InProcessEngine(bundle, task, data.client_train, program)
+    restored = InProcessEngine(bundle, task, jobs, program)
     restored.load_state_dict(engine.state_dict())
     kept, original = restored.client_states[2]["scaffold"], engine.client_states[2]["scaffold"]
     assert all(torch.equal(kept[k], original[k]) for k in theta)

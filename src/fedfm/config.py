@@ -67,6 +67,12 @@ class PeftSection(_Section):
         None, description="Modules to adapt; default: PEFT's per-architecture choice."
     )
     num_virtual_tokens: int = Field(8, ge=1, description="Prompt tuning: soft prompt length.")
+    rank_tiers: list[int] | None = Field(
+        None, description="Heterogeneous LoRA ranks, e.g. [4, 8, 16]; the largest must equal peft.r."
+    )
+    rank_assignment: Literal["round_robin", "by_size"] = Field(
+        "round_robin", description="Tier per client: client id modulo tiers, or larger data → larger rank."
+    )
 
 
 class DataSection(_Section):
@@ -138,6 +144,9 @@ class StrategySection(_Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
     objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
+    lora_aggregation: Literal["naive", "exact"] = Field(
+        "naive", description="LoRA pairs: average A and B separately, or average B·A and re-factorise (SVD)."
+    )
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share β cut from each end.")
     byzantine: int = Field(1, ge=0, description="krum/multi_krum/bulyan: Byzantine clients f tolerated.")
     krum_m: int | None = Field(None, ge=1, description="multi_krum: updates averaged (default n − f).")
@@ -232,6 +241,23 @@ class RunConfig(_Section):
             )
         if self.eval.local and self.data.client_test_fraction == 0:
             raise ValueError("eval.local needs data.client_test_fraction > 0")
+        lora_aware = self.strategy.lora_aggregation == "exact" or self.peft.rank_tiers
+        if lora_aware and self.peft.method != "lora":
+            raise ValueError(
+                "strategy.lora_aggregation = 'exact' and peft.rank_tiers need peft.method = 'lora'"
+            )
+        if lora_aware and self.strategy.aggregator != "mean":
+            raise ValueError(
+                "strategy.lora_aggregation = 'exact' and peft.rank_tiers aggregate with the weighted mean; "
+                f"strategy.aggregator = {self.strategy.aggregator!r} is not supported with them"
+            )
+        tiers = self.peft.rank_tiers
+        if tiers is not None and (not tiers or min(tiers) < 1 or max(tiers) != self.peft.r):
+            raise ValueError(
+                f"peft.rank_tiers {tiers} must be positive with max equal to peft.r ({self.peft.r})"
+            )
+        if tiers and self.attack.kind == "alie":
+            raise ValueError("attack.kind = 'alie' is not supported with peft.rank_tiers (ranks differ)")
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
         return self

@@ -13,6 +13,7 @@ from fedfm.data.sources import load_source
 from fedfm.models.build import ModelBundle, build_classifier
 from fedfm.seeding import numpy_rng
 from fedfm.tasks.classification import ClassificationTask, encode
+from fedfm.training import ClientJob
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,22 @@ def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, Classi
 def with_trigger(data: TextDataset, trigger: str) -> TextDataset:
     """The same examples with ``trigger`` prepended (so truncation keeps it)."""
     return TextDataset([f"{trigger} {t}" for t in data.texts], data.labels, data.label_names)
+
+
+def client_jobs(data: FederatedData, peft_cfg) -> list[ClientJob]:
+    """Every client's training rows and, with ``peft.rank_tiers``, its LoRA rank tier.
+
+    ``round_robin``: client k gets tier k mod len(tiers). ``by_size``: clients sorted by data size
+    are cut into len(tiers) near-equal groups, the largest clients getting the largest rank.
+    """
+    tiers = sorted(peft_cfg.rank_tiers or [])
+    ranks: list[int | None] = [None] * data.num_clients
+    if tiers:
+        if peft_cfg.rank_assignment == "round_robin":
+            ranks = [tiers[k % len(tiers)] for k in range(data.num_clients)]
+        else:
+            order = np.argsort([len(rows) for rows in data.client_train], kind="stable")
+            for group, members in enumerate(np.array_split(order, len(tiers))):
+                for k in members:
+                    ranks[int(k)] = tiers[group]
+    return [ClientJob(k, rows, ranks[k]) for k, rows in enumerate(data.client_train)]

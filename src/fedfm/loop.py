@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator
+from fedfm.algorithms.lora import aggregate_lora, truncate_rank
 from fedfm.algorithms.objectives import make_objective
 from fedfm.algorithms.robust import min_cohort
 from fedfm.algorithms.server_optimizers import make_server_optimizer
@@ -25,7 +26,7 @@ from fedfm.attacks import attack_results, plan_round
 from fedfm.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedfm.config import ConfigError, RunConfig
 from fedfm.engines import ENGINES
-from fedfm.experiment import FederatedData, build_task, prepare_data
+from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_data
 from fedfm.models.export import export_adapter
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.reporting import outputs
@@ -65,7 +66,10 @@ class _RoundTally:
     bytes_up: int = 0
 
     def decoded(
-        self, results: Iterable[ClientResult], decode_delta: Callable[[Params], Params], on_client: Callable
+        self,
+        results: Iterable[ClientResult],
+        decode_delta: Callable[[int, Params], Params],
+        on_client: Callable,
     ) -> Iterator[ClientResult]:
         """Server halves of the transforms: count the bytes received, decode; undecodable → rejected."""
         for result in results:
@@ -75,7 +79,7 @@ class _RoundTally:
                 continue
             self.bytes_up += upload_nbytes(result.update)
             try:
-                delta = decode_delta(result.update.delta)
+                delta = decode_delta(result.client_id, result.update.delta)
             except Exception as err:  # a malformed payload is rejected, never raised
                 reason = f"undecodable payload ({type(err).__name__}: {err})"
                 self.rejected.append({"client": result.client_id, "reason": reason})
@@ -83,11 +87,11 @@ class _RoundTally:
             yield replace(result, update=replace(result.update, delta=delta))
 
     def valid_updates(
-        self, results: Iterable[ClientResult], check: Callable[[Update], str | None], uniform: bool
+        self, results: Iterable[ClientResult], check: Callable[[int, Update], str | None], uniform: bool
     ) -> Iterator[tuple[Params, float]]:
         for result in results:
             update = result.update
-            problem = check(update)
+            problem = check(result.client_id, update)
             if problem is not None:
                 self.rejected.append({"client": result.client_id, "reason": problem})
                 continue
@@ -126,7 +130,8 @@ class Run:
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.aggregate = make_aggregator(cfg.strategy)
         program = ClientProgram(cfg.training, self.objective, cfg.compression)
-        self.engine = ENGINES.get(cfg.run.engine)(self.bundle, self.task, self.data.client_train, program)
+        self.jobs = client_jobs(self.data, cfg.peft)
+        self.engine = ENGINES.get(cfg.run.engine)(self.bundle, self.task, self.jobs, program)
         self.cohort = cohort_size(
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
@@ -199,7 +204,10 @@ class Run:
         updates = tally.valid_updates(results, self.check_update, cfg.strategy.weighting == "uniform")
         skipped = None
         try:
-            aggregate = self.aggregate(updates)
+            if cfg.strategy.lora_aggregation == "exact" or cfg.peft.rank_tiers:
+                aggregate = aggregate_lora(updates, state.params, cfg.strategy.lora_aggregation, cfg.peft.r)
+            else:
+                aggregate = self.aggregate(updates)
         except EmptyCohortError as err:
             aggregate, skipped = None, str(err)
         for _ in updates:  # drain, so every client is tallied even if the aggregator stops early
@@ -229,7 +237,7 @@ class Run:
             "failed": tally.failed,
             "rejected": tally.rejected,
             "round_s": time.perf_counter() - round_start,
-            **self.count_bytes(len(cohort), tally.bytes_up, ctx),
+            **self.count_bytes(cohort, tally.bytes_up, ctx),
         }
         if plan is not None:
             record["malicious"] = sorted(plan.malicious)
@@ -244,25 +252,31 @@ class Run:
             record.update(self.evaluate(state.params))
         return record
 
-    def count_bytes(self, cohort: int, bytes_up: int, ctx: RoundContext) -> dict:
+    def count_bytes(self, cohort: list[int], bytes_up: int, ctx: RoundContext) -> dict:
         """This round's and the run's bytes, next to what full fine-tuning would move."""
-        down = serialized_nbytes(self.state.params) + serialized_nbytes(ctx.server_control or {})
+        control = serialized_nbytes(ctx.server_control or {})
+        down = sum(serialized_nbytes(self.reference(c)) + control for c in cohort)
         comm = self.state.comm
         comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + bytes_up
-        comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + cohort * down
+        comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + down
         return {
             "bytes_up": bytes_up,
-            "bytes_down": cohort * down,
+            "bytes_down": down,
             **comm,
-            "full_finetune_bytes": 2 * cohort * 4 * self.bundle.num_total(),
+            "full_finetune_bytes": 2 * len(cohort) * 4 * self.bundle.num_total(),
         }
 
-    def decode_delta(self, payload: Params) -> Params:
-        return decode(payload, self.cfg.compression, self.state.params)
+    def reference(self, client_id: int) -> Params:
+        """The global state as this client holds it (its own LoRA rank, when ranks differ)."""
+        rank = self.jobs[client_id].rank
+        return self.state.params if rank is None else truncate_rank(self.state.params, rank)
 
-    def check_update(self, update: Update) -> str | None:
+    def decode_delta(self, client_id: int, payload: Params) -> Params:
+        return decode(payload, self.cfg.compression, self.reference(client_id))
+
+    def check_update(self, client_id: int, update: Update) -> str | None:
         return update_problem(
-            update, self.state.params, self.cfg.validation.max_update_norm, self.max_examples
+            update, self.reference(client_id), self.cfg.validation.max_update_norm, self.max_examples
         )
 
     def evaluate(self, params: Params) -> dict:

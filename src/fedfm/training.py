@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from fedfm.algorithms.lora import lora_pairs, truncate_rank
 from fedfm.algorithms.objectives import Objective
 from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
@@ -29,6 +30,7 @@ class ClientJob:
 
     client_id: int
     indices: np.ndarray
+    rank: int | None = None  # heterogeneous LoRA: train and send only the first `rank` components
 
 
 def num_local_steps(num_examples: int, cfg) -> int:
@@ -72,6 +74,8 @@ def client_update(
         raise ValueError("the client has no training examples")
     model, trainable, device = bundle.model, bundle.trainable, bundle.device
     set_trainable_state(trainable, global_params)
+    rank_mask = _rank_masks(trainable, job.rank)
+    _apply_masks(trainable, rank_mask, params=True)
     seed_torch(ctx.seed, ctx.round, job.client_id, "dropout")
     generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
     hook = objective.client_hook(global_params, ctx, client_state, device)
@@ -94,6 +98,7 @@ def client_update(
         loss.backward()
         if hook.adjust_gradients is not None:
             hook.adjust_gradients(trainable)
+        _apply_masks(trainable, rank_mask, params=False)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
         optimizer.step()
@@ -105,6 +110,26 @@ def client_update(
         control_delta, new_state = hook.finish(final, steps, cfg.lr)
     metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state
+
+
+def _rank_masks(trainable: dict, rank: int | None) -> dict[str, tuple[slice, ...]]:
+    """For a client of LoRA rank ``rank``: the components beyond it, per LoRA tensor."""
+    if rank is None:
+        return {}
+    masks = {}
+    for a_key, b_key in lora_pairs(trainable).values():
+        masks[a_key] = (slice(rank, None),)
+        masks[b_key] = (slice(None), slice(rank, None))
+    return masks
+
+
+@torch.no_grad()
+def _apply_masks(trainable: dict, masks: dict, params: bool) -> None:
+    """Zero the masked components of the parameters (at start) or of their gradients (each step)."""
+    for key, index in masks.items():
+        target = trainable[key] if params else trainable[key].grad
+        if target is not None:
+            target[index] = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +160,8 @@ class ClientProgram:
         )
         if control is not None:
             state["scaffold"] = control
+        if job.rank is not None:  # send only the components this client trains
+            update = replace(update, delta=truncate_rank(update.delta, job.rank))
         generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
         payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))
         if residual is not None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
 from fedfm.models.build import ModelBundle
 from fedfm.training import ClientJob, ClientProgram
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
@@ -21,11 +19,11 @@ class InProcessEngine:
     """Runs clients one after another in this process on one shared model."""
 
     def __init__(
-        self, bundle: ModelBundle, task, client_indices: Sequence[np.ndarray], program: ClientProgram
+        self, bundle: ModelBundle, task, clients: Sequence[ClientJob], program: ClientProgram
     ) -> None:
         self.bundle = bundle
         self.task = task
-        self.client_indices = list(client_indices)
+        self.clients = list(clients)
         self.program = program
         self.client_states: dict[int, dict[str, Params]] = {}
 
@@ -33,7 +31,7 @@ class InProcessEngine:
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
     ) -> Iterator[ClientResult]:
         for client_id in cohort:
-            job = ClientJob(client_id, self.client_indices[client_id])
+            job = self.clients[client_id]
             try:
                 update, state = self.program(
                     self.bundle, self.task, job, global_params, ctx, self.client_states.get(client_id)

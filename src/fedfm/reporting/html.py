@@ -23,6 +23,8 @@ TABLE_KEYS = [
     ("client acc mean", "client_accuracy_mean"),
     ("client acc worst 10%", "client_accuracy_worst10"),
     ("attack success", "attack_success_rate"),
+    ("bytes up", "bytes_up"),
+    ("bytes down", "bytes_down"),
     ("elapsed (s)", "elapsed_s"),
 ]
 
@@ -86,6 +88,30 @@ def _partition_table(partition: dict) -> str:
         for c in partition["clients"]
     )
     return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def communication_section(history: list[dict]) -> str:
+    """Total bytes moved, next to what full fine-tuning of the same model would have moved."""
+    rounds = [r for r in history if r.get("bytes_up") is not None]
+    if not rounds:
+        return ""
+    last = rounds[-1]
+    moved = last["bytes_up_total"] + last["bytes_down_total"]
+    full = sum(r["full_finetune_bytes"] for r in rounds)
+    return (
+        "<h2>Communication</h2><table><tr><th></th><th>upload</th><th>download</th><th>total</th></tr>"
+        f"<tr><td>this run</td><td>{_mb(last['bytes_up_total'])}</td><td>{_mb(last['bytes_down_total'])}</td>"
+        f"<td>{_mb(moved)}</td></tr><tr><td>full fine-tuning, same cohorts</td><td>{_mb(full / 2)}</td>"
+        f"<td>{_mb(full / 2)}</td><td>{_mb(full)}</td></tr></table>"
+        f"<p>{full / max(moved, 1):,.0f}× less than sending every weight both ways.</p>"
+    )
+
+
+SECTIONS.append(communication_section)
 
 
 def render_report(title: str, config_text: str, history: list[dict], partition: dict | None, plots) -> str:
