@@ -11,10 +11,9 @@ Each row is the same as ``fedfm run --set compression.method=METHOD [--set ...]`
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-import time
 from pathlib import Path
+
+from _cells import CellStore, run_cell
 
 SETTINGS = {
     "none": [],
@@ -33,11 +32,7 @@ SETTINGS = {
 
 
 def row(name: str, overrides: list[str]) -> dict:
-    import fedfm
-
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = fedfm.run(None, output=Path(tmp) / "r", overrides=overrides, progress=False)
+    result, seconds = run_cell(overrides)
     rounds = [r for r in result.history if r.get("bytes_up") is not None]
     last = rounds[-1]
     return {
@@ -50,7 +45,7 @@ def row(name: str, overrides: list[str]) -> dict:
         "bytes_up_total": last["bytes_up_total"],
         "bytes_down_total": last["bytes_down_total"],
         "full_finetune_bytes_total": sum(r["full_finetune_bytes"] for r in rounds),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 
@@ -79,20 +74,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/communication.json")
     parser.add_argument("--md", default=None)
     args = parser.parse_args()
-    out = Path(args.out)
-    done = {r["setting"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    done = CellStore(args.out, key=lambda r: r["setting"])
     for name in args.methods:
-        if name not in done:
-            done[name] = row(name, SETTINGS[name])
-            r = done[name]
+        if name not in done:  # resumable: finished rows are kept
+            r = row(name, SETTINGS[name])
+            done.add(r)
             print(
-                f"{name:>15}: acc {r['test_accuracy']:.3f}, up {r['bytes_up_total'] / 1e6:.2f} MB "
-                f"({r['seconds']:.0f}s)",
-                flush=True,
+                f"{name:>30}: acc {r['test_accuracy']:.3f}, up {r['bytes_up_total'] / 1e6:.2f} MB", flush=True
             )
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(list(done.values()), indent=1))
-    table = markdown([done[n] for n in SETTINGS if n in done])
+    table = markdown([done.cells[n] for n in SETTINGS if n in done])
     print(table)
     if args.md:
         Path(args.md).write_text(table + "\n")

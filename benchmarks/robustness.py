@@ -16,10 +16,9 @@ Each cell is the same as:
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-import time
 from pathlib import Path
+
+from _cells import CellStore, run_cell
 
 BASE = [
     "run.rounds=4",
@@ -50,13 +49,9 @@ AGGREGATORS = [
 
 
 def cell(attack: str, aggregator: str) -> dict:
-    import fedfm
-
     overrides = [*BASE, f"strategy.aggregator={aggregator}", f"attack.kind={attack}"]
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = fedfm.run(None, output=Path(tmp) / "r", overrides=overrides, progress=False)
-        history = result.history
+    result, seconds = run_cell(overrides)
+    history = result.history
     final = result.final_metrics
     return {
         "attack": attack,
@@ -65,7 +60,7 @@ def cell(attack: str, aggregator: str) -> dict:
         "attack_success_rate": final.get("attack_success_rate"),
         "rejected": sum(len(r.get("rejected", [])) for r in history),
         "skipped_rounds": sum(1 for r in history if r.get("skipped")),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "overrides": overrides,
     }
 
@@ -101,22 +96,19 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/robustness.json")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
-    out = Path(args.out)
-    done = {(c["attack"], c["aggregator"]): c for c in json.loads(out.read_text())} if out.exists() else {}
+    done = CellStore(args.out, key=lambda c: (c["attack"], c["aggregator"]))
     for attack in args.attacks:
         for agg in args.aggregators:
             if (attack, agg) in done:  # resumable: finished cells are kept
                 continue
             c = cell(attack, agg)
-            done[(attack, agg)] = c
+            done.add(c)
             print(
                 f"{attack:>11} × {agg:<17} acc {c['test_accuracy']}  asr {c['attack_success_rate']}  "
                 f"rejected {c['rejected']}  ({c['seconds']:.0f}s)",
                 flush=True,
             )
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(list(done.values()), indent=1))
-    table = markdown(list(done.values()))
+    table = markdown(list(done.cells.values()))
     print(table)
     if args.md:
         Path(args.md).write_text(table + "\n")

@@ -234,6 +234,23 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        from fedfm.algorithms.robust import min_cohort
+        from fedfm.sampling import cohort_size
+
+        cohort = cohort_size(
+            self.partition.num_clients, self.sampling.clients_per_round, self.sampling.fraction
+        )
+        if cohort < self.sampling.min_clients:
+            raise ValueError(
+                f"sampling.min_clients ({self.sampling.min_clients}) exceeds the cohort size ({cohort})"
+            )
+        needed = min_cohort(self.strategy)
+        if cohort < needed:
+            raise ValueError(
+                f"strategy.aggregator = {self.strategy.aggregator!r} with strategy.byzantine = "
+                f"{self.strategy.byzantine} needs at least {needed} clients per round; the cohort is "
+                f"{cohort} (raise sampling.clients_per_round / sampling.fraction or lower byzantine)"
+            )
         if self.sampling.clients_per_round and self.sampling.clients_per_round > self.partition.num_clients:
             raise ValueError(
                 f"sampling.clients_per_round ({self.sampling.clients_per_round}) exceeds "
