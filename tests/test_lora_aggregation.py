@@ -132,3 +132,27 @@ def test_invalid_combinations_are_refused():
         make_config({"strategy": {"lora_aggregation": "exact", "aggregator": "median"}})
     with pytest.raises(fedfm.ConfigError, match="need peft.method = 'lora'"):
         make_config({"strategy": {"lora_aggregation": "exact"}, "peft": {"method": "ia3"}})
+
+
+def test_rank_assignment_rules(tiny_config):
+    from fedfm.config import make_config
+    from fedfm.experiment import client_jobs, prepare_data
+
+    cfg = make_config(tiny_config(peft={"r": 8, "rank_tiers": [8, 2, 4]}))
+    assert [j.rank for j in client_jobs(prepare_data(cfg), cfg.peft)] == [2, 4, 8, 2]
+    cfg = make_config(tiny_config(peft={"r": 8, "rank_tiers": [8, 2, 4, 2], "rank_assignment": "per_client"}))
+    assert [j.rank for j in client_jobs(prepare_data(cfg), cfg.peft)] == [8, 2, 4, 2]
+    cfg = make_config(
+        tiny_config(
+            partition={"method": "quantity", "sigma": 2.0},
+            peft={"r": 8, "rank_tiers": [2, 8], "rank_assignment": "by_size"},
+        )
+    )
+    data = prepare_data(cfg)
+    jobs = client_jobs(data, cfg.peft)
+    sizes = {j.rank: [] for j in jobs}
+    for j in jobs:
+        sizes[j.rank].append(len(j.indices))
+    assert max(sizes[2]) <= min(sizes[8])
+    with pytest.raises(fedfm.ConfigError, match="one rank per client"):
+        make_config(tiny_config(peft={"r": 8, "rank_tiers": [8, 2], "rank_assignment": "per_client"}))

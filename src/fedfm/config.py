@@ -70,8 +70,9 @@ class PeftSection(_Section):
     rank_tiers: list[int] | None = Field(
         None, description="Heterogeneous LoRA ranks, e.g. [4, 8, 16]; the largest must equal peft.r."
     )
-    rank_assignment: Literal["round_robin", "by_size"] = Field(
-        "round_robin", description="Tier per client: client id modulo tiers, or larger data → larger rank."
+    rank_assignment: Literal["round_robin", "by_size", "per_client"] = Field(
+        "round_robin",
+        description="Tier per client: id mod tiers; more data → larger rank; or rank_tiers[k] for client k.",
     )
 
 
@@ -272,6 +273,11 @@ class RunConfig(_Section):
         if tiers is not None and (not tiers or min(tiers) < 1 or max(tiers) != self.peft.r):
             raise ValueError(
                 f"peft.rank_tiers {tiers} must be positive with max equal to peft.r ({self.peft.r})"
+            )
+        if tiers and self.peft.rank_assignment == "per_client" and len(tiers) != self.partition.num_clients:
+            raise ValueError(
+                f"peft.rank_assignment = 'per_client' needs one rank per client: {len(tiers)} given for "
+                f"partition.num_clients = {self.partition.num_clients}"
             )
         if tiers and self.attack.kind == "alie":
             raise ValueError("attack.kind = 'alie' is not supported with peft.rank_tiers (ranks differ)")

@@ -112,13 +112,16 @@ def with_trigger(data: TextDataset, trigger: str) -> TextDataset:
 def client_jobs(data: FederatedData, peft_cfg) -> list[ClientJob]:
     """Every client's training rows and, with ``peft.rank_tiers``, its LoRA rank tier.
 
-    ``round_robin``: client k gets tier k mod len(tiers). ``by_size``: clients sorted by data size
-    are cut into len(tiers) near-equal groups, the largest clients getting the largest rank.
+    ``round_robin``: client k gets tier k mod len(tiers). ``by_size`` (a capacity rule): clients
+    sorted by data size are cut into len(tiers) near-equal groups, the largest clients getting the
+    largest rank. ``per_client``: ``rank_tiers[k]`` is client k's rank.
     """
     tiers = sorted(peft_cfg.rank_tiers or [])
     ranks: list[int | None] = [None] * data.num_clients
     if tiers:
-        if peft_cfg.rank_assignment == "round_robin":
+        if peft_cfg.rank_assignment == "per_client":
+            ranks = list(peft_cfg.rank_tiers)
+        elif peft_cfg.rank_assignment == "round_robin":
             ranks = [tiers[k % len(tiers)] for k in range(data.num_clients)]
         else:
             order = np.argsort([len(rows) for rows in data.client_train], kind="stable")
