@@ -28,6 +28,7 @@ SETTINGS = {
     "exact LoRA (SVD)": ["strategy.lora_aggregation=exact"],
     "tiers 2/4/8, naive (HetLoRA)": ["peft.rank_tiers=[2,4,8]"],
     "tiers 2/4/8, exact (FlexLoRA)": ["peft.rank_tiers=[2,4,8]", "strategy.lora_aggregation=exact"],
+    "stacked rank (FLoRA)": ["strategy.lora_aggregation=stack"],
 }
 
 

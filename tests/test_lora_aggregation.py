@@ -156,3 +156,58 @@ def test_rank_assignment_rules(tiny_config):
     assert max(sizes[2]) <= min(sizes[8])
     with pytest.raises(fedfm.ConfigError, match="one rank per client"):
         make_config(tiny_config(peft={"r": 8, "rank_tiers": [8, 2], "rank_assignment": "per_client"}))
+
+
+def test_stack_mode_returns_the_full_rank_mean_product():
+    from fedfm.algorithms.lora import PRODUCT
+
+    g = {A: rand(2, 6, seed=0), B: rand(5, 2, seed=1)}
+    clients = [{A: rand(2, 6, seed=2 + k), B: rand(5, 2, seed=9 + k)} for k in range(4)]
+    deltas = [({k: c[k] - g[k] for k in g}, 1.0 + k) for k, c in enumerate(clients)]
+    out = aggregate_lora(deltas, g, "stack", rank=2)
+    expected = sum((1.0 + k) * c[B] @ c[A] for k, c in enumerate(clients)) / 10
+    torch.testing.assert_close(out["m.q" + PRODUCT], expected)
+    assert torch.linalg.matrix_rank(expected) == 5  # min(5, 6, 4 clients × r=2): above r, nothing truncated
+
+
+def test_stack_mode_merges_into_the_base_exports_a_merged_model_and_resumes(
+    tiny_config, tiny_model_dir, tmp_path
+):
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedfm.checkpoint import load_checkpoint
+    from fedfm.config import make_config
+    from fedfm.experiment import prepare_data
+
+    def cfg(rounds):
+        return tiny_config(
+            strategy={"lora_aggregation": "stack"}, run={"rounds": rounds}, training={"lr": 0.05}
+        )
+
+    full = fedfm.run(cfg(3), output=tmp_path / "full", progress=False)
+    merged = load_checkpoint(full.run_dir / "checkpoint").merged
+    assert merged and all(m.abs().sum() > 0 for m in merged.values())
+    from fedfm.transforms.compression import serialized_nbytes
+
+    theta_bytes = serialized_nbytes(load_checkpoint(full.run_dir / "checkpoint").params)
+    assert full.history[-1]["bytes_down"] > 4 * theta_bytes  # θ plus the stacked factors, per client
+    part = fedfm.run(cfg(2), output=tmp_path / "part", progress=False)
+    resumed = fedfm.run(resume=part.run_dir, overrides=["run.rounds=3"], progress=False)
+    assert resumed.final_metrics["test_loss"] == pytest.approx(full.final_metrics["test_loss"], rel=1e-6)
+
+    model = AutoModelForSequenceClassification.from_pretrained(full.run_dir / "adapter").eval()
+    test = prepare_data(make_config(cfg(3))).test
+    tok = AutoTokenizer.from_pretrained(full.run_dir / "adapter")
+    enc = tok(test.texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    loss = F.cross_entropy(logits, torch.as_tensor(test.labels)).item()
+    assert loss == pytest.approx(full.final_metrics["test_loss"], rel=1e-4)
+
+
+def test_stack_mode_needs_plain_fedavg_on_the_server():
+    from fedfm.config import make_config
+
+    with pytest.raises(fedfm.ConfigError, match="server_optimizer = 'sgd', server_lr = 1.0"):
+        make_config({"strategy": {"lora_aggregation": "stack", "server_optimizer": "adam"}})

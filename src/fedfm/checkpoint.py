@@ -29,6 +29,7 @@ class ServerState:
     engine_state: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     comm: dict = field(default_factory=dict)  # cumulative bytes up / down
+    merged: dict = field(default_factory=dict)  # stack mode: ΔW merged into each LoRA layer's base
 
 
 def save_checkpoint(folder: str | Path, state: ServerState) -> Path:

@@ -145,8 +145,9 @@ class StrategySection(_Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
     objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
-    lora_aggregation: Literal["naive", "exact"] = Field(
-        "naive", description="LoRA pairs: average A and B separately, or average B·A and re-factorise (SVD)."
+    lora_aggregation: Literal["naive", "exact", "stack"] = Field(
+        "naive",
+        description="LoRA pairs: average A and B; average B·A, SVD to rank r; or merge B·A into the base.",
     )
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share β cut from each end.")
     byzantine: int = Field(1, ge=0, description="krum/multi_krum/bulyan: Byzantine clients f tolerated.")
@@ -259,15 +260,24 @@ class RunConfig(_Section):
             )
         if self.eval.local and self.data.client_test_fraction == 0:
             raise ValueError("eval.local needs data.client_test_fraction > 0")
-        lora_aware = self.strategy.lora_aggregation == "exact" or self.peft.rank_tiers
+        s = self.strategy
+        lora_aware = s.lora_aggregation != "naive" or self.peft.rank_tiers
+        modes = "strategy.lora_aggregation = 'exact'/'stack' and peft.rank_tiers"
         if lora_aware and self.peft.method != "lora":
+            raise ValueError(f"{modes} need peft.method = 'lora'")
+        if lora_aware and s.aggregator != "mean":
             raise ValueError(
-                "strategy.lora_aggregation = 'exact' and peft.rank_tiers need peft.method = 'lora'"
+                f"{modes} aggregate with the weighted mean; "
+                f"strategy.aggregator = {s.aggregator!r} is not supported with them"
             )
-        if lora_aware and self.strategy.aggregator != "mean":
+        if s.lora_aggregation == "stack" and (s.server_optimizer, s.server_lr, s.server_momentum) != (
+            "sgd",
+            1,
+            0,
+        ):
             raise ValueError(
-                "strategy.lora_aggregation = 'exact' and peft.rank_tiers aggregate with the weighted mean; "
-                f"strategy.aggregator = {self.strategy.aggregator!r} is not supported with them"
+                "strategy.lora_aggregation = 'stack' merges the average into the base weights (FedAvg): "
+                "it needs server_optimizer = 'sgd', server_lr = 1.0, server_momentum = 0"
             )
         tiers = self.peft.rank_tiers
         if tiers is not None and (not tiers or min(tiers) < 1 or max(tiers) != self.peft.r):

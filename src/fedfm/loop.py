@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator
-from fedfm.algorithms.lora import aggregate_lora, truncate_rank
+from fedfm.algorithms.lora import PRODUCT, aggregate_lora, lora_pairs, truncate_rank
 from fedfm.algorithms.objectives import make_objective
 from fedfm.algorithms.server_optimizers import make_server_optimizer
 from fedfm.attacks import attack_results, plan_round
@@ -27,6 +27,7 @@ from fedfm.config import RunConfig
 from fedfm.engines import ENGINES
 from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_data
 from fedfm.models.export import export_adapter
+from fedfm.models.merge import merge_into_base, restart_adapters, scaling
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
@@ -136,6 +137,7 @@ class Run:
         )
         self.max_examples = cfg.validation.max_num_examples or len(self.data.train)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.stack_download = 0  # stack mode: bytes of stacked factors each cohort member downloads
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
         self.console.describe(cfg, self.data, self.bundle, self.cohort)
@@ -153,6 +155,7 @@ class Run:
             )
         self.metrics.truncate_after(saved.round)
         self.engine.load_state_dict(saved.engine_state)
+        merge_into_base(self.bundle.model, saved.merged)  # stack mode: the base weights moved too
         self.console.note(f"resuming after round {saved.round}")
         self.elapsed_offset = saved.elapsed_s
         return saved
@@ -203,6 +206,8 @@ class Run:
                 f"(sampling.min_clients = {cfg.sampling.min_clients}); round skipped, state unchanged"
             )
         if skipped is None:
+            if cfg.strategy.lora_aggregation == "stack":
+                aggregate = self.fold_into_base(aggregate, t, len(tally.accepted))
             state.params, state.optimizer_state = self.server_optimizer.step(
                 state.params, aggregate, state.optimizer_state
             )
@@ -240,7 +245,7 @@ class Run:
     def count_bytes(self, cohort: list[int], bytes_up: int, ctx: RoundContext) -> dict:
         """This round's and the run's bytes, next to what full fine-tuning would move."""
         control = serialized_nbytes(ctx.server_control or {})
-        down = sum(serialized_nbytes(self.reference(c)) + control for c in cohort)
+        down = sum(serialized_nbytes(self.reference(c)) + control + self.stack_download for c in cohort)
         comm = self.state.comm
         comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + bytes_up
         comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + down
@@ -250,6 +255,28 @@ class Run:
             **comm,
             "full_finetune_bytes": 2 * len(cohort) * 4 * self.bundle.num_total(),
         }
+
+    def fold_into_base(self, aggregate: Params, t: int, senders: int) -> Params:
+        """FLoRA round end: merge s·mean(B·A) into the base weights, restart the adapters.
+
+        Returns the delta that takes θ to (fresh LoRA, averaged other tensors). The stacked factors
+        the next cohort downloads (senders × r × (in + out) values per module) are counted here.
+        """
+        model = self.bundle.model
+        products = {k.removesuffix(PRODUCT): v for k, v in aggregate.items() if k.endswith(PRODUCT)}
+        increments = {p: scaling(model, p) * m for p, m in products.items()}
+        merge_into_base(model, increments)
+        for p, inc in increments.items():
+            self.state.merged[p] = self.state.merged.get(p, 0) + inc
+        restart_adapters(model, products, self.cfg.run.seed, t)
+        fresh = get_trainable_state(self.bundle.trainable)
+        delta = {k: v for k, v in aggregate.items() if not k.endswith(PRODUCT)}
+        for a_key, b_key in lora_pairs(self.state.params).values():
+            for key in (a_key, b_key):
+                delta[key] = fresh[key] - self.state.params[key]
+        stacked_values = sum(senders * self.cfg.peft.r * sum(m.shape) for m in products.values())
+        self.stack_download = 4 * stacked_values
+        return delta
 
     def reference(self, client_id: int) -> Params:
         """The global state as this client holds it (its own LoRA rank, when ranks differ)."""
@@ -299,7 +326,8 @@ class Run:
     def _finish(self) -> RunResult:
         history = self.metrics.rounds()
         with self.console.status("writing adapter, plots and report"):
-            export_adapter(self.bundle, self.state.params, self.run_dir / "adapter")
+            merged = self.cfg.strategy.lora_aggregation == "stack"
+            export_adapter(self.bundle, self.state.params, self.run_dir / "adapter", merged=merged)
             outputs.write_outputs(self.run_dir)
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
@@ -308,7 +336,7 @@ class Run:
 
 def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float]], Params], Params]:
     """(updates, θ) → aggregate delta: LoRA-aware when configured, else the named aggregator."""
-    if cfg.strategy.lora_aggregation == "exact" or cfg.peft.rank_tiers:
+    if cfg.strategy.lora_aggregation != "naive" or cfg.peft.rank_tiers:
         mode, rank = cfg.strategy.lora_aggregation, cfg.peft.r
         return lambda updates, params: aggregate_lora(updates, params, mode, rank)
     aggregator = make_aggregator(cfg.strategy)

@@ -8,7 +8,9 @@ rank r with a truncated SVD M ≈ U_r S_r V_rᵀ (FlexLoRA, Bai et al., 2024). T
 Frobenius norm² equal to the sum of the discarded σ². The split between the factors is a free
 choice (B·A is unchanged by B→B/c, A→c·A); fedfm keeps A at the clients' average norm,
 A = c·V_rᵀ and B = U_r S_r / c, so a small aggregate does not shrink both factors and stall
-training.
+training. ``stack`` keeps the stacked rank instead: as in FLoRA, the averaged product is merged
+into the frozen base weights and every client starts the next round from a fresh LoRA, so no
+information is truncated (the base weights become part of the global state).
 
 Heterogeneous ranks (``peft.rank_tiers``): one model with r_max = max tier; a client of rank
 r_k trains only the first r_k components (A[:r_k], B[:, :r_k]); with the model's scaling
@@ -28,6 +30,7 @@ import torch
 from fedfm.types import Params
 
 A_TAG, B_TAG = "lora_A", "lora_B"
+PRODUCT = "#product"
 
 
 def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -111,6 +114,8 @@ def aggregate_lora(
     the global rank. ``naive``: weighted mean of the padded factors. ``exact``: weighted mean of the
     products, re-factorised to ``rank`` by SVD. Other tensors: weighted mean of deltas. Returns
     new − global, so the server optimizer steps with it like any aggregate (FedAvg lands exactly).
+    ``stack``: instead of factors, ``PREFIX#product`` holds the weighted mean product Σ w_k B_k A_k
+    / Σ w_k at full (stacked) rank, for the caller to merge into the base weights (FLoRA).
     """
     pairs = lora_pairs(global_params)
     paired = {k for ab in pairs.values() for k in ab}
@@ -127,7 +132,7 @@ def aggregate_lora(
             if k not in paired:
                 sums[k] = sums.get(k, 0) + w * delta[k].double()
         for prefix, (a_key, b_key) in pairs.items():
-            if mode == "exact":
+            if mode in ("exact", "stack"):
                 prod = factors[b_key].double() @ factors[a_key].double()
                 sums[prefix] = sums.get(prefix, 0) + w * prod
                 rms_row = float(factors[a_key][:r].norm()) / math.sqrt(r)
@@ -144,6 +149,9 @@ def aggregate_lora(
         if k not in paired:
             out[k] = (sums[k] / total).to(g.dtype)
     for prefix, (a_key, b_key) in pairs.items():
+        if mode == "stack":
+            out[f"{prefix}{PRODUCT}"] = (sums[prefix] / total).to(global_params[a_key].dtype)
+            continue
         if mode == "exact":
             b, a = svd_factors(sums[prefix] / total, rank, a_norms[prefix] / total)
         else:
