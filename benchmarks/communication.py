@@ -73,12 +73,18 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="*", default=list(SETTINGS))
     parser.add_argument("--out", default="benchmarks/results/communication.json")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (1 lets two experiments share 2 cores)",
+    )
     parser.add_argument("--md", default=None)
     args = parser.parse_args()
     done = CellStore(args.out, key=lambda r: r["setting"])
     for name in args.methods:
         if name not in done:  # resumable: finished rows are kept
-            r = row(name, SETTINGS[name])
+            r = row(name, SETTINGS[name] + ([f"run.threads={args.threads}"] if args.threads else []))
             done.add(r)
             print(
                 f"{name:>30}: acc {r['test_accuracy']:.3f}, up {r['bytes_up_total'] / 1e6:.2f} MB", flush=True

@@ -48,8 +48,9 @@ AGGREGATORS = [
 ]
 
 
-def cell(attack: str, aggregator: str) -> dict:
+def cell(attack: str, aggregator: str, threads: int | None = None) -> dict:
     overrides = [*BASE, f"strategy.aggregator={aggregator}", f"attack.kind={attack}"]
+    overrides += [f"run.threads={threads}"] if threads else []
     result, seconds = run_cell(overrides)
     history = result.history
     final = result.final_metrics
@@ -94,6 +95,12 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=ATTACKS)
     parser.add_argument("--aggregators", nargs="*", default=AGGREGATORS)
     parser.add_argument("--out", default="benchmarks/results/robustness.json")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (1 lets two experiments share 2 cores)",
+    )
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     done = CellStore(args.out, key=lambda c: (c["attack"], c["aggregator"]))
@@ -101,7 +108,7 @@ def main() -> None:
         for agg in args.aggregators:
             if (attack, agg) in done:  # resumable: finished cells are kept
                 continue
-            c = cell(attack, agg)
+            c = cell(attack, agg, args.threads)
             done.add(c)
             print(
                 f"{attack:>11} × {agg:<17} acc {c['test_accuracy']}  asr {c['attack_success_rate']}  "

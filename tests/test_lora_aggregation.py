@@ -130,6 +130,8 @@ def test_invalid_combinations_are_refused():
         make_config({"peft": {"r": 8, "rank_tiers": [2, 4]}})
     with pytest.raises(fedfm.ConfigError, match="not supported with them"):
         make_config({"strategy": {"lora_aggregation": "exact", "aggregator": "median"}})
+    with pytest.raises(fedfm.ConfigError, match="scaffold' is not supported with peft.rank_tiers"):
+        make_config({"peft": {"r": 8, "rank_tiers": [4, 8]}, "strategy": {"objective": "scaffold"}})
     with pytest.raises(fedfm.ConfigError, match="need peft.method = 'lora'"):
         make_config({"strategy": {"lora_aggregation": "exact"}, "peft": {"method": "ia3"}})
 

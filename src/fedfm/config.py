@@ -289,6 +289,8 @@ class RunConfig(_Section):
                 f"peft.rank_assignment = 'per_client' needs one rank per client: {len(tiers)} given for "
                 f"partition.num_clients = {self.partition.num_clients}"
             )
+        if tiers and s.objective == "scaffold":
+            raise ValueError("strategy.objective = 'scaffold' is not supported with peft.rank_tiers")
         if tiers and self.attack.kind == "alie":
             raise ValueError("attack.kind = 'alie' is not supported with peft.rank_tiers (ranks differ)")
         if self.partition.method == "natural" and not self.partition.column:

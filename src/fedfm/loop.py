@@ -137,7 +137,6 @@ class Run:
         )
         self.max_examples = cfg.validation.max_num_examples or len(self.data.train)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        self.stack_download = 0  # stack mode: bytes of stacked factors each cohort member downloads
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
         self.console.describe(cfg, self.data, self.bundle, self.cohort)
@@ -205,9 +204,10 @@ class Run:
                 f"only {len(tally.accepted)} of {len(cohort)} clients delivered a valid update "
                 f"(sampling.min_clients = {cfg.sampling.min_clients}); round skipped, state unchanged"
             )
+        stacked_bytes = 0
         if skipped is None:
             if cfg.strategy.lora_aggregation == "stack":
-                aggregate = self.fold_into_base(aggregate, t, len(tally.accepted))
+                aggregate, stacked_bytes = self.fold_into_base(aggregate, t, len(tally.accepted))
             state.params, state.optimizer_state = self.server_optimizer.step(
                 state.params, aggregate, state.optimizer_state
             )
@@ -227,7 +227,7 @@ class Run:
             "failed": tally.failed,
             "rejected": tally.rejected,
             "round_s": time.perf_counter() - round_start,
-            **self.count_bytes(cohort, tally.bytes_up, ctx),
+            **self.count_bytes(cohort, tally.bytes_up, ctx, stacked_bytes),
         }
         if plan is not None:
             record["malicious"] = sorted(plan.malicious)
@@ -242,10 +242,20 @@ class Run:
             record.update(self.evaluate(state.params))
         return record
 
-    def count_bytes(self, cohort: list[int], bytes_up: int, ctx: RoundContext) -> dict:
-        """This round's and the run's bytes, next to what full fine-tuning would move."""
+    def count_bytes(
+        self, cohort: list[int], bytes_up: int, ctx: RoundContext, stacked_bytes: int = 0
+    ) -> dict:
+        """This round's and the run's bytes, next to what full fine-tuning would move.
+
+        Down, per cohort member: θ at its rank, SCAFFOLD's c, and in stack mode the stacked factors.
+        """
         control = serialized_nbytes(ctx.server_control or {})
-        down = sum(serialized_nbytes(self.reference(c)) + control + self.stack_download for c in cohort)
+        by_rank: dict[int | None, int] = {}
+        for c in cohort:
+            rank = self.jobs[c].rank
+            if rank not in by_rank:
+                by_rank[rank] = serialized_nbytes(self.reference(c))
+        down = sum(by_rank[self.jobs[c].rank] + control + stacked_bytes for c in cohort)
         comm = self.state.comm
         comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + bytes_up
         comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + down
@@ -256,11 +266,12 @@ class Run:
             "full_finetune_bytes": 2 * len(cohort) * 4 * self.bundle.num_total(),
         }
 
-    def fold_into_base(self, aggregate: Params, t: int, senders: int) -> Params:
+    def fold_into_base(self, aggregate: Params, t: int, senders: int) -> tuple[Params, int]:
         """FLoRA round end: merge s·mean(B·A) into the base weights, restart the adapters.
 
-        Returns the delta that takes θ to (fresh LoRA, averaged other tensors). The stacked factors
-        the next cohort downloads (senders × r × (in + out) values per module) are counted here.
+        Returns the delta that takes θ to (fresh LoRA, averaged other tensors), and the bytes of the
+        stacked factors each client downloads to merge the same (senders × r × (in + out) float32
+        values per module), counted in this round.
         """
         model = self.bundle.model
         products = {k.removesuffix(PRODUCT): v for k, v in aggregate.items() if k.endswith(PRODUCT)}
@@ -275,8 +286,7 @@ class Run:
             for key in (a_key, b_key):
                 delta[key] = fresh[key] - self.state.params[key]
         stacked_values = sum(senders * self.cfg.peft.r * sum(m.shape) for m in products.values())
-        self.stack_download = 4 * stacked_values
-        return delta
+        return delta, 4 * stacked_values
 
     def reference(self, client_id: int) -> Params:
         """The global state as this client holds it (its own LoRA rank, when ranks differ)."""
