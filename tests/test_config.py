@@ -30,6 +30,8 @@ def test_overrides_parse_toml_values():
     assert parse_override("eval.local=true") == (["eval", "local"], True)
     assert parse_override("model.name=minilm") == (["model", "name"], "minilm")
     assert parse_override('peft.target_modules=["query","key"]')[1] == ["query", "key"]
+    assert make_config({}, ["attack.kind=nan"]).attack.kind == "nan"  # not TOML's float nan
+    assert make_config({}, ["validation.max_update_norm=inf"]).validation.max_update_norm == float("inf")
     merged = apply_overrides({"run": {"rounds": 3}}, ["run.seed=7", "partition.alpha=2"])
     assert merged == {"run": {"rounds": 3, "seed": 7}, "partition": {"alpha": 2}}
     with pytest.raises(ConfigError, match="section.field=value"):

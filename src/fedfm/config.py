@@ -309,10 +309,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p.strip() for p in key.strip().split(".")]
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override {text!r}: the key must be section.field")
+    raw = raw.strip()
+    if raw.lstrip("+-") in ("nan", "inf"):
+        return path, raw  # a name like attack.kind=nan; float fields still read "inf" as infinity
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
+        value = raw
     return path, value
 
 
