@@ -14,8 +14,8 @@ For measuring how an aggregation rule holds up before deployment. Kinds (``attac
   z = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − f, for cohort size n and f attackers.
 - ``nan``, ``inf``, ``wrong_shape``: malformed updates (validation must reject them).
 
-Data attacks act inside local training (``RoundContext.attack``); update attacks rewrite the
-results stream between the engine and the server, so engines stay attack-agnostic.
+Data attacks act inside local training (``RoundContext.attack``); update attacks rewrite what
+the server decoded from the attackers, before validation, so engines stay attack-agnostic.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from statistics import NormalDist
 import torch
 
 from fedfm.seeding import numpy_rng, torch_generator
+from fedfm.tasks.classification import Encoded
 from fedfm.types import ClientResult, Params, Update
 
 DATA_ATTACKS = {"label_flip", "backdoor"}
-UPDATE_ATTACKS = {"sign_flip", "scale", "gaussian", "alie", "nan", "inf", "wrong_shape"}
-KINDS = ("none", *sorted(DATA_ATTACKS), *sorted(UPDATE_ATTACKS))
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,4 @@ def poison_batch(plan: AttackPlan, task, rows: torch.Tensor, generator: torch.Ge
         ids[chosen] = triggered.input_ids[rows[chosen]]
         mask[chosen] = triggered.attention_mask[rows[chosen]]
         labels[chosen] = plan.target_label
-    from fedfm.tasks.classification import Encoded
-
     return task.batch(Encoded(ids, mask, labels), torch.arange(len(rows)), device)

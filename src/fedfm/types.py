@@ -66,16 +66,3 @@ class RoundContext:
     seed: int
     server_control: Params | None = None
     attack: Any = None  # fedfm.attacks.AttackPlan in simulated attacks; None otherwise
-
-
-def clone_params(params: Mapping[str, torch.Tensor]) -> Params:
-    """A detached copy of every tensor."""
-    return {k: v.detach().clone() for k, v in params.items()}
-
-
-def zeros_like_params(params: Mapping[str, torch.Tensor]) -> Params:
-    return {k: torch.zeros_like(v) for k, v in params.items()}
-
-
-def params_nbytes(params: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in params.values())

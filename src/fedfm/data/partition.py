@@ -114,8 +114,7 @@ PARTITIONERS.register("quantity")(
 
 @PARTITIONERS.register("natural")
 def _natural(labels, groups, cfg, rng) -> list[np.ndarray]:
-    if groups is None:
-        raise PartitionError(f"partition.column {cfg.column!r} is not a column of the training data")
+    """``groups`` is the ``partition.column`` values; ``prepare_data`` checks the column exists."""
     parts, _ = natural(groups)
     if len(parts) != cfg.num_clients:
         raise PartitionError(

@@ -30,7 +30,6 @@ class ModelBundle:
     trainable: dict[str, nn.Parameter]
     source: str
     device: torch.device
-    method: str
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
@@ -103,7 +102,7 @@ def build_classifier(
     model = apply_peft(model, peft_cfg, model_cfg.name)
     dev = pick_device(device)
     model.to(dev)
-    return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev, peft_cfg.method)
+    return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
 
 
 def apply_peft(model: nn.Module, peft_cfg, name: str) -> nn.Module:

@@ -27,7 +27,6 @@ import torch
 
 from fedfm.types import Params
 
-METHODS = ("none", "fp16", "bf16", "q8", "q4", "topk", "randk")
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
