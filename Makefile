@@ -13,11 +13,11 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[assets]"
+	$(PIP) install -e ".[assets,privacy]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,dev]"
+	$(PIP) install -e ".[assets,privacy,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,6 +30,7 @@ class ServerState:
     elapsed_s: float = 0.0
     comm: dict = field(default_factory=dict)  # cumulative bytes up / down
     merged: dict = field(default_factory=dict)  # stack mode: ΔW merged into each LoRA layer's base
+    privacy: dict = field(default_factory=dict)  # DP ledger and clip norm (fedfm.privacy.plan)
 
 
 def save_checkpoint(folder: str | Path, state: ServerState) -> Path:

@@ -117,6 +117,10 @@ class PartitionSection(_Section):
 
 
 class SamplingSection(_Section):
+    method: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="fixed: a cohort of exactly m clients; poisson: each client joins with probability q.",
+    )
     clients_per_round: int | None = Field(None, ge=1, description="Cohort size; overrides fraction.")
     fraction: float = Field(0.5, gt=0, le=1, description="Share of clients sampled each round.")
     min_clients: int = Field(1, ge=1, description="Fewer successful clients than this skips the round.")
@@ -211,6 +215,44 @@ class CompressionSection(_Section):
     error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
 
 
+class PrivacySection(_Section):
+    dp: Literal["none", "client", "example"] = Field(
+        "none",
+        description="Differential privacy: client-level DP-FedAvg, or example-level DP-SGD (Opacus).",
+    )
+    noise: Literal["central", "distributed"] = Field(
+        "central",
+        description="client DP: the server adds the noise, or each client adds its share (with secagg).",
+    )
+    clip_norm: float = Field(1.0, gt=0, description="L2 clip norm C (initial C when adaptive).")
+    adaptive_clipping: bool = Field(False, description="client DP: track a quantile of update norms.")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
+    clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate η_C.")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="Adaptive clipping: σ_b of the clipped-count sum; default m / 20."
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="z: noise std / C. Default: calibrated from target_epsilon."
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Budget ε: calibrates z when unset; the run stops before exceeding it."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant (pld: poisson).")
+
+
+class SecAggSection(_Section):
+    enabled: bool = Field(False, description="Secure aggregation: the server learns only the sum.")
+    neighbors: int | None = Field(
+        None, ge=2, description="SecAgg+ graph degree k; default: every pair (SecAgg)."
+    )
+    threshold: float = Field(
+        0.67, gt=0.5, le=1, description="Share of a client's share holders needed to unmask it."
+    )
+    clip_range: float = Field(1.0, gt=0, description="Each entry is clipped to [−c, c] before encoding.")
+    quantization_bits: int = Field(24, ge=4, le=40, description="Fixed-point bits per entry (signed).")
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
@@ -233,6 +275,8 @@ class RunConfig(_Section):
     compression: CompressionSection = Field(default_factory=CompressionSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     attack: AttackSection = Field(default_factory=AttackSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    secagg: SecAggSection = Field(default_factory=SecAggSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -295,10 +339,76 @@ class RunConfig(_Section):
             raise ValueError("attack.kind = 'alie' is not supported with peft.rank_tiers (ranks differ)")
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
+        _privacy_checks(self)
         return self
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+_UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "alie", "nan", "inf", "wrong_shape")
+
+
+def _require_privacy_extra(field: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("dp_accounting", "cryptography", "opacus") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"{field} needs the privacy extra ({', '.join(missing)} missing): pip install 'fedfm[privacy]'"
+        )
+
+
+def _privacy_checks(cfg: RunConfig) -> None:
+    """What DP and secure aggregation compose with, and why the rest does not."""
+    p, sa, s = cfg.privacy, cfg.secagg, cfg.strategy
+    if p.dp != "none" or sa.enabled:
+        _require_privacy_extra("privacy.dp" if p.dp != "none" else "secagg.enabled")
+    if p.dp != "none" and p.noise_multiplier is None and p.target_epsilon is None:
+        raise ValueError(f"privacy.dp = {p.dp!r} needs privacy.noise_multiplier or privacy.target_epsilon")
+    if p.accountant == "pld" and cfg.sampling.method != "poisson":
+        raise ValueError("privacy.accountant = 'pld' needs sampling.method = 'poisson' (use 'rdp' for fixed)")
+    if p.dp == "client":
+        if s.weighting != "uniform":
+            raise ValueError(
+                "privacy.dp = 'client' bounds each client's influence by C, which example-count weights "
+                "would break: set strategy.weighting = 'uniform'"
+            )
+        if s.aggregator != "mean":
+            raise ValueError(
+                f"privacy.dp = 'client' is analysed for the noised mean; strategy.aggregator = "
+                f"{s.aggregator!r} has no such guarantee"
+            )
+        if s.objective == "scaffold":
+            raise ValueError("privacy.dp = 'client' does not protect SCAFFOLD's control variates")
+        if p.noise == "distributed" and not sa.enabled:
+            raise ValueError(
+                "privacy.noise = 'distributed' needs secagg.enabled = true: one client's noise share "
+                "alone protects little once the server sees it"
+            )
+    elif p.noise == "distributed" or p.adaptive_clipping:
+        raise ValueError("privacy.noise and privacy.adaptive_clipping apply to privacy.dp = 'client'")
+    lora_aware = s.lora_aggregation != "naive" or cfg.peft.rank_tiers
+    if p.dp == "client" and lora_aware:
+        raise ValueError("privacy.dp = 'client' needs strategy.lora_aggregation = 'naive' and no rank tiers")
+    if not sa.enabled:
+        return
+    why = "the server sees only the sum under secure aggregation"
+    if s.aggregator != "mean":
+        raise ValueError(f"secagg needs strategy.aggregator = 'mean' ({why}; robust rules need each update)")
+    if lora_aware:
+        raise ValueError("secagg needs strategy.lora_aggregation = 'naive' and no peft.rank_tiers")
+    if cfg.compression.method != "none":
+        raise ValueError("secagg quantizes updates itself: set compression.method = 'none'")
+    if cfg.validation.max_update_norm is not None:
+        raise ValueError(f"validation.max_update_norm cannot be checked ({why}); bound updates with clipping")
+    if cfg.attack.kind in _UPDATE_ATTACKS:
+        raise ValueError(
+            f"attack.kind = {cfg.attack.kind!r} corrupts single updates, which {why}; "
+            "data attacks (label_flip, backdoor) still apply"
+        )
+    if sa.neighbors is not None and sa.neighbors % 2:
+        raise ValueError("secagg.neighbors must be even (each client links k/2 ring neighbours each side)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

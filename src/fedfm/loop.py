@@ -11,13 +11,14 @@ for round t:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator
+from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator, weighted_sum
 from fedfm.algorithms.lora import PRODUCT, aggregate_lora, lora_pairs, truncate_rank
 from fedfm.algorithms.objectives import make_objective
 from fedfm.algorithms.server_optimizers import make_server_optimizer
@@ -29,15 +30,22 @@ from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_dat
 from fedfm.models.export import export_adapter
 from fedfm.models.merge import merge_into_base, restart_adapters, scaling
 from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.privacy import packing
+from fedfm.privacy.dp import clip
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
-from fedfm.sampling import cohort_size, sample_cohort
+from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
+from fedfm.seeding import derive_seed, torch_generator
+from fedfm.tally import RoundTally
 from fedfm.tasks.metrics import summarize_clients
 from fedfm.training import ClientProgram
 from fedfm.transforms.compression import decode, serialized_nbytes
 from fedfm.transforms.validation import update_problem
-from fedfm.types import ClientResult, Params, RoundContext, Update
+from fedfm.types import Params, RoundContext, Update
+
+if TYPE_CHECKING:  # the privacy extra is imported only by runs that use it
+    from fedfm.privacy.secure_round import SecureRound
 
 Callback = Callable[[dict], None]
 
@@ -50,64 +58,7 @@ class RunResult:
     history: list[dict]
     final_metrics: dict
     config: RunConfig = field(repr=False)
-
-
-@dataclass
-class _RoundTally:
-    """Side results of consuming a cohort: accepted clients, rejections, losses, control deltas."""
-
-    accepted: list[int] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    client_records: list[dict] = field(default_factory=list)
-    loss_sum: float = 0.0
-    examples: int = 0
-    control_sum: Params | None = None
-    bytes_up: int = 0
-
-    def decoded(
-        self,
-        results: Iterable[ClientResult],
-        decode_delta: Callable[[int, Params], Params],
-        on_client: Callable,
-    ) -> Iterator[ClientResult]:
-        """Server halves of the transforms: count the bytes received, decode; undecodable → rejected."""
-        for result in results:
-            on_client()
-            if result.failure is not None:
-                self.failed.append(result.failure.as_dict())
-                continue
-            self.bytes_up += upload_nbytes(result.update)
-            try:
-                delta = decode_delta(result.client_id, result.update.delta)
-            except Exception as err:  # a malformed payload is rejected, never raised
-                reason = f"undecodable payload ({type(err).__name__}: {err})"
-                self.rejected.append({"client": result.client_id, "reason": reason})
-                continue
-            yield replace(result, update=replace(result.update, delta=delta))
-
-    def valid_updates(
-        self, results: Iterable[ClientResult], check: Callable[[int, Update], str | None], uniform: bool
-    ) -> Iterator[tuple[Params, float]]:
-        for result in results:
-            update = result.update
-            problem = check(result.client_id, update)
-            if problem is not None:
-                self.rejected.append({"client": result.client_id, "reason": problem})
-                continue
-            self.accepted.append(result.client_id)
-            loss = float(update.metrics.get("train_loss", float("nan")))
-            self.loss_sum += loss * update.num_examples
-            self.examples += update.num_examples
-            self.client_records.append(
-                {"client": result.client_id, "num_examples": update.num_examples, **update.metrics}
-            )
-            if update.control_delta is not None:
-                if self.control_sum is None:
-                    self.control_sum = {k: torch.zeros_like(v) for k, v in update.control_delta.items()}
-                for k, v in update.control_delta.items():
-                    self.control_sum[k] += v
-            yield update.delta, 1.0 if uniform else float(update.num_examples)
+    stopped: str | None = None  # why the run ended before its last round (privacy budget)
 
 
 class Run:
@@ -136,6 +87,11 @@ class Run:
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
         self.max_examples = cfg.validation.max_num_examples or len(self.data.train)
+        self.privacy = None
+        if cfg.privacy.dp == "client":
+            from fedfm.privacy.plan import PrivacyPlan
+
+            self.privacy = PrivacyPlan(cfg, self.data.num_clients, self.cohort, note=self.console.note)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
@@ -151,6 +107,7 @@ class Run:
                 params=params,
                 optimizer_state=self.server_optimizer.init(params),
                 server_control=self.objective.server_init(params),
+                privacy=self.privacy.initial_state() if self.privacy else {},
             )
         self.metrics.truncate_after(saved.round)
         self.engine.load_state_dict(saved.engine_state)
@@ -170,41 +127,68 @@ class Run:
                 "num_clients": 0,
                 "train_loss": None,
                 **self.evaluate(self.state.params),
+                **(self.privacy.record(self.state.privacy) if self.privacy else {}),
             }
             self._finish_round(record)
+        stopped = None
         with self.console.rounds(cfg.run.rounds, self.state.round) as bar:
             for t in range(self.state.round + 1, cfg.run.rounds + 1):
+                stopped = self.privacy.budget_problem(self.state.privacy, t) if self.privacy else None
+                if stopped:
+                    self.console.warn(stopped)
+                    self.metrics.write({"event": "stopped", "round": t - 1, "reason": stopped})
+                    break
                 record = self.run_round(t, bar)
                 self._finish_round(record)
                 self.state.engine_state = self.engine.state_dict()
                 self.state.elapsed_s = self.elapsed()
                 save_checkpoint(self.run_dir / "checkpoint", self.state)
-        return self._finish()
+        return self._finish(stopped)
+
+    def sample(self, t: int) -> list[int]:
+        n, seed = self.data.num_clients, self.cfg.run.seed
+        if self.cfg.sampling.method == "poisson":
+            return poisson_cohort(n, self.cohort / n, seed, t)
+        return sample_cohort(n, self.cohort, seed, t)
 
     def run_round(self, t: int, bar) -> dict:
         cfg, state = self.cfg, self.state
         round_start = time.perf_counter()
-        cohort = sample_cohort(self.data.num_clients, self.cohort, cfg.run.seed, t)
+        cohort = self.sample(t)
         plan = plan_round(cfg.attack, cohort, cfg.run.seed, t)
-        ctx = RoundContext(round=t, seed=cfg.run.seed, server_control=state.server_control, attack=plan)
-        tally = _RoundTally()
+        secure = self.start_secure(cohort, t) if cfg.secagg.enabled else None
+        ctx = RoundContext(
+            round=t,
+            seed=cfg.run.seed,
+            server_control=state.server_control,
+            attack=plan,
+            dp=self.privacy.client_settings(state.privacy) if self.privacy else None,
+            secure=secure,
+        )
+        tally = RoundTally()
         results = self.engine.run_cohort(state.params, cohort, ctx)
-        results = tally.decoded(results, self.decode_delta, bar.start_round(t, len(cohort)))
-        results = attack_results(results, plan, len(cohort), cfg.run.seed, t)
-        updates = tally.valid_updates(results, self.check_update, cfg.strategy.weighting == "uniform")
-        skipped = None
-        try:
-            aggregate = self.aggregate(updates, state.params)
-        except EmptyCohortError as err:
-            aggregate, skipped = None, str(err)
-        for _ in updates:  # drain, so every client is tallied even if the aggregator stops early
-            pass
+        on_client = bar.start_round(t, len(cohort))
+        new_privacy = None
+        if secure is not None:
+            from fedfm.privacy.secure_round import secure_aggregate
+
+            sums, skipped = secure_aggregate(results, secure, tally, on_client)
+            aggregate = None
+            if sums is not None:
+                aggregate, new_privacy = self.mean_of_sums(sums.delta, sums.scalars, t)
+        else:
+            aggregate, new_privacy, skipped = self.plain_aggregate(results, tally, on_client, plan, cohort, t)
         if aggregate is not None and len(tally.accepted) < cfg.sampling.min_clients:
             skipped = (
                 f"only {len(tally.accepted)} of {len(cohort)} clients delivered a valid update "
                 f"(sampling.min_clients = {cfg.sampling.min_clients}); round skipped, state unchanged"
             )
         stacked_bytes = 0
+        if self.privacy is not None:  # a skipped round is charged too (its counts were seen)
+            if skipped is None:
+                state.privacy = new_privacy
+            else:
+                self.privacy.charge(state.privacy, t)
         if skipped is None:
             if cfg.strategy.lora_aggregation == "stack":
                 aggregate, stacked_bytes = self.fold_into_base(aggregate, t, len(tally.accepted))
@@ -227,8 +211,17 @@ class Run:
             "failed": tally.failed,
             "rejected": tally.rejected,
             "round_s": time.perf_counter() - round_start,
-            **self.count_bytes(cohort, tally.bytes_up, ctx, stacked_bytes),
+            **self.count_bytes(cohort, tally.bytes_up, ctx, stacked_bytes, secure),
         }
+        if self.privacy is not None:
+            record.update(self.privacy.record(state.privacy))
+        if secure is not None:
+            record["secagg"] = {
+                "bytes_up": secure.bytes_up,
+                "bytes_down": secure.bytes_down,
+                "server_s": secure.server_s,
+                "field_bits": secure.layout.bits,
+            }
         if plan is not None:
             record["malicious"] = sorted(plan.malicious)
         if skipped:
@@ -242,12 +235,63 @@ class Run:
             record.update(self.evaluate(state.params))
         return record
 
+    def plain_aggregate(self, results, tally: RoundTally, on_client, plan, cohort: list[int], t: int):
+        """Decode → attack (simulated) → validate → aggregate, streamed. → (aggregate, privacy, skip)."""
+        cfg = self.cfg
+        results = tally.decoded(results, self.decode_delta, on_client)
+        results = attack_results(results, plan, len(cohort), cfg.run.seed, t)
+        updates = tally.valid_updates(results, self.check_update, cfg.strategy.weighting == "uniform")
+        aggregate, new_privacy, skipped = None, None, None
+        try:
+            if self.privacy is None:
+                aggregate = self.aggregate(updates, self.state.params)
+            else:  # central DP: the server re-clips, so a client that skipped clipping gains nothing
+                c = self.state.privacy["clip_norm"]
+                total = weighted_sum((clip(delta, c)[0], 1.0) for delta, _ in updates)
+                unclipped = sum(r.get("dp_unclipped", 0.0) for r in tally.client_records)
+                aggregate, new_privacy = self.mean_of_sums(total, {"unclipped": unclipped}, t)
+        except EmptyCohortError as err:
+            skipped = str(err)
+        for _ in updates:  # drain, so every client is tallied even if the aggregator stops early
+            pass
+        return aggregate, new_privacy, skipped
+
+    def mean_of_sums(self, total: Params, scalars: dict, t: int) -> tuple[Params, dict | None]:
+        """From sums to the aggregate: DP's noised fixed-denominator mean, else Σ w·Δ / Σ w."""
+        if self.privacy is None:
+            return {k: v / scalars["weight"] for k, v in total.items()}, None
+        new = {"ledger": list(self.state.privacy["ledger"]), "clip_norm": self.state.privacy["clip_norm"]}
+        generator = torch_generator(self.cfg.run.seed, t, "dp-server")
+        contributors = int(round(scalars.get("count", 0))) or None
+        aggregate = self.privacy.server_half(new, t, total, scalars["unclipped"], contributors, generator)
+        return aggregate, new
+
+    def start_secure(self, cohort: list[int], t: int) -> SecureRound:
+        from fedfm.privacy.secure_round import SecureRound
+
+        uniform = self.cfg.strategy.weighting == "uniform"
+        layout = packing.Layout.for_params(
+            self.state.params,
+            self.state.server_control is not None,
+            clip_range=self.cfg.secagg.clip_range,
+            quantization_bits=self.cfg.secagg.quantization_bits,
+            max_weight=1 if uniform else self.max_examples,
+            max_clients=max(1, len(cohort)),
+        )
+        return SecureRound.start(cohort, layout, self.cfg.secagg, derive_seed(self.cfg.run.seed, t, "graph"))
+
     def count_bytes(
-        self, cohort: list[int], bytes_up: int, ctx: RoundContext, stacked_bytes: int = 0
+        self,
+        cohort: list[int],
+        bytes_up: int,
+        ctx: RoundContext,
+        stacked_bytes: int = 0,
+        secure: SecureRound | None = None,
     ) -> dict:
         """This round's and the run's bytes, next to what full fine-tuning would move.
 
-        Down, per cohort member: θ at its rank, SCAFFOLD's c, and in stack mode the stacked factors.
+        Down, per cohort member: θ at its rank, SCAFFOLD's c, and in stack mode the stacked factors;
+        under secure aggregation, every protocol message in both directions.
         """
         control = serialized_nbytes(ctx.server_control or {})
         by_rank: dict[int | None, int] = {}
@@ -256,6 +300,8 @@ class Run:
             if rank not in by_rank:
                 by_rank[rank] = serialized_nbytes(self.reference(c))
         down = sum(by_rank[self.jobs[c].rank] + control + stacked_bytes for c in cohort)
+        if secure is not None:
+            bytes_up, down = secure.bytes_up, down + secure.bytes_down
         comm = self.state.comm
         comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + bytes_up
         comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + down
@@ -333,7 +379,7 @@ class Run:
         for callback in self.callbacks:
             callback(record)
 
-    def _finish(self) -> RunResult:
+    def _finish(self, stopped: str | None = None) -> RunResult:
         history = self.metrics.rounds()
         with self.console.status("writing adapter, plots and report"):
             merged = self.cfg.strategy.lora_aggregation == "stack"
@@ -341,7 +387,7 @@ class Run:
             outputs.write_outputs(self.run_dir)
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
-        return RunResult(self.run_dir, history, final, self.cfg)
+        return RunResult(self.run_dir, history, final, self.cfg, stopped)
 
 
 def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float]], Params], Params]:
@@ -351,7 +397,3 @@ def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float
         return lambda updates, params: aggregate_lora(updates, params, mode, rank)
     aggregator = make_aggregator(cfg.strategy)
     return lambda updates, params: aggregator(updates)
-
-
-def upload_nbytes(update: Update) -> int:
-    return serialized_nbytes(update.delta) + serialized_nbytes(update.control_delta or {})

@@ -1,4 +1,9 @@
-"""Client sampling: which clients train in a round, drawn from (seed, round) alone."""
+"""Client sampling: which clients train in a round, drawn from (seed, round) alone.
+
+``fixed`` draws exactly m of N without replacement; ``poisson`` includes each client
+independently with probability q = m / N, so cohorts vary in size (what DP accounting with
+Poisson subsampling assumes). m comes from ``clients_per_round`` or ``fraction``.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +22,14 @@ def sample_cohort(num_clients: int, size: int, seed: int, round_: int) -> list[i
         return list(range(num_clients))
     rng = numpy_rng(seed, round_, "cohort")
     return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))
+
+
+def poisson_cohort(num_clients: int, rate: float, seed: int, round_: int) -> list[int]:
+    """Each client independently with probability ``rate`` (may be empty), sorted."""
+    rng = numpy_rng(seed, round_, "cohort")
+    return [int(c) for c in (rng.random(num_clients) < rate).nonzero()[0]]
+
+
+def sampling_rate(num_clients: int, cohort: int) -> float:
+    """q = m / N: the inclusion probability of one client, for either sampling method."""
+    return cohort / num_clients

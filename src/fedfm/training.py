@@ -19,6 +19,7 @@ from fedfm.algorithms.objectives import Objective
 from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.privacy import dp, packing
 from fedfm.seeding import seed_torch, torch_generator
 from fedfm.transforms.compression import encode
 from fedfm.types import Params, RoundContext, Update
@@ -136,6 +137,9 @@ def _apply_masks(trainable: dict, masks: dict, params: bool) -> None:
 class ClientProgram:
     """What a client runs each round: local training, then the client halves of the transforms.
 
+    The client halves run in the documented order: clip → DP noise share → compress or
+    (under secure aggregation) fixed-point encode → mask.
+
     Engines call it unchanged. Client state is a dict of named ``Params`` that the engine keeps
     per client and checkpoints: ``"scaffold"`` (control variate), ``"residual"`` (top-k error
     feedback).
@@ -162,6 +166,23 @@ class ClientProgram:
             state["scaffold"] = control
         if job.rank is not None:  # send only the components this client trains
             update = replace(update, delta=truncate_rank(update.delta, job.rank))
+        unclipped = 0.0
+        if ctx.dp is not None:  # clip → noise share
+            delta, unclipped = dp.client_half(
+                update.delta, ctx.dp, torch_generator(ctx.seed, ctx.round, job.client_id, "dp")
+            )
+            update = replace(update, delta=delta, metrics={**update.metrics, "dp_unclipped": unclipped})
+        if ctx.secure is not None:  # → encode → mask: the masked vector is all that is sent
+            vector = packing.pack(
+                ctx.secure.layout,
+                update.delta,
+                update.num_examples,
+                update.metrics["train_loss"],
+                torch_generator(ctx.seed, ctx.round, job.client_id, "secagg"),
+                update.control_delta,
+                unclipped,
+            )
+            return Update(ctx.secure.mask(job.client_id, vector), 1), state
         generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
         payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))
         if residual is not None:

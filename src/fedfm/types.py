@@ -66,3 +66,5 @@ class RoundContext:
     seed: int
     server_control: Params | None = None
     attack: Any = None  # fedfm.attacks.AttackPlan in simulated attacks; None otherwise
+    dp: Any = None  # fedfm.privacy.dp.DpRound under client-level DP: clip norm, noise share
+    secure: Any = None  # fedfm.privacy.secure_round.SecureRound under secure aggregation

@@ -24,9 +24,8 @@ class EmptyCohortError(ValueError):
     """Raised when there is nothing to aggregate."""
 
 
-@AGGREGATORS.register("mean")
-def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
-    """Σ_k w_k Δ_k / Σ_k w_k, accumulated in float64 for stability, returned in each tensor's dtype."""
+def _accumulate(updates: Iterable[tuple[Params, float]]) -> tuple[Params, dict, float]:
+    """Σ_k w_k Δ_k in float64, each tensor's dtype, and Σ_k w_k; streamed."""
     total: dict[str, torch.Tensor] | None = None
     dtypes: dict[str, torch.dtype] = {}
     weight_sum = 0.0
@@ -41,6 +40,19 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
         weight_sum += float(weight)
     if total is None:
         raise EmptyCohortError("no updates to aggregate")
+    return total, dtypes, weight_sum
+
+
+def weighted_sum(updates: Iterable[tuple[Params, float]]) -> Params:
+    """Σ_k w_k Δ_k (DP-FedAvg divides by a fixed m itself)."""
+    total, dtypes, _ = _accumulate(updates)
+    return {k: v.to(dtypes[k]) for k, v in total.items()}
+
+
+@AGGREGATORS.register("mean")
+def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
+    """Σ_k w_k Δ_k / Σ_k w_k, accumulated in float64 for stability, returned in each tensor's dtype."""
+    total, dtypes, weight_sum = _accumulate(updates)
     if weight_sum <= 0:
         raise EmptyCohortError("the aggregation weights sum to zero")
     return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}

@@ -16,6 +16,7 @@ COLUMNS = [
     ("test loss", "test_loss", "{:.4f}"),
     ("test acc", "test_accuracy", "{:.4f}"),
     ("macro-F1", "test_macro_f1", "{:.4f}"),
+    ("ε", "epsilon", "{:.3f}"),
     ("time (s)", "elapsed_s", "{:.1f}"),
 ]
 

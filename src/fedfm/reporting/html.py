@@ -23,6 +23,8 @@ TABLE_KEYS = [
     ("client acc mean", "client_accuracy_mean"),
     ("client acc worst 10%", "client_accuracy_worst10"),
     ("attack success", "attack_success_rate"),
+    ("ε", "epsilon"),
+    ("clip norm", "clip_norm"),
     ("bytes up", "bytes_up"),
     ("bytes down", "bytes_down"),
     ("elapsed (s)", "elapsed_s"),
@@ -112,6 +114,40 @@ def communication_section(history: list[dict]) -> str:
 
 
 SECTIONS.append(communication_section)
+
+
+def _epsilon(value: float | None) -> str:
+    return "∞" if value is None else f"{value:.3f}"  # metrics.jsonl stores a non-finite ε as null
+
+
+def privacy_section(history: list[dict]) -> str:
+    """Which guarantee the run has, the (ε, δ) it ended with, and secure aggregation's cost."""
+    from fedfm.privacy.plan import GUARANTEES
+
+    rounds = [r for r in history if r.get("round", 0) > 0]
+    dp = next((r for r in reversed(history) if r.get("dp")), None)
+    kind = dp.get("dp", "client") if dp else "none"
+    parts = [f"<h2>Privacy</h2><p>Differential privacy — {html.escape(GUARANTEES[kind])}.</p>"]
+    if dp:
+        parts.append(
+            f"<p>After round {dp['round']}: <b>ε = {_epsilon(dp['epsilon'])}</b> at δ = {dp['delta']:g} "
+            f"(noise multiplier {dp['noise_multiplier']:.4f}, clip norm {dp['clip_norm']:.4g}).</p>"
+        )
+    secure = [r["secagg"] for r in rounds if r.get("secagg")]
+    if secure:
+        up = sum(s["bytes_up"] for s in secure) / len(secure)
+        down = sum(s["bytes_down"] for s in secure) / len(secure)
+        server = sum(s["server_s"] for s in secure) / len(secure)
+        parts.append(
+            f"<p>Secure aggregation (the server saw only sums): per round {_mb(up)} up, {_mb(down)} "
+            f"down, {server:.2f} s of unmasking at the server; {secure[-1]['field_bits']}-bit field.</p>"
+        )
+    elif rounds:
+        parts.append("<p>Secure aggregation: off (the server saw each client's update).</p>")
+    return "".join(parts)
+
+
+SECTIONS.append(privacy_section)
 
 
 def render_report(title: str, config_text: str, history: list[dict], partition: dict | None, plots) -> str:
