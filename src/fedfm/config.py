@@ -386,7 +386,12 @@ def _privacy_checks(cfg: RunConfig) -> None:
                 "privacy.noise = 'distributed' needs secagg.enabled = true: one client's noise share "
                 "alone protects little once the server sees it"
             )
-    elif p.noise == "distributed" or p.adaptive_clipping:
+    elif p.dp == "example" and (s.objective != "plain" or cfg.peft.rank_tiers):
+        raise ValueError(
+            "privacy.dp = 'example' (DP-SGD) needs strategy.objective = 'plain' and no peft.rank_tiers: "
+            "proximal terms and control variates are not per-example gradients"
+        )
+    if p.dp != "client" and (p.noise == "distributed" or p.adaptive_clipping):
         raise ValueError("privacy.noise and privacy.adaptive_clipping apply to privacy.dp = 'client'")
     lora_aware = s.lora_aggregation != "naive" or cfg.peft.rank_tiers
     if p.dp == "client" and lora_aware:

@@ -127,7 +127,7 @@ class Run:
                 "num_clients": 0,
                 "train_loss": None,
                 **self.evaluate(self.state.params),
-                **(self.privacy.record(self.state.privacy) if self.privacy else {}),
+                **self.privacy_record([]),
             }
             self._finish_round(record)
         stopped = None
@@ -162,7 +162,7 @@ class Run:
             seed=cfg.run.seed,
             server_control=state.server_control,
             attack=plan,
-            dp=self.privacy.client_settings(state.privacy) if self.privacy else None,
+            dp=self.client_dp(),
             secure=secure,
         )
         tally = RoundTally()
@@ -213,8 +213,7 @@ class Run:
             "round_s": time.perf_counter() - round_start,
             **self.count_bytes(cohort, tally.bytes_up, ctx, stacked_bytes, secure),
         }
-        if self.privacy is not None:
-            record.update(self.privacy.record(state.privacy))
+        record.update(self.privacy_record(tally.client_records))
         if secure is not None:
             record["secagg"] = {
                 "bytes_up": secure.bytes_up,
@@ -234,6 +233,24 @@ class Run:
         if t % cfg.eval.every == 0 or t == cfg.run.rounds:
             record.update(self.evaluate(state.params))
         return record
+
+    def client_dp(self):
+        """What clients are told about DP this round: client-level settings, DP-SGD's, or None."""
+        p = self.cfg.privacy
+        if self.privacy is not None:
+            return self.privacy.client_settings(self.state.privacy)
+        if p.dp == "example":
+            from fedfm.privacy.dpsgd import ExampleDp
+
+            return ExampleDp(p.clip_norm, p.delta, self.cfg.run.rounds, p.noise_multiplier, p.target_epsilon)
+        return None
+
+    def privacy_record(self, client_records: list[dict]) -> dict:
+        if self.privacy is not None:
+            return self.privacy.record(self.state.privacy)
+        if self.cfg.privacy.dp == "example":
+            return example_dp_record(self.cfg.privacy, self.state.privacy, client_records)
+        return {}
 
     def plain_aggregate(self, results, tally: RoundTally, on_client, plan, cohort: list[int], t: int):
         """Decode → attack (simulated) → validate → aggregate, streamed. → (aggregate, privacy, skip)."""
@@ -397,3 +414,23 @@ def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float
         return lambda updates, params: aggregate_lora(updates, params, mode, rank)
     aggregator = make_aggregator(cfg.strategy)
     return lambda updates, params: aggregator(updates)
+
+
+def example_dp_record(privacy, state: dict, client_records: list[dict]) -> dict:
+    """DP-SGD's round metrics: the largest example-level ε any client has reached so far.
+
+    Clients report their own ε (from their Opacus accountant); under secure aggregation they
+    report nothing individually and ε stays with the clients.
+    """
+    reported = [r["dp_epsilon"] for r in client_records if "dp_epsilon" in r]
+    noise = [r["dp_noise_multiplier"] for r in client_records if "dp_noise_multiplier" in r]
+    state["max_epsilon"] = max([state.get("max_epsilon", 0.0), *reported])
+    if noise:
+        state["min_noise"] = min(noise)
+    return {
+        "dp": "example",
+        "epsilon": state["max_epsilon"],
+        "delta": privacy.delta,
+        "noise_multiplier": state.get("min_noise", privacy.noise_multiplier or 0.0),
+        "clip_norm": privacy.clip_norm,
+    }

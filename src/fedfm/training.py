@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy import dp, packing
+from fedfm.privacy.dpsgd import ExampleDp, poisson_batches, train_dp_sgd
 from fedfm.seeding import seed_torch, torch_generator
 from fedfm.transforms.compression import encode
 from fedfm.types import Params, RoundContext, Update
@@ -84,6 +86,8 @@ def client_update(
     steps = num_local_steps(n, cfg)
     rows = torch.as_tensor(job.indices, dtype=torch.long)
     model.train()
+    if isinstance(ctx.dp, ExampleDp):
+        return _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state)
     losses = []
     for positions in batch_order(n, cfg.batch_size, steps, generator):
         if ctx.attack is not None and ctx.attack.poisons_data(job.client_id):
@@ -111,6 +115,35 @@ def client_update(
         control_delta, new_state = hook.finish(final, steps, cfg.lr)
     metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state
+
+
+def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state):
+    """Local training as DP-SGD (Opacus); the client state carries its accountant's history."""
+    n = len(job.indices)
+    rows = torch.as_tensor(job.indices, dtype=torch.long)
+    generator = torch_generator(ctx.seed, ctx.round, job.client_id, "dp-sgd")
+    batches = (rows[p] for p in poisson_batches(n, cfg.batch_size, steps, generator))
+    history = (client_state or {}).get("history")
+    run = SimpleNamespace(
+        n=n,
+        batch_size=cfg.batch_size,
+        steps=steps,
+        generator=generator,
+        history=history,
+        device=bundle.device,
+    )
+    losses, history, eps, z = train_dp_sgd(
+        bundle.model, bundle.trainable, optimizer, task, batches, ctx.dp, run
+    )
+    final = get_trainable_state(bundle.trainable)
+    delta = {k: final[k] - global_params[k] for k in global_params}
+    metrics = {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "steps": float(steps),
+        "dp_epsilon": eps,
+        "dp_noise_multiplier": z,
+    }
+    return Update(delta, n, metrics), {"history": history}
 
 
 def _rank_masks(trainable: dict, rank: int | None) -> dict[str, tuple[slice, ...]]:
@@ -159,15 +192,17 @@ class ClientProgram:
         state: dict[str, Params] | None = None,
     ) -> tuple[Update, dict[str, Params]]:
         state = dict(state or {})
+        example_dp = isinstance(ctx.dp, ExampleDp)
+        own = state.get("dp_sgd") if example_dp else state.get("scaffold")
         update, control = client_update(
-            bundle, task, job, global_params, ctx, self.training, self.objective, state.get("scaffold")
+            bundle, task, job, global_params, ctx, self.training, self.objective, own
         )
         if control is not None:
-            state["scaffold"] = control
+            state["dp_sgd" if example_dp else "scaffold"] = control
         if job.rank is not None:  # send only the components this client trains
             update = replace(update, delta=truncate_rank(update.delta, job.rank))
         unclipped = 0.0
-        if ctx.dp is not None:  # clip → noise share
+        if isinstance(ctx.dp, dp.DpRound):  # clip → noise share
             delta, unclipped = dp.client_half(
                 update.delta, ctx.dp, torch_generator(ctx.seed, ctx.round, job.client_id, "dp")
             )
