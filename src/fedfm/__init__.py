@@ -9,6 +9,7 @@ result = fedfm.run(cfg, output="runs/alpha01")
 from fedfm.api import run
 from fedfm.config import ConfigError, RunConfig, load_config
 from fedfm.loop import RunResult
+from fedfm.models.resolve import ModelError
 from fedfm.types import ClientResult, Params, RoundContext, Update
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClientResult",
     "ConfigError",
+    "ModelError",
     "Params",
     "RoundContext",
     "RunConfig",

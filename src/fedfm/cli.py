@@ -58,6 +58,26 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base weights."),
+) -> None:
+    """Write a run's final model: a PEFT adapter folder, or with --merge a plain transformers folder."""
+    from fedfm.models.export import export_run
+
+    try:
+        path = export_run(run_dir, output, merge)
+    except (FileNotFoundError, FileExistsError, *_user_errors()) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    kind = (
+        "merged model (transformers from_pretrained)" if merge else "adapter (peft PeftModel.from_pretrained)"
+    )
+    Console().print(f"wrote {kind} to {path}")
+
+
+@app.command()
 def config(
     config: Path | None = typer.Argument(None, help="TOML experiment file."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),

@@ -54,6 +54,9 @@ class ModelSection(_Section):
         "pretrained", description="Pretrained weights, or the same architecture freshly initialised."
     )
     max_length: int = Field(32, ge=4, le=32768, description="Tokens per example (truncation).")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Quantized frozen base weights (QLoRA; bitsandbytes on a CUDA GPU)."
+    )
 
 
 class PeftSection(_Section):
@@ -135,6 +138,11 @@ class TrainingSection(_Section):
     weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches of batch_size per local step.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast forward passes where the device supports bfloat16."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations (less memory).")
 
 
 class StrategySection(_Section):
@@ -215,6 +223,25 @@ class CompressionSection(_Section):
     error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
 
 
+class TaskSection(_Section):
+    kind: Literal["classification", "instruction"] = Field(
+        "classification",
+        description="classification (encoder or decoder + head), or instruction tuning of a causal LM.",
+    )
+    packing: bool = Field(False, description="instruction: pack each batch's examples into full rows.")
+    system_prompt: str | None = Field(
+        None, description="instruction: a system message put before every conversation."
+    )
+    eval_prompts: list[str] | None = Field(
+        None, description="instruction: prompts answered greedily each eval; default: held-out ones."
+    )
+    num_eval_prompts: int = Field(8, ge=0, description="instruction: held-out prompts generated each eval.")
+    max_new_tokens: int = Field(32, ge=1, description="instruction: generation length for eval prompts.")
+    baselines: bool = Field(
+        False, description="Also train local-only and centralized baselines after the run (or --baselines)."
+    )
+
+
 class PrivacySection(_Section):
     dp: Literal["none", "client", "example"] = Field(
         "none",
@@ -229,7 +256,7 @@ class PrivacySection(_Section):
     target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
     clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate η_C.")
     clipped_count_stddev: float | None = Field(
-        None, gt=0, description="Adaptive clipping: σ_b of the clipped-count sum; default m / 20."
+        None, gt=0, description="Adaptive clipping: σ_b of the clipped-count sum; default max(m / 20, z)."
     )
     noise_multiplier: float | None = Field(
         None, ge=0, description="z: noise std / C. Default: calibrated from target_epsilon."
@@ -264,6 +291,7 @@ class RunConfig(_Section):
     """The whole experiment. ``RunConfig()`` is the embedded default experiment."""
 
     run: RunSection = Field(default_factory=RunSection)
+    task: TaskSection = Field(default_factory=TaskSection)
     model: ModelSection = Field(default_factory=ModelSection)
     peft: PeftSection = Field(default_factory=PeftSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -340,6 +368,7 @@ class RunConfig(_Section):
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
         _privacy_checks(self)
+        _task_checks(self)
         return self
 
     def to_toml(self) -> str:
@@ -347,6 +376,19 @@ class RunConfig(_Section):
 
 
 _UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "alie", "nan", "inf", "wrong_shape")
+
+
+def _task_checks(cfg: RunConfig) -> None:
+    if cfg.task.kind != "instruction":
+        return
+    if cfg.attack.kind in ("label_flip", "backdoor"):
+        raise ValueError(f"attack.kind = {cfg.attack.kind!r} poisons labels: classification only")
+    if cfg.peft.method == "head":
+        raise ValueError("peft.method = 'head' has no meaning for a causal LM (no classification head)")
+    if cfg.strategy.lora_aggregation == "stack" and cfg.task.baselines:
+        raise ValueError("task.baselines is not supported with strategy.lora_aggregation = 'stack'")
+    if cfg.model.name == "minilm":
+        raise ValueError("task.kind = 'instruction' needs a causal LM (e.g. model.name = 'smollm2-135m')")
 
 
 def _require_privacy_extra(field: str) -> None:

@@ -52,7 +52,12 @@ class FederatedData:
 def prepare_data(cfg: RunConfig) -> FederatedData:
     """Load the source, hold out the server test split, partition the rest among clients."""
     seed, d = cfg.run.seed, cfg.data
-    train, test = load_source(d)
+    if cfg.task.kind == "instruction":
+        from fedfm.data.instruction import load_instruction_source
+
+        train, test = load_instruction_source(d)
+    else:
+        train, test = load_source(d)
     if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
         train = train.subset(first_occurrences(train.texts))
         if test is not None:
@@ -88,6 +93,8 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
 
 
 def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:
+    if cfg.task.kind == "instruction":
+        return build_instruction_task(cfg, data)
     bundle = build_classifier(cfg.model, cfg.peft, data.train.label_names, cfg.run.seed, cfg.run.device)
     tok, length = bundle.tokenizer, cfg.model.max_length
     task = ClassificationTask(
@@ -101,6 +108,18 @@ def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, Classi
             )
         task.triggered_train = encode(tok, with_trigger(data.train, cfg.attack.trigger), length)
         task.triggered_test = encode(tok, with_trigger(data.test, cfg.attack.trigger), length)
+    return bundle, task
+
+
+def build_instruction_task(cfg: RunConfig, data: FederatedData):
+    from fedfm.models.build import build_causal_lm
+    from fedfm.tasks.instruction import InstructionTask, tokenize
+
+    bundle = build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, cfg.run.device)
+    tok, length, system = bundle.tokenizer, cfg.model.max_length, cfg.task.system_prompt
+    train, test = tokenize(tok, data.train, length, system), tokenize(tok, data.test, length, system)
+    task = InstructionTask(train, test, tok, cfg, data.train.label_names)
+    task.truncated = {"train": train.truncated, "test": test.truncated}
     return bundle, task
 
 

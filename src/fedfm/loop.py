@@ -36,7 +36,7 @@ from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
-from fedfm.seeding import derive_seed, torch_generator
+from fedfm.seeding import derive_seed, numpy_rng, torch_generator
 from fedfm.tally import RoundTally
 from fedfm.tasks.metrics import summarize_clients
 from fedfm.training import ClientProgram
@@ -95,7 +95,12 @@ class Run:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
-        self.console.describe(cfg, self.data, self.bundle, self.cohort)
+        self.prompts = []
+        if cfg.task.kind == "instruction":
+            from fedfm.tasks.instruction import eval_prompts
+
+            self.prompts = eval_prompts(cfg, self.data.test, numpy_rng(cfg.run.seed, "eval-prompts"))
+        self.console.describe(cfg, self.data, self.bundle, self.cohort, getattr(self.task, "truncated", None))
 
     def _initial_state(self) -> ServerState:
         saved = load_checkpoint(self.run_dir / "checkpoint")
@@ -367,6 +372,11 @@ class Run:
     def evaluate(self, params: Params) -> dict:
         cfg, task = self.cfg, self.task
         set_trainable_state(self.bundle.trainable, params)
+        if cfg.task.kind == "instruction":
+            from fedfm.tasks.instruction import server_metrics
+
+            with self.console.status("evaluating: held-out perplexity and greedy answers"):
+                return server_metrics(task, self.bundle, cfg, self.prompts)
         with self.console.status("evaluating"):
             m = task.evaluate(self.bundle.model, task.test, None, cfg.eval.batch_size, self.bundle.device)
             record = {
@@ -419,8 +429,8 @@ def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float
 def example_dp_record(privacy, state: dict, client_records: list[dict]) -> dict:
     """DP-SGD's round metrics: the largest example-level ε any client has reached so far.
 
-    Clients report their own ε (from their Opacus accountant); under secure aggregation they
-    report nothing individually and ε stays with the clients.
+    Clients report their own ε (from their Opacus accountant), in the clear beside the masked
+    vector under secure aggregation.
     """
     reported = [r["dp_epsilon"] for r in client_records if "dp_epsilon" in r]
     noise = [r["dp_noise_multiplier"] for r in client_records if "dp_noise_multiplier" in r]

@@ -8,6 +8,7 @@ order in which an engine happens to run clients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -37,10 +38,11 @@ class ClientJob:
 
 
 def num_local_steps(num_examples: int, cfg) -> int:
-    """``training.local_steps`` if set, else ceil(local_epochs · n / batch_size), at least 1."""
+    """``training.local_steps`` if set, else ceil(local_epochs · n / (batch_size · grad_accumulation)),
+    at least 1. A step is one optimizer step."""
     if cfg.local_steps:
         return cfg.local_steps
-    return max(1, math.ceil(cfg.local_epochs * num_examples / cfg.batch_size))
+    return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accumulation)))
 
 
 def batch_order(num_examples: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -53,6 +55,15 @@ def batch_order(num_examples: int, batch_size: int, steps: int, generator: torch
                 return
             yield perm[start : start + batch_size]
             produced += 1
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast of forward passes where the device supports it; fp32: no change."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("training.precision = 'bf16' but this GPU has no bfloat16 support; use 'fp32'")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -89,18 +100,23 @@ def client_update(
     if isinstance(ctx.dp, ExampleDp):
         return _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state)
     losses = []
-    for positions in batch_order(n, cfg.batch_size, steps, generator):
+    accum = cfg.grad_accumulation
+    autocast = autocast_context(cfg.precision, device)
+    for i, positions in enumerate(batch_order(n, cfg.batch_size, steps * accum, generator)):
         if ctx.attack is not None and ctx.attack.poisons_data(job.client_id):
             batch = poison_batch(ctx.attack, task, rows[positions], generator, device)
         else:
             batch = task.batch(task.train, rows[positions], device)
-        loss = task.loss(model, batch)
+        with autocast:
+            loss = task.loss(model, batch)
         losses.append(float(loss.detach()))
         if hook.penalty is not None:
             loss = loss + hook.penalty(trainable)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at local step {len(losses)}")
-        loss.backward()
+            raise FloatingPointError(f"non-finite training loss at local step {i // accum + 1}")
+        (loss / accum).backward()
+        if (i + 1) % accum:  # gradient accumulation: step once per `accum` micro-batches
+            continue
         if hook.adjust_gradients is not None:
             hook.adjust_gradients(trainable)
         _apply_masks(trainable, rank_mask, params=False)
@@ -217,7 +233,9 @@ class ClientProgram:
                 update.control_delta,
                 unclipped,
             )
-            return Update(ctx.secure.mask(job.client_id, vector), 1), state
+            # DP-SGD's ε is a client's own statement; it travels beside the masked vector
+            shown = {k: v for k, v in update.metrics.items() if k in ("dp_epsilon", "dp_noise_multiplier")}
+            return Update(ctx.secure.mask(job.client_id, vector), 1, shown), state
         generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
         payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))
         if residual is not None:

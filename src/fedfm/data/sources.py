@@ -122,8 +122,8 @@ DATASETS.register("csv")(_file_source("csv"))
 DATASETS.register("jsonl")(_file_source("jsonl"))
 
 
-def huggingface(cfg) -> tuple[TextDataset, TextDataset | None]:
-    """A Hugging Face dataset by name (needs network access or a populated HF cache)."""
+def load_hf(cfg):
+    """``datasets.load_dataset(data.name, data.hf_config)`` with errors that say what to do."""
     try:
         import datasets
     except ImportError:
@@ -139,6 +139,12 @@ def huggingface(cfg) -> tuple[TextDataset, TextDataset | None]:
             f"offline machines can use the registered datasets ({', '.join(DATASETS.names())}) "
             "or data.name = 'csv'/'jsonl' with data.path"
         ) from None
+    return ds
+
+
+def huggingface(cfg) -> tuple[TextDataset, TextDataset | None]:
+    """A Hugging Face dataset by name (needs network access or a populated HF cache)."""
+    ds = load_hf(cfg)
     train = rows_to_dataset(list(ds[cfg.hf_train_split]), cfg.text_column, cfg.label_column, cfg.name)
     test = None
     if cfg.hf_test_split and cfg.hf_test_split in ds:

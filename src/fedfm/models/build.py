@@ -105,7 +105,75 @@ def build_classifier(
     return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
 
 
-def apply_peft(model: nn.Module, peft_cfg, name: str) -> nn.Module:
+def quantization_config(model_cfg, device: torch.device):
+    """bitsandbytes settings for ``model.quantization`` (QLoRA), or a clear error where unsupported."""
+    if model_cfg.quantization == "none":
+        return None
+    import importlib.util
+
+    if device.type != "cuda":
+        raise ModelError(
+            f"model.quantization = {model_cfg.quantization!r} needs bitsandbytes on a CUDA GPU; this run's "
+            f"device is {device.type!r}. Use model.quantization = 'none' here."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"model.quantization = {model_cfg.quantization!r} needs the bitsandbytes package: "
+            "pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = "auto") -> ModelBundle:
+    """A causal LM for instruction tuning, with the PEFT method applied (LoRA targets: PEFT's choice
+    for the architecture unless ``peft.target_modules`` is set)."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(model_cfg.name)
+    tokenizer = load_tokenizer(source, model_cfg.name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"model {model_cfg.name!r}: the tokenizer has no chat template; instruction tuning renders "
+            "conversations with it (use an instruct/chat model, or set one on the tokenizer folder)"
+        )
+    dev = pick_device(device)
+    quant = quantization_config(model_cfg, dev)
+    seed_torch(seed, "model-init")
+    try:
+        if model_cfg.init == "pretrained":
+            extra = {"quantization_config": quant, "device_map": {"": dev.index or 0}} if quant else {}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    except Exception as err:
+        raise load_error(model_cfg.name, err) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if training_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = apply_peft(model, peft_cfg, model_cfg.name, task_type="CAUSAL_LM")
+    if quant is None:
+        model.to(dev)
+    return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
+
+
+def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str = "SEQ_CLS") -> nn.Module:
     """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full."""
     method = peft_cfg.method
     if method == "full":
@@ -121,7 +189,7 @@ def apply_peft(model: nn.Module, peft_cfg, name: str) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config(peft_cfg, model))
+        return get_peft_model(model, peft_config(peft_cfg, model, task_type))
     except ValueError as err:
         raise ModelError(
             f"peft.method = {method!r} on model {name!r}: {err}. Set peft.target_modules to the "

@@ -26,3 +26,35 @@ def export_adapter(bundle: ModelBundle, params: Params, folder: str | Path, merg
     model.save_pretrained(str(folder))
     bundle.tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def export_run(run_dir: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """The final model of a finished run folder as a folder the ecosystem loads.
+
+    ``merge``: the adapter merged into the base weights, a plain transformers folder
+    (``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification.from_pretrained``); else the
+    PEFT adapter folder (``PeftModel.from_pretrained``).
+    """
+    import json
+
+    from fedfm.checkpoint import load_checkpoint
+    from fedfm.config import load_config
+    from fedfm.models.build import build_causal_lm, build_classifier
+    from fedfm.models.merge import merge_into_base
+
+    run_dir, output = Path(run_dir), Path(output)
+    state = load_checkpoint(run_dir / "checkpoint")
+    if state is None or not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fedfm run folder with a checkpoint")
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty")
+    cfg = load_config(run_dir / "config.toml")
+    if cfg.task.kind == "instruction":
+        bundle = build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, "cpu")
+    else:
+        labels = json.loads((run_dir / "partition.json").read_text())["label_names"]
+        bundle = build_classifier(cfg.model, cfg.peft, labels, cfg.run.seed, "cpu")
+    merge_into_base(bundle.model, state.merged)
+    stacked = cfg.strategy.lora_aggregation == "stack"
+    can_merge = hasattr(bundle.model, "merge_and_unload")
+    return export_adapter(bundle, state.params, output, merged=(merge or stacked) and can_merge)

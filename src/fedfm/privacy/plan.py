@@ -46,7 +46,8 @@ class PrivacyPlan:
             )
         self.count_std = None
         if p.adaptive_clipping:
-            self.count_std = p.clipped_count_stddev or cohort / 20
+            # Andrew et al. suggest σ_b = m / 20; at least z keeps z_Δ within 1.155·z when z is large
+            self.count_std = p.clipped_count_stddev or max(cohort / 20, self.z)
         self.z_delta = dp.split_noise(self.z, self.count_std) if self.z > 0 else 0.0
 
     def initial_state(self) -> dict:

@@ -295,7 +295,8 @@ class SecAggServer:
     params: SecAggParams
     roster: dict[int, AdvertiseKeys] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)  # U2
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # U3 → y
+    survivors: set[int] = field(default_factory=set)  # U3: delivered a masked input
+    total: torch.Tensor | None = None  # running Σ y_u: memory does not grow with the cohort
     graph: dict[int, set[int]] = field(default_factory=dict)
 
     def collect_keys(self, adverts: Iterable[AdvertiseKeys]) -> dict[int, AdvertiseKeys]:
@@ -327,11 +328,15 @@ class SecAggServer:
         return None
 
     def collect_input(self, masked: MaskedInput) -> None:
-        self.inputs[masked.client] = masked.vector
+        if masked.client in self.survivors:
+            raise SecAggError(f"client {masked.client} sent a second masked input")
+        self.survivors.add(masked.client)
+        y = masked.vector
+        self.total = y.clone() if self.total is None else (self.total + y) & ((1 << self.params.bits) - 1)
 
     def unmask_request(self) -> UnmaskRequest:
-        survivors = tuple(sorted(self.inputs))
-        dropped = tuple(sorted(self.shared - set(self.inputs)))
+        survivors = tuple(sorted(self.survivors))
+        dropped = tuple(sorted(self.shared - self.survivors))
         for u in survivors:  # fail early, before asking anyone for shares
             self._needed(u, survivors)
         return UnmaskRequest(survivors, dropped)
@@ -352,11 +357,9 @@ class SecAggServer:
         bits, n = self.params.bits, self.params.length
         modulus_mask = (1 << bits) - 1
         responses = {r.client: r for r in responses if r.client in request.survivors}
-        if not self.inputs:
+        if self.total is None:
             raise SecAggError("no client delivered a masked input")
-        total = torch.zeros(n, dtype=torch.int64)
-        for y in self.inputs.values():
-            total = (total + y) & modulus_mask
+        total = self.total
         for u in request.survivors:
             t = self._needed(u, responses)
             shares = {c: r.self_mask_shares[u] for c, r in responses.items() if u in r.self_mask_shares}

@@ -93,6 +93,8 @@ def secure_aggregate(
             tally.failed.append(result.failure.as_dict())
         elif secure.accept(result.client_id, result.update.delta):
             tally.accepted.append(result.client_id)
+            if result.update.metrics:  # only what a client states in the clear (DP-SGD's ε)
+                tally.client_records.append({"client": result.client_id, **result.update.metrics})
     tally.rejected.extend(secure.rejected)
     try:
         sums = secure.finish()

@@ -19,6 +19,16 @@ COLUMNS = [
     ("ε", "epsilon", "{:.3f}"),
     ("time (s)", "elapsed_s", "{:.1f}"),
 ]
+INSTRUCTION_COLUMNS = [
+    ("round", "round", "{:d}"),
+    ("clients", "num_clients", "{:d}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("test ppl", "test_perplexity", "{:.2f}"),
+    ("ROUGE-L", "rouge_l", "{:.3f}"),
+    ("ε", "epsilon", "{:.3f}"),
+    ("time (s)", "elapsed_s", "{:.1f}"),
+]
 
 
 def _fmt(record: dict, key: str, fmt: str) -> str:
@@ -46,6 +56,7 @@ class _Bar:
 class ConsoleReporter:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.columns = COLUMNS
         self.console = Console(stderr=False, highlight=False)
         self.progress: Progress | None = None
 
@@ -60,7 +71,8 @@ class ConsoleReporter:
     def status(self, text: str):
         return self.console.status(text) if self.enabled else contextlib.nullcontext()
 
-    def describe(self, cfg, data, bundle, cohort: int) -> None:
+    def describe(self, cfg, data, bundle, cohort: int, truncated: dict | None = None) -> None:
+        self.columns = INSTRUCTION_COLUMNS if cfg.task.kind == "instruction" else COLUMNS
         if not self.enabled:
             return
         self.console.print(
@@ -70,11 +82,16 @@ class ConsoleReporter:
             f"({cfg.partition.method}), {cohort} per round; {cfg.strategy.aggregator} + "
             f"{cfg.strategy.server_optimizer} + {cfg.strategy.objective}"
         )
-        self.console.print("  ".join(f"{h:>10}" for h, _, _ in COLUMNS))
+        if truncated:
+            self.console.print(
+                f"truncated at model.max_length = {cfg.model.max_length} tokens: {truncated['train']} of "
+                f"{len(data.train)} train and {truncated['test']} of {len(data.test)} test conversations"
+            )
+        self.console.print("  ".join(f"{h:>10}" for h, _, _ in self.columns))
 
     def round_row(self, record: dict) -> None:
         if self.enabled:
-            self.console.print("  ".join(f"{_fmt(record, k, f):>10}" for _, k, f in COLUMNS))
+            self.console.print("  ".join(f"{_fmt(record, k, f):>10}" for _, k, f in self.columns))
 
     @contextlib.contextmanager
     def rounds(self, total: int, done: int):
@@ -98,10 +115,10 @@ class ConsoleReporter:
         if not self.enabled:
             return
         table = Table(title="per-round metrics")
-        for header, _, _ in COLUMNS:
+        for header, _, _ in self.columns:
             table.add_column(header, justify="right")
         for record in history:
-            table.add_row(*(_fmt(record, k, f) for _, k, f in COLUMNS))
+            table.add_row(*(_fmt(record, k, f) for _, k, f in self.columns))
         self.console.print(table)
         self.console.print(f"[bold green]done.[/bold green] outputs in [bold]{run_dir}[/bold]:")
         for name in (

@@ -20,6 +20,8 @@ TABLE_KEYS = [
     ("test loss", "test_loss"),
     ("test accuracy", "test_accuracy"),
     ("test macro-F1", "test_macro_f1"),
+    ("test perplexity", "test_perplexity"),
+    ("ROUGE-L", "rouge_l"),
     ("client acc mean", "client_accuracy_mean"),
     ("client acc worst 10%", "client_accuracy_worst10"),
     ("attack success", "attack_success_rate"),
@@ -148,6 +150,42 @@ def privacy_section(history: list[dict]) -> str:
 
 
 SECTIONS.append(privacy_section)
+
+
+def generations_section(history: list[dict]) -> str:
+    """Instruction tuning: per-category perplexity first vs last, and the greedy answers per round."""
+    evaluated = [r for r in history if r.get("test_perplexity_by_group")]
+    parts = []
+    if evaluated:
+        first, last = evaluated[0], evaluated[-1]
+        rows = "".join(
+            f"<tr><td>{html.escape(g)}</td><td>{_cell(first['test_perplexity_by_group'].get(g))}</td>"
+            f"<td>{_cell(p)}</td></tr>"
+            for g, p in last["test_perplexity_by_group"].items()
+        )
+        parts.append(
+            f"<h2>Held-out perplexity per client group</h2><table><tr><th>group</th><th>round "
+            f"{first['round']}</th><th>round {last['round']}</th></tr>{rows}</table>"
+        )
+    answered = [r for r in history if r.get("generations")]
+    if answered:
+        parts.append("<h2>Answers to fixed prompts (greedy), by round</h2>")
+        for j, g in enumerate(answered[0]["generations"]):
+            ref = f"<br><i>reference:</i> {html.escape(g['reference'])}" if g.get("reference") else ""
+            rows = "".join(
+                f"<tr><td>{r['round']}</td><td style='text-align:left'>"
+                f"{html.escape(r['generations'][j]['answer'])}</td></tr>"
+                for r in answered
+                if j < len(r["generations"])
+            )
+            parts.append(
+                f"<p><b>prompt:</b> {html.escape(g['prompt'])}{ref}</p>"
+                f"<table><tr><th>round</th><th>answer</th></tr>{rows}</table>"
+            )
+    return "".join(parts)
+
+
+SECTIONS.append(generations_section)
 
 
 def render_report(title: str, config_text: str, history: list[dict], partition: dict | None, plots) -> str:

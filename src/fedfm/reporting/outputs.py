@@ -18,6 +18,7 @@ PLOTS = {
         "score",
     ),
     "loss.png": ([("train_loss", "train loss"), ("test_loss", "test loss")], "loss"),
+    "perplexity.png": ([("test_perplexity", "held-out perplexity")], "perplexity"),
 }
 
 
@@ -35,7 +36,8 @@ def write_outputs(run_dir: str | Path) -> Path:
     history = MetricsLog(run_dir / "metrics.jsonl").rounds()
     plots = []
     for name, (keys, ylabel) in PLOTS.items():
-        plots.append(plot_curves(history, keys, ylabel, run_dir / name))
+        if any(r.get(k) is not None for r in history for k, _ in keys):
+            plots.append(plot_curves(history, keys, ylabel, run_dir / name))
     partition = None
     if (run_dir / "partition.json").is_file():
         partition = json.loads((run_dir / "partition.json").read_text())
