@@ -3,8 +3,8 @@
 100 IID clients (about 17 articles each), real MiniLM, uniform weighting, every client in every
 round (m = 100) for 10 rounds, adaptive clipping to the median update norm (Andrew et al. 2021)
 from a start near it, δ = 1e-5, RDP accounting. For each ε the noise multiplier is calibrated
-before the run; "inf" is the same federation without DP (uniform FedAvg, no clipping, no noise). Two trainable parts are
-compared, because DP noise grows with the number of trainable values: LoRA (r = 8) + head, and
+before the run; "inf" is the same federation without DP (uniform FedAvg, no clipping, no
+noise). Two trainable parts are compared, because DP noise grows with the number of trainable values: LoRA (r = 8) + head, and
 the classification head alone.
 
     python benchmarks/privacy.py [--out benchmarks/results/privacy.json] [--md docs/privacy-table.md]
