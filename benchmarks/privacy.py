@@ -4,8 +4,8 @@
 round (m = 100) for 10 rounds, adaptive clipping to the median update norm (Andrew et al. 2021)
 from a start near it, δ = 1e-5, RDP accounting. For each ε the noise multiplier is calibrated
 before the run; "inf" is the same federation without DP (uniform FedAvg, no clipping, no
-noise). Two trainable parts are compared, because DP noise grows with the number of trainable values: LoRA (r = 8) + head, and
-the classification head alone.
+noise). Two trainable parts are compared, because DP noise grows with the number of trainable
+values: LoRA (r = 8) + head, and the classification head alone.
 
     python benchmarks/privacy.py [--out benchmarks/results/privacy.json] [--md docs/privacy-table.md]
     python benchmarks/privacy.py --epsilons 8 inf --methods head --threads 1   # a slice
