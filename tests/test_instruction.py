@@ -151,3 +151,18 @@ def test_instruction_config_errors(instruction_config):
         make_config(instruction_config(attack={"kind": "label_flip"}))
     with pytest.raises(fedfm.ConfigError, match="causal LM"):
         make_config(instruction_config(model={"name": "minilm"}))
+
+
+def test_baselines_table_in_the_run_folder_and_report(instruction_config, tmp_path):
+    cfg = instruction_config(run={"rounds": 2}, task={"baselines": True, "num_eval_prompts": 0})
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    b = json.loads((result.run_dir / "baselines.json").read_text())
+    assert [r["setting"] for r in b["rows"]] == ["federated", "local-only", "centralized"]
+    # 3 clients × 2 rounds × 2 local steps (every client joins every round)
+    assert b["federated_total_steps"] == 12 and b["local_steps"] == [2, 2, 2]
+    for r in (b["rows"][0], b["rows"][2]):  # one model each (local-only averages over clients)
+        assert r["all_held_out"]["perplexity"] == pytest.approx(np.exp(r["all_held_out"]["loss"]))
+    assert "| centralized |" in (result.run_dir / "baselines.md").read_text()
+    assert "Is federation worth it?" in (result.run_dir / "report.html").read_text()
+    fed = b["rows"][0]["all_held_out"]["loss"]
+    assert fed == pytest.approx(result.final_metrics["test_loss"], rel=1e-6)

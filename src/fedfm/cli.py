@@ -33,10 +33,15 @@ def run(
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    baselines: bool = typer.Option(
+        False, "--baselines", help="Also train the local-only and centralized baselines (task.baselines)."
+    ),
 ) -> None:
     """Run a federated experiment; with no arguments, the embedded default experiment."""
     import fedfm
 
+    if baselines:
+        set_ = [*set_, "task.baselines=true"]
     try:
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
     except _user_errors() as err:

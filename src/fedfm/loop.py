@@ -76,6 +76,7 @@ class Run:
         with self.console.status("loading data and model"):
             self.data: FederatedData = prepare_data(cfg)
             self.bundle, self.task = build_task(cfg, self.data)
+        self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
         self.objective = make_objective(cfg.strategy)
         self.server_optimizer = make_server_optimizer(cfg.strategy)
@@ -408,6 +409,12 @@ class Run:
 
     def _finish(self, stopped: str | None = None) -> RunResult:
         history = self.metrics.rounds()
+        if self.cfg.task.baselines:
+            from fedfm.baselines import run_baselines, write_baselines
+
+            with self.console.status("training the local-only and centralized baselines"):
+                baselines = run_baselines(self, self.state.params, self.console.note)
+            write_baselines(self.run_dir, baselines)
         with self.console.status("writing adapter, plots and report"):
             merged = self.cfg.strategy.lora_aggregation == "stack"
             export_adapter(self.bundle, self.state.params, self.run_dir / "adapter", merged=merged)

@@ -188,7 +188,9 @@ def generations_section(history: list[dict]) -> str:
 SECTIONS.append(generations_section)
 
 
-def render_report(title: str, config_text: str, history: list[dict], partition: dict | None, plots) -> str:
+def render_report(
+    title: str, config_text: str, history: list[dict], partition: dict | None, plots, extra=()
+) -> str:
     final = next((r for r in reversed(history) if r.get("test_accuracy") is not None), None)
     headline = (
         f"<p><b>final test accuracy {final['test_accuracy']:.4f}</b> after round {final['round']} "
@@ -206,6 +208,7 @@ def render_report(title: str, config_text: str, history: list[dict], partition: 
         _problems(history),
     ]
     parts += [section(history) for section in SECTIONS]
+    parts += list(extra)
     if partition:
         parts += [
             f"<h2>Partition</h2><p>{partition['num_clients']} clients, {partition['method']}; "

@@ -28,6 +28,24 @@ def write_partition(run_dir: Path, summary: dict) -> Path:
     return path
 
 
+def baselines_html(baselines: dict, table: str) -> str:
+    """The markdown baselines table as HTML (it is simple: a header row, a rule, data rows)."""
+    import html
+
+    lines = [line.strip("|").split("|") for line in table.splitlines()]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in lines[2:]
+    )
+    return (
+        "<h2>Is federation worth it? Baselines</h2>"
+        f"<p>Local-only: each client alone for {baselines['rounds']} rounds of its local steps; centralized: "
+        f"the pooled data for the federation's {baselines['federated_total_steps']} total steps. Own held-out: "
+        "each client's groups in the test split (mean over clients).</p>"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
+
+
 def write_outputs(run_dir: str | Path) -> Path:
     """Plots and ``report.html`` from ``config.toml``, ``metrics.jsonl`` and ``partition.json``."""
     run_dir = Path(run_dir)
@@ -43,7 +61,13 @@ def write_outputs(run_dir: str | Path) -> Path:
         partition = json.loads((run_dir / "partition.json").read_text())
         plots.append(plot_partition(partition, run_dir / "partition.png"))
     config_text = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").is_file() else ""
-    html = render_report(run_dir.name, config_text, history, partition, plots)
+    extra = []
+    if (run_dir / "baselines.json").is_file():
+        from fedfm.baselines import markdown
+
+        baselines = json.loads((run_dir / "baselines.json").read_text())
+        extra.append(baselines_html(baselines, markdown(baselines)))
+    html = render_report(run_dir.name, config_text, history, partition, plots, extra)
     path = run_dir / "report.html"
     path.write_text(html)
     return path

@@ -1,0 +1,103 @@
+"""The two baselines that say whether federation is worth it, trained after a run on its data.
+
+* **local-only**: every client fine-tunes alone from the same starting point, for as many steps
+  as it would take if it joined every round (rounds × its local steps), and is evaluated on its
+  own held-out data and on all held-out data.
+* **centralized**: the clients' data pooled, trained for as many steps as the federation took in
+  total (Σ over rounds of the cohort's local steps), evaluated the same way.
+
+A client's *own* held-out data is the server test rows of the groups it trains on (its category
+in a natural partition, its classes otherwise). Both baselines use the run's client training
+code (same optimizer, batch size, learning rate, seeds derived from the run seed) with the plain
+objective; the federated row is the run's final global model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.algorithms.objectives import make_objective
+from fedfm.models.state import set_trainable_state
+from fedfm.training import ClientJob, client_update, num_local_steps
+from fedfm.types import Params, RoundContext
+
+
+def own_test_rows(run, client: int) -> np.ndarray:
+    groups = np.unique(run.data.train.labels[run.data.client_train[client]])
+    return np.flatnonzero(np.isin(run.data.test.labels, groups))
+
+
+def _scores(run, params: Params, rows) -> dict:
+    set_trainable_state(run.bundle.trainable, params)
+    m = run.task.evaluate(run.bundle.model, run.task.test, rows, run.cfg.eval.batch_size, run.bundle.device)
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def _train(run, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
+    training = run.cfg.training.model_copy(update={"local_steps": steps})
+    strategy = run.cfg.strategy.model_copy(update={"objective": "plain"})
+    ctx = RoundContext(round=0, seed=run.cfg.run.seed)
+    update, _ = client_update(
+        run.bundle, run.task, ClientJob(key, rows), start, ctx, training, make_objective(strategy)
+    )
+    return {k: start[k] + update.delta[k] for k in start}
+
+
+def _mean(rows: list[dict]) -> dict:
+    keys = rows[0].keys() if rows else []
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def run_baselines(run, final: Params, progress=None) -> dict:
+    cfg, data = run.cfg, run.data
+    start = run.initial_params
+    steps = [num_local_steps(len(rows), cfg.training) for rows in data.client_train]
+    rounds = cfg.run.rounds
+    total = sum(steps[k] for t in range(1, rounds + 1) for k in run.sample(t))
+    clients = range(data.num_clients)
+    note = progress or (lambda text: None)
+
+    def row(params_of, kind: str) -> dict:
+        own = [_scores(run, params_of(k), own_test_rows(run, k)) for k in clients]
+        all_data = [_scores(run, params_of(k), None) for k in clients] if kind == "local-only" else None
+        return {
+            "setting": kind,
+            "all_held_out": _mean(all_data) if all_data else _scores(run, params_of(0), None),
+            "own_held_out_mean": _mean(own),
+            "own_held_out_worst": max(own, key=lambda r: r["loss"]),
+        }
+
+    note("baselines: evaluating the federated global model")
+    results = [row(lambda k: final, "federated")]
+    note(f"baselines: local-only, {data.num_clients} clients × {rounds} rounds of local steps each")
+    local = {k: _train(run, data.client_train[k], rounds * steps[k], k, start) for k in clients}
+    results.append(row(lambda k: local[k], "local-only"))
+    note(f"baselines: centralized, {total} steps on the pooled data")
+    pooled = np.sort(np.concatenate(data.client_train))
+    central = _train(run, pooled, total, -1, start)
+    results.append(row(lambda k: central, "centralized"))
+    return {"rounds": rounds, "federated_total_steps": total, "local_steps": steps, "rows": results}
+
+
+def markdown(baselines: dict) -> str:
+    metric = "perplexity" if "perplexity" in baselines["rows"][0]["all_held_out"] else "accuracy"
+    lines = [
+        f"| setting | all held-out loss | all held-out {metric} | own held-out loss (mean) | "
+        f"own held-out {metric} (mean) | worst client's own loss |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in baselines["rows"]:
+        a, o = r["all_held_out"], r["own_held_out_mean"]
+        lines.append(
+            f"| {r['setting']} | {a['loss']:.4f} | {a[metric]:.4f} | {o['loss']:.4f} | "
+            f"{o[metric]:.4f} | {r['own_held_out_worst']['loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_baselines(run_dir: Path, baselines: dict) -> None:
+    (run_dir / "baselines.json").write_text(json.dumps(baselines, indent=1))
+    (run_dir / "baselines.md").write_text(markdown(baselines) + "\n")
