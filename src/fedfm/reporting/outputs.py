@@ -39,9 +39,9 @@ def baselines_html(baselines: dict, table: str) -> str:
     )
     return (
         "<h2>Is federation worth it? Baselines</h2>"
-        f"<p>Local-only: each client alone for {baselines['rounds']} rounds of its local steps; centralized: "
-        f"the pooled data for the federation's {baselines['federated_total_steps']} total steps. Own held-out: "
-        "each client's groups in the test split (mean over clients).</p>"
+        f"<p>Local-only: each client alone for {baselines['rounds']} rounds of its local steps; "
+        f"centralized: the pooled data for the federation's {baselines['federated_total_steps']} total "
+        "steps. Own held-out: each client's groups in the test split (mean over clients).</p>"
         f"<table><tr>{head}</tr>{body}</table>"
     )
 
