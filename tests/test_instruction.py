@@ -166,3 +166,44 @@ def test_baselines_table_in_the_run_folder_and_report(instruction_config, tmp_pa
     assert "Is federation worth it?" in (result.run_dir / "report.html").read_text()
     fed = b["rows"][0]["all_held_out"]["loss"]
     assert fed == pytest.approx(result.final_metrics["test_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+def test_causal_lm_families_get_lora_on_their_attention(family, smollm2_tokenizer, tmp_path):
+    """Tiny random models of each family: PEFT picks the target modules; GPT-2's tokenizer has no
+    chat template, so fedfm's plain fallback template renders (and masks) its conversations."""
+    import transformers
+
+    from fedfm.config import make_config as mk
+    from fedfm.models.build import build_causal_lm
+
+    small = dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32)
+    configs = {
+        "llama": transformers.LlamaConfig(num_key_value_heads=1, **small),
+        "qwen2": transformers.Qwen2Config(num_key_value_heads=1, **small),
+        "mistral": transformers.MistralConfig(num_key_value_heads=1, **small),
+        "gpt2": transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16),
+    }
+    config = configs[family]
+    config.vocab_size = len(smollm2_tokenizer)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    if family == "gpt2":  # a base-model tokenizer: no chat template
+        cfg_path = tmp_path / "tokenizer_config.json"
+        data = json.loads(cfg_path.read_text())
+        data.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(data))
+        (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = mk({"task": {"kind": "instruction"}, "model": {"name": str(tmp_path)}})
+    bundle = build_causal_lm(cfg.model, cfg.peft, cfg.training, 0, "cpu")
+    targets = {"gpt2": {"c_attn"}}.get(family, {"q_proj", "v_proj"})
+    assert set(bundle.model.peft_config["default"].target_modules) == targets
+    ids, labels, _ = format_conversation(bundle.tokenizer, HI, 64)
+    learnt = bundle.tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert learnt.startswith("hello there")
+    if family == "gpt2":
+        from fedfm.models.build import FALLBACK_CHAT_TEMPLATE
+
+        assert bundle.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+        assert "### Assistant:\nhello there" in bundle.tokenizer.decode(ids)

