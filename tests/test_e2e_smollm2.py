@@ -60,7 +60,7 @@ def test_one_federated_round_on_chatterbot_lowers_held_out_loss(smollm2_cache, t
         "run": {"rounds": 1, "threads": 2},
         "task": {"kind": "instruction", "num_eval_prompts": 1, "max_new_tokens": 4},
         "model": {"name": "smollm2-135m", "max_length": 64},
-        "data": {"name": "chatterbot", "max_examples": 120, "max_test_examples": 40},
+        "data": {"name": "chatterbot", "max_examples": 120, "max_test_examples": 30},
         "partition": {"method": "iid", "num_clients": 3},
         "sampling": {"fraction": 1.0},
         "training": {"local_steps": 3, "batch_size": 4, "lr": 2e-3},

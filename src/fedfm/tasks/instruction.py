@@ -159,6 +159,8 @@ class InstructionTask:
         was_training = model.training
         model.eval()
         rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+        # longest first, so each batch pads little (the sums do not depend on the order)
+        rows = rows[np.argsort([-len(data.input_ids[r]) for r in rows], kind="stable")]
         nll_sum = np.zeros(len(self.group_names))
         tokens = np.zeros(len(self.group_names))
         for start in range(0, len(rows), batch_size):
