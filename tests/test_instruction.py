@@ -207,3 +207,25 @@ def test_causal_lm_families_get_lora_on_their_attention(family, smollm2_tokenize
 
         assert bundle.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
         assert "### Assistant:\nhello there" in bundle.tokenizer.decode(ids)
+
+
+def test_instruction_sources_route_and_fail_clearly(instruction_jsonl, tmp_path):
+    from fedfm.config import DataSection
+    from fedfm.data.instruction import load_instruction_source
+
+    train, test = load_instruction_source(DataSection(name="jsonl", path=str(instruction_jsonl)))
+    assert test is None and train.label_names == ["all"] and len(train) == 48  # no `label` field: one group
+    with pytest.raises(DataError, match="classification source"):
+        load_instruction_source(DataSection(name="csv"))
+    with pytest.raises(DataError, match="chatterbot"):  # offline: a HF id fails, naming the alternatives
+        load_instruction_source(DataSection(name="no-such-org/no-such-dataset"))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": HI, "topic": "zzz"}) + "\n")
+    with pytest.raises(DataError, match="do not occur in the training data"):
+        load_instruction_source(
+            DataSection(
+                name="jsonl",
+                path=str(instruction_jsonl),
+                test_path=str(tmp_path / "t.jsonl"),
+                label_column="topic",
+            )
+        )

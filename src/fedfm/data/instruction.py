@@ -117,7 +117,10 @@ def _relabel(test: TextDataset, names: list[str], where: str) -> TextDataset:
 def huggingface(cfg) -> tuple[TextDataset, TextDataset | None]:
     from fedfm.data.sources import load_hf
 
-    ds = load_hf(cfg)
+    try:
+        ds = load_hf(cfg)
+    except DataError as err:
+        raise DataError(f"{err}. For instruction data offline: data.name = 'chatterbot' or 'jsonl'") from None
     train = rows_to_conversations(list(ds[cfg.hf_train_split]), cfg.label_column, cfg.name)
     test = None
     if cfg.hf_test_split and cfg.hf_test_split in ds:
