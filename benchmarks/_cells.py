@@ -34,3 +34,18 @@ class CellStore:
         self.cells[self.key(row)] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(list(self.cells.values()), indent=1))
+
+
+def run_grid(args, store: CellStore, grid, make_cell, describe, markdown) -> None:
+    """Run every not-yet-finished cell of ``grid`` (key tuples), print a line per cell, then the
+    markdown table of all finished cells (also written to ``args.md`` when given)."""
+    for key in grid:
+        if key in store:  # resumable: finished cells are kept
+            continue
+        c = make_cell(*key)
+        store.add(c)
+        print(describe(c), flush=True)
+    table = markdown(list(store.cells.values()))
+    print(table)
+    if args.md:
+        Path(args.md).write_text(table + "\n")

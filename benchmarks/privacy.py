@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
-from _cells import CellStore, run_cell
+from _cells import CellStore, run_cell, run_grid
 
 BASE = [
     "run.rounds=10",
@@ -97,21 +96,17 @@ def main() -> None:
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     done = CellStore(args.out, key=lambda c: (c["epsilon_target"], c["method"]))
-    for method in args.methods:
-        for epsilon in args.epsilons:
-            if (epsilon, method) in done:
-                continue
-            c = cell(epsilon, method, args.threads)
-            done.add(c)
-            print(
-                f"ε={epsilon:>4} {method:<5} acc {c['test_accuracy']:.3f}  z {c['noise_multiplier']}  "
-                f"C {c['final_clip_norm']}  ({c['seconds']:.0f}s)",
-                flush=True,
-            )
-    table = markdown(list(done.cells.values()))
-    print(table)
-    if args.md:
-        Path(args.md).write_text(table + "\n")
+    run_grid(
+        args,
+        done,
+        [(epsilon, method) for method in args.methods for epsilon in args.epsilons],
+        lambda epsilon, method: cell(epsilon, method, args.threads),
+        lambda c: (
+            f"ε={c['epsilon_target']:>4} {c['method']:<5} acc {c['test_accuracy']:.3f}  "
+            f"z {c['noise_multiplier']}  C {c['final_clip_norm']}  ({c['seconds']:.0f}s)"
+        ),
+        markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ Each cell is the same as:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from _cells import CellStore, run_cell
+from _cells import CellStore, run_cell, run_grid
 
 BASE = [
     "run.rounds=4",
@@ -104,21 +103,17 @@ def main() -> None:
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     done = CellStore(args.out, key=lambda c: (c["attack"], c["aggregator"]))
-    for attack in args.attacks:
-        for agg in args.aggregators:
-            if (attack, agg) in done:  # resumable: finished cells are kept
-                continue
-            c = cell(attack, agg, args.threads)
-            done.add(c)
-            print(
-                f"{attack:>11} × {agg:<17} acc {c['test_accuracy']}  asr {c['attack_success_rate']}  "
-                f"rejected {c['rejected']}  ({c['seconds']:.0f}s)",
-                flush=True,
-            )
-    table = markdown(list(done.cells.values()))
-    print(table)
-    if args.md:
-        Path(args.md).write_text(table + "\n")
+    run_grid(
+        args,
+        done,
+        [(attack, agg) for attack in args.attacks for agg in args.aggregators],
+        lambda attack, agg: cell(attack, agg, args.threads),
+        lambda c: (
+            f"{c['attack']:>11} × {c['aggregator']:<17} acc {c['test_accuracy']}  "
+            f"asr {c['attack_success_rate']}  rejected {c['rejected']}  ({c['seconds']:.0f}s)"
+        ),
+        markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def csv_path(tmp_path_factory) -> Path:
 def tiny_config(tiny_model_dir, csv_path):
     """A fast experiment on the tiny model and toy CSV; returns a dict to tweak."""
 
-    def make(**sections) -> dict:
-        cfg = {
+    return config_factory(
+        {
             "run": {"rounds": 2, "seed": 0, "threads": 1},
             "model": {"name": str(tiny_model_dir), "max_length": 16},
             "peft": {"method": "lora", "r": 4, "alpha": 8},
@@ -80,6 +80,14 @@ def tiny_config(tiny_model_dir, csv_path):
             "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
             "eval": {"batch_size": 32},
         }
+    )
+
+
+def config_factory(base: dict):
+    """``make(**sections)``: a fresh copy of ``base`` with each section updated by the given dict."""
+
+    def make(**sections) -> dict:
+        cfg = {name: dict(values) for name, values in base.items()}
         for name, values in sections.items():
             cfg.setdefault(name, {}).update(values)
         return cfg
@@ -149,8 +157,8 @@ def instruction_jsonl(tmp_path_factory) -> Path:
 def instruction_config(tiny_llama_dir, instruction_jsonl):
     """A one-round instruction-tuning experiment on the tiny Llama, one client per topic."""
 
-    def make(**sections) -> dict:
-        cfg = {
+    return config_factory(
+        {
             "run": {"rounds": 1, "seed": 0, "threads": 1},
             "task": {"kind": "instruction", "num_eval_prompts": 2, "max_new_tokens": 4},
             "model": {"name": str(tiny_llama_dir), "max_length": 64},
@@ -161,8 +169,4 @@ def instruction_config(tiny_llama_dir, instruction_jsonl):
             "training": {"local_steps": 2, "batch_size": 4, "lr": 1e-2},
             "eval": {"batch_size": 8},
         }
-        for name, values in sections.items():
-            cfg.setdefault(name, {}).update(values)
-        return cfg
-
-    return make
+    )
