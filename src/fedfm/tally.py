@@ -29,6 +29,15 @@ class RoundTally:
     control_sum: Params | None = None
     bytes_up: int = 0
 
+    def delivered(self, results: Iterable[ClientResult], on_client: Callable) -> Iterator[ClientResult]:
+        """Results that carry an update; failures are recorded with their client, stage and reason."""
+        for result in results:
+            on_client()
+            if result.failure is not None:
+                self.failed.append(result.failure.as_dict())
+                continue
+            yield result
+
     def decoded(
         self,
         results: Iterable[ClientResult],
@@ -36,11 +45,7 @@ class RoundTally:
         on_client: Callable,
     ) -> Iterator[ClientResult]:
         """Server halves of the transforms: count the bytes received, decode; undecodable → rejected."""
-        for result in results:
-            on_client()
-            if result.failure is not None:
-                self.failed.append(result.failure.as_dict())
-                continue
+        for result in self.delivered(results, on_client):
             self.bytes_up += upload_nbytes(result.update)
             try:
                 delta = decode_delta(result.client_id, result.update.delta)

@@ -124,13 +124,18 @@ def client_update(
             torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    final = get_trainable_state(trainable)
-    delta = {k: final[k] - global_params[k] for k in global_params}
+    final, delta = trained_delta(trainable, global_params)
     control_delta, new_state = None, client_state
     if hook.finish is not None:
         control_delta, new_state = hook.finish(final, steps, cfg.lr)
     metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state
+
+
+def trained_delta(trainable: dict, global_params: Params) -> tuple[Params, Params]:
+    """The state after local training and the update θ_k − θ."""
+    final = get_trainable_state(trainable)
+    return final, {k: final[k] - global_params[k] for k in global_params}
 
 
 def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state):
@@ -151,8 +156,7 @@ def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps,
     losses, history, eps, z = train_dp_sgd(
         bundle.model, bundle.trainable, optimizer, task, batches, ctx.dp, run
     )
-    final = get_trainable_state(bundle.trainable)
-    delta = {k: final[k] - global_params[k] for k in global_params}
+    _, delta = trained_delta(bundle.trainable, global_params)
     metrics = {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "steps": float(steps),

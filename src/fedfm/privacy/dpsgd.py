@@ -76,16 +76,12 @@ def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: Exa
     q = min(1.0, ctx.batch_size / ctx.n)
     z = noise_for(settings, q, ctx.steps)
     accountant = _accountant(ctx.history)
-    if settings.target_epsilon is not None:
-        probe = _accountant(ctx.history)
-        probe.step(noise_multiplier=z, sample_rate=q)
-        probe.history[-1] = (z, q, ctx.steps)
-        after = probe.get_epsilon(settings.delta)
-        if after > settings.target_epsilon * 1.001:
-            raise PrivacyBudgetExhausted(
-                f"example-level ε would reach {after:.3f} > "
-                f"privacy.target_epsilon = {settings.target_epsilon}"
-            )
+    accountant.history.append((z, q, ctx.steps))  # this round's steps, charged before they run
+    after = float(accountant.get_epsilon(settings.delta))
+    if settings.target_epsilon is not None and after > settings.target_epsilon * 1.001:
+        raise PrivacyBudgetExhausted(
+            f"example-level ε would reach {after:.3f} > privacy.target_epsilon = {settings.target_epsilon}"
+        )
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_optimizer = DPOptimizer(
         optimizer,
@@ -96,14 +92,22 @@ def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: Exa
         generator=ctx.generator,
     )
     losses = []
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    with warnings.catch_warnings():
+        # Opacus' hooks on a frozen base whose inputs need no gradient: expected, not actionable
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        _steps(gsm, dp_optimizer, trainable, task, batches, ctx.device, losses)
+    history = torch.tensor(accountant.history, dtype=torch.float64)
+    return losses, history, after, z
+
+
+def _steps(gsm, dp_optimizer, trainable: dict, task, batches, device, losses: list) -> None:
     try:
         for rows in batches:
             if len(rows) == 0:  # an empty Poisson batch: noise only, no data
                 for p in trainable.values():
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                loss = task.loss(gsm, task.batch(task.train, rows, ctx.device))
+                loss = task.loss(gsm, task.batch(task.train, rows, device))
                 if not math.isfinite(float(loss.detach())):
                     raise FloatingPointError(f"non-finite training loss at local step {len(losses) + 1}")
                 losses.append(float(loss.detach()))
@@ -112,9 +116,6 @@ def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: Exa
             dp_optimizer.zero_grad(set_to_none=True)
     finally:
         gsm._close()  # the base model is shared: take Opacus' hooks off again
-    accountant.history.append((z, q, ctx.steps))
-    history = torch.tensor(accountant.history, dtype=torch.float64)
-    return losses, history, float(accountant.get_epsilon(settings.delta)), z
 
 
 def poisson_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

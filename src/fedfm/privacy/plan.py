@@ -68,10 +68,10 @@ class PrivacyPlan:
         """Why round ``round_`` must not run (it would exceed target_epsilon), or None."""
         if self.cfg.target_epsilon is None:
             return None
-        now = self.epsilon(state["ledger"])
         after = self.epsilon([*state["ledger"], {"noise_multiplier": self.z}])
         if after <= self.cfg.target_epsilon * (1 + 1e-9):
             return None
+        now = self.epsilon(state["ledger"])
         return (
             f"privacy budget: round {round_} would raise ε from {now:.3f} to {after:.3f}, over "
             f"privacy.target_epsilon = {self.cfg.target_epsilon} (δ = {self.cfg.delta}); the run stops "

@@ -87,11 +87,8 @@ def secure_aggregate(
     results, secure: SecureRound, tally, on_client
 ) -> tuple[packing.Sums | None, str | None]:
     """Server side of a secure round: masked inputs in, the unmasked sums out (or why not)."""
-    for result in results:
-        on_client()
-        if result.failure is not None:
-            tally.failed.append(result.failure.as_dict())
-        elif secure.accept(result.client_id, result.update.delta):
+    for result in tally.delivered(results, on_client):
+        if secure.accept(result.client_id, result.update.delta):
             tally.accepted.append(result.client_id)
             if result.update.metrics:  # only what a client states in the clear (DP-SGD's ε)
                 tally.client_records.append({"client": result.client_id, **result.update.metrics})

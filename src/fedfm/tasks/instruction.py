@@ -44,10 +44,12 @@ def format_conversation(
     ids: list[int] = []
     labels: list[int] = []
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            before = _render(tokenizer, messages[:i], generation_prompt=True) if i else []
-        else:
-            before = _render(tokenizer, messages[:i], generation_prompt=False) if i else []
+        # ids so far are messages[:i] rendered; an assistant turn adds the generation prompt first
+        before = (
+            _render(tokenizer, messages[:i], generation_prompt=True)
+            if message["role"] == "assistant"
+            else ids
+        )
         upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
         if upto[: len(ids)] != ids or before[: len(ids)] != ids:
             raise TemplateError(
