@@ -4,12 +4,16 @@ import fedfm
 result = fedfm.run()                                   # the embedded default experiment
 cfg = fedfm.load_config("exp.toml", ["partition.alpha=0.1"])
 result = fedfm.run(cfg, output="runs/alpha01")
+rows = fedfm.run_sweep("examples/sweeps/init-vs-noniid.toml")            # a grid, one run per cell
+fedfm.synthesize(fedfm.SynthSettings(labels=("sport", "tech")), "synth.jsonl")  # FM-made examples
 """
 
 from fedfm.api import run
 from fedfm.config import ConfigError, RunConfig, load_config
 from fedfm.loop import RunResult
 from fedfm.models.resolve import ModelError
+from fedfm.sweep import run_sweep
+from fedfm.synthetic.generate import SynthSettings, synthesize
 from fedfm.types import ClientResult, Params, RoundContext, Update
 
 __version__ = "0.1.0"
@@ -22,7 +26,10 @@ __all__ = [
     "RoundContext",
     "RunConfig",
     "RunResult",
+    "SynthSettings",
     "Update",
     "load_config",
     "run",
+    "run_sweep",
+    "synthesize",
 ]

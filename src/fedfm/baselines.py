@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.algorithms.objectives import make_objective
 from fedfm.models.state import set_trainable_state
-from fedfm.training import ClientJob, client_update, num_local_steps
-from fedfm.types import Params, RoundContext
+from fedfm.training import num_local_steps, train_from
+from fedfm.types import Params
 
 
 def own_test_rows(run, client: int) -> np.ndarray:
@@ -37,13 +36,8 @@ def _scores(run, params: Params, rows) -> dict:
 
 
 def _train(run, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
-    training = run.cfg.training.model_copy(update={"local_steps": steps})
-    strategy = run.cfg.strategy.model_copy(update={"objective": "plain"})
-    ctx = RoundContext(round=0, seed=run.cfg.run.seed)
-    update, _ = client_update(
-        run.bundle, run.task, ClientJob(key, rows), start, ctx, training, make_objective(strategy)
-    )
-    return {k: start[k] + update.delta[k] for k in start}
+    cfg = run.cfg
+    return train_from(run.bundle, run.task, rows, start, steps, cfg.training, cfg.run.seed, key)[0]
 
 
 def _mean(rows: list[dict]) -> dict:

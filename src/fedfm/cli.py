@@ -83,6 +83,98 @@ def export(
 
 
 @app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="TOML sweep file ([sweep] with grid and/or variants)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Sweep folder (one run folder per cell)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-round progress output."),
+) -> None:
+    """Run a grid of experiments (resumable); write summary.csv, summary.md and plots."""
+    from fedfm.sweep import run_sweep
+
+    try:
+        run_sweep(sweep_file, output, progress=not quiet, note=Console().print)
+    except _user_errors() as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def synth(
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write (and resume)."),
+    generator: str = typer.Option("smollm2-135m", help="Causal LM: registered name, folder or HF id."),
+    dataset: str | None = typer.Option(None, help="Registered dataset whose label names to use."),
+    labels: str | None = typer.Option(None, help="Comma-separated label names (instead of --dataset)."),
+    per_class: int = typer.Option(20, "--per-class", help="Accepted samples wanted per class."),
+    kind: str | None = typer.Option(None, help="What a text is, e.g. 'short news article'."),
+    descriptions: Path | None = typer.Option(None, help="JSON file {label: description}."),
+    seeds: Path | None = typer.Option(
+        None, help="JSONL of a few PUBLIC examples (text, label) quoted in the prompt; never client data."
+    ),
+    prompt: str | None = typer.Option(None, help="Prompt template with {label}, {kind}, {description}."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per generate call."),
+    temperature: float = typer.Option(0.9, help="Sampling temperature."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens per sample."),
+    min_words: int = typer.Option(12, "--min-words", help="Shorter samples are dropped."),
+    max_words: int = typer.Option(400, "--max-words", help="Longer samples are dropped."),
+    max_batches: int | None = typer.Option(None, "--max-batches", help="Batch budget per class."),
+    quality_filter: bool = typer.Option(False, "--quality-filter", help="Keep samples nearest their class."),
+    encoder: str = typer.Option("minilm", help="Encoder FM of the quality filter."),
+    seed: int = typer.Option(0, help="Root seed of the sampling."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda'."),
+) -> None:
+    """Generate labelled synthetic examples with a generative FM from label names (resumable JSONL)."""
+    import json
+
+    from fedfm.synthetic.generate import (
+        DEFAULT_PROMPT,
+        KINDS,
+        SynthError,
+        SynthSettings,
+        dataset_labels,
+        synthesize,
+    )
+
+    try:
+        if (dataset is None) == (labels is None):
+            raise SynthError("give exactly one of --dataset and --labels")
+        names = dataset_labels(dataset) if dataset else [x.strip() for x in labels.split(",") if x.strip()]
+        seed_examples: dict[str, list[str]] = {}
+        if seeds:
+            for line in seeds.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    seed_examples.setdefault(str(row["label"]), []).append(str(row["text"]))
+        settings = SynthSettings(
+            generator=generator,
+            labels=tuple(names),
+            per_class=per_class,
+            kind=kind or KINDS.get(dataset or "", "text"),
+            descriptions=json.loads(descriptions.read_text()) if descriptions else {},
+            seed_examples=seed_examples,
+            prompt=prompt or DEFAULT_PROMPT,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            min_words=min_words,
+            max_words=max_words,
+            max_batches=max_batches,
+            quality_filter=quality_filter,
+            encoder=encoder,
+            seed=seed,
+        )
+        summary = synthesize(settings, output, device=device, note=Console().print)
+    except (SynthError, FileNotFoundError, json.JSONDecodeError, KeyError, *_user_errors()) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    total = sum(summary["accepted"].values())
+    Console().print(f"wrote {total} samples to {output}; rejected {summary['rejected']}")
+
+
+@app.command()
 def config(
     config: Path | None = typer.Argument(None, help="TOML experiment file."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),

@@ -280,6 +280,24 @@ class SecAggSection(_Section):
     quantization_bits: int = Field(24, ge=4, le=40, description="Fixed-point bits per entry (signed).")
 
 
+class SyntheticSection(_Section):
+    mode: Literal["none", "warmup", "augment", "both", "only"] = Field(
+        "none",
+        description="FM-generated data (`fedfm synth`): server warm-up before round 1, client augmentation, "
+        "both, or only synthetic data (the synthetic-only baseline).",
+    )
+    path: str | None = Field(None, description="JSONL written by `fedfm synth` (text, label, provenance).")
+    warmup_steps: int = Field(
+        30, ge=1, description="Server optimizer steps on synthetic data before round 1."
+    )
+    warmup_lr: float | None = Field(None, gt=0, description="Warm-up learning rate; default training.lr.")
+    augment_per_client: int = Field(20, ge=1, description="Synthetic examples added to each client.")
+    augment_classes: Literal["all", "missing"] = Field(
+        "all", description="Augment with every class, or only the classes a client has no example of."
+    )
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many synthetic examples.")
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
@@ -305,6 +323,7 @@ class RunConfig(_Section):
     attack: AttackSection = Field(default_factory=AttackSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -369,6 +388,7 @@ class RunConfig(_Section):
             raise ValueError("partition.column is required for partition.method = 'natural'")
         _privacy_checks(self)
         _task_checks(self)
+        _synthetic_checks(self)
         return self
 
     def to_toml(self) -> str:
@@ -389,6 +409,20 @@ def _task_checks(cfg: RunConfig) -> None:
         raise ValueError("task.baselines is not supported with strategy.lora_aggregation = 'stack'")
     if cfg.model.name == "minilm":
         raise ValueError("task.kind = 'instruction' needs a causal LM (e.g. model.name = 'smollm2-135m')")
+
+
+def _synthetic_checks(cfg: RunConfig) -> None:
+    sy = cfg.synthetic
+    if sy.mode == "none":
+        return
+    if not sy.path:
+        raise ValueError(
+            f"synthetic.mode = {sy.mode!r} needs synthetic.path (a JSONL file from `fedfm synth`)"
+        )
+    if not Path(sy.path).expanduser().is_file():
+        raise ValueError(f"synthetic.path {sy.path!r} is not a file")
+    if cfg.task.kind != "classification":
+        raise ValueError("synthetic data (synthetic.mode) is supported for task.kind = 'classification'")
 
 
 def _require_privacy_extra(field: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,29 +24,46 @@ class FederatedData:
     test: TextDataset
     client_train: list[np.ndarray]
     client_test: list[np.ndarray]
+    synthetic_rows: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
+
+    @property
+    def num_real(self) -> int:
+        """Rows of ``train`` that are real; synthetic rows (if any) follow them."""
+        return len(self.train) - len(self.synthetic_rows)
 
     @property
     def num_clients(self) -> int:
         return len(self.client_train)
 
     def partition_summary(self, method: str) -> dict:
-        counts = label_counts(self.train.labels, self.client_train, self.train.num_labels)
-        return {
+        """Per client: real examples by label, and synthetic ones counted apart."""
+        names, n_real = self.train.label_names, self.num_real
+        real = [rows[rows < n_real] for rows in self.client_train]
+        synth = [rows[rows >= n_real] for rows in self.client_train]
+        counts = label_counts(self.train.labels, real, self.train.num_labels)
+        synth_counts = label_counts(self.train.labels, synth, self.train.num_labels)
+        summary = {
             "method": method,
             "num_clients": self.num_clients,
-            "label_names": self.train.label_names,
-            "num_train": len(self.train),
+            "label_names": names,
+            "num_train": n_real,
             "num_test": len(self.test),
             "clients": [
                 {
                     "client": k,
-                    "num_train": int(len(self.client_train[k])),
+                    "num_train": int(len(real[k])),
                     "num_local_test": int(len(self.client_test[k])),
-                    "label_counts": dict(zip(self.train.label_names, map(int, row), strict=True)),
+                    "label_counts": dict(zip(names, map(int, row), strict=True)),
                 }
                 for k, row in enumerate(counts)
             ],
         }
+        if len(self.synthetic_rows):
+            summary["num_synthetic"] = int(len(self.synthetic_rows))
+            for k, row in enumerate(synth_counts):
+                summary["clients"][k]["num_synthetic"] = int(len(synth[k]))
+                summary["clients"][k]["synthetic_label_counts"] = dict(zip(names, map(int, row), strict=True))
+        return summary
 
 
 def prepare_data(cfg: RunConfig) -> FederatedData:
@@ -69,6 +86,14 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
         train = train.subset(stratified_sample(train.labels, d.max_examples, numpy_rng(seed, "sub-train")))
     if d.max_test_examples:
         test = test.subset(stratified_sample(test.labels, d.max_test_examples, numpy_rng(seed, "sub-test")))
+    synthetic = None
+    if cfg.synthetic.mode != "none":
+        from fedfm.synthetic.mix import load_synthetic
+
+        sy = cfg.synthetic
+        synthetic = load_synthetic(sy.path, train.label_names, test.texts, sy.max_examples, seed)
+        if sy.mode == "only":  # the synthetic-only baseline: the same pipeline on synthetic data alone
+            train, synthetic = synthetic, None
     p = cfg.partition
     groups = train.columns.get(p.column) if p.column else None
     if p.column and groups is None:
@@ -89,7 +114,38 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
         else:
             client_train.append(part)
             client_test.append(np.array([], dtype=np.int64))
+    if cfg.synthetic.mode == "only":
+        return FederatedData(train, test, client_train, client_test, np.arange(len(train)))
+    if synthetic is not None:
+        return with_synthetic(FederatedData(train, test, client_train, client_test), synthetic, cfg)
     return FederatedData(train, test, client_train, client_test)
+
+
+def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) -> FederatedData:
+    """Append the synthetic rows after the real ones; with augmentation, hand clients their share."""
+    from fedfm.synthetic.mix import augment_rows, concat
+
+    n, sy = len(data.train), cfg.synthetic
+    client_train = data.client_train
+    if sy.mode in ("augment", "both"):
+        client_train = [
+            np.concatenate(
+                [
+                    rows,
+                    n
+                    + augment_rows(
+                        data.train.labels[rows],
+                        synthetic.labels,
+                        sy.augment_per_client,
+                        sy.augment_classes,
+                        numpy_rng(cfg.run.seed, "synthetic-augment", k),
+                    ),
+                ]
+            )
+            for k, rows in enumerate(client_train)
+        ]
+    rows = np.arange(n, n + len(synthetic))
+    return FederatedData(concat(data.train, synthetic), data.test, client_train, data.client_test, rows)
 
 
 def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:

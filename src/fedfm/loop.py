@@ -59,6 +59,7 @@ class RunResult:
     final_metrics: dict
     config: RunConfig = field(repr=False)
     stopped: str | None = None  # why the run ended before its last round (privacy budget)
+    num_trainable: int | None = None  # values that train (and travel) per client
 
 
 class Run:
@@ -96,6 +97,14 @@ class Run:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
+        if cfg.synthetic.mode in ("warmup", "both") and self.state.round == 0:
+            from fedfm.synthetic.mix import server_warmup
+
+            with self.console.status(f"warm-up: {cfg.synthetic.warmup_steps} server steps on synthetic data"):
+                loss = server_warmup(self)
+            steps, num = cfg.synthetic.warmup_steps, len(self.data.synthetic_rows)
+            self.metrics.write({"event": "warmup", "steps": steps, "train_loss": loss, "num_synthetic": num})
+            self.console.note(f"warm-up on {num} synthetic examples: {steps} steps, mean loss {loss:.3f}")
         self.prompts = []
         if cfg.task.kind == "instruction":
             from fedfm.tasks.instruction import eval_prompts
@@ -421,7 +430,9 @@ class Run:
             outputs.write_outputs(self.run_dir)
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
-        return RunResult(self.run_dir, history, final, self.cfg, stopped)
+        return RunResult(
+            self.run_dir, history, final, self.cfg, stopped, num_trainable=self.bundle.num_trainable()
+        )
 
 
 def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float]], Params], Params]:

@@ -132,6 +132,17 @@ def client_update(
     return Update(delta, n, metrics, control_delta), new_state
 
 
+def train_from(
+    bundle: ModelBundle, task, rows: np.ndarray, start: Params, steps: int, cfg, seed: int, key: int = -1
+) -> tuple[Params, float]:
+    """Train ``rows`` from ``start`` for ``steps`` with the plain objective, on one party's behalf
+    (a baseline, or the server's synthetic warm-up); returns the new state and the mean loss."""
+    training = cfg.model_copy(update={"local_steps": steps})
+    ctx = RoundContext(round=0, seed=seed)
+    update, _ = client_update(bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain"))
+    return {k: start[k] + update.delta[k] for k in start}, update.metrics["train_loss"]
+
+
 def trained_delta(trainable: dict, global_params: Params) -> tuple[Params, Params]:
     """The state after local training and the update θ_k − θ."""
     final = get_trainable_state(trainable)

@@ -53,6 +53,14 @@ class _Bar:
         return advance
 
 
+def _synthetic_note(cfg, data) -> str:
+    n = len(data.synthetic_rows)
+    if not n:
+        return ""
+    used = sum(int((rows >= data.num_real).sum()) for rows in data.client_train)
+    return f" + {n} synthetic ({cfg.synthetic.mode}; {used} held by clients)"
+
+
 class ConsoleReporter:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -78,7 +86,8 @@ class ConsoleReporter:
         self.console.print(
             f"[bold]{cfg.model.name}[/bold] + {cfg.peft.method}: {bundle.num_trainable():,} trainable of "
             f"{bundle.num_total():,} params on {bundle.device}; [bold]{cfg.data.name}[/bold]: "
-            f"{len(data.train)} train / {len(data.test)} test, {data.num_clients} clients "
+            f"{data.num_real} train{_synthetic_note(cfg, data)} / {len(data.test)} test, "
+            f"{data.num_clients} clients "
             f"({cfg.partition.method}), {cohort} per round; {cfg.strategy.aggregator} + "
             f"{cfg.strategy.server_optimizer} + {cfg.strategy.objective}"
         )

@@ -1,0 +1,1 @@
+"""FM-generated synthetic data: made by `generate`, used in runs by `mix`."""

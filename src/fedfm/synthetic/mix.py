@@ -1,0 +1,89 @@
+"""Synthetic examples in a run: loaded once, appended after the real training rows, never tested on.
+
+* ``augment``: each client gets ``augment_per_client`` synthetic examples, spread evenly over the
+  classes (``augment_classes = "all"``) or over the classes it has no example of (``"missing"``).
+  Synthetic data is public, so clients may draw the same examples.
+* ``only``: the synthetic set replaces the clients' data and goes through the configured
+  partitioner — the same pipeline and budget with only the data changed (the synthetic-only
+  baseline).
+* ``warmup``: the server trains the global state on the whole synthetic set before round 1
+  (``server_warmup``, called by the round loop).
+
+The server test split is cut from real data before any of this, and synthetic texts that equal a
+test text are dropped, so no synthetic example can reach the test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.data.dataset import TextDataset, first_occurrences, stratified_sample
+from fedfm.data.sources import DataError, _read_rows, rows_to_dataset
+from fedfm.seeding import numpy_rng
+
+
+def load_synthetic(path: str | Path, label_names: list[str], exclude: list[str], max_examples, seed: int):
+    """The synthetic examples of ``path`` as a dataset labelled like the real data.
+
+    Labels must be names of the real data's classes; texts equal to one in ``exclude`` (the test
+    set) are dropped, as are repeats.
+    """
+    rows = _read_rows(Path(path), "jsonl")
+    data = rows_to_dataset(rows, "text", "label", f"synthetic.path {path}", label_names)
+    data = data.subset(first_occurrences(data.texts, exclude=exclude))
+    if not len(data):
+        raise DataError(f"synthetic.path {path}: no examples left after dropping repeats and test texts")
+    if max_examples and max_examples < len(data):
+        data = data.subset(stratified_sample(data.labels, max_examples, numpy_rng(seed, "synthetic-cap")))
+    return TextDataset(data.texts, data.labels, data.label_names)
+
+
+def concat(real: TextDataset, synthetic: TextDataset) -> TextDataset:
+    """Real rows first, then synthetic ones; extra columns are ``None`` on synthetic rows."""
+    columns = {k: list(v) + [None] * len(synthetic) for k, v in real.columns.items()}
+    labels = np.concatenate([real.labels, synthetic.labels]).astype(np.int64)
+    return TextDataset(real.texts + synthetic.texts, labels, real.label_names, columns)
+
+
+def augment_rows(
+    client_labels: np.ndarray,
+    synthetic_labels: np.ndarray,
+    per_client: int,
+    classes: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Indices into the synthetic set for one client: ``per_client`` of them, as even over the
+    chosen classes as the pool allows (the pool of a class may run short), drawn without
+    replacement. ``classes = "missing"`` chooses the classes absent from ``client_labels``."""
+    present = set(np.unique(client_labels).tolist())
+    pool_classes = [c for c in np.unique(synthetic_labels).tolist() if classes == "all" or c not in present]
+    if not pool_classes:
+        return np.array([], dtype=np.int64)
+    pools = {c: rng.permutation(np.flatnonzero(synthetic_labels == c)) for c in pool_classes}
+    chosen: list[int] = []
+    for depth in range(max(len(p) for p in pools.values())):  # round-robin over the classes
+        for c in pool_classes:
+            if len(chosen) < per_client and depth < len(pools[c]):
+                chosen.append(int(pools[c][depth]))
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def server_warmup(run) -> float:
+    """Train the global trainable state on all synthetic rows for ``warmup_steps``; the mean loss."""
+    from fedfm.training import train_from
+
+    cfg, sy = run.cfg, run.cfg.synthetic
+    training = cfg.training.model_copy(update={"lr": sy.warmup_lr or cfg.training.lr, "grad_accumulation": 1})
+    params, loss = train_from(
+        run.bundle,
+        run.task,
+        run.data.synthetic_rows,
+        run.state.params,
+        sy.warmup_steps,
+        training,
+        cfg.run.seed,
+    )
+    run.state.params = params
+    return loss
