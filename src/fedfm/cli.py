@@ -89,12 +89,13 @@ def sweep(
         None, "--output", "-o", help="Sweep folder (one run folder per cell)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-round progress output."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field in every cell (repeatable)."),
 ) -> None:
     """Run a grid of experiments (resumable); write summary.csv, summary.md and plots."""
     from fedfm.sweep import run_sweep
 
     try:
-        run_sweep(sweep_file, output, progress=not quiet, note=Console().print)
+        run_sweep(sweep_file, output, progress=not quiet, note=Console().print, overrides=set_)
     except _user_errors() as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

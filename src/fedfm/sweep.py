@@ -186,16 +186,18 @@ def run_sweep(
     *,
     progress: bool = True,
     note: Callable[[str], None] = print,
+    overrides: list[str] = (),
 ) -> list[dict]:
     """Run every unfinished cell of the sweep in ``path``; write summary.csv, summary.md and plots.
 
+    ``overrides`` (``--set``) apply to every cell after the sweep's own fields (e.g. ``run.threads=1``).
     A cell is finished when its folder holds ``cell.json``. A cell interrupted mid-run resumes from
     its last checkpoint. Returns the summary rows in cell order.
     """
     import fedfm
 
     spec = load_sweep(path)
-    cells = expand(spec)
+    cells = [Cell(c.name, c.values, [*c.overrides, *overrides]) for c in expand(spec)]
     configs = check_cells(spec, cells)
     out = Path(output) if output else Path(next(iter(configs.values())).run.output_root) / spec.name
     out.mkdir(parents=True, exist_ok=True)
