@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tomli_w
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +165,21 @@ def test_refuses_to_overwrite_a_run(tiny_config, tmp_path):
         fedfm.run(tiny_config(run={"rounds": 1}), output=tmp_path / "r", progress=False)
     with pytest.raises(fedfm.ConfigError, match="not a fedfm run folder"):
         fedfm.run(resume=tmp_path / "nowhere", progress=False)
+
+
+def test_a_run_needs_no_optional_extra(tmp_path, tiny_config):
+    """Without fedfm[privacy] and fedfm[llm] (imports blocked), a plain run finishes with its report."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(tomli_w.dumps(tiny_config(run={"rounds": 1})))
+    blocked = ["dp_accounting", "opacus", "cryptography", "gguf", "rouge_score", "grpc", "ray"]
+    code = (
+        "import sys\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        "import fedfm\n"
+        f"fedfm.run({str(cfg)!r}, output={str(tmp_path / 'r')!r}, progress=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert (tmp_path / "r" / "report.html").is_file()

@@ -14,13 +14,6 @@ import torch
 from fedfm.privacy import accountant, dp
 from fedfm.types import Params
 
-GUARANTEES = {
-    "none": "none: no differential privacy",
-    "client": "client-level (ε, δ)-DP: any one client's whole data changes the released models little",
-    "example": "example-level (ε, δ)-DP per client (DP-SGD): one training example changes its client's "
-    "updates little; clients as a whole are not protected",
-}
-
 
 class PrivacyPlan:
     """Client-level DP-FedAvg settings for a run of N clients and cohorts of (expected) size m."""

@@ -124,7 +124,7 @@ def _epsilon(value: float | None) -> str:
 
 def privacy_section(history: list[dict]) -> str:
     """Which guarantee the run has, the (ε, δ) it ended with, and secure aggregation's cost."""
-    from fedfm.privacy.plan import GUARANTEES
+    from fedfm.privacy.guarantees import GUARANTEES
 
     rounds = [r for r in history if r.get("round", 0) > 0]
     dp = next((r for r in reversed(history) if r.get("dp")), None)
