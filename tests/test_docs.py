@@ -27,3 +27,23 @@ def test_shipped_examples_validate(path):
 def test_default_example_is_the_embedded_default():
     cfg = load_config(ROOT / "examples" / "default.toml", ["run.name=fedfm"])
     assert cfg == load_config(None)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "sweeps").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_sweeps_expand_to_valid_cells(path, monkeypatch):
+    from fedfm.sweep import check_cells, expand, load_sweep
+
+    monkeypatch.chdir(ROOT)  # sweep files name data paths relative to the repository root
+    spec = load_sweep(path)
+    cells = expand(spec)
+    assert len(check_cells(spec, cells)) == len(cells) > 1
+
+
+def test_shipped_synthetic_data_is_labelled_with_bbc_classes():
+    import json
+
+    rows = [
+        json.loads(x) for x in (ROOT / "examples/synthetic/bbc-news-smollm2.jsonl").read_text().splitlines()
+    ]
+    assert {r["label"] for r in rows} == {"business", "entertainment", "politics", "sports", "tech"}
+    assert all(r["synthetic"] and r["provenance"]["generator"] == "smollm2-135m" for r in rows)

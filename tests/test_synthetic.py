@@ -81,6 +81,8 @@ def test_settings_are_checked():
         SynthSettings(labels=())
     with pytest.raises(SynthError, match="\\{label\\}"):
         SynthSettings(labels=("a",), prompt="write something")
+    with pytest.raises(SynthError, match="descriptions name labels \\['sport'\\]"):
+        SynthSettings(labels=("sports",), descriptions={"sport": "football"})
     with pytest.raises(SynthError, match="top_p"):
         SynthSettings(labels=("a",), top_p=0)
 

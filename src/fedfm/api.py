@@ -36,6 +36,14 @@ def run(
     that folder from its last finished round, with the config saved there. ``callbacks`` are called
     with each round's metrics record.
     """
+    cfg, run_dir = prepare_run(config, output=output, resume=resume, overrides=overrides)
+    return Run(cfg, run_dir, progress=progress, callbacks=callbacks).execute()
+
+
+def prepare_run(
+    config=None, *, output=None, resume=None, overrides: Iterable[str] = ()
+) -> tuple[RunConfig, Path]:
+    """The validated config and the run folder (created, with config.toml written) of a new or resumed run."""
     if resume is not None:
         if config is not None:
             raise ConfigError("resume continues with the run folder's own config; pass no config")
@@ -53,4 +61,4 @@ def run(
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
-    return Run(cfg, run_dir, progress=progress, callbacks=callbacks).execute()
+    return cfg, run_dir

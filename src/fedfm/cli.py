@@ -176,6 +176,98 @@ def synth(
 
 
 @app.command()
+def server(
+    config: Path | None = typer.Argument(None, help="TOML experiment file (model, training, rounds...)."),
+    address: str = typer.Option("0.0.0.0:50051", "--address", help="HOST:PORT to listen on."),
+    tokens: Path = typer.Option(..., "--tokens", help="File of 'name token' lines, one per client."),
+    cert: Path | None = typer.Option(None, "--cert", help="Server certificate (PEM)."),
+    key: Path | None = typer.Option(None, "--key", help="Server private key (PEM)."),
+    client_ca: Path | None = typer.Option(
+        None, "--client-ca", help="Require client certificates from this CA."
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext (no TLS): trusted networks only."),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for updates."),
+    wait_for: int | None = typer.Option(None, "--wait-for", help="Clients to wait for before round 1."),
+    wait_timeout: float = typer.Option(600.0, "--wait-timeout", help="Seconds to wait for them."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens)."""
+    from fedfm.config import load_config
+    from fedfm.deploy.server import DeployError, Security, serve
+
+    try:
+        cfg = None if resume else load_config(config, set_)
+        security = Security(
+            str(cert) if cert else None,
+            str(key) if key else None,
+            str(client_ca) if client_ca else None,
+            insecure,
+        )
+        serve(
+            cfg,
+            address,
+            tokens,
+            security,
+            output=output,
+            resume=resume,
+            round_timeout_s=round_timeout,
+            wait_for=wait_for,
+            wait_timeout_s=wait_timeout,
+            progress=not quiet,
+        )
+    except (DeployError, OSError, *_user_errors()) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def client(
+    server_address: str = typer.Option(..., "--server", help="HOST:PORT of the fedfm server."),
+    token: str = typer.Option(..., "--token", help="This client's token (from the server operator)."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="A .csv/.jsonl file, a registered dataset, or 'config' (the run's own, for demos).",
+    ),
+    partition: int | None = typer.Option(None, "--partition", help="Partition of a registered dataset."),
+    ca: Path | None = typer.Option(None, "--ca", help="CA certificate that signed the server's (PEM)."),
+    cert: Path | None = typer.Option(None, "--cert", help="Client certificate for mutual TLS (PEM)."),
+    key: Path | None = typer.Option(None, "--key", help="Client private key for mutual TLS (PEM)."),
+    server_name: str | None = typer.Option(None, "--server-name", help="Host name the certificate names."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext (no TLS): trusted networks only."),
+    name: str = typer.Option("", "--name", help="Shown in the server's log."),
+    retry: float = typer.Option(1.0, "--retry", help="Seconds between reconnection attempts."),
+    give_up: float = typer.Option(600.0, "--give-up", help="Stop after this long without the server."),
+) -> None:
+    """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
+    from fedfm.deploy.client import ClientError, ClientSecurity, Identity, run_identities
+
+    if insecure:
+        err_console.print(
+            "[yellow]warning:[/yellow] insecure mode: traffic and the token travel in plaintext"
+        )
+    security = ClientSecurity(
+        str(ca) if ca else None, str(cert) if cert else None, str(key) if key else None, server_name, insecure
+    )
+    try:
+        run_identities(
+            server_address,
+            [Identity(token, partition, name)],
+            data,
+            security,
+            retry_s=retry,
+            give_up_s=give_up,
+            note=Console().print,
+        )
+    except (ClientError, OSError, *_user_errors()) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def config(
     config: Path | None = typer.Argument(None, help="TOML experiment file."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),

@@ -66,8 +66,8 @@ class FederatedData:
         return summary
 
 
-def prepare_data(cfg: RunConfig) -> FederatedData:
-    """Load the source, hold out the server test split, partition the rest among clients."""
+def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
+    """The source's training rows and the server's test split (de-duplicated, subsampled)."""
     seed, d = cfg.run.seed, cfg.data
     if cfg.task.kind == "instruction":
         from fedfm.data.instruction import load_instruction_source
@@ -86,6 +86,20 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
         train = train.subset(stratified_sample(train.labels, d.max_examples, numpy_rng(seed, "sub-train")))
     if d.max_test_examples:
         test = test.subset(stratified_sample(test.labels, d.max_test_examples, numpy_rng(seed, "sub-test")))
+    return train, test
+
+
+def server_only_data(cfg: RunConfig) -> FederatedData:
+    """A deployed server's view: its test split, and no client rows (clients hold their own data)."""
+    train, test = load_splits(cfg)
+    empty = [np.array([], dtype=np.int64) for _ in range(cfg.partition.num_clients)]
+    return FederatedData(train.subset([]), test, empty, list(empty))
+
+
+def prepare_data(cfg: RunConfig) -> FederatedData:
+    """Load the source, hold out the server test split, partition the rest among clients."""
+    seed, d = cfg.run.seed, cfg.data
+    train, test = load_splits(cfg)
     synthetic = None
     if cfg.synthetic.mode != "none":
         from fedfm.synthetic.mix import load_synthetic

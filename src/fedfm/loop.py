@@ -26,7 +26,7 @@ from fedfm.attacks import attack_results, plan_round
 from fedfm.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedfm.config import RunConfig
 from fedfm.engines import ENGINES
-from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_data
+from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_data, server_only_data
 from fedfm.models.export import export_adapter
 from fedfm.models.merge import merge_into_base, restart_adapters, scaling
 from fedfm.models.state import get_trainable_state, set_trainable_state
@@ -65,7 +65,11 @@ class RunResult:
 class Run:
     """One experiment in one run folder; ``execute()`` runs the remaining rounds."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = True, callbacks=()) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, *, progress: bool = True, callbacks=(), engine_factory=None
+    ) -> None:
+        """``engine_factory`` replaces the configured engine with one whose clients hold their own data
+        (a deployment: the server loads only its test split)."""
         self.started = time.perf_counter()
         self.cfg = cfg
         self.run_dir = run_dir
@@ -75,7 +79,7 @@ class Run:
             torch.set_num_threads(cfg.run.threads)
         self.console.note(f"run folder: {run_dir}")
         with self.console.status("loading data and model"):
-            self.data: FederatedData = prepare_data(cfg)
+            self.data: FederatedData = server_only_data(cfg) if engine_factory else prepare_data(cfg)
             self.bundle, self.task = build_task(cfg, self.data)
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
@@ -84,11 +88,15 @@ class Run:
         self.aggregate = choose_aggregation(cfg)
         program = ClientProgram(cfg.training, self.objective, cfg.compression)
         self.jobs = client_jobs(self.data, cfg.peft)
-        self.engine = ENGINES.get(cfg.run.engine)(self.bundle, self.task, self.jobs, program)
+        make_engine = engine_factory or ENGINES.get(cfg.run.engine)
+        self.engine = make_engine(self.bundle, self.task, self.jobs, program)
         self.cohort = cohort_size(
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
-        self.max_examples = cfg.validation.max_num_examples or len(self.data.train)
+        remote_limit = 2**31 - 1  # remote clients' data sizes are theirs to know
+        self.max_examples = cfg.validation.max_num_examples or (
+            remote_limit if engine_factory else len(self.data.train)
+        )
         self.privacy = None
         if cfg.privacy.dp == "client":
             from fedfm.privacy.plan import PrivacyPlan

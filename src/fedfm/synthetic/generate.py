@@ -69,6 +69,10 @@ class SynthSettings:
             raise SynthError("temperature must be > 0 and top_p in (0, 1]")
         if self.max_words < self.min_words:
             raise SynthError("max_words must be at least min_words")
+        for name in ("descriptions", "seed_examples"):
+            unknown = sorted(set(getattr(self, name)) - set(self.labels))
+            if unknown:
+                raise SynthError(f"{name} name labels {unknown} that are not among {list(self.labels)}")
         if "{label}" not in self.prompt:
             raise SynthError("the prompt template must contain {label}")
 

@@ -31,6 +31,9 @@ class Encoded:
 
 
 def encode(tokenizer, data: TextDataset, max_length: int) -> Encoded:
+    if not len(data):  # a deployed server holds no training rows
+        empty = torch.zeros((0, max_length), dtype=torch.long)
+        return Encoded(empty, empty.clone(), torch.zeros(0, dtype=torch.long))
     enc = tokenizer(
         list(data.texts),
         truncation=True,

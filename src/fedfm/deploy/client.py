@@ -1,0 +1,256 @@
+"""A federated client over gRPC: joins with its token, pulls tasks, trains locally, sends updates.
+
+The client receives the run's resolved config when it joins and trains with the same code as a
+simulation (``fedfm.training.ClientProgram``: local steps, clip, DP noise share, compression).
+Its data never leaves it: a CSV/JSONL file with the config's text and label columns, or — for
+demos — a registered dataset cut by the config's partitioner, of which it takes one partition.
+Client state (SCAFFOLD's control variate, top-k residual) stays here, kept per round so that a
+round the server repeats after a restart starts from the same state.
+
+Network faults are retried: a lost server (restart, network cut) is rejoined every ``retry_s``
+until ``give_up_s`` passes without contact. A refused token is final.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedfm.deploy import fedfm_pb2 as pb
+from fedfm.deploy import fedfm_pb2_grpc as rpc
+from fedfm.deploy.server import MAX_MESSAGE
+from fedfm.deploy.wire import chunks, context_from, finite_metrics, join, pack_tensors, unpack_tensors
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class ClientError(RuntimeError):
+    """The client cannot go on (refused token, unusable data); the message says why."""
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """The server's CA certificate (TLS), the client's own certificate and key (mutual TLS)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # when the certificate names another host than the address
+    insecure: bool = False
+
+    def channel(self, server: str) -> grpc.Channel:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.insecure:
+            return grpc.insecure_channel(server, options=options)
+        if not self.ca:
+            raise ClientError("TLS needs --ca (the server's CA certificate), or --insecure for plaintext")
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+        return grpc.secure_channel(server, creds, options=options)
+
+
+def is_registered(source: str) -> bool:
+    from fedfm.data.sources import DATASETS
+
+    return source == "config" or (source in DATASETS and source not in ("csv", "jsonl"))
+
+
+def local_data(cfg, source: str, label_names: list[str]):
+    """This client's FederatedData: a registered dataset partitioned as configured, or its own file."""
+    from fedfm.data.sources import _read_rows, rows_to_dataset
+    from fedfm.experiment import FederatedData, prepare_data
+
+    if source == "config":  # demo: the run config's own dataset, cut by its partitioner
+        return prepare_data(cfg)
+    if is_registered(source):
+        return prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": source})}))
+    path = Path(source)
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ClientError(f"--data {source!r} is neither a registered dataset nor a .csv/.jsonl file")
+    data = rows_to_dataset(
+        _read_rows(path, fmt), cfg.data.text_column, cfg.data.label_column, source, label_names
+    )
+    rows = np.arange(len(data))
+    return FederatedData(data, data.subset(rows[:1]), [rows], [rows[:0]])
+
+
+class Trainer:
+    """The frozen base model, the task and the client program, shared by the identities of a process."""
+
+    def __init__(self, cfg, data, registered: bool) -> None:
+        from fedfm.algorithms.objectives import make_objective
+        from fedfm.experiment import build_task
+        from fedfm.training import ClientProgram
+
+        if cfg.run.threads:
+            import torch
+
+            torch.set_num_threads(cfg.run.threads)
+        self.cfg, self.data, self.registered = cfg, data, registered
+        self.bundle, self.task = build_task(cfg, data)
+        self.program = ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
+        self.lock = threading.Lock()
+
+    def train(self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state):
+        from fedfm.training import ClientJob
+
+        ctx = context_from(dict(header), groups.get("c"))
+        job = ClientJob(client_id, rows, header.get("rank"))
+        with self.lock:
+            return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
+
+
+class Identity:
+    """One client: its token, its rows, its per-round state and its connection loop."""
+
+    def __init__(self, token: str, partition: int | None, name: str = "") -> None:
+        self.token, self.partition, self.name = token, partition, name
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.client_id: int | None = None
+        self.states: dict[int, dict] = {0: {}}
+        self.trained: list[int] = []
+
+    def rows(self, trainer: Trainer) -> np.ndarray:
+        k = self.partition if self.partition is not None else (self.client_id if trainer.registered else 0)
+        if k is None or not 0 <= k < len(trainer.data.client_train):
+            raise ClientError(f"partition {k} does not exist ({len(trainer.data.client_train)} partitions)")
+        return trainer.data.client_train[k]
+
+    def state_before(self, rnd: int) -> dict:
+        return self.states[max(r for r in self.states if r < rnd)]
+
+    def keep_state(self, rnd: int, state: dict) -> None:
+        self.states[rnd] = state
+        for r in sorted(self.states)[:-3]:  # a few rounds back is enough for a server restart
+            del self.states[r]
+
+
+def run_identities(
+    server: str,
+    identities: Sequence[Identity],
+    source: str,
+    security: ClientSecurity,
+    *,
+    retry_s: float = 1.0,
+    give_up_s: float = 600.0,
+    note: Callable[[str], None] = print,
+) -> list[Identity]:
+    """Serve one or more client identities from this process until the server says the run is done.
+
+    The identities share one model (training takes turns), which is how a load test runs many light
+    clients in a few processes.
+    """
+    shared: dict = {}
+    build = threading.Lock()
+    errors: list[BaseException] = []
+
+    def trainer_for(reply) -> Trainer:
+        with build:
+            if "trainer" not in shared:
+                from fedfm.config import make_config
+
+                cfg = make_config(tomllib.loads(reply.config_toml))
+                data = local_data(cfg, source, json.loads(reply.label_names))
+                shared["trainer"] = Trainer(cfg, data, is_registered(source))
+            return shared["trainer"]
+
+    def loop(ident: Identity) -> None:
+        try:
+            serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note)
+        except BaseException as err:  # reported by the caller
+            errors.append(err)
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in identities]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return list(identities)
+
+
+def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give_up_s, note) -> None:
+    last_contact = time.monotonic()
+    joined = None
+    while True:
+        channel = security.channel(server)
+        stub = rpc.FedFMStub(channel)
+        try:
+            if joined is None or ident.client_id is None:
+                joined = stub.Join(
+                    pb.JoinRequest(token=ident.token, name=ident.name), metadata=ident.metadata
+                )
+                ident.client_id = joined.client_id
+                note(f"client {ident.client_id}: joined run {joined.run}")
+            trainer = trainer_for(joined)
+            while True:
+                last = ident.trained[-1] if ident.trained else 0
+                header, blob = join(
+                    (c.header, c.data)
+                    for c in stub.GetTask(
+                        pb.TaskRequest(token=ident.token, last_round=last), metadata=ident.metadata
+                    )
+                )
+                last_contact = time.monotonic()
+                if header["status"] == "done":
+                    note(f"client {ident.client_id}: the run is done")
+                    return
+                if header["status"] != "train":
+                    continue
+                submit(stub, ident, trainer, header, blob, note)
+                last_contact = time.monotonic()
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise ClientError(f"the server refused this client: {err.details()}") from None
+            if code not in RETRYABLE and code != grpc.StatusCode.UNKNOWN:
+                raise ClientError(f"server error {code.name}: {err.details()}") from None
+            if time.monotonic() - last_contact > give_up_s:
+                raise ClientError(f"no contact with {server} for {give_up_s:g} s; giving up") from None
+            note(f"client {ident.client_id}: connection lost ({code.name}); retrying in {retry_s:g} s")
+            joined = None  # rejoin: the server may have restarted
+            time.sleep(retry_s)
+        finally:
+            channel.close()
+
+
+def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, note) -> None:
+    rnd = int(header["round"])
+    try:
+        groups = unpack_tensors(blob)
+        rows = ident.rows(trainer)
+        update, state = trainer.train(ident.client_id, rows, header, groups, ident.state_before(rnd))
+    except ClientError:
+        raise
+    except Exception as err:  # the server hears why, and the round goes on without us
+        reply_header, payload = {"round": rnd, "failed": f"{type(err).__name__}: {err}"}, b""
+        note(f"client {ident.client_id}: round {rnd} failed: {err}")
+    else:
+        ident.keep_state(rnd, state)
+        reply_header = {
+            "round": rnd,
+            "num_examples": update.num_examples,
+            "metrics": finite_metrics(update.metrics),
+        }
+        payload = pack_tensors({"p": update.delta, "c": update.control_delta})
+    reply = stub.SubmitUpdate(
+        (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)), metadata=ident.metadata
+    )
+    ident.trained.append(rnd)
+    if not reply.accepted:
+        note(f"client {ident.client_id}: round {rnd} update refused: {reply.reason}")
