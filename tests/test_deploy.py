@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 import tomli_w
 import torch
+from tests.deploy_tools import free_port, make_certificates, start, write_tokens
 
 import fedfm
 from fedfm.checkpoint import load_checkpoint
-from tests.deploy_tools import free_port, make_certificates, start, wait_for_file_text, write_tokens
 
 pytest.importorskip("grpc")
 
