@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import tomli_w
 import torch
-from tests.deploy_tools import free_port, make_certificates, start, write_tokens
+from tests.deploy_tools import free_port, make_certificates, start, wait_for_file_text, write_tokens
 
 import fedfm
 from fedfm.checkpoint import load_checkpoint
@@ -21,12 +22,11 @@ def certs(tmp_path_factory):
 
 
 def deploy_config(tiny_config, tmp_path, **sections):
-    cfg = tiny_config(
-        run={"rounds": 2, "seed": 0, "threads": 1},
-        partition={"method": "iid", "num_clients": 3},
-        sampling={"fraction": 1.0},
-        **sections,
-    )
+    base = {"run": {"rounds": 2, "seed": 0, "threads": 1}, "partition": {"method": "iid", "num_clients": 3}}
+    base["sampling"] = {"fraction": 1.0}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    cfg = tiny_config(**base)
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(cfg))
     return cfg, path
@@ -95,3 +95,146 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     for k in local:  # the same training code on both sides; only the summation order may differ
         torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
     assert rounds[-1]["test_accuracy"] == pytest.approx(simulated.history[-1]["test_accuracy"])
+
+
+def rounds_of(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["round"]: r for r in rows if r.get("event") == "round"}
+
+
+def test_unknown_token_and_missing_client_certificate_are_refused(tmp_path, tiny_config, certs):
+    _, path = deploy_config(tiny_config, tmp_path, run={"rounds": 1, "threads": 1})
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    out = tmp_path / "run"
+    server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
+    intruder = start(client_args(port, "not-a-token", certs), tmp_path / "intruder.log")
+    assert intruder.wait(timeout=60) == 2
+    assert "refused this client: unknown or missing client token" in (tmp_path / "intruder.log").read_text()
+    no_cert = [
+        "client",
+        "--server",
+        f"localhost:{port}",
+        "--token",
+        tokens[0],
+        "--data",
+        "config",
+        "--ca",
+        certs["ca"],
+        "--retry",
+        "0.5",
+        "--give-up",
+        "3",
+    ]
+    stranger = start(no_cert, tmp_path / "stranger.log")  # mutual TLS: no client certificate, no channel
+    assert stranger.wait(timeout=60) == 2
+    assert "giving up" in (tmp_path / "stranger.log").read_text()
+    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    assert server.wait(timeout=180) == 0
+    assert all(c.wait(timeout=60) == 0 for c in clients)
+    assert rounds_of(out)[1]["num_clients"] == 3  # the refused ones never joined a round
+
+
+def test_killed_client_is_left_out_at_the_deadline_and_a_restarted_one_rejoins(tmp_path, tiny_config, certs):
+    _, path = deploy_config(tiny_config, tmp_path, run={"rounds": 3, "threads": 1})
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    out = tmp_path / "run"
+    args = server_args(
+        path, port, tmp_path / "tokens.txt", certs, out, "--round-timeout", "15", "--min-available", "3"
+    )
+    server = start(args, tmp_path / "s.log")
+    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
+    clients[2].send_signal(signal.SIGKILL)
+    clients[2].wait()
+    wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 2,')
+    again = start(client_args(port, tokens[2], certs, "--give-up", "30"), tmp_path / "c2-again.log")
+    assert server.wait(timeout=300) == 0, (tmp_path / "s.log").read_text()
+    assert all(c.wait(timeout=60) == 0 for c in clients[:2]) and again.wait(timeout=60) == 0
+    rounds = rounds_of(out)
+    assert rounds[2]["num_clients"] == 2
+    assert rounds[2]["failed"] == [
+        {"client": 2, "stage": "timeout", "reason": "no update within the round deadline (15 s)"}
+    ]
+    assert (
+        rounds[3]["num_clients"] == 3
+    )  # round 3 waited for three connected clients: the restarted one rejoined
+    assert "joined run" in (tmp_path / "c2-again.log").read_text()
+
+
+def test_server_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, tiny_config, certs):
+    cfg, path = deploy_config(tiny_config, tmp_path, run={"rounds": 3, "threads": 1})
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    out = tmp_path / "run"
+    args = server_args(path, port, tmp_path / "tokens.txt", certs, out)
+    server = start(args, tmp_path / "s1.log")
+    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    resumed = args[:1] + args[2:]  # no config file: the run folder's own config is used
+    i = resumed.index("--output")
+    resumed[i : i + 2] = ["--resume", out]
+    server = start(resumed, tmp_path / "s2.log")
+    assert server.wait(timeout=240) == 0, (tmp_path / "s2.log").read_text()
+    assert all(c.wait(timeout=60) == 0 for c in clients)
+    assert sorted(rounds_of(out)) == [0, 1, 2, 3]
+    simulated = fedfm.run(cfg, output=tmp_path / "simulated", progress=False)
+    deployed, local = final_params(out), final_params(simulated.run_dir)
+    for k in local:
+        torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
+
+
+def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny_config, certs):
+    import threading
+
+    from fedfm.deploy import fedfm_pb2 as pb
+    from fedfm.deploy.client import ClientSecurity
+    from fedfm.deploy.fedfm_pb2_grpc import FedFMStub
+    from fedfm.deploy.server import Security, serve
+    from fedfm.deploy.wire import chunks, join, pack_tensors, unpack_tensors
+
+    cfg, _ = deploy_config(tiny_config, tmp_path, run={"rounds": 2, "threads": 1})
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    out = tmp_path / "run"
+    security = Security(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+    box: dict = {}
+    thread = threading.Thread(
+        target=lambda: box.update(
+            result=serve(
+                fedfm.RunConfig.model_validate(cfg),
+                f"127.0.0.1:{port}",
+                tmp_path / "tokens.txt",
+                security,
+                output=out,
+                progress=False,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+    good = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens[:2])]
+    me = ClientSecurity(str(certs["ca"]), str(certs["client"]), str(certs["client_key"]))
+    stub, meta = FedFMStub(me.channel(f"localhost:{port}")), (("authorization", f"Bearer {tokens[2]}"),)
+    stub.Join(pb.JoinRequest(token=tokens[2]), metadata=meta, wait_for_ready=True, timeout=120)
+    for rnd in (1, 2):
+        while True:
+            header, blob = join((c.header, c.data) for c in stub.GetTask(pb.TaskRequest(), metadata=meta))
+            if header["status"] == "train":
+                break
+        if rnd == 1:  # bytes that are not a safetensors blob
+            payload, head = b"\x00garbage" * 10, {"round": rnd, "num_examples": 10}
+        else:  # well-formed, but not finite
+            params = unpack_tensors(blob)["p"]
+            payload = pack_tensors({"p": {k: torch.full_like(v, float("nan")) for k, v in params.items()}})
+            head = {"round": rnd, "num_examples": 10}
+        message = (pb.Chunk(header=t, data=d) for t, d in chunks(head, payload))
+        reply = stub.SubmitUpdate(message, metadata=meta)
+        assert reply.accepted  # received; the round loop judges it
+    thread.join(timeout=240)
+    assert all(c.wait(timeout=60) == 0 for c in good)
+    rounds = rounds_of(out)
+    assert rounds[1]["num_clients"] == 2 and rounds[1]["failed"][0]["client"] == 2
+    assert rounds[1]["failed"][0]["stage"] == "decode"
+    assert rounds[2]["num_clients"] == 2 and rounds[2]["rejected"][0]["client"] == 2
+    assert "contains NaN or Inf" in rounds[2]["rejected"][0]["reason"]
+    assert box["result"].history[-1]["round"] == 2

@@ -187,8 +187,16 @@ def server(
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext (no TLS): trusted networks only."),
     round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for updates."),
-    wait_for: int | None = typer.Option(None, "--wait-for", help="Clients to wait for before round 1."),
-    wait_timeout: float = typer.Option(600.0, "--wait-timeout", help="Seconds to wait for them."),
+    min_available: int | None = typer.Option(
+        None,
+        "--min-available",
+        help="Connected clients to wait for before each round (default sampling.min_clients).",
+    ),
+    wait_timeout: float = typer.Option(
+        600.0,
+        "--wait-timeout",
+        help="Seconds to wait: for all clients before round 1, then for --min-available.",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
@@ -214,7 +222,7 @@ def server(
             output=output,
             resume=resume,
             round_timeout_s=round_timeout,
-            wait_for=wait_for,
+            min_available=min_available,
             wait_timeout_s=wait_timeout,
             progress=not quiet,
         )

@@ -222,7 +222,8 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
                 raise ClientError(f"server error {code.name}: {err.details()}") from None
             if time.monotonic() - last_contact > give_up_s:
                 raise ClientError(f"no contact with {server} for {give_up_s:g} s; giving up") from None
-            note(f"client {ident.client_id}: connection lost ({code.name}); retrying in {retry_s:g} s")
+            who = "client" if ident.client_id is None else f"client {ident.client_id}"
+            note(f"{who}: no connection ({code.name}: {err.details()}); retrying in {retry_s:g} s")
             joined = None  # rejoin: the server may have restarted
             time.sleep(retry_s)
         finally:

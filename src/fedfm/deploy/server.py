@@ -175,13 +175,29 @@ def decode_result(client_id: int, header: dict, blob: bytes) -> ClientResult:
 class GrpcEngine:
     """Hands cohort members their task and yields their results; the deadline bounds each round."""
 
-    def __init__(self, coord: Coordinator, jobs: Sequence, round_timeout_s: float) -> None:
+    def __init__(
+        self,
+        coord: Coordinator,
+        jobs: Sequence,
+        round_timeout_s: float,
+        min_available: int,
+        wait_timeout_s: float,
+    ) -> None:
         self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
+        self.min_available, self.wait_timeout_s = min_available, wait_timeout_s
+
+    def wait_for_clients(self, want: int) -> int:
+        """Block until ``want`` clients are connected or the wait times out; how many are."""
+        stop = time.monotonic() + self.wait_timeout_s
+        while len(self.coord.connected()) < want and time.monotonic() < stop:
+            time.sleep(0.2)
+        return len(self.coord.connected())
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
     ) -> Iterator[ClientResult]:
         c = self.coord
+        self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
         blob = pack_tensors({"p": global_params, "c": ctx.server_control})
         base = {"status": "train", **context_header(ctx), "deadline_s": self.round_timeout_s}
         online = set(c.connected())
@@ -275,12 +291,17 @@ def serve(
     output=None,
     resume=None,
     round_timeout_s: float = 600.0,
-    wait_for: int | None = None,
+    min_available: int | None = None,
     wait_timeout_s: float = 600.0,
     progress: bool = True,
     on_listen=None,
 ):
-    """Run a federated experiment whose clients connect over gRPC; returns the RunResult."""
+    """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
+
+    Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
+    for at least ``min_available`` (default ``sampling.min_clients``). A round then waits up to
+    ``round_timeout_s`` for the cohort's updates.
+    """
     import fedfm.api as api
     from fedfm.loop import Run
 
@@ -298,23 +319,22 @@ def serve(
         ConsoleReporter(enabled=True).warn("insecure mode: traffic and tokens travel in plaintext")
     members = {token: Member(k, name) for k, (name, token) in enumerate(pairs)}
     coord = Coordinator(members, cfg.to_toml(), [], run_dir.name)
-    run = Run(
-        cfg,
-        run_dir,
-        progress=progress,
-        engine_factory=lambda b, t, jobs, p: GrpcEngine(coord, jobs, round_timeout_s),
-    )
+    least = cfg.sampling.min_clients if min_available is None else min_available
+    engines = []
+
+    def factory(bundle, task, jobs, program):
+        engines.append(GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s))
+        return engines[0]
+
+    run = Run(cfg, run_dir, progress=progress, engine_factory=factory)
     coord.label_names = list(run.data.train.label_names)
     server, port = start_server(coord, address, security, note)
     try:
         note(f"listening on port {port}; waiting for clients")
         if on_listen is not None:
             on_listen(port)
-        want = cfg.partition.num_clients if wait_for is None else wait_for
-        stop = time.monotonic() + wait_timeout_s
-        while len(coord.connected()) < want and time.monotonic() < stop:
-            time.sleep(0.2)
-        note(f"{len(coord.connected())} of {cfg.partition.num_clients} clients connected; starting")
+        connected = engines[0].wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
+        note(f"{connected} of {cfg.partition.num_clients} clients connected; starting")
         result = run.execute()
     finally:
         with coord.cond:
