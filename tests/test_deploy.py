@@ -238,3 +238,55 @@ def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny
     assert rounds[2]["num_clients"] == 2 and rounds[2]["rejected"][0]["client"] == 2
     assert "contains NaN or Inf" in rounds[2]["rejected"][0]["reason"]
     assert box["result"].history[-1]["round"] == 2
+
+
+def test_a_payload_over_64_mb_streams_in_chunks_both_ways(tmp_path, tiny_config, tiny_model_dir):
+    """Full fine-tuning of a BERT with a 17.6M-value embedding table: 70+ MB each way, over plaintext."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    big = tmp_path / "big-bert"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=576,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertForSequenceClassification(config).save_pretrained(big)
+    tok.save_pretrained(big)
+    _, path = deploy_config(
+        tiny_config,
+        tmp_path,
+        run={"rounds": 1},
+        model={"name": str(big)},
+        peft={"method": "full"},
+        partition={"num_clients": 1},
+        training={"local_steps": 1, "optimizer": "sgd"},
+    )
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 1)
+    out = tmp_path / "run"
+    args = ["server", path, "--address", f"127.0.0.1:{port}", "--tokens", tmp_path / "tokens.txt"]
+    server = start([*args, "--insecure", "--output", out, "--quiet"], tmp_path / "s.log")
+    client = start(
+        ["client", "--server", f"127.0.0.1:{port}", "--token", tokens[0], "--data", "config", "--insecure"],
+        tmp_path / "c.log",
+    )
+    assert server.wait(timeout=300) == 0, (tmp_path / "s.log").read_text()
+    assert client.wait(timeout=60) == 0
+    record = rounds_of(out)[1]
+    assert record["num_clients"] == 1 and record["bytes_up"] > 64 * 2**20 and record["bytes_down"] > 64 * 2**20
+    assert "insecure mode" in (tmp_path / "s.log").read_text()
+
+
+def test_one_round_with_100_light_clients(tmp_path):
+    """100 real gRPC clients (four processes of 25 identities on a shared tiny model) in one round."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from deploy import load_test
+
+    result = load_test(tmp_path, clients=100, processes=4)
+    assert result["num_clients_per_round"] == [100] and result["failed"] == 0

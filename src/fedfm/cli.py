@@ -234,7 +234,12 @@ def server(
 @app.command()
 def client(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the fedfm server."),
-    token: str = typer.Option(..., "--token", help="This client's token (from the server operator)."),
+    token: str | None = typer.Option(None, "--token", help="This client's token (from the server operator)."),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="Serve every 'name token' line of this file from this process (one shared model).",
+    ),
     data: str = typer.Option(
         ...,
         "--data",
@@ -252,6 +257,7 @@ def client(
 ) -> None:
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
     from fedfm.deploy.client import ClientError, ClientSecurity, Identity, run_identities
+    from fedfm.deploy.server import DeployError
 
     if insecure:
         err_console.print(
@@ -261,16 +267,24 @@ def client(
         str(ca) if ca else None, str(cert) if cert else None, str(key) if key else None, server_name, insecure
     )
     try:
+        if (token is None) == (token_file is None):
+            raise ClientError("give exactly one of --token and --token-file")
+        if token_file is not None:
+            from fedfm.deploy.server import read_tokens
+
+            identities = [Identity(t, partition, n) for n, t in read_tokens(token_file)]
+        else:
+            identities = [Identity(token, partition, name)]
         run_identities(
             server_address,
-            [Identity(token, partition, name)],
+            identities,
             data,
             security,
             retry_s=retry,
             give_up_s=give_up,
             note=Console().print,
         )
-    except (ClientError, OSError, *_user_errors()) as err:
+    except (ClientError, DeployError, OSError, *_user_errors()) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 
