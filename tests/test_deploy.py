@@ -276,7 +276,9 @@ def test_a_payload_over_64_mb_streams_in_chunks_both_ways(tmp_path, tiny_config,
     assert server.wait(timeout=300) == 0, (tmp_path / "s.log").read_text()
     assert client.wait(timeout=60) == 0
     record = rounds_of(out)[1]
-    assert record["num_clients"] == 1 and record["bytes_up"] > 64 * 2**20 and record["bytes_down"] > 64 * 2**20
+    assert (
+        record["num_clients"] == 1 and record["bytes_up"] > 64 * 2**20 and record["bytes_down"] > 64 * 2**20
+    )
     assert "insecure mode" in (tmp_path / "s.log").read_text()
 
 
