@@ -18,7 +18,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,privacy,llm,deploy,dev]"
+	$(PIP) install -e ".[assets,privacy,llm,deploy,ray,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -280,6 +280,17 @@ class SecAggSection(_Section):
     quantization_bits: int = Field(24, ge=4, le=40, description="Fixed-point bits per entry (signed).")
 
 
+class RaySection(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join (ray.init(address)); default: start a local one."
+    )
+    num_workers: int = Field(2, ge=1, description="Long-lived workers, each with one copy of the base model.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU).")
+
+
 class SyntheticSection(_Section):
     mode: Literal["none", "warmup", "augment", "both", "only"] = Field(
         "none",
@@ -324,6 +335,7 @@ class RunConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    ray: RaySection = Field(default_factory=RaySection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -389,6 +401,7 @@ class RunConfig(_Section):
         _privacy_checks(self)
         _task_checks(self)
         _synthetic_checks(self)
+        _engine_checks(self)
         return self
 
     def to_toml(self) -> str:
@@ -409,6 +422,21 @@ def _task_checks(cfg: RunConfig) -> None:
         raise ValueError("task.baselines is not supported with strategy.lora_aggregation = 'stack'")
     if cfg.model.name == "minilm":
         raise ValueError("task.kind = 'instruction' needs a causal LM (e.g. model.name = 'smollm2-135m')")
+
+
+def _engine_checks(cfg: RunConfig) -> None:
+    if cfg.run.engine != "ray":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("run.engine = 'ray' needs Ray: pip install 'fedfm[ray]'")
+    if cfg.secagg.enabled:
+        raise ValueError("run.engine = 'ray' does not run secure aggregation yet (use 'inprocess')")
+    if cfg.strategy.lora_aggregation == "stack":
+        raise ValueError(
+            "run.engine = 'ray' does not support strategy.lora_aggregation = 'stack' (it moves the base)"
+        )
 
 
 def _synthetic_checks(cfg: RunConfig) -> None:

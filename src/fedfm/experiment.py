@@ -162,10 +162,19 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
     return FederatedData(concat(data.train, synthetic), data.test, client_train, data.client_test, rows)
 
 
+def build_bundle(cfg: RunConfig, label_names: list[str]) -> ModelBundle:
+    """The model with its PEFT method applied, seeded: a classifier, or a causal LM for instruction tuning."""
+    if cfg.task.kind == "instruction":
+        from fedfm.models.build import build_causal_lm
+
+        return build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, cfg.run.device)
+    return build_classifier(cfg.model, cfg.peft, label_names, cfg.run.seed, cfg.run.device)
+
+
 def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:
     if cfg.task.kind == "instruction":
         return build_instruction_task(cfg, data)
-    bundle = build_classifier(cfg.model, cfg.peft, data.train.label_names, cfg.run.seed, cfg.run.device)
+    bundle = build_bundle(cfg, data.train.label_names)
     tok, length = bundle.tokenizer, cfg.model.max_length
     task = ClassificationTask(
         encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
@@ -182,10 +191,9 @@ def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, Classi
 
 
 def build_instruction_task(cfg: RunConfig, data: FederatedData):
-    from fedfm.models.build import build_causal_lm
     from fedfm.tasks.instruction import InstructionTask, tokenize
 
-    bundle = build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, cfg.run.device)
+    bundle = build_bundle(cfg, data.train.label_names)
     tok, length, system = bundle.tokenizer, cfg.model.max_length, cfg.task.system_prompt
     train, test = tokenize(tok, data.train, length, system), tokenize(tok, data.test, length, system)
     task = InstructionTask(train, test, tok, cfg, data.train.label_names)

@@ -89,7 +89,7 @@ class Run:
         program = ClientProgram(cfg.training, self.objective, cfg.compression)
         self.jobs = client_jobs(self.data, cfg.peft)
         make_engine = engine_factory or ENGINES.get(cfg.run.engine)
-        self.engine = make_engine(self.bundle, self.task, self.jobs, program)
+        self.engine = make_engine(self.bundle, self.task, self.jobs, program, cfg=cfg)
         self.cohort = cohort_size(
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )
@@ -436,6 +436,8 @@ class Run:
             merged = self.cfg.strategy.lora_aggregation == "stack"
             export_adapter(self.bundle, self.state.params, self.run_dir / "adapter", merged=merged)
             outputs.write_outputs(self.run_dir)
+        if hasattr(self.engine, "close"):  # e.g. Ray workers
+            self.engine.close()
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
         return RunResult(

@@ -322,7 +322,7 @@ def serve(
     least = cfg.sampling.min_clients if min_available is None else min_available
     engines = []
 
-    def factory(bundle, task, jobs, program):
+    def factory(bundle, task, jobs, program, cfg=None):
         engines.append(GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s))
         return engines[0]
 

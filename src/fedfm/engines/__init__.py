@@ -10,4 +10,13 @@ from fedfm.registry import Registry
 ENGINES: Registry = Registry("engine")
 ENGINES.register("inprocess")(InProcessEngine)
 
+
+@ENGINES.register("ray")
+def _ray(*args, **kwargs):
+    """Cohorts on a Ray cluster (``pip install 'fedfm[ray]'``); see ``fedfm.engines.ray_engine``."""
+    from fedfm.engines.ray_engine import RayEngine
+
+    return RayEngine(*args, **kwargs)
+
+
 __all__ = ["ENGINES", "InProcessEngine"]

@@ -19,7 +19,7 @@ class InProcessEngine:
     """Runs clients one after another in this process on one shared model."""
 
     def __init__(
-        self, bundle: ModelBundle, task, clients: Sequence[ClientJob], program: ClientProgram
+        self, bundle: ModelBundle, task, clients: Sequence[ClientJob], program: ClientProgram, cfg=None
     ) -> None:
         self.bundle = bundle
         self.task = task
