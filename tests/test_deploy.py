@@ -78,8 +78,15 @@ def final_params(run_dir):
     return load_checkpoint(run_dir / "checkpoint").params
 
 
-def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, certs):
-    cfg, path = deploy_config(tiny_config, tmp_path)
+DP = {
+    "privacy": {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 0.5},
+    "strategy": {"weighting": "uniform"},
+}
+
+
+@pytest.mark.parametrize("extra", [{}, DP], ids=["plain", "client-level-dp"])
+def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, certs, extra):
+    cfg, path = deploy_config(tiny_config, tmp_path, **extra)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "deployed"
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
@@ -95,6 +102,8 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     for k in local:  # the same training code on both sides; only the summation order may differ
         torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
     assert rounds[-1]["test_accuracy"] == pytest.approx(simulated.history[-1]["test_accuracy"])
+    if extra:  # clients clipped with the clip norm they were sent; the server accounted the same ε
+        assert rounds[-1]["epsilon"] == pytest.approx(simulated.history[-1]["epsilon"])
 
 
 def rounds_of(out):

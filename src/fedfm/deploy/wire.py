@@ -30,7 +30,9 @@ def pack_tensors(groups: dict[str, Params | None]) -> bytes:
     for prefix, params in groups.items():
         for name, tensor in (params or {}).items():
             flat[f"{prefix}/{name}"] = tensor.detach().to("cpu").contiguous()
-    return st_save(flat) if flat else b""
+    # safetensors stores names sorted; the order is kept in the metadata because seeded draws that
+    # walk a dict (DP noise, stochastic rounding) must see the same order on both sides
+    return st_save(flat, metadata={"order": json.dumps(list(flat))}) if flat else b""
 
 
 def unpack_tensors(blob: bytes) -> dict[str, Params]:
@@ -39,15 +41,25 @@ def unpack_tensors(blob: bytes) -> dict[str, Params]:
         return {}
     try:
         flat = st_load(blob)
+        order = json.loads(safe_open_metadata(blob).get("order", "[]"))
     except Exception as err:
         raise WireError(f"payload is not a valid safetensors blob ({type(err).__name__}: {err})") from None
+    if sorted(order) != sorted(flat):
+        order = sorted(flat)
     groups: dict[str, Params] = {}
-    for key, tensor in flat.items():
+    for key in order:
+        tensor = flat[key]
         prefix, _, name = key.partition("/")
         if not name:
             raise WireError(f"payload tensor {key!r} has no group prefix")
         groups.setdefault(prefix, {})[name] = tensor
     return groups
+
+
+def safe_open_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors blob (its JSON header, after an 8-byte length)."""
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
 
 
 def chunks(header: dict, blob: bytes, size: int = CHUNK) -> Iterator[tuple[str, bytes]]:
