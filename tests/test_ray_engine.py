@@ -36,4 +36,3 @@ def test_ray_matches_inprocess_after_two_rounds_with_client_state(tmp_path, tiny
             for k in state[kind]:
                 torch.testing.assert_close(states_b[client][kind][k], state[kind][k], atol=1e-6, rtol=1e-5)
     assert [r["cohort"] for r in remote.history[1:]] == [r["cohort"] for r in local.history[1:]]
-

@@ -7,7 +7,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedfm.deploy.wire import WireError, chunks, context_from, context_header, join, pack_tensors, unpack_tensors
+from fedfm.deploy.wire import (
+    WireError,
+    chunks,
+    context_from,
+    context_header,
+    join,
+    pack_tensors,
+    unpack_tensors,
+)
 from fedfm.types import RoundContext
 
 
