@@ -246,7 +246,7 @@ def markdown_table(spec: SweepSpec, rows: list[dict]) -> str:
         cols += [_fmt(r["final"]), _fmt(r["best"])]
         if target:
             cols.append(_fmt(r["rounds_to_target"]) if r["rounds_to_target"] is not None else "not reached")
-        cols.append(_fmt(r.get("wall_s")))
+        cols.append(f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "—")
         lines.append("| " + " | ".join(cols) + " |")
     methods = sorted({(r["model.init"], r["peft.method"]) for r in rows})
     if len(methods) > 1:
