@@ -84,7 +84,10 @@ DP = {
 }
 
 
-@pytest.mark.parametrize("extra", [{}, DP], ids=["plain", "client-level-dp"])
+SECAGG = {"secagg": {"enabled": True}, "strategy": {"weighting": "uniform"}}
+
+
+@pytest.mark.parametrize("extra", [{}, DP, SECAGG], ids=["plain", "client-level-dp", "secure-aggregation"])
 def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, certs, extra):
     cfg, path = deploy_config(tiny_config, tmp_path, **extra)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
@@ -102,7 +105,12 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     for k in local:  # the same training code on both sides; only the summation order may differ
         torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
     assert rounds[-1]["test_accuracy"] == pytest.approx(simulated.history[-1]["test_accuracy"])
-    if extra:  # clients clipped with the clip norm they were sent; the server accounted the same ε
+    if extra is SECAGG:  # the protocol ran across processes: key exchange, masking, unmasking
+        assert all(r["secagg"]["bytes_up"] > 0 for r in rounds[1:])
+        assert not any(
+            r["event"] == "client" for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        )
+    if extra is DP:  # clients clipped with the clip norm they were sent; the server accounted the same ε
         assert rounds[-1]["epsilon"] == pytest.approx(simulated.history[-1]["epsilon"])
 
 

@@ -318,7 +318,10 @@ class Run:
             max_weight=1 if uniform else self.max_examples,
             max_clients=max(1, len(cohort)),
         )
-        return SecureRound.start(cohort, layout, self.cfg.secagg, derive_seed(self.cfg.run.seed, t, "graph"))
+        graph_seed = derive_seed(self.cfg.run.seed, t, "graph")
+        if hasattr(self.engine, "start_secure"):  # clients in other processes (gRPC)
+            return self.engine.start_secure(cohort, layout, self.cfg.secagg, graph_seed, t)
+        return SecureRound.start(cohort, layout, self.cfg.secagg, graph_seed)
 
     def count_bytes(
         self,

@@ -105,10 +105,10 @@ class Trainer:
         self.program = ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
         self.lock = threading.Lock()
 
-    def train(self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state):
+    def train(self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None):
         from fedfm.training import ClientJob
 
-        ctx = context_from(dict(header), groups.get("c"))
+        ctx = context_from(dict(header), groups.get("c"), secure)
         job = ClientJob(client_id, rows, header.get("rank"))
         with self.lock:
             return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
@@ -123,6 +123,7 @@ class Identity:
         self.client_id: int | None = None
         self.states: dict[int, dict] = {0: {}}
         self.trained: list[int] = []
+        self.secure = None  # fedfm.deploy.secure.ClientSecure, made at the first secure round
 
     def rows(self, trainer: Trainer) -> np.ndarray:
         k = self.partition if self.partition is not None else (self.client_id if trainer.registered else 0)
@@ -210,9 +211,10 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
                 if header["status"] == "done":
                     note(f"client {ident.client_id}: the run is done")
                     return
-                if header["status"] != "train":
-                    continue
-                submit(stub, ident, trainer, header, blob, note)
+                if header["status"] == "secagg":
+                    answer_step(stub, ident, header, note)
+                elif header["status"] == "train":
+                    submit(stub, ident, trainer, header, blob, note)
                 last_contact = time.monotonic()
         except grpc.RpcError as err:
             code = err.code()
@@ -230,12 +232,28 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
             channel.close()
 
 
+def answer_step(stub, ident: Identity, header: dict, note) -> None:
+    """One secure-aggregation step: this client's reply (or why it cannot), back to the server."""
+    from fedfm.deploy.secure import ClientSecure
+
+    rnd, step = int(header["round"]), header["step"]
+    if ident.secure is None:
+        ident.secure = ClientSecure(ident.client_id)
+    try:
+        reply = {"round": rnd, "step": step, "reply": ident.secure.answer(rnd, step, header["message"])}
+    except Exception as err:
+        note(f"client {ident.client_id}: secure aggregation step {step} failed: {err}")
+        reply = {"round": rnd, "step": step, "error": f"{type(err).__name__}: {err}"}
+    stub.SubmitUpdate(iter([pb.Chunk(header=json.dumps(reply))]), metadata=ident.metadata)
+
+
 def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, note) -> None:
     rnd = int(header["round"])
     try:
         groups = unpack_tensors(blob)
         rows = ident.rows(trainer)
-        update, state = trainer.train(ident.client_id, rows, header, groups, ident.state_before(rnd))
+        secure = ident.secure.for_round(rnd) if header.get("secure") and ident.secure else None
+        update, state = trainer.train(ident.client_id, rows, header, groups, ident.state_before(rnd), secure)
     except ClientError:
         raise
     except Exception as err:  # the server hears why, and the round goes on without us

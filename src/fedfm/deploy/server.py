@@ -153,7 +153,9 @@ class FedFMServicer(rpc.FedFMServicer):
                     accepted=False, reason=f"not expecting an update for round {rnd} from you"
                 )
             c.waiting_for.discard(m.client_id)
-        c.results.put((rnd, decode_result(m.client_id, header, blob)))
+        step = header.get("step")
+        item = header if step else decode_result(m.client_id, header, blob)
+        c.results.put((rnd, step, m.client_id, item))
         return pb.SubmitReply(accepted=True)
 
 
@@ -185,6 +187,7 @@ class GrpcEngine:
     ) -> None:
         self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
         self.min_available, self.wait_timeout_s = min_available, wait_timeout_s
+        self.note = print
 
     def wait_for_clients(self, want: int) -> int:
         """Block until ``want`` clients are connected or the wait times out; how many are."""
@@ -193,41 +196,73 @@ class GrpcEngine:
             time.sleep(0.2)
         return len(self.coord.connected())
 
-    def run_cohort(
-        self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
-    ) -> Iterator[ClientResult]:
+    def _post(self, rnd: int, headers: dict[int, dict], blob: bytes = b"") -> None:
         c = self.coord
-        self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
-        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
-        base = {"status": "train", **context_header(ctx), "deadline_s": self.round_timeout_s}
-        online = set(c.connected())
-        absent = [k for k in cohort if k not in online]
         with c.cond:
-            c.round = ctx.round
-            c.tasks = {
-                k: (ctx.round, json.dumps({**base, "rank": self.jobs[k].rank}), blob)
-                for k in cohort
-                if k in online
-            }
+            c.round = rnd
+            c.tasks = {k: (rnd, json.dumps(h), blob) for k, h in headers.items()}
             c.waiting_for = set(c.tasks)
             c.cond.notify_all()
-        for k in absent:
-            yield ClientResult(k, failure=ClientFailure(k, "connect", "not connected when the round started"))
-        pending = set(c.tasks)
+
+    def _collect(self, rnd: int, step: str | None, pending: set[int]) -> Iterator[tuple[int, object]]:
+        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed."""
+        c = self.coord
         deadline = time.monotonic() + self.round_timeout_s
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                rnd, result = c.results.get(timeout=min(left, 1.0))
+                got_round, got_step, client, item = c.results.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if rnd == ctx.round and result.client_id in pending:
-                pending.discard(result.client_id)
-                yield result
+            if got_round == rnd and got_step == step and client in pending:
+                pending.discard(client)
+                yield client, item
         with c.cond:
             c.tasks, c.waiting_for = {}, set()
+
+    def exchange(self, rnd: int, step: str, messages: dict[int, dict]) -> dict[int, dict]:
+        """One secure-aggregation step: a message to each listed connected client, their replies
+        back; clients that are absent, fail or miss the deadline are left out (they drop out)."""
+        online = set(self.coord.connected())
+        headers = {
+            k: {"status": "secagg", "round": rnd, "step": step, "message": m} for k, m in messages.items()
+        }
+        self._post(rnd, {k: h for k, h in headers.items() if k in online})
+        replies = {}
+        for client, header in self._collect(rnd, step, set(messages) & online):
+            if "error" in header:
+                self.note(
+                    f"round {rnd}: client {client} failed secure aggregation step {step}: {header['error']}"
+                )
+            else:
+                replies[client] = header["reply"]
+        return replies
+
+    def start_secure(self, cohort: list[int], layout, secagg_cfg, graph_seed: int, rnd: int):
+        from fedfm.deploy.secure import RemoteSecureRound
+
+        self.wait_for_clients(self.min_available)
+        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd)
+
+    def run_cohort(
+        self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
+    ) -> Iterator[ClientResult]:
+        if ctx.secure is None:  # under secure aggregation the wait came before the key exchange
+            self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
+        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
+        base = {"status": "train", **context_header(ctx), "deadline_s": self.round_timeout_s}
+        online = set(self.coord.connected())
+        if ctx.secure is not None:  # only clients that set up this round's protocol can take part
+            online &= set(ctx.secure.server.shared)
+        absent = [k for k in cohort if k not in online]
+        self._post(ctx.round, {k: {**base, "rank": self.jobs[k].rank} for k in cohort if k in online}, blob)
+        for k in absent:
+            yield ClientResult(k, failure=ClientFailure(k, "connect", "not connected when the round started"))
+        pending = {k for k in cohort if k in online}
+        for _, result in self._collect(ctx.round, None, pending):
+            yield result
         for k in sorted(pending):
             reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
@@ -347,9 +382,10 @@ def serve(
 
 def check_deployable(cfg) -> None:
     """What the gRPC engine does not carry (yet), refused with the reason before any work."""
-    if cfg.secagg.enabled:
+    if cfg.secagg.enabled and cfg.strategy.weighting != "uniform" and not cfg.validation.max_num_examples:
         raise DeployError(
-            "secagg.enabled is not supported over gRPC yet: its multi-step protocol runs in simulation"
+            "secagg over gRPC with example-count weights needs validation.max_num_examples: the server "
+            "cannot see client data sizes, and the masking field is sized from that bound"
         )
     if cfg.attack.kind != "none":
         raise DeployError("attack.* simulates attacks in-process; real clients send what they send")

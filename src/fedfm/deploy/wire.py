@@ -94,11 +94,11 @@ def context_header(ctx) -> dict:
     dp = None
     if ctx.dp is not None:
         dp = {"kind": type(ctx.dp).__name__, **dataclasses.asdict(ctx.dp)}
-    return {"round": ctx.round, "seed": ctx.seed, "dp": dp}
+    return {"round": ctx.round, "seed": ctx.seed, "dp": dp, "secure": ctx.secure is not None}
 
 
-def context_from(header: dict, server_control: Params | None):
-    """Rebuild the RoundContext a client trains with."""
+def context_from(header: dict, server_control: Params | None, secure=None):
+    """Rebuild the RoundContext a client trains with (``secure``: its masker under secure aggregation)."""
     from fedfm.types import RoundContext
 
     dp = header.get("dp")
@@ -111,7 +111,11 @@ def context_from(header: dict, server_control: Params | None):
         else:
             raise WireError(f"unknown DP setting {kind!r}")
         dp = cls(**dp)
-    return RoundContext(round=header["round"], seed=header["seed"], server_control=server_control, dp=dp)
+    if header.get("secure") and secure is None:
+        raise WireError("the round uses secure aggregation but this client has not set it up")
+    return RoundContext(
+        round=header["round"], seed=header["seed"], server_control=server_control, dp=dp, secure=secure
+    )
 
 
 def finite_metrics(metrics: dict) -> dict:
