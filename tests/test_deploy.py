@@ -152,7 +152,9 @@ def test_unknown_token_and_missing_client_certificate_are_refused(tmp_path, tiny
 
 
 def test_killed_client_is_left_out_at_the_deadline_and_a_restarted_one_rejoins(tmp_path, tiny_config, certs):
-    _, path = deploy_config(tiny_config, tmp_path, run={"rounds": 3, "threads": 1})
+    # local training long enough (300 steps) that the kill lands while round 2 is running
+    training = {"local_steps": 300}
+    _, path = deploy_config(tiny_config, tmp_path, run={"rounds": 3, "threads": 1}, training=training)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "run"
     args = server_args(
