@@ -92,3 +92,20 @@ def test_report_rebuilds_the_page(tiny_config, tmp_path):
     res = fedfm_cmd("report", str(run_dir))
     assert res.returncode == 0 and (run_dir / "report.html").is_file()
     assert fedfm_cmd("report", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_sweep_synth_server_and_client_report_bad_input_clearly(tmp_path):
+    bad = tmp_path / "sweep.toml"
+    bad.write_text('[sweep]\nname = "x"\n')
+    r = fedfm_cmd("sweep", str(bad))
+    assert r.returncode == 2 and "no [sweep.grid]" in r.stderr
+    r = fedfm_cmd("synth", "--output", str(tmp_path / "s.jsonl"))
+    assert r.returncode == 2 and "exactly one of --dataset and --labels" in r.stderr
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("a t1\nb t2\n")
+    r = fedfm_cmd("server", "--tokens", str(tokens), "--set", "partition.num_clients=2")
+    assert r.returncode == 2 and "TLS needs --cert and --key" in r.stderr
+    r = fedfm_cmd("server", "--tokens", str(tokens), "--insecure")  # the default experiment has 10 clients
+    assert r.returncode == 2 and "lists 2 clients but partition.num_clients = 10" in r.stderr
+    r = fedfm_cmd("client", "--server", "127.0.0.1:1", "--token", "t", "--data", "config")
+    assert r.returncode == 2 and "TLS needs --ca" in r.stderr

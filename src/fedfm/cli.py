@@ -6,11 +6,18 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated fine-tuning of foundation models."
 )
 err_console = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    """Print a user error (brackets in it are text, not markup) and exit with status 2."""
+    err_console.print(f"[red]error:[/red] {escape(str(err))}")
+    raise typer.Exit(2) from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -45,8 +52,7 @@ def run(
     try:
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
     except _user_errors() as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 @app.command()
@@ -57,8 +63,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     try:
         path = write_outputs(run_dir)
     except FileNotFoundError as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
     Console().print(f"wrote {path}")
 
 
@@ -74,8 +79,7 @@ def export(
     try:
         path = export_run(run_dir, output, merge)
     except (FileNotFoundError, FileExistsError, *_user_errors()) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
     kind = (
         "merged model (transformers from_pretrained)" if merge else "adapter (peft PeftModel.from_pretrained)"
     )
@@ -97,8 +101,7 @@ def sweep(
     try:
         run_sweep(sweep_file, output, progress=not quiet, note=Console().print, overrides=set_)
     except _user_errors() as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 @app.command()
@@ -169,8 +172,7 @@ def synth(
         )
         summary = synthesize(settings, output, device=device, note=Console().print)
     except (SynthError, FileNotFoundError, json.JSONDecodeError, KeyError, *_user_errors()) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
     total = sum(summary["accepted"].values())
     Console().print(f"wrote {total} samples to {output}; rejected {summary['rejected']}")
 
@@ -227,8 +229,7 @@ def server(
             progress=not quiet,
         )
     except (DeployError, OSError, *_user_errors()) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 @app.command()
@@ -285,8 +286,7 @@ def client(
             note=Console().print,
         )
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 @app.command()
@@ -300,8 +300,7 @@ def config(
     try:
         print(load_config(config, set_).to_toml())
     except ConfigError as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 def main() -> None:
