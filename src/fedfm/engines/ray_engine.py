@@ -16,6 +16,7 @@ be able to load the model (``model.name``: a registered packaged model, a shared
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
@@ -62,8 +63,8 @@ class RayEngine:
             if r.address:
                 ray.init(address=r.address, log_to_driver=False)
             else:
-                total = max(r.num_workers * r.cpus_per_worker, 1)
-                ray.init(num_cpus=int(-(-total // 1)), include_dashboard=False, log_to_driver=False)
+                cpus = math.ceil(max(r.num_workers * r.cpus_per_worker, 1))
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         labels = list(getattr(task, "label_names", None) or _label_names(bundle))
         task_ref, jobs_ref = ray.put(task), ray.put(list(clients))
         actor = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_Worker)
