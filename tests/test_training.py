@@ -86,8 +86,8 @@ def test_engine_keeps_scaffold_state_per_client(setup):
     ctx = RoundContext(1, 0, obj.server_init(theta))
     results = list(engine.run_cohort(theta, [0, 2], ctx))
     assert all(r.update.control_delta is not None for r in results)
-    assert set(engine.client_states) == {0, 2}
+    assert set(engine.states.by_client) == {0, 2}
     restored = InProcessEngine(bundle, task, jobs, program)
     restored.load_state_dict(engine.state_dict())
-    kept, original = restored.client_states[2]["scaffold"], engine.client_states[2]["scaffold"]
+    kept, original = restored.states.by_client[2]["scaffold"], engine.states.by_client[2]["scaffold"]
     assert all(torch.equal(kept[k], original[k]) for k in theta)

@@ -273,6 +273,19 @@ def write_summary(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
         plot_final_against(spec, rows, numeric[0], out / f"final-vs-{numeric[0]}.png")
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, legend_size: int, path: Path) -> Path:
+    from fedfm.reporting.plots import plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(spec: SweepSpec, rows: list[dict], path: Path) -> Path:
     from fedfm.reporting.plots import plt
 
@@ -283,14 +296,7 @@ def plot_curves(spec: SweepSpec, rows: list[dict], path: Path) -> Path:
             ax.plot(x, y, marker=".", label=r["cell"])
     if spec.target is not None:
         ax.axhline(spec.target, color="grey", linestyle=":", label=f"target {spec.target:g}")
-    ax.set_xlabel("round")
-    ax.set_ylabel(spec.metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "round", spec.metric, 6, path)
 
 
 def plot_final_against(spec: SweepSpec, rows: list[dict], axis: str, path: Path) -> Path:
@@ -310,14 +316,7 @@ def plot_final_against(spec: SweepSpec, rows: list[dict], axis: str, path: Path)
     xs = [float(v) for v in spec.grid[axis]]
     if min(xs) > 0 and max(xs) / min(xs) >= 20:
         ax.set_xscale("log")
-    ax.set_xlabel(axis)
-    ax.set_ylabel(f"final {spec.metric}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, axis, f"final {spec.metric}", 7, path)
 
 
 def summary_rows(out: str | Path) -> list[dict]:

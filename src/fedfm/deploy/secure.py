@@ -19,7 +19,6 @@ from fedfm.privacy import packing
 from fedfm.privacy.secagg import (
     AdvertiseKeys,
     EncryptedShare,
-    MaskedInput,
     SecAggClient,
     SecAggError,
     SecAggParams,
@@ -27,6 +26,7 @@ from fedfm.privacy.secagg import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedfm.privacy.secure_round import SecureRound
 
 
 def _b(data: bytes) -> str:
@@ -109,15 +109,7 @@ class RemoteSecureRound:
         exchange(rnd, "receive", {u: {"shares": [encode_share(s) for s in inbox[u]]} for u in inbox})
         return self
 
-    def accept(self, client_id: int, payload) -> bool:
-        masked = MaskedInput(client_id, payload.get("masked") if isinstance(payload, dict) else None)
-        problem = self.server.input_problem(masked)
-        if problem is not None:
-            self.rejected.append({"client": client_id, "reason": problem})
-            return False
-        self.server.collect_input(masked)
-        self.bytes_up += masked.nbytes(self.layout.bits)
-        return True
+    accept = SecureRound.accept  # stage 2 happens at the server alone: the same code as in simulation
 
     def finish(self) -> packing.Sums:
         """Stage 3: the survivors' shares over the network, then only the sum is recovered."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from fedfm.engines.state import ClientStates
 from fedfm.models.build import ModelBundle
 from fedfm.training import ClientJob, ClientProgram
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
@@ -25,7 +26,7 @@ class InProcessEngine:
         self.task = task
         self.clients = list(clients)
         self.program = program
-        self.client_states: dict[int, dict[str, Params]] = {}
+        self.states = ClientStates()
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
@@ -34,18 +35,17 @@ class InProcessEngine:
             job = self.clients[client_id]
             try:
                 update, state = self.program(
-                    self.bundle, self.task, job, global_params, ctx, self.client_states.get(client_id)
+                    self.bundle, self.task, job, global_params, ctx, self.states.get(client_id)
                 )
             except Exception as err:  # one broken client must not stop the round
                 reason = f"{type(err).__name__}: {err}"
                 yield ClientResult(client_id, failure=ClientFailure(client_id, "train", reason))
                 continue
-            if state:
-                self.client_states[client_id] = state
+            self.states.keep(client_id, state)
             yield ClientResult(client_id, update=update)
 
     def state_dict(self) -> dict:
-        return {"client_states": {str(k): v for k, v in self.client_states.items()}}
+        return self.states.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.client_states = {int(k): v for k, v in state.get("client_states", {}).items()}
+        self.states.load_state_dict(state)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+from fedfm.engines.state import ClientStates
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
 
@@ -72,7 +73,7 @@ class RayEngine:
         self.workers = [
             actor.remote(cfg.model_dump(), labels, task_ref, jobs_ref, threads) for _ in range(r.num_workers)
         ]
-        self.client_states: dict[int, dict[str, Params]] = {}
+        self.states = ClientStates()
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
@@ -84,7 +85,7 @@ class RayEngine:
         while queue or running:
             while queue and idle:
                 worker, k = idle.pop(), queue.pop(0)
-                ref = worker.train.remote(k, params_ref, ctx_ref, self.client_states.get(k))
+                ref = worker.train.remote(k, params_ref, ctx_ref, self.states.get(k))
                 running[ref] = (worker, k)
             done, _ = ray.wait(list(running), num_returns=1)
             worker, k = running.pop(done[0])
@@ -97,15 +98,14 @@ class RayEngine:
             if failure is not None:
                 yield ClientResult(client_id, failure=ClientFailure(client_id, "train", failure))
                 continue
-            if state:
-                self.client_states[client_id] = state
+            self.states.keep(client_id, state)
             yield ClientResult(client_id, update=update)
 
     def state_dict(self) -> dict:
-        return {"client_states": {str(k): v for k, v in self.client_states.items()}}
+        return self.states.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.client_states = {int(k): v for k, v in state.get("client_states", {}).items()}
+        self.states.load_state_dict(state)
 
     def close(self) -> None:
         import ray
