@@ -146,11 +146,11 @@ def synth(
             raise SynthError("give exactly one of --dataset and --labels")
         names = dataset_labels(dataset) if dataset else [x.strip() for x in labels.split(",") if x.strip()]
         seed_examples: dict[str, list[str]] = {}
-        if seeds:
-            for line in seeds.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    seed_examples.setdefault(str(row["label"]), []).append(str(row["text"]))
+        if seeds:  # the project's JSONL reader: a bad line is named by file and number
+            from fedfm.data.sources import _read_rows
+
+            for row in _read_rows(seeds, "jsonl"):
+                seed_examples.setdefault(str(row["label"]), []).append(str(row["text"]))
         settings = SynthSettings(
             generator=generator,
             labels=tuple(names),

@@ -142,22 +142,13 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
     n, sy = len(data.train), cfg.synthetic
     client_train = data.client_train
     if sy.mode in ("augment", "both"):
-        client_train = [
-            np.concatenate(
-                [
-                    rows,
-                    n
-                    + augment_rows(
-                        data.train.labels[rows],
-                        synthetic.labels,
-                        sy.augment_per_client,
-                        sy.augment_classes,
-                        numpy_rng(cfg.run.seed, "synthetic-augment", k),
-                    ),
-                ]
+        client_train = []
+        for k, rows in enumerate(data.client_train):
+            rng = numpy_rng(cfg.run.seed, "synthetic-augment", k)
+            extra = augment_rows(
+                data.train.labels[rows], synthetic.labels, sy.augment_per_client, sy.augment_classes, rng
             )
-            for k, rows in enumerate(client_train)
-        ]
+            client_train.append(np.concatenate([rows, n + extra]))
     rows = np.arange(n, n + len(synthetic))
     return FederatedData(concat(data.train, synthetic), data.test, client_train, data.client_test, rows)
 

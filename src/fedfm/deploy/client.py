@@ -27,7 +27,7 @@ import numpy as np
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE
-from fedfm.deploy.wire import chunks, context_from, finite_metrics, join, pack_tensors, unpack_tensors
+from fedfm.deploy.wire import chunks, context_from, float_metrics, join, pack_tensors, unpack_tensors
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
@@ -122,7 +122,7 @@ class Identity:
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.client_id: int | None = None
         self.states: dict[int, dict] = {0: {}}
-        self.trained: list[int] = []
+        self.last_round = 0  # the last round this client trained
         self.secure = None  # fedfm.deploy.secure.ClientSecure, made at the first secure round
 
     def rows(self, trainer: Trainer) -> np.ndarray:
@@ -200,11 +200,11 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
                 note(f"client {ident.client_id}: joined run {joined.run}")
             trainer = trainer_for(joined)
             while True:
-                last = ident.trained[-1] if ident.trained else 0
                 header, blob = join(
                     (c.header, c.data)
                     for c in stub.GetTask(
-                        pb.TaskRequest(token=ident.token, last_round=last), metadata=ident.metadata
+                        pb.TaskRequest(token=ident.token, last_round=ident.last_round),
+                        metadata=ident.metadata,
                     )
                 )
                 last_contact = time.monotonic()
@@ -264,12 +264,12 @@ def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, n
         reply_header = {
             "round": rnd,
             "num_examples": update.num_examples,
-            "metrics": finite_metrics(update.metrics),
+            "metrics": float_metrics(update.metrics),
         }
         payload = pack_tensors({"p": update.delta, "c": update.control_delta})
     reply = stub.SubmitUpdate(
         (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)), metadata=ident.metadata
     )
-    ident.trained.append(rnd)
+    ident.last_round = rnd
     if not reply.accepted:
         note(f"client {ident.client_id}: round {rnd} update refused: {reply.reason}")

@@ -184,10 +184,10 @@ class GrpcEngine:
         round_timeout_s: float,
         min_available: int,
         wait_timeout_s: float,
+        note=print,
     ) -> None:
         self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
-        self.min_available, self.wait_timeout_s = min_available, wait_timeout_s
-        self.note = print
+        self.min_available, self.wait_timeout_s, self.note = min_available, wait_timeout_s, note
 
     def wait_for_clients(self, want: int) -> int:
         """Block until ``want`` clients are connected or the wait times out; how many are."""
@@ -329,7 +329,6 @@ def serve(
     min_available: int | None = None,
     wait_timeout_s: float = 600.0,
     progress: bool = True,
-    on_listen=None,
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
 
@@ -355,20 +354,16 @@ def serve(
     members = {token: Member(k, name) for k, (name, token) in enumerate(pairs)}
     coord = Coordinator(members, cfg.to_toml(), [], run_dir.name)
     least = cfg.sampling.min_clients if min_available is None else min_available
-    engines = []
 
     def factory(bundle, task, jobs, program, cfg=None):
-        engines.append(GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s))
-        return engines[0]
+        return GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s, note)
 
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory)
     coord.label_names = list(run.data.train.label_names)
     server, port = start_server(coord, address, security, note)
     try:
         note(f"listening on port {port}; waiting for clients")
-        if on_listen is not None:
-            on_listen(port)
-        connected = engines[0].wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
+        connected = run.engine.wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
         note(f"{connected} of {cfg.partition.num_clients} clients connected; starting")
         result = run.execute()
     finally:

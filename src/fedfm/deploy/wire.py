@@ -41,7 +41,7 @@ def unpack_tensors(blob: bytes) -> dict[str, Params]:
         return {}
     try:
         flat = st_load(blob)
-        order = json.loads(safe_open_metadata(blob).get("order", "[]"))
+        order = json.loads(blob_metadata(blob).get("order", "[]"))
     except Exception as err:
         raise WireError(f"payload is not a valid safetensors blob ({type(err).__name__}: {err})") from None
     if sorted(order) != sorted(flat):
@@ -56,7 +56,7 @@ def unpack_tensors(blob: bytes) -> dict[str, Params]:
     return groups
 
 
-def safe_open_metadata(blob: bytes) -> dict:
+def blob_metadata(blob: bytes) -> dict:
     """The ``__metadata__`` of a safetensors blob (its JSON header, after an 8-byte length)."""
     size = int.from_bytes(blob[:8], "little")
     return json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
@@ -118,7 +118,7 @@ def context_from(header: dict, server_control: Params | None, secure=None):
     )
 
 
-def finite_metrics(metrics: dict) -> dict:
+def float_metrics(metrics: dict) -> dict:
     """Client metrics as plain floats (JSON)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 

@@ -66,7 +66,7 @@ class RayEngine:
             else:
                 cpus = math.ceil(max(r.num_workers * r.cpus_per_worker, 1))
                 ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        labels = list(getattr(task, "label_names", None) or _label_names(bundle))
+        labels = _label_names(bundle)  # the classifier's head; a causal LM has none
         task_ref, jobs_ref = ray.put(task), ray.put(list(clients))
         actor = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_Worker)
         threads = max(1, int(r.cpus_per_worker))

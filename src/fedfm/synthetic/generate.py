@@ -263,11 +263,11 @@ def synthesize(
     progress, rows = _load_progress(output, settings)
     accepted = {label: sum(r["label"] == label for r in rows) for label in settings.labels}
     seen = {normalized(r["text"]) for r in rows}
-    todo = [
-        lab
-        for lab in settings.labels
-        if accepted[lab] < settings.per_class and progress.batches[lab] < settings.batch_budget
-    ]
+
+    def unfinished(label: str) -> bool:
+        return accepted[label] < settings.per_class and progress.batches[label] < settings.batch_budget
+
+    todo = [lab for lab in settings.labels if unfinished(lab)]
     if todo:
         dev = pick_device(device)
         note(f"loading generator {settings.generator!r} on {dev}")
@@ -276,37 +276,37 @@ def synthesize(
         with output.open("a") as fh:
             for label in todo:
                 prompt = render_prompt(settings, label)
-                while (
-                    accepted[label] < settings.per_class and progress.batches[label] < settings.batch_budget
-                ):
+                while unfinished(label):
                     b = progress.batches[label]
                     seed = derive_seed(settings.seed, "synth", label, b)
                     texts = [clean(t) for t in sample_batch(model, tokenizer, prompt, settings, seed, dev)]
                     progress.generated += len(texts)
                     kept = _filter(texts, label, settings, seen, quality, progress.rejected)
                     for text, score in kept[: settings.per_class - accepted[label]]:
-                        row = {"text": text, "label": label, "synthetic": True}
-                        row["provenance"] = {
-                            "generator": settings.generator,
-                            "prompt": prompt,
-                            "seed": seed,
-                            "batch": b,
-                            "settings": settings.sampling(),
-                            **({"quality": round(score, 4)} if score is not None else {}),
-                        }
-                        fh.write(json.dumps(row) + "\n")
+                        fh.write(json.dumps(_row(settings, text, label, prompt, seed, b, score)) + "\n")
                         accepted[label] += 1
                     fh.flush()
                     progress.batches[label] = b + 1
                     _save_progress(output, progress)
                     note(f"{label}: batch {b + 1}, {accepted[label]}/{settings.per_class} accepted")
-    elif not _sidecar(output).is_file():
-        _save_progress(output, progress)
     summary = {"accepted": accepted, **asdict(progress)}
     short = [lab for lab in settings.labels if accepted[lab] < settings.per_class]
     if short:
         note(f"batch budget spent before {settings.per_class} samples for: {', '.join(short)}")
     return summary
+
+
+def _row(settings: SynthSettings, text: str, label: str, prompt: str, seed: int, batch: int, score) -> dict:
+    """One output line: the sample and where it came from."""
+    provenance = {
+        "generator": settings.generator,
+        "prompt": prompt,
+        "seed": seed,
+        "batch": batch,
+        "settings": settings.sampling(),
+        **({"quality": round(score, 4)} if score is not None else {}),
+    }
+    return {"text": text, "label": label, "synthetic": True, "provenance": provenance}
 
 
 def _filter(texts, label, settings, seen: set, quality, rejected: dict) -> list[tuple[str, float | None]]:
