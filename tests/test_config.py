@@ -31,7 +31,18 @@ def test_overrides_parse_toml_values():
     assert parse_override("model.name=minilm") == (["model", "name"], "minilm")
     assert parse_override('peft.target_modules=["query","key"]')[1] == ["query", "key"]
     assert make_config({}, ["attack.kind=nan"]).attack.kind == "nan"  # not TOML's float nan
-    assert make_config({}, ["validation.max_update_norm=inf"]).validation.max_update_norm == float("inf")
+    with pytest.raises(ConfigError, match="validation.max_update_norm: Input should be a finite number"):
+        make_config({}, ["validation.max_update_norm=inf"])  # null means no bound; inf is refused
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["training.lr=inf", "training.lr=nan", "strategy.server_lr=1e9", "privacy.clip_norm=inf", "strategy.mu=nan"],
+)
+def test_non_finite_and_absurd_hyperparameters_are_refused(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        make_config({}, [override])
     merged = apply_overrides({"run": {"rounds": 3}}, ["run.seed=7", "partition.alpha=2"])
     assert merged == {"run": {"rounds": 3, "seed": 7}, "partition": {"alpha": 2}}
     with pytest.raises(ConfigError, match="section.field=value"):

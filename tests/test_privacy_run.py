@@ -62,7 +62,7 @@ def test_secure_aggregation_round_fails_cleanly_when_too_many_drop(tiny_config, 
 
 
 def test_client_dp_reports_epsilon_every_round_and_resumes_to_the_same(tiny_config, tmp_path):
-    cfg = tiny_config(run={"rounds": 3}, strategy={"weighting": "uniform"}, privacy=DP)
+    cfg = tiny_config(run={"rounds": 3}, strategy={"weighting": "uniform"}, privacy={**DP, "noise_seed": 3})
     full = fedfm.run(cfg, output=tmp_path / "full", progress=False)
     rounds = records(full.run_dir)
     eps = [r["epsilon"] for r in rounds]

@@ -158,14 +158,14 @@ def test_packed_sums_unpack_to_the_weighted_sums_within_quantization_error(weigh
     losses = [float(i) + 0.5 for i in range(len(weights))]
     total = torch.zeros(layout.length, dtype=torch.int64)
     for d, w, loss in zip(deltas, weights, losses, strict=True):
-        total = (total + packing.pack(layout, d, w, loss, g, unclipped=-0.25)) & ((1 << layout.bits) - 1)
+        total = (total + packing.pack(layout, d, w, loss, g, unclipped=1.0)) & ((1 << layout.bits) - 1)
     sums = packing.unpack(layout, total)
     for k in ref:
         exact = sum(w * d[k] for d, w in zip(deltas, weights, strict=True))
         assert torch.allclose(sums.delta[k], exact, atol=layout.step * sum(weights) + 1e-6)
     assert sums.scalars["weight"] == sum(weights) and sums.scalars["count"] == len(weights)
     assert sums.scalars["loss"] == pytest.approx(sum(w * x for w, x in zip(weights, losses, strict=True)))
-    assert sums.scalars["unclipped"] == pytest.approx(-0.25 * len(weights))
+    assert sums.scalars["unclipped"] == pytest.approx(0.5 * len(weights))  # Σ (b − ½) with b = 1
 
 
 def test_stochastic_rounding_is_unbiased():

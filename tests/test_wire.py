@@ -52,6 +52,6 @@ def test_tensors_keep_their_groups_dtypes_and_insertion_order():
 def test_round_context_round_trip_with_dp_settings():
     from fedfm.privacy.dp import DpRound
 
-    ctx = RoundContext(round=4, seed=7, dp=DpRound(0.5, 0.1, 0.0, True))
+    ctx = RoundContext(round=4, seed=7, dp=DpRound(0.5, True))
     back = context_from(context_header(ctx), {"c": torch.zeros(1)})
     assert back.round == 4 and back.seed == 7 and back.dp == ctx.dp and "c" in back.server_control

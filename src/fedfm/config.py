@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and ±inf are refused in every float field (an lr of inf would train to NaN silently)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _registered(kind: str, name: str) -> str:
@@ -134,7 +135,7 @@ class TrainingSection(_Section):
     local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
     batch_size: int = Field(16, ge=1, description="Local mini-batch size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
-    lr: float = Field(5e-3, gt=0, description="Local learning rate.")
+    lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
@@ -151,7 +152,7 @@ class StrategySection(_Section):
         "examples", description="Aggregation weight per client: its example count, or 1."
     )
     server_optimizer: str = Field("sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad.")
-    server_lr: float = Field(1.0, gt=0, description="Server learning rate (1.0 with sgd is FedAvg).")
+    server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="sgd server momentum (FedAvgM).")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay.")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
@@ -249,12 +250,13 @@ class PrivacySection(_Section):
     )
     noise: Literal["central", "distributed"] = Field(
         "central",
-        description="client DP: the server adds the noise, or each client adds its share (with secagg).",
+        description="client DP: the server adds Gaussian noise, or each client adds a Skellam share "
+        "(integer noise that survives secure aggregation; needs secagg).",
     )
     clip_norm: float = Field(1.0, gt=0, description="L2 clip norm C (initial C when adaptive).")
     adaptive_clipping: bool = Field(False, description="client DP: track a quantile of update norms.")
     target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
-    clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate η_C.")
+    clip_lr: float = Field(0.2, gt=0, le=10, description="Adaptive clipping: geometric learning rate η_C.")
     clipped_count_stddev: float | None = Field(
         None, gt=0, description="Adaptive clipping: σ_b of the clipped-count sum; default max(m / 20, z)."
     )
@@ -266,6 +268,17 @@ class PrivacySection(_Section):
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant (pld: poisson).")
+    noise_seed: int | None = Field(
+        None,
+        description="Reproducible privacy noise and DP cohorts from this seed. Default (unset): the OS "
+        "CSPRNG. With a seed the guarantee does not hold against anyone who knows it.",
+    )
+    distributed_bits: int = Field(
+        32, ge=16, le=48, description="Distributed noise: modulus bits of the secure sum (Skellam)."
+    )
+    wrap_stddevs: float = Field(
+        8.0, ge=2, le=64, description="Distributed noise: standard deviations of a summed entry the field holds."
+    )
 
 
 class SecAggSection(_Section):
@@ -278,6 +291,11 @@ class SecAggSection(_Section):
     )
     clip_range: float = Field(1.0, gt=0, description="Each entry is clipped to [−c, c] before encoding.")
     quantization_bits: int = Field(24, ge=4, le=40, description="Fixed-point bits per entry (signed).")
+    signatures: bool = Field(
+        False,
+        description="Signed key adverts and the consistency check (Bonawitz et al. 2017) against a server "
+        "that lies about who dropped; deployments need provisioned client certificates.",
+    )
 
 
 class RaySection(_Section):
@@ -495,6 +513,10 @@ def _privacy_checks(cfg: RunConfig) -> None:
             "privacy.dp = 'example' (DP-SGD) needs strategy.objective = 'plain' and no peft.rank_tiers: "
             "proximal terms and control variates are not per-example gradients"
         )
+    if p.noise == "distributed" and p.accountant == "pld":
+        raise ValueError("privacy.accountant = 'pld' applies to central noise; distributed noise uses RDP")
+    if p.dp == "none" and p.noise_seed is not None:
+        raise ValueError("privacy.noise_seed applies to runs with privacy.dp")
     if p.dp != "client" and (p.noise == "distributed" or p.adaptive_clipping):
         raise ValueError("privacy.noise and privacy.adaptive_clipping apply to privacy.dp = 'client'")
     lora_aware = s.lora_aggregation != "naive" or cfg.peft.rank_tiers

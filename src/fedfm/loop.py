@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator, weighted_sum
+from fedfm.algorithms.aggregators import EmptyCohortError, make_aggregator
 from fedfm.algorithms.lora import PRODUCT, aggregate_lora, lora_pairs, truncate_rank
 from fedfm.algorithms.objectives import make_objective
 from fedfm.algorithms.server_optimizers import make_server_optimizer
@@ -31,12 +31,11 @@ from fedfm.models.export import export_adapter
 from fedfm.models.merge import merge_into_base, restart_adapters, scaling
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy import packing
-from fedfm.privacy.dp import clip
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
-from fedfm.seeding import derive_seed, numpy_rng, torch_generator
+from fedfm.seeding import derive_seed, numpy_rng
 from fedfm.tally import RoundTally
 from fedfm.tasks.metrics import summarize_clients
 from fedfm.training import ClientProgram
@@ -97,11 +96,16 @@ class Run:
         self.max_examples = cfg.validation.max_num_examples or (
             remote_limit if engine_factory else len(self.data.train)
         )
-        self.privacy = None
-        if cfg.privacy.dp == "client":
-            from fedfm.privacy.plan import PrivacyPlan
+        self.privacy = None  # fedfm.privacy.server.RunPrivacy in DP runs
+        if cfg.privacy.dp != "none":
+            from fedfm.privacy.server import SEEDED_WARNING, RunPrivacy
 
-            self.privacy = PrivacyPlan(cfg, self.data.num_clients, self.cohort, note=self.console.note)
+            dim = sum(v.numel() for v in self.initial_params.values())
+            n, folder, note = self.data.num_clients, run_dir / "checkpoint", self.console.note
+            self.privacy = RunPrivacy(cfg, n, self.cohort, dim, folder, note=note)
+            if self.privacy.noise.reproducible:
+                self.console.warn(SEEDED_WARNING)
+        self.current_round = 0
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
@@ -133,6 +137,12 @@ class Run:
                 privacy=self.privacy.initial_state() if self.privacy else {},
             )
         self.metrics.truncate_after(saved.round)
+        if self.privacy is not None:
+            for charge in self.privacy.resume(saved.privacy, saved.round):
+                self.console.warn(
+                    f"round {charge['round']} released a noisy result before the crash; it stays "
+                    "charged, and its rerun with fresh noise is charged again"
+                )
         self.engine.load_state_dict(saved.engine_state)
         merge_into_base(self.bundle.model, saved.merged)  # stack mode: the base weights moved too
         self.console.note(f"resuming after round {saved.round}")
@@ -150,7 +160,7 @@ class Run:
                 "num_clients": 0,
                 "train_loss": None,
                 **self.evaluate(self.state.params),
-                **self.privacy_record([]),
+                **self.privacy_record(),
             }
             self._finish_round(record)
         stopped = None
@@ -166,17 +176,21 @@ class Run:
                 self.state.engine_state = self.engine.state_dict()
                 self.state.elapsed_s = self.elapsed()
                 save_checkpoint(self.run_dir / "checkpoint", self.state)
+                if self.privacy is not None:
+                    self.privacy.checkpointed()
         return self._finish(stopped)
 
     def sample(self, t: int) -> list[int]:
         n, seed = self.data.num_clients, self.cfg.run.seed
+        rng = self.privacy.cohort_rng(t) if self.privacy is not None else None  # DP: unpredictable
         if self.cfg.sampling.method == "poisson":
-            return poisson_cohort(n, self.cohort / n, seed, t)
-        return sample_cohort(n, self.cohort, seed, t)
+            return poisson_cohort(n, self.cohort / n, seed, t, rng)
+        return sample_cohort(n, self.cohort, seed, t, rng)
 
     def run_round(self, t: int, bar) -> dict:
         cfg, state = self.cfg, self.state
         round_start = time.perf_counter()
+        self.current_round = t
         cohort = self.sample(t)
         plan = plan_round(cfg.attack, cohort, cfg.run.seed, t)
         secure = self.start_secure(cohort, t) if cfg.secagg.enabled else None
@@ -185,8 +199,9 @@ class Run:
             seed=cfg.run.seed,
             server_control=state.server_control,
             attack=plan,
-            dp=self.client_dp(),
+            dp=self.privacy.client_settings(state.privacy) if self.privacy else None,
             secure=secure,
+            noise=self.privacy.noise if self.privacy else None,
         )
         tally = RoundTally()
         results = self.engine.run_cohort(state.params, cohort, ctx)
@@ -195,10 +210,12 @@ class Run:
         if secure is not None:
             from fedfm.privacy.secure_round import secure_aggregate
 
-            sums, skipped = secure_aggregate(results, secure, tally, on_client)
+            sums, skipped = secure_aggregate(
+                results, secure, tally, on_client, self.check_clear, self.before_unmask(t, secure)
+            )
             aggregate = None
             if sums is not None:
-                aggregate, new_privacy = self.mean_of_sums(sums.delta, sums.scalars, t)
+                aggregate, new_privacy = self.mean_of_sums(sums, len(tally.accepted), t, secure)
         else:
             aggregate, new_privacy, skipped = self.plain_aggregate(results, tally, on_client, plan, cohort, t)
         if aggregate is not None and len(tally.accepted) < cfg.sampling.min_clients:
@@ -208,10 +225,11 @@ class Run:
             )
         stacked_bytes = 0
         if self.privacy is not None:  # a skipped round is charged too (its counts were seen)
-            if skipped is None:
+            if skipped is None and new_privacy is not None:
                 state.privacy = new_privacy
-            else:
-                self.privacy.charge(state.privacy, t)
+            elif skipped is not None:
+                skellam = secure.layout.skellam if secure is not None else None
+                self.privacy.charge_skipped(state.privacy, t, len(tally.accepted), skellam)
         if skipped is None:
             if cfg.strategy.lora_aggregation == "stack":
                 aggregate, stacked_bytes = self.fold_into_base(aggregate, t, len(tally.accepted))
@@ -236,14 +254,9 @@ class Run:
             "round_s": time.perf_counter() - round_start,
             **self.count_bytes(cohort, tally.bytes_up, ctx, stacked_bytes, secure),
         }
-        record.update(self.privacy_record(tally.client_records))
+        record.update(self.privacy_record())
         if secure is not None:
-            record["secagg"] = {
-                "bytes_up": secure.bytes_up,
-                "bytes_down": secure.bytes_down,
-                "server_s": secure.server_s,
-                "field_bits": secure.layout.bits,
-            }
+            record["secagg"] = secure.report()
         if plan is not None:
             record["malicious"] = sorted(plan.malicious)
         if skipped:
@@ -257,23 +270,8 @@ class Run:
             record.update(self.evaluate(state.params))
         return record
 
-    def client_dp(self):
-        """What clients are told about DP this round: client-level settings, DP-SGD's, or None."""
-        p = self.cfg.privacy
-        if self.privacy is not None:
-            return self.privacy.client_settings(self.state.privacy)
-        if p.dp == "example":
-            from fedfm.privacy.dpsgd import ExampleDp
-
-            return ExampleDp(p.clip_norm, p.delta, self.cfg.run.rounds, p.noise_multiplier, p.target_epsilon)
-        return None
-
-    def privacy_record(self, client_records: list[dict]) -> dict:
-        if self.privacy is not None:
-            return self.privacy.record(self.state.privacy)
-        if self.cfg.privacy.dp == "example":
-            return example_dp_record(self.cfg.privacy, self.state.privacy, client_records)
-        return {}
+    def privacy_record(self) -> dict:
+        return self.privacy.record(self.state.privacy) if self.privacy is not None else {}
 
     def plain_aggregate(self, results, tally: RoundTally, on_client, plan, cohort: list[int], t: int):
         """Decode → attack (simulated) → validate → aggregate, streamed. → (aggregate, privacy, skip)."""
@@ -283,33 +281,43 @@ class Run:
         updates = tally.valid_updates(results, self.check_update, cfg.strategy.weighting == "uniform")
         aggregate, new_privacy, skipped = None, None, None
         try:
-            if self.privacy is None:
+            if self.privacy is None or self.privacy.plan is None:
                 aggregate = self.aggregate(updates, self.state.params)
-            else:  # central DP: the server re-clips, so a client that skipped clipping gains nothing
-                c = self.state.privacy["clip_norm"]
-                total = weighted_sum((clip(delta, c)[0], 1.0) for delta, _ in updates)
-                unclipped = sum(r.get("dp_unclipped", 0.0) for r in tally.client_records)
-                aggregate, new_privacy = self.mean_of_sums(total, {"unclipped": unclipped}, t)
+            else:  # central DP: the server clips every update and computes its clipped bit itself
+                deltas = (delta for delta, _ in updates)
+                aggregate, new_privacy = self.privacy.aggregate_updates(self.state.privacy, t, deltas)
+                if aggregate is None:
+                    raise EmptyCohortError("no updates to aggregate")
         except EmptyCohortError as err:
             skipped = str(err)
         for _ in updates:  # drain, so every client is tallied even if the aggregator stops early
             pass
         return aggregate, new_privacy, skipped
 
-    def mean_of_sums(self, total: Params, scalars: dict, t: int) -> tuple[Params, dict | None]:
-        """From sums to the aggregate: DP's noised fixed-denominator mean, else Σ w·Δ / Σ w."""
-        if self.privacy is None:
-            return {k: v / scalars["weight"] for k, v in total.items()}, None
-        new = {"ledger": list(self.state.privacy["ledger"]), "clip_norm": self.state.privacy["clip_norm"]}
-        generator = torch_generator(self.cfg.run.seed, t, "dp-server")
-        contributors = int(round(scalars.get("count", 0))) or None
-        aggregate = self.privacy.server_half(new, t, total, scalars["unclipped"], contributors, generator)
-        return aggregate, new
+    def mean_of_sums(self, sums, contributors: int, t: int, secure) -> tuple[Params, dict | None]:
+        """From unmasked sums to the aggregate: DP's noised fixed-denominator mean, else Σ w·Δ / Σ w.
+        ``contributors`` is how many clients the server saw deliver (never a client-reported count)."""
+        if self.privacy is None or self.privacy.plan is None:
+            return {k: v / sums.scalars["weight"] for k, v in sums.delta.items()}, None
+        skellam, count = secure.layout.skellam, sums.scalars["unclipped"]
+        return self.privacy.aggregate_sums(self.state.privacy, t, sums.delta, count, contributors, skellam)
+
+    def before_unmask(self, t: int, secure):
+        """The write-ahead charge of a distributed-noise round, run just before its sum is unmasked."""
+        if self.privacy is None or self.privacy.plan is None or secure.layout.skellam is None:
+            return None
+        return lambda survivors: self.privacy.before_release(
+            self.state.privacy, t, survivors, secure.layout.skellam
+        )
 
     def start_secure(self, cohort: list[int], t: int) -> SecureRound:
         from fedfm.privacy.secure_round import SecureRound
 
         uniform = self.cfg.strategy.weighting == "uniform"
+        skellam = None
+        if self.privacy is not None:
+            rotation = derive_seed(self.cfg.run.seed, t, "rotation")  # public, like the graph
+            skellam = self.privacy.skellam_round(self.state.privacy, max(1, len(cohort)), rotation)
         layout = packing.Layout.for_params(
             self.state.params,
             self.state.server_control is not None,
@@ -317,6 +325,7 @@ class Run:
             quantization_bits=self.cfg.secagg.quantization_bits,
             max_weight=1 if uniform else self.max_examples,
             max_clients=max(1, len(cohort)),
+            skellam=skellam,
         )
         graph_seed = derive_seed(self.cfg.run.seed, t, "graph")
         if hasattr(self.engine, "start_secure"):  # clients in other processes (gRPC)
@@ -386,9 +395,25 @@ class Run:
         return decode(payload, self.cfg.compression, self.reference(client_id))
 
     def check_update(self, client_id: int, update: Update) -> str | None:
+        if self.privacy is not None and self.privacy.example is not None:
+            problem = self.check_clear(client_id, update.metrics, update.num_examples)
+            if problem is not None:
+                return problem
         return update_problem(
             update, self.reference(client_id), self.cfg.validation.max_update_norm, self.max_examples
         )
+
+    def check_clear(self, client_id: int, metrics, num_examples: int | None = None) -> str | None:
+        """DP-SGD: the mechanism a client states it ran must be the configured one; a matching
+        statement is charged to that client in the server's own accountant (a release happened)."""
+        if self.privacy is None or self.privacy.example is None:
+            return None
+        if num_examples is not None and (not isinstance(num_examples, int) or num_examples <= 0):
+            return None  # update_problem names that
+        problem = self.privacy.example_problem(metrics, num_examples, self.cfg.training)
+        if problem is None:
+            self.privacy.charge_example(self.state.privacy, self.current_round, client_id, metrics)
+        return problem
 
     def evaluate(self, params: Params) -> dict:
         cfg, task = self.cfg, self.task
@@ -455,23 +480,3 @@ def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float
         return lambda updates, params: aggregate_lora(updates, params, mode, rank)
     aggregator = make_aggregator(cfg.strategy)
     return lambda updates, params: aggregator(updates)
-
-
-def example_dp_record(privacy, state: dict, client_records: list[dict]) -> dict:
-    """DP-SGD's round metrics: the largest example-level ε any client has reached so far.
-
-    Clients report their own ε (from their Opacus accountant), in the clear beside the masked
-    vector under secure aggregation.
-    """
-    reported = [r["dp_epsilon"] for r in client_records if "dp_epsilon" in r]
-    noise = [r["dp_noise_multiplier"] for r in client_records if "dp_noise_multiplier" in r]
-    state["max_epsilon"] = max([state.get("max_epsilon", 0.0), *reported])
-    if noise:
-        state["min_noise"] = min(noise)
-    return {
-        "dp": "example",
-        "epsilon": state["max_epsilon"],
-        "delta": privacy.delta,
-        "noise_multiplier": state.get("min_noise", privacy.noise_multiplier or 0.0),
-        "clip_norm": privacy.clip_norm,
-    }

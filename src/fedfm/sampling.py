@@ -1,5 +1,8 @@
 """Client sampling: which clients train in a round, drawn from (seed, round) alone.
 
+In a DP run the cohort is privacy-relevant (amplification by sampling assumes nobody can predict
+it): the loop then passes an ``rng`` from the run's ``NoiseSource`` (the OS CSPRNG by default).
+
 ``fixed`` draws exactly m of N without replacement; ``poisson`` includes each client
 independently with probability q = m / N, so cohorts vary in size (what DP accounting with
 Poisson subsampling assumes). m comes from ``clients_per_round`` or ``fraction``.
@@ -16,17 +19,17 @@ def cohort_size(num_clients: int, clients_per_round: int | None, fraction: float
     return max(1, min(num_clients, round(fraction * num_clients)))
 
 
-def sample_cohort(num_clients: int, size: int, seed: int, round_: int) -> list[int]:
+def sample_cohort(num_clients: int, size: int, seed: int, round_: int, rng=None) -> list[int]:
     """``size`` distinct client ids, sorted, uniformly without replacement."""
     if size >= num_clients:
         return list(range(num_clients))
-    rng = numpy_rng(seed, round_, "cohort")
+    rng = rng or numpy_rng(seed, round_, "cohort")
     return sorted(int(c) for c in rng.choice(num_clients, size=size, replace=False))
 
 
-def poisson_cohort(num_clients: int, rate: float, seed: int, round_: int) -> list[int]:
+def poisson_cohort(num_clients: int, rate: float, seed: int, round_: int, rng=None) -> list[int]:
     """Each client independently with probability ``rate`` (may be empty), sorted."""
-    rng = numpy_rng(seed, round_, "cohort")
+    rng = rng or numpy_rng(seed, round_, "cohort")
     return [int(c) for c in (rng.random(num_clients) < rate).nonzero()[0]]
 
 

@@ -23,7 +23,7 @@ from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy import dp, packing
 from fedfm.privacy.dpsgd import ExampleDp, poisson_batches, train_dp_sgd
-from fedfm.seeding import seed_torch, torch_generator
+from fedfm.seeding import NoiseSource, seed_torch, torch_generator
 from fedfm.transforms.compression import encode
 from fedfm.types import Params, RoundContext, Update
 
@@ -153,7 +153,8 @@ def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps,
     """Local training as DP-SGD (Opacus); the client state carries its accountant's history."""
     n = len(job.indices)
     rows = torch.as_tensor(job.indices, dtype=torch.long)
-    generator = torch_generator(ctx.seed, ctx.round, job.client_id, "dp-sgd")
+    # Poisson batches and Opacus' noise are privacy randomness: from the round's noise source
+    generator = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp-sgd")
     batches = (rows[p] for p in poisson_batches(n, cfg.batch_size, steps, generator))
     history = (client_state or {}).get("history")
     run = SimpleNamespace(
@@ -173,6 +174,8 @@ def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps,
         "steps": float(steps),
         "dp_epsilon": eps,
         "dp_noise_multiplier": z,
+        "dp_sample_rate": min(1.0, cfg.batch_size / n),
+        "dp_steps": float(steps),
     }
     return Update(delta, n, metrics), {"history": history}
 
@@ -201,8 +204,10 @@ def _apply_masks(trainable: dict, masks: dict, params: bool) -> None:
 class ClientProgram:
     """What a client runs each round: local training, then the client halves of the transforms.
 
-    The client halves run in the documented order: clip → DP noise share → compress or
-    (under secure aggregation) fixed-point encode → mask.
+    The client halves run in the documented order: rank cut → (under secure aggregation with
+    client-level DP) clip → compress, or fixed-point encode → mask; with distributed DP,
+    clip → rotate and quantise → Skellam noise → mask. With central DP and no secure aggregation
+    the server clips.
 
     Engines call it unchanged. Client state is a dict of named ``Params`` that the engine keeps
     per client and checkpoints: ``"scaffold"`` (control variate), ``"residual"`` (top-k error
@@ -232,13 +237,19 @@ class ClientProgram:
             state["dp_sgd" if example_dp else "scaffold"] = control
         if job.rank is not None:  # send only the components this client trains
             update = replace(update, delta=truncate_rank(update.delta, job.rank))
-        unclipped = 0.0
-        if isinstance(ctx.dp, dp.DpRound):  # clip → noise share
-            delta, unclipped = dp.client_half(
-                update.delta, ctx.dp, torch_generator(ctx.seed, ctx.round, job.client_id, "dp")
-            )
-            update = replace(update, delta=delta, metrics={**update.metrics, "dp_unclipped": unclipped})
-        if ctx.secure is not None:  # → encode → mask: the masked vector is all that is sent
+        bit = None
+        if isinstance(ctx.dp, dp.DpRound):  # client-level DP under secure aggregation: clients clip
+            layout = ctx.secure.layout if ctx.secure is not None else None
+            slack = layout.rounding_slack if layout is not None and layout.skellam is None else 0.0
+            if ctx.dp.clip_norm <= slack:
+                raise ValueError(f"clip norm {ctx.dp.clip_norm:.3g} is below the fixed-point slack {slack:.3g}")
+            delta, norm = dp.clip(update.delta, ctx.dp.clip_norm - slack)
+            bit = dp.clipped_bit(norm, ctx.dp.clip_norm)
+            update = replace(update, delta=delta)
+        if ctx.secure is not None:  # → encode (→ integer noise) → mask: the masked vector is all that is sent
+            noise = None
+            if ctx.secure.layout.skellam is not None:
+                noise = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp")
             vector = packing.pack(
                 ctx.secure.layout,
                 update.delta,
@@ -246,10 +257,11 @@ class ClientProgram:
                 update.metrics["train_loss"],
                 torch_generator(ctx.seed, ctx.round, job.client_id, "secagg"),
                 update.control_delta,
-                unclipped,
+                bit,
+                noise,
             )
-            # DP-SGD's ε is a client's own statement; it travels beside the masked vector
-            shown = {k: v for k, v in update.metrics.items() if k in ("dp_epsilon", "dp_noise_multiplier")}
+            # DP-SGD's settings are a client's own statement; they travel beside the masked vector
+            shown = {k: v for k, v in update.metrics.items() if k.startswith("dp_")}
             return Update(ctx.secure.mask(job.client_id, vector), 1, shown), state
         generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
         payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))

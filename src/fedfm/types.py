@@ -66,5 +66,6 @@ class RoundContext:
     seed: int
     server_control: Params | None = None
     attack: Any = None  # fedfm.attacks.AttackPlan in simulated attacks; None otherwise
-    dp: Any = None  # fedfm.privacy.dp.DpRound under client-level DP: clip norm, noise share
+    dp: Any = None  # DpRound (clients clip: client-level DP under secagg) or ExampleDp (DP-SGD)
     secure: Any = None  # fedfm.privacy.secure_round.SecureRound under secure aggregation
+    noise: Any = None  # fedfm.seeding.NoiseSource: where privacy randomness comes from

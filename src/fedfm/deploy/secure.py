@@ -26,7 +26,8 @@ from fedfm.privacy.secagg import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedfm.privacy.secure_round import SecureRound
+from fedfm.privacy.secure_round import SecureRound, secure_report
+from fedfm.privacy.skellam import SkellamRound
 
 
 def _b(data: bytes) -> str:
@@ -75,7 +76,8 @@ def encode_layout(layout: packing.Layout) -> dict:
 
 def decode_layout(d: dict) -> packing.Layout:
     shapes = tuple((k, tuple(int(x) for x in s)) for k, s in d["shapes"])
-    return packing.Layout(**{**d, "shapes": shapes})
+    skellam = SkellamRound(**d["skellam"]) if d.get("skellam") else None
+    return packing.Layout(**{**d, "shapes": shapes, "skellam": skellam})
 
 
 class RemoteSecureRound:
@@ -86,6 +88,7 @@ class RemoteSecureRound:
         self.bytes_up = self.bytes_down = 0
         self.rejected: list[dict] = []
         self.server_s = 0.0
+        self.near_wrap = 0
 
     @classmethod
     def start(cls, exchange, cohort: list[int], layout: packing.Layout, cfg, graph_seed: int, rnd: int):
@@ -110,6 +113,7 @@ class RemoteSecureRound:
         return self
 
     accept = SecureRound.accept  # stage 2 happens at the server alone: the same code as in simulation
+    report = secure_report
 
     def finish(self) -> packing.Sums:
         """Stage 3: the survivors' shares over the network, then only the sum is recovered."""

@@ -1,20 +1,27 @@
 """Client-level differential privacy (DP-FedAvg), as pure functions on named tensors.
 
 McMahan, Ramage, Talwar, Zhang (2018), "Learning Differentially Private Recurrent Language
-Models": each client's delta is clipped to L2 norm C, the server sums the clipped deltas, adds
-Gaussian noise N(0, (z·C)² I) and divides by the *expected* cohort size m — a fixed denominator,
-with every client weighted equally. That is the weighting the analysis assumes (sensitivity C
-per client), so fedfm requires ``strategy.weighting = "uniform"`` under client-level DP.
+Models": each client's delta is clipped to L2 norm C, the clipped deltas are summed, Gaussian
+noise N(0, (z·C)² I) is added and the sum divided by the *expected* cohort size m — a fixed
+denominator, with every client weighted equally. That is the weighting the analysis assumes
+(each client moves the sum by at most C), so fedfm requires ``strategy.weighting = "uniform"``.
+
+Where the clipping happens: with central noise and no secure aggregation the (trusted) server
+clips every update it receives and computes each clipped bit itself, so no client-reported value
+enters the mechanism. Under secure aggregation the server sees only sums, so clients clip.
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy (2021), "Differentially Private Learning
-with Adaptive Clipping"): each client also reports b_k = 1[‖Δ_k‖ ≤ C]; the server forms the
-noised fraction b̄ = (Σ b_k + N(0, σ_b²)) / m and updates C ← C · exp(−η (b̄ − γ)), tracking the
-γ-quantile of update norms. The privacy cost of the b_k is paid by splitting the total noise
-multiplier z between the two sums: z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2).
+with Adaptive Clipping"): with b_k = 1[‖Δ_k‖ ≤ C], the noised *centred* count
+S = Σ (b_k − ½) + N(0, σ_b²) gives the unclipped fraction b̄ = (S + m/2) / m, and
+C ← C · exp(−η (b̄ − γ)) tracks the γ-quantile of update norms. Centring matters: under
+add/remove-one neighbours a centred bit moves S by ½, an uncentred one by 1. The update sum and
+the count are one Gaussian mechanism whose multiplier combines both parts:
 
-Noise is added either centrally (the server, after summing) or distributed: every client adds a
-share N(0, (z·C)²/m), so that m shares sum to the central noise; that mode is meant for secure
-aggregation, where the server never sees an unnoised sum.
+    z_eff⁻² = (σ_Δ / s_Δ)⁻² + (σ_b / s_b)⁻²   (σ over sensitivity, per part)
+
+Add/remove: s_Δ = C, s_b = ½; replace-one: s_Δ = 2C, s_b = 1. Either way, charging the run's z
+(relative to C; the accountant divides by the relation's factor) and spending σ_Δ = z_Δ·C with
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) on the update makes the mechanism run equal the one charged.
 """
 
 from __future__ import annotations
@@ -29,11 +36,9 @@ from fedfm.types import Params
 
 @dataclass(frozen=True)
 class DpRound:
-    """What clients are told about this round's DP: the clip norm and their noise share's std."""
+    """What clients that clip (under secure aggregation) are told: the clip norm, adaptive or not."""
 
     clip_norm: float
-    delta_noise_share: float = 0.0  # std of each client's noise share on Δ (distributed mode)
-    count_noise_share: float = 0.0  # std of each client's noise share on b_k (distributed, adaptive)
     adaptive: bool = False
 
 
@@ -42,8 +47,10 @@ def global_norm(params: Params) -> float:
 
 
 def clip(delta: Params, clip_norm: float) -> tuple[Params, float]:
-    """Δ · min(1, C / ‖Δ‖₂) and the norm before clipping."""
+    """Δ · min(1, C / ‖Δ‖₂) and the norm before clipping (a non-finite norm is an error)."""
     norm = global_norm(delta)
+    if not math.isfinite(norm):
+        raise ValueError("cannot clip an update with NaN or infinite entries")
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: v * factor for k, v in delta.items()}, norm
 
@@ -61,7 +68,7 @@ def add(a: Params, b: Params) -> Params:
 
 
 def split_noise(noise_multiplier: float, count_stddev: float | None) -> float:
-    """z_Δ for the update sum when σ_b of the clipped-count sum uses part of z (Andrew et al. Thm 1).
+    """z_Δ for the update sum when the centred clipped-count sum takes σ_b of z (Andrew et al. Thm 1).
 
     ``count_stddev`` None means fixed clipping: all noise goes to the update.
     """
@@ -76,20 +83,58 @@ def split_noise(noise_multiplier: float, count_stddev: float | None) -> float:
     return rest**-0.5
 
 
+def effective_multiplier(delta_std: float, count_std: float | None, clip_norm: float, relation_factor: float):
+    """The multiplier (noise over sensitivity) of the joint (update sum, centred count) Gaussian.
+
+    ``relation_factor`` is 1 under add/remove-one (s_Δ = C, s_b = ½) and 2 under replace-one
+    (s_Δ = 2C, s_b = 1). This is what the accountant is charged, divided by that factor.
+    """
+    inverse = (relation_factor * clip_norm / delta_std) ** 2
+    if count_std is not None:
+        inverse += (relation_factor * 0.5 / count_std) ** 2
+    return inverse**-0.5
+
+
+def clipped_bit(norm: float, clip_norm: float) -> float:
+    """b = 1[‖Δ‖ ≤ C]."""
+    return 1.0 if norm <= clip_norm else 0.0
+
+
+def unclipped_fraction(noisy_centred_count: float, expected_cohort: float) -> float | None:
+    """b̄ = (S + m/2) / m, clamped to [0, 1] (post-processing); None when S is not finite."""
+    if not math.isfinite(noisy_centred_count):
+        return None
+    fraction = (noisy_centred_count + expected_cohort / 2) / expected_cohort
+    return min(1.0, max(0.0, fraction))
+
+
 def adapt_clip(clip_norm: float, unclipped_fraction: float, target_quantile: float, lr: float) -> float:
     """Geometric update C · exp(−η (b̄ − γ)): fewer unclipped than γ → C grows, more → shrinks."""
     return clip_norm * math.exp(-lr * (unclipped_fraction - target_quantile))
 
 
-def client_half(delta: Params, dp: DpRound, generator: torch.Generator) -> tuple[Params, float]:
-    """Clip, then add this client's noise share (distributed mode). Returns (Δ, b_k)."""
+def client_half(delta: Params, dp: DpRound) -> tuple[Params, float]:
+    """Clip (a client under secure aggregation). Returns (clip(Δ), b)."""
     clipped, norm = clip(delta, dp.clip_norm)
-    unclipped = 1.0 if norm <= dp.clip_norm else 0.0
-    if dp.delta_noise_share > 0:
-        clipped = add(clipped, gaussian_like(clipped, dp.delta_noise_share, generator))
-    if dp.count_noise_share > 0:
-        unclipped += float(torch.randn((), generator=generator, dtype=torch.float64)) * dp.count_noise_share
-    return clipped, unclipped
+    return clipped, clipped_bit(norm, dp.clip_norm)
+
+
+def server_sums(deltas, clip_norm: float) -> tuple[Params | None, float, int]:
+    """Central DP at the server: Σ clip(Δ_k) (accumulated in float64, returned in each tensor's
+    dtype), the centred count Σ (b_k − ½), and how many updates."""
+    total, dtypes, count, n = None, {}, 0.0, 0
+    for delta in deltas:
+        clipped, norm = clip(delta, clip_norm)
+        count += clipped_bit(norm, clip_norm) - 0.5
+        n += 1
+        if total is None:
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in clipped.items()}
+            dtypes = {k: v.dtype for k, v in clipped.items()}
+        for k, v in clipped.items():
+            total[k] += v.double()
+    if total is not None:
+        total = {k: v.to(dtypes[k]) for k, v in total.items()}
+    return total, count, n
 
 
 def noisy_mean(total: Params, expected_cohort: float, noise_std: float, generator: torch.Generator) -> Params:

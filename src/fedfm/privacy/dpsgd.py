@@ -10,6 +10,11 @@ The guarantee is per client and per example: one example of client k changes k's
 little. It says nothing about a client's data as a whole (client-level DP does that).
 A client whose ε would pass ``privacy.target_epsilon`` refuses to train; the server records
 that as a failure with the reason, and the round goes on without it.
+
+The ε fedfm reports is the server's own: each client states the z, q and steps it ran, the
+server checks them against the mechanism it configured (``report_problem``: an update that ran
+anything else is rejected) and composes them in its own accountant (``server_epsilon``). A
+client's own report of its ε is never used.
 """
 
 from __future__ import annotations
@@ -123,3 +128,38 @@ def poisson_batches(n: int, batch_size: int, steps: int, generator: torch.Genera
     q = min(1.0, batch_size / n)
     for _ in range(steps):
         yield (torch.rand(n, generator=generator) < q).nonzero().flatten()
+
+
+# ---------------------------------------------------------------- the server's own account
+
+
+def report_problem(settings: ExampleDp, metrics, num_examples: int | None, batch_size: int, steps_for):
+    """Why a DP-SGD client's statement of what it ran is not the configured mechanism, or None.
+
+    The client states z, q and its step count; the server recomputes z from the settings it set
+    (``noise_for``) and, when it knows the client's example count, q = B / n and the steps.
+    ``steps_for(n)`` is the configured number of local steps for n examples.
+    """
+    try:
+        z, q, steps = (float(metrics[k]) for k in ("dp_noise_multiplier", "dp_sample_rate", "dp_steps"))
+    except (KeyError, TypeError, ValueError):
+        return "DP-SGD update without its noise multiplier, sample rate and steps"
+    if not all(map(math.isfinite, (z, q, steps))) or not 0 < q <= 1 or steps < 1 or steps != int(steps):
+        return f"implausible DP-SGD settings (z = {z!r}, q = {q!r}, steps = {steps!r})"
+    if num_examples is not None:
+        if not math.isclose(q, min(1.0, batch_size / num_examples), rel_tol=1e-9):
+            return f"DP-SGD sample rate {q:.6g} is not B / n = {batch_size} / {num_examples}"
+        if int(steps) != steps_for(num_examples):
+            return f"DP-SGD ran {int(steps)} steps, the configuration gives {steps_for(num_examples)}"
+    expected = noise_for(settings, q, int(steps))
+    if not math.isclose(z, expected, rel_tol=1e-9):
+        return f"DP-SGD noise multiplier {z:.6g} is not the configured {expected:.6g} for q = {q:.6g}"
+    return None
+
+
+def server_epsilon(history: list, delta: float) -> float:
+    """ε of one client's DP-SGD rounds [(z, q, steps), ...], from an accountant the server runs."""
+    if not history:
+        return 0.0
+    acc = _accountant(torch.tensor(history, dtype=torch.float64))
+    return float(acc.get_epsilon(delta))

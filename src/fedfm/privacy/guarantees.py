@@ -6,3 +6,14 @@ GUARANTEES = {
     "example": "example-level (ε, δ)-DP per client (DP-SGD): one training example changes its client's "
     "updates little; clients as a whole are not protected",
 }
+
+SEEDED = (
+    "the noise was drawn from privacy.noise_seed, so the guarantee does not hold against anyone who "
+    "knows the seed"
+)
+
+MECHANISMS = {
+    "gaussian": "Gaussian noise added to the clipped sum",
+    "skellam": "distributed Skellam noise added by the clients under secure aggregation (no "
+    "amplification by sampling claimed)",
+}

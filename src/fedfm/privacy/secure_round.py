@@ -8,6 +8,7 @@ can carry them unchanged. Bytes of every message are counted, per direction.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,11 @@ class SecureRound:
     bytes_down: int = 0
     rejected: list[dict] = field(default_factory=list)
     server_s: float = 0.0
+    # simulation only, for the wrap diagnostic of distributed DP: the exact (unreduced) integer sum
+    exact: torch.Tensor | None = None
+    masked: set = field(default_factory=set)
+    wrapped: int | None = None
+    near_wrap: int = 0
 
     @classmethod
     def start(cls, cohort: list[int], layout: packing.Layout, cfg, graph_seed: int) -> SecureRound:
@@ -69,6 +75,9 @@ class SecureRound:
         """The client half's last step (run by that client): the masked vector is all it sends."""
         if client_id not in self.clients:
             raise SecAggError(f"client {client_id} is not in this round's secure aggregation")
+        if self.layout.skellam is not None:  # a simulation can count wraps exactly; a deployment cannot
+            self.exact = vector.clone() if self.exact is None else self.exact + vector
+            self.masked.add(client_id)
         return {"masked": self.clients[client_id].mask(vector).vector}
 
     def finish(self) -> packing.Sums:
@@ -80,26 +89,79 @@ class SecureRound:
         self.bytes_up += sum(r.nbytes() for r in responses)
         total = self.server.finish(responses, request)
         self.server_s += time.perf_counter() - start
+        if self.exact is not None and set(request.survivors) == self.masked:
+            half = 1 << (self.layout.bits - 1)  # centring reads the sum right iff it lies in [−M/2, M/2)
+            self.wrapped = int(((self.exact < -half) | (self.exact >= half)).sum())
         return packing.unpack(self.layout, total)
+
+    def report(self) -> dict:
+        return secure_report(self)
+
+
+def secure_report(secure) -> dict:
+    """The round record's ``secagg`` part: bytes, server time, field, and how close sums came to
+    wrapping (``wrapped``: exact count, simulation only; ``near_wrap``: entries past 3/4 of the range)."""
+    out = {
+        "bytes_up": secure.bytes_up,
+        "bytes_down": secure.bytes_down,
+        "server_s": secure.server_s,
+        "field_bits": secure.layout.bits,
+        "near_wrap": secure.near_wrap,
+    }
+    if secure.layout.skellam is not None:
+        out["wrapped"] = getattr(secure, "wrapped", None)
+        out["expected_wraps"] = secure.layout.skellam.expected_wraps()
+    return out
+
+
+def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) -> str | None:
+    """Why unmasked sums cannot come from ``contributors`` well-formed inputs, or None. The server
+    cannot check one masked input, but it can check what they add up to."""
+    s = sums.scalars
+    if s["count"] != contributors:
+        return f"the unmasked count is {s['count']:g} but {contributors} clients contributed"
+    if layout.skellam is None:
+        if not contributors <= s["weight"] <= contributors * layout.max_weight:
+            return f"the unmasked weight {s['weight']:g} is impossible for {contributors} clients"
+        if abs(s["unclipped"]) > contributors / 2 + 1e-6:
+            return f"the unmasked clipped-bit count {s['unclipped']:g} is impossible for {contributors} clients"
+    return None
 
 
 def secure_aggregate(
-    results, secure: SecureRound, tally, on_client
+    results, secure, tally, on_client, check_clear=None, before_unmask=None
 ) -> tuple[packing.Sums | None, str | None]:
-    """Server side of a secure round: masked inputs in, the unmasked sums out (or why not)."""
+    """Server side of a secure round: masked inputs in, the unmasked sums out (or why not).
+
+    ``check_clear(client, metrics)`` vets what a client states in the clear (DP-SGD's settings);
+    ``before_unmask(survivors)`` runs just before the sum is recovered (a write-ahead DP charge).
+    """
     for result in tally.delivered(results, on_client):
+        metrics = dict(result.update.metrics)
+        problem = check_clear(result.client_id, metrics) if check_clear is not None else None
+        if problem is not None:
+            tally.rejected.append({"client": result.client_id, "reason": problem})
+            continue
         if secure.accept(result.client_id, result.update.delta):
             tally.accepted.append(result.client_id)
-            if result.update.metrics:  # only what a client states in the clear (DP-SGD's ε)
-                tally.client_records.append({"client": result.client_id, **result.update.metrics})
+            if metrics:  # only what a client states in the clear (DP-SGD's settings)
+                tally.client_records.append({"client": result.client_id, **metrics})
     tally.rejected.extend(secure.rejected)
     try:
+        if before_unmask is not None:
+            before_unmask(len(tally.accepted))
         sums = secure.finish()
     except SecAggError as err:
         tally.accepted.clear()
         return None, f"secure aggregation failed: {err}; round skipped, state unchanged"
+    secure.near_wrap = sums.near_wrap
+    problem = sums_problem(sums, len(tally.accepted), secure.layout)
+    if problem is not None:
+        tally.accepted.clear()
+        return None, f"secure aggregation: {problem} (a malformed masked input); round skipped"
     s = sums.scalars
-    tally.loss_sum, tally.examples = s["loss"], int(round(s["weight"]))
+    if math.isfinite(s["loss"]):
+        tally.loss_sum, tally.examples = s["loss"], int(round(s["weight"]))
     if sums.control is not None:
         tally.control_sum = sums.control
     return sums, None

@@ -124,7 +124,7 @@ def _epsilon(value: float | None) -> str:
 
 def privacy_section(history: list[dict]) -> str:
     """Which guarantee the run has, the (ε, δ) it ended with, and secure aggregation's cost."""
-    from fedfm.privacy.guarantees import GUARANTEES
+    from fedfm.privacy.guarantees import GUARANTEES, MECHANISMS, SEEDED
 
     rounds = [r for r in history if r.get("round", 0) > 0]
     dp = next((r for r in reversed(history) if r.get("dp")), None)
@@ -133,8 +133,12 @@ def privacy_section(history: list[dict]) -> str:
     if dp:
         parts.append(
             f"<p>After round {dp['round']}: <b>ε = {_epsilon(dp['epsilon'])}</b> at δ = {dp['delta']:g} "
-            f"(noise multiplier {dp['noise_multiplier']:.4f}, clip norm {dp['clip_norm']:.4g}).</p>"
+            f"(noise multiplier {dp['noise_multiplier']:.4f}, clip norm {dp['clip_norm']:.4g}"
+            + (f"; {html.escape(MECHANISMS[dp['mechanism']])}" if dp.get("mechanism") in MECHANISMS else "")
+            + ").</p>"
         )
+        if dp.get("noise") == "seeded":
+            parts.append(f"<p class='warning'><b>Warning:</b> {html.escape(SEEDED)}.</p>")
     secure = [r["secagg"] for r in rounds if r.get("secagg")]
     if secure:
         up = sum(s["bytes_up"] for s in secure) / len(secure)
