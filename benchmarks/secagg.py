@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from fedfm.privacy.secagg import SecAggClient, SecAggParams, SecAggServer
+from fedfm.privacy.secagg import SecAggClient, SecAggParams
+from fedfm.privacy.secagg_server import SecAggServer
 
 BITS = 42  # the field the default run uses: 24-bit fixed point, weights up to the training set size
 

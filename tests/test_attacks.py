@@ -59,10 +59,13 @@ def test_malformed_updates_are_rejected_and_the_round_goes_on(tiny_config, tmp_p
 def test_norm_bound_validation_and_every_client_rejected_means_no_state_change(tiny_config, tmp_path):
     from fedfm.checkpoint import load_checkpoint
     from fedfm.experiment import build_task, prepare_data
+    from fedfm.loop import RunFailedError
     from fedfm.models.state import get_trainable_state
 
     cfg = tiny_config(validation={"max_update_norm": 1e-9}, run={"rounds": 1})
-    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    with pytest.raises(RunFailedError) as failed:  # every update rejected in every round
+        fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    result = failed.value.result
     last = result.history[-1]
     assert last["num_clients"] == 0 and len(last["rejected"]) == 4 and "skipped" in last
     assert all("exceeds validation.max_update_norm" in r["reason"] for r in last["rejected"])

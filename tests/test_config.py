@@ -37,7 +37,13 @@ def test_overrides_parse_toml_values():
 
 @pytest.mark.parametrize(
     "override",
-    ["training.lr=inf", "training.lr=nan", "strategy.server_lr=1e9", "privacy.clip_norm=inf", "strategy.mu=nan"],
+    [
+        "training.lr=inf",
+        "training.lr=nan",
+        "strategy.server_lr=1e9",
+        "privacy.clip_norm=inf",
+        "strategy.mu=nan",
+    ],
 )
 def test_non_finite_and_absurd_hyperparameters_are_refused(override):
     field = override.split("=")[0]

@@ -49,10 +49,14 @@ def test_secure_aggregation_round_fails_cleanly_when_too_many_drop(tiny_config, 
                 c = result.client_id
                 yield ClientResult(c, failure=ClientFailure(c, "train", "network cut"))
 
+    from fedfm.loop import RunFailedError
+
     InProcessEngine.run_cohort = flaky
     try:
         cfg = tiny_config(run={"rounds": 2}, secagg={"enabled": True})
-        result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+        with pytest.raises(RunFailedError) as failed:  # no round delivered: the run says so
+            fedfm.run(cfg, output=tmp_path / "r", progress=False)
+        result = failed.value.result
     finally:
         InProcessEngine.run_cohort = original
     rounds = records(result.run_dir)

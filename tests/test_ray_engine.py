@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fedfm
-from fedfm.checkpoint import load_checkpoint
+from fedfm.checkpoint import ClientStore, load_checkpoint
 
 pytest.importorskip("ray")
 
@@ -29,7 +29,8 @@ def test_ray_matches_inprocess_after_two_rounds_with_client_state(tmp_path, tiny
         torch.testing.assert_close(b.params[k], a.params[k], atol=1e-6, rtol=1e-5)
     for k in a.server_control:
         torch.testing.assert_close(b.server_control[k], a.server_control[k], atol=1e-6, rtol=1e-5)
-    states_a, states_b = a.engine_state["client_states"], b.engine_state["client_states"]
+    states_a = ClientStore(local.run_dir / "checkpoint").all()
+    states_b = ClientStore(remote.run_dir / "checkpoint").all()
     assert states_a.keys() == states_b.keys() and states_a
     for client, state in states_a.items():
         for kind in state:

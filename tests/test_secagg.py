@@ -14,11 +14,11 @@ from fedfm.privacy.secagg import (
     SecAggClient,
     SecAggError,
     SecAggParams,
-    SecAggServer,
     neighbours,
     shamir_reconstruct,
     shamir_share,
 )
+from fedfm.privacy.secagg_server import SecAggServer
 
 
 def protocol(inputs, bits=40, threshold=0.67, k=None, drop_before=(), drop_after=()):

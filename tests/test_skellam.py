@@ -45,7 +45,9 @@ def test_hadamard_is_orthonormal_and_self_inverse():
     assert y.norm().item() == pytest.approx(x.norm().item())
     assert torch.allclose(hadamard(y), x, atol=1e-12)
     # H_2 = [[1, 1], [1, −1]] / √2
-    assert hadamard(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist() == pytest.approx([2**-0.5, 2**-0.5])
+    assert hadamard(torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist() == pytest.approx(
+        [2**-0.5, 2**-0.5]
+    )
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard(torch.zeros(3, dtype=torch.float64))
 
@@ -79,7 +81,9 @@ def test_encode_sum_decode_recovers_the_sum_of_updates_plus_noise():
     """Four clients' clipped updates through rotate → round → Skellam → (modular sum) → decode:
     the error is the noise (std σ = z·C per entry), unbiased, and nothing wraps."""
     dim, c, sigma = 300, 1.0, 0.05
-    plan = SkellamRound.plan(dim, c, sigma, cohort=4, bits=30, wrap_stddevs=8, rotation_seed=11, count_stddev=0.5)
+    plan = SkellamRound.plan(
+        dim, c, sigma, cohort=4, bits=30, wrap_stddevs=8, rotation_seed=11, count_stddev=0.5
+    )
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(4)]
     xs = [x * min(1.0, c / x.norm().item()) for x in xs]
@@ -97,10 +101,14 @@ def test_encode_sum_decode_recovers_the_sum_of_updates_plus_noise():
 
 
 def test_sensitivity_covers_replacing_one_client():
-    plan = SkellamRound.plan(100, 1.0, 1.0, cohort=4, bits=30, wrap_stddevs=8, rotation_seed=0, count_stddev=1.0)
+    plan = SkellamRound.plan(
+        100, 1.0, 1.0, cohort=4, bits=30, wrap_stddevs=8, rotation_seed=0, count_stddev=1.0
+    )
     l2, l1 = plan.sensitivity()
     assert l2 == pytest.approx(math.hypot(2 * plan.l2_bound, plan.bit_scale))
-    assert l1 == pytest.approx(2 * plan.l2_bound * min(math.sqrt(plan.padded), plan.l2_bound) + plan.bit_scale)
+    assert l1 == pytest.approx(
+        2 * plan.l2_bound * min(math.sqrt(plan.padded), plan.l2_bound) + plan.bit_scale
+    )
     # far above the grid, the mechanism is the Gaussian one: per-round RDP ≈ α·(2C)²/(2σ²) + count
     entry = plan.charge(4)
     gaussian = 2 * (4 / (2 * 1.0) + (plan.bit_scale / (plan.scale * 1.0)) ** 2 / 2)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fedfm.algorithms.objectives import make_objective
+from fedfm.checkpoint import ClientStore, ServerState, save_checkpoint
 from fedfm.config import StrategySection, TrainingSection, make_config
 from fedfm.engines import InProcessEngine
 from fedfm.experiment import build_task, prepare_data
@@ -76,7 +77,7 @@ def test_engine_reports_a_failing_client_and_goes_on(setup):
     assert results[0].update is not None and results[2].update is not None
 
 
-def test_engine_keeps_scaffold_state_per_client(setup):
+def test_engine_keeps_scaffold_state_per_client(setup, tmp_path):
     cfg, data, bundle, task = setup
     obj = make_objective(StrategySection(objective="scaffold"))
     theta = get_trainable_state(bundle.trainable)
@@ -86,8 +87,11 @@ def test_engine_keeps_scaffold_state_per_client(setup):
     ctx = RoundContext(1, 0, obj.server_init(theta))
     results = list(engine.run_cohort(theta, [0, 2], ctx))
     assert all(r.update.control_delta is not None for r in results)
-    assert set(engine.states.by_client) == {0, 2}
+    assert set(engine.states.take_changed()) == {0, 2}
+    folder = tmp_path / "checkpoint"  # committed with the server state, one row per client
+    save_checkpoint(folder, ServerState(1, theta, {}), engine.states.take_changed())
     restored = InProcessEngine(bundle, task, jobs, program)
-    restored.load_state_dict(engine.state_dict())
-    kept, original = restored.states.by_client[2]["scaffold"], engine.states.by_client[2]["scaffold"]
+    restored.states.attach(ClientStore(folder))
+    kept, original = restored.states.get(2)["scaffold"], engine.states.get(2)["scaffold"]
     assert all(torch.equal(kept[k], original[k]) for k in theta)
+    assert restored.states.get(1) is None and ClientStore(folder).written_in(1) == [0, 2]

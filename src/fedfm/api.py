@@ -37,7 +37,7 @@ def run(
     with each round's metrics record.
     """
     cfg, run_dir = prepare_run(config, output=output, resume=resume, overrides=overrides)
-    return Run(cfg, run_dir, progress=progress, callbacks=callbacks).execute()
+    return Run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None).execute()
 
 
 def prepare_run(

@@ -14,19 +14,21 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
-def _fail(err: Exception) -> None:
-    """Print a user error (brackets in it are text, not markup) and exit with status 2."""
+def _fail(err: Exception, status: int = 2) -> None:
+    """Print a user error (brackets in it are text, not markup) and exit with ``status`` (2: bad
+    input; 1: the run itself failed)."""
     err_console.print(f"[red]error:[/red] {escape(str(err))}")
-    raise typer.Exit(2) from None
+    raise typer.Exit(status) from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from fedfm.checkpoint import CheckpointError
     from fedfm.config import ConfigError
     from fedfm.data.partition import PartitionError
     from fedfm.data.sources import DataError
     from fedfm.models.resolve import ModelError
 
-    return ConfigError, DataError, ModelError, PartitionError
+    return CheckpointError, ConfigError, DataError, ModelError, PartitionError
 
 
 @app.command()
@@ -46,6 +48,7 @@ def run(
 ) -> None:
     """Run a federated experiment; with no arguments, the embedded default experiment."""
     import fedfm
+    from fedfm.loop import RunFailedError
 
     if baselines:
         set_ = [*set_, "task.baselines=true"]
@@ -53,6 +56,8 @@ def run(
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
     except _user_errors() as err:
         _fail(err)
+    except RunFailedError as err:
+        _fail(err, status=1)
 
 
 @app.command()

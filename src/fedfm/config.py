@@ -277,7 +277,10 @@ class PrivacySection(_Section):
         32, ge=16, le=48, description="Distributed noise: modulus bits of the secure sum (Skellam)."
     )
     wrap_stddevs: float = Field(
-        8.0, ge=2, le=64, description="Distributed noise: standard deviations of a summed entry the field holds."
+        8.0,
+        ge=2,
+        le=64,
+        description="Distributed noise: standard deviations of a summed entry the field holds.",
     )
 
 

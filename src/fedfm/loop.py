@@ -23,7 +23,7 @@ from fedfm.algorithms.lora import PRODUCT, aggregate_lora, lora_pairs, truncate_
 from fedfm.algorithms.objectives import make_objective
 from fedfm.algorithms.server_optimizers import make_server_optimizer
 from fedfm.attacks import attack_results, plan_round
-from fedfm.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from fedfm.checkpoint import CheckpointError, ClientStore, ServerState, load_checkpoint, save_checkpoint
 from fedfm.config import RunConfig
 from fedfm.engines import ENGINES
 from fedfm.experiment import FederatedData, build_task, client_jobs, prepare_data, server_only_data
@@ -33,7 +33,7 @@ from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy import packing
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
-from fedfm.reporting.metrics import MetricsLog
+from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
 from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
 from fedfm.seeding import derive_seed, numpy_rng
 from fedfm.tally import RoundTally
@@ -65,11 +65,20 @@ class Run:
     """One experiment in one run folder; ``execute()`` runs the remaining rounds."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, *, progress: bool = True, callbacks=(), engine_factory=None
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        *,
+        progress: bool = True,
+        callbacks=(),
+        engine_factory=None,
+        resume: bool = False,
     ) -> None:
         """``engine_factory`` replaces the configured engine with one whose clients hold their own data
-        (a deployment: the server loads only its test split)."""
+        (a deployment: the server loads only its test split). ``resume``: the folder must hold a
+        checkpoint (a missing or damaged one is an error, never a silent restart)."""
         self.started = time.perf_counter()
+        self.resume = resume
         self.cfg = cfg
         self.run_dir = run_dir
         self.callbacks = list(callbacks)
@@ -125,17 +134,32 @@ class Run:
         self.console.describe(cfg, self.data, self.bundle, self.cohort, getattr(self.task, "truncated", None))
 
     def _initial_state(self) -> ServerState:
-        saved = load_checkpoint(self.run_dir / "checkpoint")
-        if saved is None:
+        folder = self.run_dir / "checkpoint"
+        for stale in [*remove_stale_temporaries(self.run_dir), *remove_stale_temporaries(folder)]:
+            self.console.note(f"removed {stale.name}, left by an earlier crash")
+        states = getattr(self.engine, "states", None)
+        if states is not None:
+            states.attach(ClientStore(folder))
+        saved = load_checkpoint(folder)
+        finished = [r["round"] for r in self.metrics.rounds() if r.get("round", 0) > 0]
+        if saved is None and self.resume and finished:
+            raise CheckpointError(
+                f"cannot resume {self.run_dir}: metrics.jsonl records round {max(finished)} but {folder} "
+                "holds no checkpoint (deleted?); nothing was changed. Start a new run in another folder"
+            )
+        if saved is None:  # a new run, or one that never finished its first round
             self.metrics.reset()
             params = get_trainable_state(self.bundle.trainable)
-            return ServerState(
+            state = ServerState(
                 round=0,
                 params=params,
                 optimizer_state=self.server_optimizer.init(params),
                 server_control=self.objective.server_init(params),
                 privacy=self.privacy.initial_state() if self.privacy else {},
             )
+            if self.privacy is not None and self.resume:
+                self.privacy.resume(state.privacy, 0)  # a release before the first checkpoint stays charged
+            return state
         self.metrics.truncate_after(saved.round)
         if self.privacy is not None:
             for charge in self.privacy.resume(saved.privacy, saved.round):
@@ -175,7 +199,11 @@ class Run:
                 self._finish_round(record)
                 self.state.engine_state = self.engine.state_dict()
                 self.state.elapsed_s = self.elapsed()
-                save_checkpoint(self.run_dir / "checkpoint", self.state)
+                states = getattr(self.engine, "states", None)  # per-client state: only what changed
+                changed = states.take_changed() if states is not None else {}
+                save_checkpoint(self.run_dir / "checkpoint", self.state, changed)
+                if states is not None:
+                    states.committed()
                 if self.privacy is not None:
                     self.privacy.checkpointed()
         return self._finish(stopped)
@@ -330,7 +358,7 @@ class Run:
         graph_seed = derive_seed(self.cfg.run.seed, t, "graph")
         if hasattr(self.engine, "start_secure"):  # clients in other processes (gRPC)
             return self.engine.start_secure(cohort, layout, self.cfg.secagg, graph_seed, t)
-        return SecureRound.start(cohort, layout, self.cfg.secagg, graph_seed)
+        return SecureRound.start(cohort, layout, self.cfg.secagg, graph_seed, t)
 
     def count_bytes(
         self,
@@ -468,9 +496,25 @@ class Run:
             self.engine.close()
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)
-        return RunResult(
+        result = RunResult(
             self.run_dir, history, final, self.cfg, stopped, num_trainable=self.bundle.num_trainable()
         )
+        trained = [r for r in history if r.get("round", 0) > 0]
+        if trained and not any(r.get("num_clients") for r in trained):
+            raise RunFailedError(
+                f"no client delivered a usable update in any of {len(trained)} rounds (see 'failed' and "
+                f"'rejected' in {self.run_dir / 'metrics.jsonl'}); the model is the initial one",
+                result,
+            )
+        return result
+
+
+class RunFailedError(RuntimeError):
+    """Every client failed in every round: the run produced nothing. ``result`` has its records."""
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def choose_aggregation(cfg: RunConfig) -> Callable[[Iterable[tuple[Params, float]], Params], Params]:

@@ -195,6 +195,7 @@ def run_sweep(
     its last checkpoint. Returns the summary rows in cell order.
     """
     import fedfm
+    from fedfm.loop import RunFailedError
 
     spec = load_sweep(path)
     cells = [Cell(c.name, c.values, [*c.overrides, *overrides]) for c in expand(spec)]
@@ -209,10 +210,14 @@ def run_sweep(
             rows.append(json.loads(done.read_text()))
             continue
         note(f"[{i}/{len(cells)}] {cell.name}")
-        if (folder / "checkpoint").exists():
-            result = fedfm.run(resume=folder, progress=progress)
-        else:
-            result = fedfm.run(configs[cell.name], output=folder, progress=progress)
+        try:
+            if (folder / "checkpoint").exists():
+                result = fedfm.run(resume=folder, progress=progress)
+            else:
+                result = fedfm.run(configs[cell.name], output=folder, progress=progress)
+        except RunFailedError as err:  # recorded like any cell; the sweep goes on
+            note(f"[{i}/{len(cells)}] {cell.name}: {err}")
+            result = err.result
         extra = {"trainable": result.num_trainable, "wall_s": round(_wall(result.history), 1)}
         row = cell_summary(cell, result.config, result.history, spec, extra)
         done.write_text(json.dumps(row, indent=1))

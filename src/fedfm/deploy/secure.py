@@ -22,10 +22,10 @@ from fedfm.privacy.secagg import (
     SecAggClient,
     SecAggError,
     SecAggParams,
-    SecAggServer,
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedfm.privacy.secagg_server import SecAggServer
 from fedfm.privacy.secure_round import SecureRound, secure_report
 from fedfm.privacy.skellam import SkellamRound
 

@@ -358,7 +358,7 @@ def serve(
     def factory(bundle, task, jobs, program, cfg=None):
         return GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s, note)
 
-    run = Run(cfg, run_dir, progress=progress, engine_factory=factory)
+    run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
     server, port = start_server(coord, address, security, note)
     try:

@@ -111,7 +111,8 @@ def pack(
     noise: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The client's signed integer vector (weight clamped to [1, max_weight]); masking reduces it
-    mod 2^bits. ``unclipped`` is DP's clipped bit b (None without DP); ``noise`` draws distributed DP's Skellam share."""
+    mod 2^bits. ``unclipped`` is DP's clipped bit b (None without DP); ``noise`` draws distributed
+    DP's Skellam share."""
     if layout.skellam is not None:
         if noise is None:
             raise ValueError("distributed DP needs a noise generator")

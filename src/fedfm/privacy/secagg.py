@@ -3,21 +3,30 @@
 The server learns Σ_k x_k over the clients that delivered a masked input, and nothing about any
 single x_k. Every primitive comes from ``cryptography``; this module is the protocol only.
 
-Per round, with fresh keys (honest-but-curious server; the active-adversary consistency round
-of the paper is not implemented):
+Per round, with fresh keys:
 
 0. **AdvertiseKeys.** Client u makes two X25519 key pairs, (c_u) for encrypting shares and
    (s_u) for pairwise masks, and sends both public keys. The server broadcasts the roster.
+   With ``signatures`` (against an active server) u signs its keys with its long-term identity
+   (``fedfm.privacy.signing``) and every client verifies every advert before going on.
 1. **ShareKeys.** u draws a 32-byte self-mask seed b_u and Shamir-shares b_u and s_u's private
    key (threshold t, over the prime field GF(2⁵²¹ − 1)) among its share holders: its neighbours
-   and itself. Each share travels AES-GCM-encrypted under HKDF(X25519(c_u, c_v)); the server only
-   routes ciphertexts. Clients that sent shares form U2.
+   and itself. Each share travels AES-GCM-encrypted under HKDF(X25519(c_u, c_v)) with a fresh
+   salt per share, and u shows the server a SHA-256 commitment to each (share, salt); the server
+   only routes ciphertexts and keeps the commitments. A holder checks what it got against them.
+   Clients that sent shares form U2.
 2. **MaskedInput.** u sends y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) mod 2^bits, with
    s_uv = HKDF(X25519(s_u, s_v)) (+ if u < v, − otherwise) and PRG = AES-256-CTR. Senders: U3.
+2½. **ConsistencyCheck** (``signatures``): each survivor signs the list U3 the server sent it
+   (once per round); the server forwards the signatures, and a client goes on only with t valid
+   signatures by distinct roster members on that very list — so a server cannot tell some
+   clients that u dropped (to collect u's mask key) and others that it survived (to collect b_u).
 3. **Unmasking.** The server names U3 and the dropped U2 \\ U3. Each responding client returns
-   its shares of b_v for v ∈ U3 and of s_v for dropped v — never both for one client. With t
-   shares per client the server rebuilds b_v (removes self-masks) and the dropped clients' mask
-   keys (removes their pairwise masks from their neighbours' inputs).
+   its shares (with their salts) of b_v for v ∈ U3 and of s_v for dropped v — never both for
+   one client. The server opens each share against its dealer's commitment (a holder that
+   returns a wrong share is named and its share discarded), checks that more than t shares lie
+   on one polynomial (a dealer of inconsistent shares is named), rebuilds b_v and the dropped
+   clients' mask keys from t of them, and removes the masks.
 
 SecAgg+ replaces "everyone" by a sparse neighbour graph (``neighbors`` = k): each client masks
 with and shares among k others, so client cost grows with k rather than n. The graph is a
@@ -25,14 +34,15 @@ Harary-style ring over a random permutation drawn from a public per-round seed, 
 clients derive the same graph.
 
 Cryptographic material comes from the operating system's CSPRNG (never from the run seed); the
-unmasked sum does not depend on it, so runs stay reproducible.
+unmasked sum does not depend on it, so runs stay reproducible. Every message field a client sends
+is checked before use; a bad one raises ``SecAggError`` naming that client, and the transport
+drops the client, not the round.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,45 +55,29 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-PRIME = 2**521 - 1  # a Mersenne prime: Shamir's field, larger than any 32-byte secret
+from fedfm.privacy import shamir
+
+PRIME = shamir.PRIME
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
+_KEY_BYTES = 32
 
 
 class SecAggError(RuntimeError):
-    """The round's sum cannot be recovered (too few clients left); the message says why."""
+    """The round's sum cannot be recovered, or a message is bad; the message says why and whose."""
 
 
 # ---------------------------------------------------------------- primitives (pure functions)
 
 
 def shamir_share(secret: int, threshold: int, holders: Sequence[int]) -> dict[int, int]:
-    """Shares f(h + 1) of a random degree-(t − 1) polynomial with f(0) = secret, one per holder."""
-    if not 1 <= threshold <= len(holders):
-        raise ValueError(f"threshold {threshold} must be between 1 and {len(holders)} holders")
-    coefficients = [secret % PRIME] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    shares = {}
-    for h in holders:
-        x, y = h + 1, 0
-        for c in reversed(coefficients):
-            y = (y * x + c) % PRIME
-        shares[h] = y
-    return shares
+    return shamir.share(secret, threshold, holders)
 
 
 def shamir_reconstruct(shares: Mapping[int, int], threshold: int) -> int:
-    """f(0) by Lagrange interpolation from any ``threshold`` shares {holder: f(holder + 1)}."""
-    if len(shares) < threshold:
-        raise SecAggError(f"{len(shares)} shares, {threshold} needed")
-    points = [(h + 1, y) for h, y in list(shares.items())[:threshold]]
-    secret = 0
-    for j, (xj, yj) in enumerate(points):
-        num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
-            if m != j:
-                num = num * xm % PRIME
-                den = den * (xm - xj) % PRIME
-        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
-    return secret
+    try:
+        return shamir.reconstruct(shares, threshold)
+    except shamir.ShareError as err:
+        raise SecAggError(str(err)) from None
 
 
 def prg(seed: bytes, length: int, bits: int) -> torch.Tensor:
@@ -134,6 +128,11 @@ class SecAggParams:
     threshold: float  # share of a client's share holders needed to reconstruct its secrets
     neighbors: int | None  # SecAgg+ degree k; None: complete graph (SecAgg)
     graph_seed: int  # public: which neighbour graph this round uses
+    signatures: bool = False  # signed adverts and the consistency check (active server)
+    session: int = 0  # the round: what every signature is bound to
+
+    def context(self, what: bytes) -> bytes:
+        return b"fedfm-secagg/" + what + struct.pack("<qq", self.session, self.graph_seed)
 
 
 @dataclass(frozen=True)
@@ -141,9 +140,21 @@ class AdvertiseKeys:
     client: int
     cipher_public: bytes
     mask_public: bytes
+    identity: bytes = b""  # signed mode: the long-term identity (certificate or public key)
+    signature: bytes = b""
 
     def nbytes(self) -> int:
-        return 4 + len(self.cipher_public) + len(self.mask_public)
+        return 4 + len(self.cipher_public) + len(self.mask_public) + len(self.identity) + len(self.signature)
+
+    def signed_part(self, params: SecAggParams) -> bytes:
+        return (
+            params.context(b"advert") + struct.pack("<I", self.client) + self.cipher_public + self.mask_public
+        )
+
+    def problem(self) -> str | None:
+        if len(self.cipher_public) != _KEY_BYTES or len(self.mask_public) != _KEY_BYTES:
+            return "advertised keys must be 32-byte X25519 public keys"
+        return None
 
 
 @dataclass(frozen=True)
@@ -152,9 +163,10 @@ class EncryptedShare:
     receiver: int
     nonce: bytes
     ciphertext: bytes
+    commitments: tuple[bytes, bytes] = (b"", b"")  # to (self-mask share, mask-key share), with salts
 
     def nbytes(self) -> int:
-        return 8 + len(self.nonce) + len(self.ciphertext)
+        return 8 + len(self.nonce) + len(self.ciphertext) + sum(map(len, self.commitments))
 
 
 @dataclass(frozen=True)
@@ -170,30 +182,40 @@ class MaskedInput:
 class UnmaskRequest:
     survivors: tuple[int, ...]  # U3: delivered a masked input
     dropped: tuple[int, ...]  # U2 \ U3: shared keys, then dropped
+    signatures: Mapping[int, bytes] = field(default_factory=dict)  # signed mode: survivors' signatures
 
     def nbytes(self) -> int:
-        return 4 * (len(self.survivors) + len(self.dropped))
+        return 4 * (len(self.survivors) + len(self.dropped)) + sum(map(len, self.signatures.values()))
 
 
 @dataclass(frozen=True)
 class UnmaskResponse:
     client: int
-    self_mask_shares: dict[int, int]  # owner → share of b_owner (owners in U3)
-    mask_key_shares: dict[int, int]  # owner → share of s_owner's private key (dropped owners)
+    self_mask_shares: dict[int, tuple[int, bytes]]  # owner → (share of b_owner, salt), owners in U3
+    mask_key_shares: dict[int, tuple[int, bytes]]  # owner → (share of s_owner's key, salt), dropped
 
     def nbytes(self) -> int:
-        return 4 + 70 * (len(self.self_mask_shares) + len(self.mask_key_shares))
+        return 4 + 102 * (len(self.self_mask_shares) + len(self.mask_key_shares))
 
 
-_SHARE_BYTES = 66  # an element of GF(2^521 − 1)
+_SHARE_BYTES = shamir.SHARE_BYTES
+_SALT = 32
 
 
-def _share_plaintext(sender: int, receiver: int, b_share: int, key_share: int) -> bytes:
+def _share_plaintext(sender: int, receiver: int, b: tuple[int, bytes], key: tuple[int, bytes]) -> bytes:
     return (
         struct.pack("<II", sender, receiver)
-        + b_share.to_bytes(_SHARE_BYTES, "little")
-        + (key_share.to_bytes(_SHARE_BYTES, "little"))
+        + b[0].to_bytes(_SHARE_BYTES, "little")
+        + b[1]
+        + key[0].to_bytes(_SHARE_BYTES, "little")
+        + key[1]
     )
+
+
+def survivors_message(params: SecAggParams, survivors) -> bytes:
+    """What a survivor signs in the consistency check: this round's exact survivor list."""
+    ids = sorted(int(u) for u in survivors)
+    return params.context(b"survivors") + struct.pack(f"<{len(ids)}I", *ids)
 
 
 # ---------------------------------------------------------------- the two parties
@@ -201,28 +223,58 @@ def _share_plaintext(sender: int, receiver: int, b_share: int, key_share: int) -
 
 @dataclass
 class SecAggClient:
-    """One client's side of one round. Holds its keys and the shares others sent it."""
+    """One client's side of one round. Holds its keys and the shares others sent it.
+
+    Signed mode: ``signer`` holds this client's long-term identity, ``verifier`` names the
+    identities of others (``fedfm.privacy.signing``).
+    """
 
     client_id: int
     params: SecAggParams
+    signer: object = None
+    verifier: object = None
     _cipher_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     _mask_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     _self_seed: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     _roster: dict[int, AdvertiseKeys] = field(default_factory=dict, repr=False)
-    _held: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)  # owner → (b, sk) shares
+    _names: dict[int, str] = field(default_factory=dict, repr=False)  # signed mode: verified identities
+    _held: dict[int, tuple[tuple[int, bytes], tuple[int, bytes]]] = field(default_factory=dict, repr=False)
+    _in_u2: set[int] = field(default_factory=set, repr=False)  # dealt this client a share: in U2
     _graph: dict[int, set[int]] = field(default_factory=dict, repr=False)
+    _signed: tuple[int, ...] | None = None
     _unmasked: bool = False
 
     def advertise(self) -> AdvertiseKeys:
-        return AdvertiseKeys(
+        advert = AdvertiseKeys(
             self.client_id,
             self._cipher_key.public_key().public_bytes(**_RAW),
             self._mask_key.public_key().public_bytes(**_RAW),
         )
+        if not self.params.signatures:
+            return advert
+        if self.signer is None:
+            raise SecAggError(f"client {self.client_id}: signed secure aggregation needs an identity")
+        signature = self.signer.sign(advert.signed_part(self.params))
+        return AdvertiseKeys(
+            advert.client, advert.cipher_public, advert.mask_public, self.signer.identity, signature
+        )
+
+    def _verify_roster(self, roster: Mapping[int, AdvertiseKeys]) -> None:
+        names: dict[int, str] = {}
+        for u, advert in roster.items():
+            name = self.verifier.identify(advert.identity, advert.signed_part(self.params), advert.signature)
+            if name is None:
+                raise SecAggError(f"client {self.client_id}: the keys of client {u} carry no valid signature")
+            names[u] = name
+        if len(set(names.values())) != len(names):
+            raise SecAggError(f"client {self.client_id}: two roster entries have one identity")
+        self._names = names
 
     def share_keys(self, roster: Mapping[int, AdvertiseKeys]) -> list[EncryptedShare]:
         if self.client_id not in roster:
             raise SecAggError(f"client {self.client_id} is not on the roster")
+        if self.params.signatures:
+            self._verify_roster(roster)
         self._roster = dict(roster)
         self._graph = neighbours(list(roster), self.params.neighbors, self.params.graph_seed)
         holders = sorted(self._graph[self.client_id] | {self.client_id})
@@ -234,28 +286,53 @@ class SecAggClient:
         key_shares = shamir_share(int.from_bytes(sk, "little"), t, holders)
         out = []
         for v in holders:
+            b = (b_shares[v], os.urandom(_SALT))
+            k = (key_shares[v], os.urandom(_SALT))
             if v == self.client_id:
-                self._held[v] = (b_shares[v], key_shares[v])
+                self._held[v] = (b, k)
+                self._in_u2.add(v)
                 continue
             key = agree(self._cipher_key, roster[v].cipher_public, b"share")
             nonce = os.urandom(12)
             aad = struct.pack("<II", self.client_id, v)
-            plaintext = _share_plaintext(self.client_id, v, b_shares[v], key_shares[v])
-            out.append(EncryptedShare(self.client_id, v, nonce, AESGCM(key).encrypt(nonce, plaintext, aad)))
+            plaintext = _share_plaintext(self.client_id, v, b, k)
+            commitments = (
+                shamir.commit(b"b", self.client_id, v, *b),
+                shamir.commit(b"s", self.client_id, v, *k),
+            )
+            sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
+            out.append(EncryptedShare(self.client_id, v, nonce, sealed, commitments))
         return out
 
-    def receive_shares(self, shares: Iterable[EncryptedShare]) -> None:
+    def receive_shares(self, shares: Iterable[EncryptedShare]) -> list[int]:
+        """Decrypt the shares dealt to this client; returns the dealers whose shares do not match
+        the commitments they showed the server (the server names them and drops them)."""
+        bad = []
         for s in shares:
             if s.receiver != self.client_id or s.sender not in self._roster:
                 raise SecAggError(f"client {self.client_id} got a share not meant for it (from {s.sender})")
+            self._in_u2.add(s.sender)  # the server routed it: the sender is in U2, whatever it sent
             key = agree(self._cipher_key, self._roster[s.sender].cipher_public, b"share")
-            plain = AESGCM(key).decrypt(s.nonce, s.ciphertext, struct.pack("<II", s.sender, s.receiver))
+            try:
+                plain = AESGCM(key).decrypt(s.nonce, s.ciphertext, struct.pack("<II", s.sender, s.receiver))
+            except Exception:  # forged or damaged in transit: as good as no share
+                bad.append(s.sender)
+                continue
             sender, receiver = struct.unpack("<II", plain[:8])
             if (sender, receiver) != (s.sender, s.receiver):
                 raise SecAggError(f"client {self.client_id}: share header does not match its envelope")
-            b = int.from_bytes(plain[8 : 8 + _SHARE_BYTES], "little")
-            k = int.from_bytes(plain[8 + _SHARE_BYTES :], "little")
+            o, n = 8, _SHARE_BYTES
+            b = (int.from_bytes(plain[o : o + n], "little"), plain[o + n : o + n + _SALT])
+            o += n + _SALT
+            k = (int.from_bytes(plain[o : o + n], "little"), plain[o + n : o + n + _SALT])
+            if s.commitments != (
+                shamir.commit(b"b", s.sender, s.receiver, *b),
+                shamir.commit(b"s", s.sender, s.receiver, *k),
+            ):
+                bad.append(s.sender)
+                continue
             self._held[s.sender] = (b, k)
+        return bad
 
     def mask(self, vector: torch.Tensor) -> MaskedInput:
         """y = x + PRG(b) ± PRG(s_uv) for every neighbour that shared keys, mod 2^bits."""
@@ -265,11 +342,39 @@ class SecAggClient:
         modulus_mask = (1 << bits) - 1
         y = (vector + prg(self._self_seed, n, bits)) & modulus_mask
         for v in sorted(self._graph[self.client_id]):
-            if v not in self._held:  # v never shared keys (not in U2): no mask with it
+            if v not in self._in_u2:  # v never shared keys (not in U2): no mask with it
                 continue
             p = prg(agree(self._mask_key, self._roster[v].mask_public, b"mask"), n, bits)
             y = (y + p if self.client_id < v else y - p) & modulus_mask
         return MaskedInput(self.client_id, y)
+
+    def sign_survivors(self, survivors) -> bytes:
+        """Consistency check: sign the survivor list the server sent — once per round."""
+        ids = tuple(sorted(int(u) for u in survivors))
+        if self._signed is not None and self._signed != ids:
+            raise SecAggError(f"client {self.client_id}: the server sent a second, different survivor list")
+        if self.client_id not in ids:
+            raise SecAggError(f"client {self.client_id}: the survivor list leaves this client out")
+        self._signed = ids
+        return self.signer.sign(survivors_message(self.params, ids))
+
+    def _check_consistency(self, request: UnmaskRequest, t: int) -> None:
+        ids = tuple(sorted(request.survivors))
+        if self._signed != ids:
+            raise SecAggError("the unmasking request names other survivors than this client signed")
+        message = survivors_message(self.params, ids)
+        valid = set()
+        for u, signature in request.signatures.items():
+            advert = self._roster.get(u)
+            if u in ids and advert is not None:
+                name = self.verifier.identify(advert.identity, message, signature)
+                if name is not None and name == self._names.get(u):
+                    valid.add(u)
+        if len(valid) < t:
+            raise SecAggError(
+                f"consistency check failed: {len(valid)} valid survivor signatures, {t} needed; "
+                "refusing to unmask"
+            )
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         survivors, dropped = set(request.survivors), set(request.dropped)
@@ -278,99 +383,14 @@ class SecAggClient:
         if self._unmasked:
             raise SecAggError("unmasking was already answered this round")
         holders = self._graph[self.client_id] | {self.client_id}
-        if len(survivors & holders) < threshold_for(len(holders), self.params.threshold):
+        t = threshold_for(len(holders), self.params.threshold)
+        if len(survivors & holders) < t:
             raise SecAggError("fewer survivors than the threshold; refusing to unmask")
+        if self.params.signatures:
+            self._check_consistency(request, t)
         self._unmasked = True
         return UnmaskResponse(
             self.client_id,
             {o: s[0] for o, s in self._held.items() if o in survivors},
             {o: s[1] for o, s in self._held.items() if o in dropped},
         )
-
-
-@dataclass
-class SecAggServer:
-    """The server's side of one round: routes messages, then recovers only the sum."""
-
-    params: SecAggParams
-    roster: dict[int, AdvertiseKeys] = field(default_factory=dict)
-    shared: set[int] = field(default_factory=set)  # U2
-    survivors: set[int] = field(default_factory=set)  # U3: delivered a masked input
-    total: torch.Tensor | None = None  # running Σ y_u: memory does not grow with the cohort
-    graph: dict[int, set[int]] = field(default_factory=dict)
-
-    def collect_keys(self, adverts: Iterable[AdvertiseKeys]) -> dict[int, AdvertiseKeys]:
-        self.roster = {a.client: a for a in adverts}
-        self.graph = neighbours(list(self.roster), self.params.neighbors, self.params.graph_seed)
-        return self.roster
-
-    def route_shares(self, outgoing: Mapping[int, list[EncryptedShare]]) -> dict[int, list[EncryptedShare]]:
-        """Forward each ciphertext to its receiver; the senders form U2."""
-        self.shared = set(outgoing)
-        inbox: dict[int, list[EncryptedShare]] = {u: [] for u in self.shared}
-        for sender, shares in outgoing.items():
-            for s in shares:
-                if s.sender != sender:
-                    raise SecAggError(f"client {sender} sent a share claiming to come from {s.sender}")
-                if s.receiver in inbox:
-                    inbox[s.receiver].append(s)
-        return inbox
-
-    def input_problem(self, masked: MaskedInput) -> str | None:
-        """Why a masked input cannot be used (it then counts as a dropout), or None."""
-        v = masked.vector
-        if masked.client not in self.shared:
-            return "sent a masked input without having shared its keys"
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or v.shape != (self.params.length,):
-            return f"masked input must be an int64 vector of length {self.params.length}"
-        if bool((v < 0).any()) or bool((v >= (1 << self.params.bits)).any()):
-            return f"masked input has entries outside [0, 2^{self.params.bits})"
-        return None
-
-    def collect_input(self, masked: MaskedInput) -> None:
-        if masked.client in self.survivors:
-            raise SecAggError(f"client {masked.client} sent a second masked input")
-        self.survivors.add(masked.client)
-        y = masked.vector
-        self.total = y.clone() if self.total is None else (self.total + y) & ((1 << self.params.bits) - 1)
-
-    def unmask_request(self) -> UnmaskRequest:
-        survivors = tuple(sorted(self.survivors))
-        dropped = tuple(sorted(self.shared - self.survivors))
-        for u in survivors:  # fail early, before asking anyone for shares
-            self._needed(u, survivors)
-        return UnmaskRequest(survivors, dropped)
-
-    def _needed(self, owner: int, responders: Iterable[int]) -> int:
-        holders = (self.graph[owner] | {owner}) & self.shared
-        t = threshold_for(len(self.graph[owner]) + 1, self.params.threshold)
-        available = len(holders & set(responders))
-        if available < t:
-            raise SecAggError(
-                f"client {owner}'s secrets need {t} of its {len(self.graph[owner]) + 1} share holders, "
-                f"only {available} responded; the sum cannot be recovered"
-            )
-        return t
-
-    def finish(self, responses: Iterable[UnmaskResponse], request: UnmaskRequest) -> torch.Tensor:
-        """Σ_{u ∈ U3} x_u mod 2^bits, or SecAggError naming the client whose secrets are short."""
-        bits, n = self.params.bits, self.params.length
-        modulus_mask = (1 << bits) - 1
-        responses = {r.client: r for r in responses if r.client in request.survivors}
-        if self.total is None:
-            raise SecAggError("no client delivered a masked input")
-        total = self.total
-        for u in request.survivors:
-            t = self._needed(u, responses)
-            shares = {c: r.self_mask_shares[u] for c, r in responses.items() if u in r.self_mask_shares}
-            seed = shamir_reconstruct(shares, t).to_bytes(32, "little")
-            total = (total - prg(seed, n, bits)) & modulus_mask
-        for u in request.dropped:
-            t = self._needed(u, responses)
-            shares = {c: r.mask_key_shares[u] for c, r in responses.items() if u in r.mask_key_shares}
-            key = X25519PrivateKey.from_private_bytes(shamir_reconstruct(shares, t).to_bytes(32, "little"))
-            for v in sorted(self.graph[u] & set(request.survivors)):
-                p = prg(agree(key, self.roster[v].mask_public, b"mask"), n, bits)
-                # y_v holds +p if v < u, −p otherwise: take it back out
-                total = (total - p if v < u else total + p) & modulus_mask
-        return total

@@ -20,8 +20,9 @@ from fedfm.privacy.secagg import (
     SecAggClient,
     SecAggError,
     SecAggParams,
-    SecAggServer,
 )
+from fedfm.privacy.secagg_server import SecAggServer
+from fedfm.privacy.signing import KeySigner, KeyVerifier
 from fedfm.types import Params
 
 
@@ -43,19 +44,29 @@ class SecureRound:
     near_wrap: int = 0
 
     @classmethod
-    def start(cls, cohort: list[int], layout: packing.Layout, cfg, graph_seed: int) -> SecureRound:
-        """Stages 0–1: keys advertised and broadcast; shares encrypted, routed and decrypted."""
-        params = SecAggParams(layout.bits, layout.length, cfg.threshold, cfg.neighbors, graph_seed)
+    def start(
+        cls, cohort: list[int], layout: packing.Layout, cfg, graph_seed: int, rnd: int = 0
+    ) -> SecureRound:
+        """Stages 0–1: keys advertised and broadcast; shares encrypted, routed and decrypted.
+
+        With ``secagg.signatures`` every simulated client gets an Ed25519 identity that all the
+        others know, as provisioning would give them."""
+        params = SecAggParams(
+            layout.bits, layout.length, cfg.threshold, cfg.neighbors, graph_seed, cfg.signatures, rnd
+        )
         server = SecAggServer(params)
-        clients = {c: SecAggClient(c, params) for c in cohort}
+        signers = {c: KeySigner() for c in cohort} if cfg.signatures else {}
+        verifier = KeyVerifier({s.identity: f"client-{c}" for c, s in signers.items()})
+        clients = {c: SecAggClient(c, params, signers.get(c), verifier) for c in cohort}
         adverts = [c.advertise() for c in clients.values()]
         roster = server.collect_keys(adverts)
         up = sum(a.nbytes() for a in adverts)
         down = len(cohort) * sum(a.nbytes() for a in adverts)
         outgoing = {u: c.share_keys(roster) for u, c in clients.items()}
         inbox = server.route_shares(outgoing)
-        for u, c in clients.items():
-            c.receive_shares(inbox[u])
+        for u in inbox:
+            for dealer in clients[u].receive_shares(inbox[u]):
+                server.exclude(dealer, f"dealt client {u} a share that does not match its commitment")
         up += sum(s.nbytes() for shares in outgoing.values() for s in shares)
         down += sum(s.nbytes() for shares in inbox.values() for s in shares)
         return cls(layout, server, clients, up, down)
@@ -83,7 +94,11 @@ class SecureRound:
     def finish(self) -> packing.Sums:
         """Stage 3: ask the survivors for shares and recover the sum (or raise SecAggError)."""
         start = time.perf_counter()
-        request = self.server.unmask_request()
+        signatures = {}
+        if self.server.params.signatures:  # the consistency check: every survivor signs the list
+            survivors = sorted(self.server.survivors)
+            signatures = {u: self.clients[u].sign_survivors(survivors) for u in survivors}
+        request = self.server.unmask_request(signatures)
         responses = [self.clients[u].unmask(request) for u in request.survivors]
         self.bytes_down += len(request.survivors) * request.nbytes()
         self.bytes_up += sum(r.nbytes() for r in responses)
@@ -114,6 +129,10 @@ def secure_report(secure) -> dict:
     return out
 
 
+def _new(offenders: list[dict], seen: list[dict]) -> list[dict]:
+    return [o for o in offenders if o not in seen]
+
+
 def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) -> str | None:
     """Why unmasked sums cannot come from ``contributors`` well-formed inputs, or None. The server
     cannot check one masked input, but it can check what they add up to."""
@@ -124,7 +143,9 @@ def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) 
         if not contributors <= s["weight"] <= contributors * layout.max_weight:
             return f"the unmasked weight {s['weight']:g} is impossible for {contributors} clients"
         if abs(s["unclipped"]) > contributors / 2 + 1e-6:
-            return f"the unmasked clipped-bit count {s['unclipped']:g} is impossible for {contributors} clients"
+            return (
+                f"the unmasked clipped-bit count {s['unclipped']:g} is impossible for {contributors} clients"
+            )
     return None
 
 
@@ -146,7 +167,6 @@ def secure_aggregate(
             tally.accepted.append(result.client_id)
             if metrics:  # only what a client states in the clear (DP-SGD's settings)
                 tally.client_records.append({"client": result.client_id, **metrics})
-    tally.rejected.extend(secure.rejected)
     try:
         if before_unmask is not None:
             before_unmask(len(tally.accepted))
@@ -154,6 +174,8 @@ def secure_aggregate(
     except SecAggError as err:
         tally.accepted.clear()
         return None, f"secure aggregation failed: {err}; round skipped, state unchanged"
+    finally:  # every client a protocol step named, with the reason
+        tally.rejected.extend(secure.rejected + _new(secure.server.offenders, secure.rejected))
     secure.near_wrap = sums.near_wrap
     problem = sums_problem(sums, len(tally.accepted), secure.layout)
     if problem is not None:

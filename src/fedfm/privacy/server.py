@@ -148,7 +148,11 @@ class RunPrivacy:
 
     def charge_example(self, state: dict, t: int, client_id: int, metrics) -> None:
         """Record one accepted DP-SGD update in the server's own accountant for that client."""
-        run = [float(metrics["dp_noise_multiplier"]), float(metrics["dp_sample_rate"]), int(metrics["dp_steps"])]
+        run = [
+            float(metrics["dp_noise_multiplier"]),
+            float(metrics["dp_sample_rate"]),
+            int(metrics["dp_steps"]),
+        ]
         self._write_ahead({"round": t, "client": client_id, "dpsgd": run})
         self._charge_example(state, str(client_id), run)
 
@@ -173,4 +177,3 @@ class RunPrivacy:
             "clip_norm": p.clip_norm,
             **out,
         }
-

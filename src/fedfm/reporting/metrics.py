@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -31,6 +32,37 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash at any point leaves one whole version."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: the directory entry itself must be synced)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files an earlier crash left behind (``.name.tmp-PID``); removed, and returned."""
+    stale = [p for p in Path(folder).glob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class MetricsLog:
     """Append-only JSONL file that can drop records past a round (when resuming)."""
 
@@ -43,11 +75,13 @@ class MetricsLog:
             fh.flush()
 
     def reset(self) -> None:
-        self.path.write_text("")
+        write_atomically(self.path, "")
 
     def truncate_after(self, round_: int) -> None:
+        """Drop records past ``round_`` (a resumed run rewrites them): a new file, fsynced, renamed
+        over the old one, then the folder fsynced — a crash leaves the old file or the new, whole."""
         kept = [r for r in read_jsonl(self.path) if r.get("round", 0) <= round_]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def rounds(self) -> list[dict]:
         return [r for r in read_jsonl(self.path) if r.get("event") == "round"]
