@@ -74,6 +74,7 @@ def load_test(work: Path, clients: int, processes: int, rounds: int = 1) -> dict
         "partition": {"method": "iid", "num_clients": clients},
         "sampling": {"fraction": 1.0},
         "training": {"local_steps": 1, "batch_size": 4},
+        "validation": {"max_num_examples": 1000, "max_update_norm": 100.0},  # a deployment's bounds
     }
     (work / "exp.toml").write_text(tomli_w.dumps(cfg))
     lines = [f"site{k} tok-{k:04d}-{'z' * 12}" for k in range(clients)]

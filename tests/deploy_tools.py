@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import subprocess
 import sys
@@ -11,59 +9,28 @@ import time
 from pathlib import Path
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+def make_certificates(folder: Path, sites: int = 4) -> dict[str, Path]:
+    """A CA, a server certificate for localhost / 127.0.0.1 and one certificate per site (CN
+    ``site{k}``), made by ``fedfm provision``. ``client`` / ``client_key`` are site0's."""
+    from fedfm.deploy.provision import provision
 
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key, path: Path) -> None:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("fedfm test CA"))
-        .issuer_name(name("fedfm test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {"ca": folder / "ca.pem"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for who, san in (("server", True), ("client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name("localhost" if san else "client-0"))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-        )
-        if san:
-            alt = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        paths[who] = folder / f"{who}.pem"
-        paths[who].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[f"{who}_key"] = folder / f"{who}.key"
-        write_key(key, paths[f"{who}_key"])
+    kits = provision(folder / "kits", [f"site{k}" for k in range(sites)], ["localhost", "127.0.0.1"], tokens=False)
+    paths = {
+        "ca": kits["server"] / "ca.pem",
+        "server": kits["server"] / "server.pem",
+        "server_key": kits["server"] / "server.key",
+    }
+    for k in range(sites):
+        paths[f"site{k}"] = kits[f"site{k}"] / f"site{k}.pem"
+        paths[f"site{k}_key"] = kits[f"site{k}"] / f"site{k}.key"
+    paths["client"], paths["client_key"] = paths["site0"], paths["site0_key"]
     return paths
+
+
+def site_of(token: str) -> int:
+    """The site a test token belongs to (``token-{k}-…``); anything else: site 0."""
+    parts = token.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "token" and parts[1].isdigit() else 0
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import signal
 import pytest
 import tomli_w
 import torch
-from tests.deploy_tools import free_port, make_certificates, start, wait_for_file_text, write_tokens
+from tests.deploy_tools import free_port, make_certificates, site_of, start, wait_for_file_text, write_tokens
 
 import fedfm
 from fedfm.checkpoint import load_checkpoint
@@ -23,6 +23,7 @@ def certs(tmp_path_factory):
 
 def deploy_config(tiny_config, tmp_path, **sections):
     base = {"run": {"rounds": 2, "seed": 0, "threads": 1}, "partition": {"method": "iid", "num_clients": 3}}
+    base["validation"] = {"max_num_examples": 1000}  # a deployment weighted by examples needs a bound
     base["sampling"] = {"fraction": 1.0}
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -54,6 +55,7 @@ def server_args(path, port, tokens, certs, out, *extra):
 
 
 def client_args(port, token, certs, *extra):
+    k = site_of(token)  # each site presents its own certificate (bound to its token)
     return [
         "client",
         "--server",
@@ -65,9 +67,9 @@ def client_args(port, token, certs, *extra):
         "--ca",
         certs["ca"],
         "--cert",
-        certs["client"],
+        certs[f"site{k}"],
         "--key",
-        certs["client_key"],
+        certs[f"site{k}_key"],
         "--retry",
         "0.5",
         *extra,
@@ -79,7 +81,7 @@ def final_params(run_dir):
 
 
 DP = {
-    "privacy": {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 0.5},
+    "privacy": {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 0.5, "noise_seed": 11},
     "strategy": {"weighting": "uniform"},
 }
 
@@ -232,7 +234,7 @@ def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny
     )
     thread.start()
     good = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens[:2])]
-    me = ClientSecurity(str(certs["ca"]), str(certs["client"]), str(certs["client_key"]))
+    me = ClientSecurity(str(certs["ca"]), str(certs["site2"]), str(certs["site2_key"]))
     stub, meta = FedFMStub(me.channel(f"localhost:{port}")), (("authorization", f"Bearer {tokens[2]}"),)
     stub.Join(pb.JoinRequest(token=tokens[2]), metadata=meta, wait_for_ready=True, timeout=120)
     for rnd in (1, 2):

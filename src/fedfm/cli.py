@@ -212,6 +212,7 @@ def server(
     """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens)."""
     from fedfm.config import load_config
     from fedfm.deploy.server import DeployError, Security, serve
+    from fedfm.loop import RunFailedError
 
     try:
         cfg = None if resume else load_config(config, set_)
@@ -235,12 +236,19 @@ def server(
         )
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)
+    except RunFailedError as err:
+        _fail(err, status=1)
 
 
 @app.command()
 def client(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the fedfm server."),
-    token: str | None = typer.Option(None, "--token", help="This client's token (from the server operator)."),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        help="This client's token. Visible to other local users in the process list: prefer "
+        "--token-file or the FEDFM_TOKEN environment variable.",
+    ),
     token_file: Path | None = typer.Option(
         None,
         "--token-file",
@@ -262,8 +270,10 @@ def client(
     give_up: float = typer.Option(600.0, "--give-up", help="Stop after this long without the server."),
 ) -> None:
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
+    import os
+
+    from fedfm.deploy.auth import DeployError
     from fedfm.deploy.client import ClientError, ClientSecurity, Identity, run_identities
-    from fedfm.deploy.server import DeployError
 
     if insecure:
         err_console.print(
@@ -273,14 +283,21 @@ def client(
         str(ca) if ca else None, str(cert) if cert else None, str(key) if key else None, server_name, insecure
     )
     try:
-        if (token is None) == (token_file is None):
-            raise ClientError("give exactly one of --token and --token-file")
+        if token is not None and token_file is not None:
+            raise ClientError("give at most one of --token and --token-file")
         if token_file is not None:
-            from fedfm.deploy.server import read_tokens
+            from fedfm.deploy.auth import read_tokens
 
             identities = [Identity(t, partition, n) for n, t in read_tokens(token_file)]
+        elif token or os.environ.get("FEDFM_TOKEN"):
+            identities = [Identity(token or os.environ["FEDFM_TOKEN"], partition, name)]
+        elif cert is not None:  # no token: the provisioned certificate is the identity
+            identities = [Identity(None, partition, name)]
         else:
-            identities = [Identity(token, partition, name)]
+            raise ClientError(
+                "give --token-file, the FEDFM_TOKEN environment variable, --token, or a client "
+                "certificate (--cert/--key) provisioned without tokens"
+            )
         run_identities(
             server_address,
             identities,
@@ -292,6 +309,31 @@ def client(
         )
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
         _fail(err)
+
+
+@app.command()
+def provision(
+    output: Path = typer.Argument(..., help="A new folder for the CA and the startup kits."),
+    site: list[str] = typer.Option(..., "--site", help="A site (client) name; repeat for each site."),
+    server_name: list[str] = typer.Option(
+        ..., "--server-name", help="Host name or IP address clients dial (repeatable)."
+    ),
+    no_tokens: bool = typer.Option(False, "--no-tokens", help="Certificates alone identify the sites."),
+    days: int = typer.Option(365, "--days", help="Validity of every certificate."),
+    port: int = typer.Option(50051, "--port", help="Port written into the start scripts."),
+) -> None:
+    """Make a federation's CA, per-site certificates and tokens, and one startup kit per site."""
+    from fedfm.deploy.provision import ProvisionError
+    from fedfm.deploy.provision import provision as make
+
+    try:
+        kits = make(output, site, server_name, tokens=not no_tokens, days=days, port=port)
+    except (ProvisionError, OSError) as err:
+        _fail(err)
+    console = Console()
+    console.print(f"wrote the CA to {kits['ca']} (keep ca.key offline), the server kit to {kits['server']}")
+    for name in site:
+        console.print(f"  {name}: {kits[name]}  (send it to the site over a channel you trust)")
 
 
 @app.command()

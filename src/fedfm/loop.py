@@ -221,7 +221,9 @@ class Run:
         self.current_round = t
         cohort = self.sample(t)
         plan = plan_round(cfg.attack, cohort, cfg.run.seed, t)
-        secure = self.start_secure(cohort, t) if cfg.secagg.enabled else None
+        secure = None
+        if cfg.secagg.enabled:
+            secure = self.start_secure(cohort, t)
         ctx = RoundContext(
             round=t,
             seed=cfg.run.seed,
@@ -232,20 +234,14 @@ class Run:
             noise=self.privacy.noise if self.privacy else None,
         )
         tally = RoundTally()
-        results = self.engine.run_cohort(state.params, cohort, ctx)
         on_client = bar.start_round(t, len(cohort))
-        new_privacy = None
-        if secure is not None:
-            from fedfm.privacy.secure_round import secure_aggregate
-
-            sums, skipped = secure_aggregate(
-                results, secure, tally, on_client, self.check_clear, self.before_unmask(t, secure)
-            )
-            aggregate = None
-            if sums is not None:
-                aggregate, new_privacy = self.mean_of_sums(sums, len(tally.accepted), t, secure)
-        else:
-            aggregate, new_privacy, skipped = self.plain_aggregate(results, tally, on_client, plan, cohort, t)
+        try:
+            aggregate, new_privacy, skipped = self.aggregate_round(t, cohort, ctx, tally, on_client)
+        except Exception as err:  # a deployment survives whatever one client's messages do
+            if not getattr(self.engine, "remote", False):
+                raise
+            aggregate, new_privacy = None, None
+            skipped = f"the round failed ({type(err).__name__}: {err}); round skipped, state unchanged"
         if aggregate is not None and len(tally.accepted) < cfg.sampling.min_clients:
             skipped = (
                 f"only {len(tally.accepted)} of {len(cohort)} clients delivered a valid update "
@@ -297,6 +293,21 @@ class Run:
         if t % cfg.eval.every == 0 or t == cfg.run.rounds:
             record.update(self.evaluate(state.params))
         return record
+
+    def aggregate_round(self, t: int, cohort: list[int], ctx: RoundContext, tally: RoundTally, on_client):
+        """Run the cohort and reach the aggregate → (aggregate, new privacy state, why skipped)."""
+        results = self.engine.run_cohort(self.state.params, cohort, ctx)
+        secure = ctx.secure
+        if secure is None:
+            return self.plain_aggregate(results, tally, on_client, ctx.attack, cohort, t)
+        from fedfm.privacy.secure_round import secure_aggregate
+
+        before = self.before_unmask(t, secure)
+        sums, skipped = secure_aggregate(results, secure, tally, on_client, self.check_clear, before)
+        if sums is None:
+            return None, None, skipped
+        aggregate, new_privacy = self.mean_of_sums(sums, len(tally.accepted), t, secure)
+        return aggregate, new_privacy, None
 
     def privacy_record(self) -> dict:
         return self.privacy.record(self.state.privacy) if self.privacy is not None else {}

@@ -8,7 +8,10 @@ Client state (SCAFFOLD's control variate, top-k residual) stays here, kept per r
 round the server repeats after a restart starts from the same state.
 
 Network faults are retried: a lost server (restart, network cut) is rejoined every ``retry_s``
-until ``give_up_s`` passes without contact. A refused token is final.
+until ``give_up_s`` passes without contact. Every call has a deadline (never past the give-up
+time), and keepalive pings find a dead connection, so a frozen server cannot hang a client. A
+refused token is final, and so is a server that says its run failed: the client then exits with
+an error, never with success.
 """
 
 from __future__ import annotations
@@ -26,10 +29,25 @@ import numpy as np
 
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
-from fedfm.deploy.server import MAX_MESSAGE
+from fedfm.deploy.server import MAX_MESSAGE, POLL_S
 from fedfm.deploy.wire import chunks, context_from, float_metrics, join, pack_tensors, unpack_tensors
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); an upload gets UPLOAD_S
+UPLOAD_S = 600.0
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class ClientError(RuntimeError):
@@ -47,10 +65,7 @@ class ClientSecurity:
     insecure: bool = False
 
     def channel(self, server: str) -> grpc.Channel:
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
+        options = list(CHANNEL_OPTIONS)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         if self.insecure:
@@ -60,6 +75,16 @@ class ClientSecurity:
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         creds = grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
         return grpc.secure_channel(server, creds, options=options)
+
+    def identity(self):
+        """(signer, verifier) for signed secure aggregation: this site's certificate key and the
+        federation's CA; (None, None) without mutual-TLS material."""
+        if not (self.cert and self.key and self.ca):
+            return None, None
+        from fedfm.privacy.signing import CertificateSigner, CertificateVerifier
+
+        signer = CertificateSigner(Path(self.cert).read_bytes(), Path(self.key).read_bytes())
+        return signer, CertificateVerifier(Path(self.ca).read_bytes())
 
 
 def is_registered(source: str) -> bool:
@@ -117,13 +142,15 @@ class Trainer:
 class Identity:
     """One client: its token, its rows, its per-round state and its connection loop."""
 
-    def __init__(self, token: str, partition: int | None, name: str = "") -> None:
+    def __init__(self, token: str | None, partition: int | None, name: str = "") -> None:
         self.token, self.partition, self.name = token, partition, name
-        self.metadata = (("authorization", f"Bearer {token}"),)
+        # the token travels only in the call metadata (over TLS); None: the certificate identifies us
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.client_id: int | None = None
         self.states: dict[int, dict] = {0: {}}
         self.last_round = 0  # the last round this client trained
         self.secure = None  # fedfm.deploy.secure.ClientSecure, made at the first secure round
+        self.signing = (None, None)  # (signer, verifier) from the mTLS files: signed secure aggregation
 
     def rows(self, trainer: Trainer) -> np.ndarray:
         k = self.partition if self.partition is not None else (self.client_id if trainer.registered else 0)
@@ -169,7 +196,10 @@ def run_identities(
                 shared["trainer"] = Trainer(cfg, data, is_registered(source))
             return shared["trainer"]
 
+    signing = security.identity() if not security.insecure else (None, None)
+
     def loop(ident: Identity) -> None:
+        ident.signing = signing
         try:
             serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note)
         except BaseException as err:  # reported by the caller
@@ -188,33 +218,37 @@ def run_identities(
 def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give_up_s, note) -> None:
     last_contact = time.monotonic()
     joined = None
+
+    def deadline() -> float:  # no call outlives the give-up time
+        return max(1.0, min(CALL_S, give_up_s - (time.monotonic() - last_contact)))
+
+    upload_s = max(CALL_S, give_up_s)
     while True:
         channel = security.channel(server)
         stub = rpc.FedFMStub(channel)
         try:
             if joined is None or ident.client_id is None:
-                joined = stub.Join(
-                    pb.JoinRequest(token=ident.token, name=ident.name), metadata=ident.metadata
-                )
+                request = pb.JoinRequest(name=ident.name)
+                joined = stub.Join(request, metadata=ident.metadata, timeout=deadline())
                 ident.client_id = joined.client_id
                 note(f"client {ident.client_id}: joined run {joined.run}")
             trainer = trainer_for(joined)
             while True:
+                request = pb.TaskRequest(last_round=ident.last_round)
+                poll = max(deadline(), POLL_S + 5)
                 header, blob = join(
-                    (c.header, c.data)
-                    for c in stub.GetTask(
-                        pb.TaskRequest(token=ident.token, last_round=ident.last_round),
-                        metadata=ident.metadata,
-                    )
+                    (c.header, c.data) for c in stub.GetTask(request, metadata=ident.metadata, timeout=poll)
                 )
                 last_contact = time.monotonic()
-                if header["status"] == "done":
+                if header.get("status") == "done":
+                    if header.get("ok") is False:
+                        raise ClientError(str(header.get("reason", "the server's run failed")))
                     note(f"client {ident.client_id}: the run is done")
                     return
-                if header["status"] == "secagg":
-                    answer_step(stub, ident, header, note)
-                elif header["status"] == "train":
-                    submit(stub, ident, trainer, header, blob, note)
+                if header.get("status") == "secagg":
+                    answer_step(stub, ident, header, note, upload_s)
+                elif header.get("status") == "train":
+                    submit(stub, ident, trainer, header, blob, note, upload_s)
                 last_contact = time.monotonic()
         except grpc.RpcError as err:
             code = err.code()
@@ -232,22 +266,22 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
             channel.close()
 
 
-def answer_step(stub, ident: Identity, header: dict, note) -> None:
+def answer_step(stub, ident: Identity, header: dict, note, timeout: float) -> None:
     """One secure-aggregation step: this client's reply (or why it cannot), back to the server."""
     from fedfm.deploy.secure import ClientSecure
 
     rnd, step = int(header["round"]), header["step"]
     if ident.secure is None:
-        ident.secure = ClientSecure(ident.client_id)
+        ident.secure = ClientSecure(ident.client_id, *ident.signing)
     try:
         reply = {"round": rnd, "step": step, "reply": ident.secure.answer(rnd, step, header["message"])}
     except Exception as err:
         note(f"client {ident.client_id}: secure aggregation step {step} failed: {err}")
         reply = {"round": rnd, "step": step, "error": f"{type(err).__name__}: {err}"}
-    stub.SubmitUpdate(iter([pb.Chunk(header=json.dumps(reply))]), metadata=ident.metadata)
+    stub.SubmitUpdate(iter([pb.Chunk(header=json.dumps(reply))]), metadata=ident.metadata, timeout=timeout)
 
 
-def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, note) -> None:
+def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, note, timeout: float) -> None:
     rnd = int(header["round"])
     try:
         groups = unpack_tensors(blob)
@@ -268,7 +302,9 @@ def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, n
         }
         payload = pack_tensors({"p": update.delta, "c": update.control_delta})
     reply = stub.SubmitUpdate(
-        (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)), metadata=ident.metadata
+        (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)),
+        metadata=ident.metadata,
+        timeout=timeout,
     )
     ident.last_round = rnd
     if not reply.accepted:

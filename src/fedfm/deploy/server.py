@@ -2,276 +2,168 @@
 
 The round loop (``fedfm.loop.Run``) is unchanged: it samples the cohort, validates, aggregates,
 steps the server optimizer, evaluates, checkpoints after every round and resumes. Only the engine
-differs: ``GrpcEngine.run_cohort`` hands each sampled client a task and yields results as they
-arrive, until every client answered or the round deadline passed. A client that is not connected
-is left out at once, one that does not answer in time at the deadline; the round completes with
-the rest (``sampling.min_clients`` decides whether that is enough).
+differs (``fedfm.deploy.grpc_engine``). Identities come from the transport (``fedfm.deploy.auth``):
+per-client tokens bound to their certificates under mutual TLS, or certificates alone.
 
-Clients authenticate with a per-client token (``tokens`` file: one ``name token`` pair per line;
-client ids follow the file's order). An unknown token is refused with ``UNAUTHENTICATED`` and
-never receives a task. Transport security is TLS with the server's certificate, optionally mutual
-TLS (clients present certificates signed by ``client_ca``); plaintext needs ``insecure=True``.
+Nothing a client sends can crash the server. Every handler catches every error of its own
+caller's message and answers with the reason; a message is checked before it is read (caller,
+round, step, then a byte limit from the expected payload), every header is strict JSON with
+typed, bounded fields, and one identity may hold only a few calls open. The gRPC server caps
+concurrent calls, sends keepalives, and cuts a stream that stalls. When the run ends — well or
+not — every polling client hears it, with the outcome.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
-from fedfm.deploy.wire import WireError, chunks, context_header, join, pack_tensors, unpack_tensors
-from fedfm.types import ClientFailure, ClientResult, Params, RoundContext, Update
+from fedfm.deploy.auth import DeployError, Roster
+from fedfm.deploy.grpc_engine import Coordinator, GrpcEngine
+from fedfm.deploy.wire import (
+    WireError,
+    bounded_int,
+    chunks,
+    join,
+    received_metrics,
+    unpack_tensors,
+)
+from fedfm.types import ClientFailure, ClientResult, Update
+
+__all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve", "start_server"]
 
 POLL_S = 5.0  # how long an idle GetTask waits for work before answering "wait"
-CONNECTED_S = 3 * POLL_S  # a client seen this recently counts as connected
 MAX_MESSAGE = 8 << 20  # per message; payloads are chunked at 1 MiB
+MAX_CONCURRENT_RPCS = 512  # beyond this, calls are refused at once (RESOURCE_EXHAUSTED)
+STALL_S = 30.0  # an upload stream that delivers nothing for this long is cut
+MAX_EXAMPLES = 2**31 - 1
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 60_000),  # ping idle clients, drop dead connections
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_connection_idle_ms", 10 * 60_000),
+]
 
 
-class DeployError(ValueError):
-    """A deployment that cannot start (certificates, tokens, config); the message says why."""
+class Abort(Exception):
+    """Refuse the current call with a status code and a reason (raised inside a handler)."""
 
-
-def read_tokens(path: str | Path) -> list[tuple[str, str]]:
-    """``name token`` per line (``#`` comments); client ids are the line order, from 0."""
-    pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise DeployError(f"{path}:{n}: expected 'name token', got {line!r}")
-        pairs.append((parts[0], parts[1]))
-    if not pairs:
-        raise DeployError(f"{path}: no client tokens")
-    if len({t for _, t in pairs}) != len(pairs) or len({n for n, _ in pairs}) != len(pairs):
-        raise DeployError(f"{path}: client names and tokens must be unique")
-    return pairs
-
-
-def bearer(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer ") :]
-    return None
-
-
-@dataclass
-class Member:
-    client_id: int
-    name: str
-    last_seen: float = 0.0
-
-    def connected(self, now: float) -> bool:
-        return now - self.last_seen < CONNECTED_S
-
-
-@dataclass
-class Coordinator:
-    """State shared by the gRPC handler threads and the round loop, under one condition variable."""
-
-    members: dict[str, Member]  # by token
-    config_toml: str
-    label_names: list[str]
-    run_name: str
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    tasks: dict[int, tuple[int, str, bytes]] = field(default_factory=dict)  # id → (round, header, blob)
-    results: queue.Queue = field(default_factory=queue.Queue)
-    round: int = 0
-    waiting_for: set[int] = field(default_factory=set)
-    done: bool = False
-
-    def member(self, context) -> Member:
-        """The authenticated caller, or abort the call with UNAUTHENTICATED."""
-        token = bearer(context.invocation_metadata())
-        m = self.members.get(token) if token else None
-        if m is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing client token")
-        m.last_seen = time.monotonic()
-        return m
-
-    def connected(self) -> list[int]:
-        now = time.monotonic()
-        return sorted(m.client_id for m in self.members.values() if m.connected(now))
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
 
 class FedFMServicer(rpc.FedFMServicer):
     def __init__(self, coord: Coordinator, note=print) -> None:
         self.coord, self.note = coord, note
 
+    def _enter(self, context):
+        member, why = self.coord.roster.identify(context)
+        if member is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        if not self.coord.roster.enter(member):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls open from this client")
+        return member
+
     def Join(self, request, context):
-        m = self.coord.member(context)
-        self.note(f"client {m.client_id} ({m.name}) joined from {context.peer()}")
-        c = self.coord
-        return pb.JoinReply(
-            client_id=m.client_id,
-            config_toml=c.config_toml,
-            label_names=json.dumps(c.label_names),
-            run=c.run_name,
-        )
+        m = self._enter(context)
+        try:
+            self.note(f"client {m.client_id} ({m.name}) joined from {context.peer()}")
+            c = self.coord
+            return pb.JoinReply(
+                client_id=m.client_id,
+                config_toml=c.config_toml,
+                label_names=json.dumps(c.label_names),
+                run=c.run_name,
+            )
+        finally:
+            self.coord.roster.leave(m)
 
     def GetTask(self, request, context):
-        m, c = self.coord.member(context), self.coord
-        deadline = time.monotonic() + POLL_S
-        with c.cond:
-            while True:
-                task = c.tasks.get(m.client_id)
-                if c.done:
-                    header, blob = json.dumps({"status": "done"}), b""
-                    break
-                if task is not None and m.client_id in c.waiting_for:  # not yet delivered this round
-                    _, header, blob = task
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or not context.is_active():
-                    header, blob = json.dumps({"status": "wait"}), b""
-                    break
-                c.cond.wait(left)
-        m.last_seen = time.monotonic()
-        for text, data in chunks(json.loads(header), blob):
-            yield pb.Chunk(header=text, data=data)
+        m, c = self._enter(context), self.coord
+        try:
+            deadline = time.monotonic() + POLL_S
+            with c.cond:
+                while True:
+                    task = c.tasks.get(m.client_id)
+                    if c.done:
+                        header, blob = json.dumps({"status": "done", **c.outcome}), b""
+                        break
+                    if task is not None and m.client_id in c.waiting_for:  # not yet answered
+                        _, header, blob = task
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not context.is_active():
+                        header, blob = json.dumps({"status": "wait"}), b""
+                        break
+                    c.cond.wait(left)
+            for text, data in chunks(json.loads(header), blob):
+                yield pb.Chunk(header=text, data=data)
+        finally:
+            c.roster.leave(m)
 
     def SubmitUpdate(self, request_iterator, context):
-        m, c = self.coord.member(context), self.coord
+        m, c = self._enter(context), self.coord
+        watchdog = threading.Timer(STALL_S + POLL_S, context.cancel)  # a stalled stream is cut
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            header, blob = join((ch.header, ch.data) for ch in request_iterator)
-            rnd = int(header["round"])
-        except (WireError, KeyError, ValueError, TypeError) as err:
-            return pb.SubmitReply(accepted=False, reason=f"malformed update message: {err}")
-        with c.cond:
-            if rnd != c.round or m.client_id not in c.waiting_for:
-                return pb.SubmitReply(
-                    accepted=False, reason=f"not expecting an update for round {rnd} from you"
-                )
-            c.waiting_for.discard(m.client_id)
-        step = header.get("step")
+            return self._submit(m, c, request_iterator)
+        except Exception as err:  # whatever the message did, the caller hears why; the server goes on
+            reason = f"malformed message: {type(err).__name__}: {err}"[:500]
+            return pb.SubmitReply(accepted=False, reason=reason)
+        finally:
+            watchdog.cancel()
+            c.roster.leave(m)
+
+    def _submit(self, m, c: Coordinator, request_iterator) -> pb.SubmitReply:
+        def admit(header: dict) -> int:  # before any payload is read
+            try:
+                return c.admit(m.client_id, header)
+            except ValueError as err:
+                raise WireError(str(err)) from None
+
+        try:
+            header, blob = join(((ch.header, ch.data) for ch in request_iterator), admit=admit)
+        except WireError as err:
+            return pb.SubmitReply(accepted=False, reason=str(err))
+        if not c.delivered(m.client_id):
+            return pb.SubmitReply(accepted=False, reason="a reply from this client is already in")
+        rnd, step = header["round"], header.get("step")
         item = header if step else decode_result(m.client_id, header, blob)
         c.results.put((rnd, step, m.client_id, item))
         return pb.SubmitReply(accepted=True)
 
 
 def decode_result(client_id: int, header: dict, blob: bytes) -> ClientResult:
-    """A client's message as the round loop's ClientResult; undecodable bytes become a failure."""
+    """A client's message as the round loop's ClientResult; anything malformed becomes a failure
+    of that client at stage ``decode`` with the reason."""
     if header.get("failed"):
-        return ClientResult(client_id, failure=ClientFailure(client_id, "train", str(header["failed"])))
+        return ClientResult(client_id, failure=ClientFailure(client_id, "train", str(header["failed"])[:500]))
     try:
         groups = unpack_tensors(blob)
-        metrics = {k: float(v) for k, v in dict(header.get("metrics", {})).items()}
-        update = Update(groups.get("p", {}), int(header["num_examples"]), metrics, groups.get("c"))
-    except (WireError, KeyError, ValueError, TypeError) as err:
+        if set(groups) - {"p", "c"}:
+            raise WireError(f"unexpected payload groups {sorted(groups)[:4]}")
+        metrics = received_metrics(header.get("metrics", {}))
+        n = bounded_int(header.get("num_examples"), 1, MAX_EXAMPLES, "num_examples")
+        update = Update(groups.get("p", {}), n, metrics, groups.get("c"))
+    except Exception as err:
         return ClientResult(
-            client_id, failure=ClientFailure(client_id, "decode", f"{type(err).__name__}: {err}")
+            client_id, failure=ClientFailure(client_id, "decode", f"{type(err).__name__}: {err}"[:500])
         )
     return ClientResult(client_id, update=update)
-
-
-class GrpcEngine:
-    """Hands cohort members their task and yields their results; the deadline bounds each round."""
-
-    def __init__(
-        self,
-        coord: Coordinator,
-        jobs: Sequence,
-        round_timeout_s: float,
-        min_available: int,
-        wait_timeout_s: float,
-        note=print,
-    ) -> None:
-        self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
-        self.min_available, self.wait_timeout_s, self.note = min_available, wait_timeout_s, note
-
-    def wait_for_clients(self, want: int) -> int:
-        """Block until ``want`` clients are connected or the wait times out; how many are."""
-        stop = time.monotonic() + self.wait_timeout_s
-        while len(self.coord.connected()) < want and time.monotonic() < stop:
-            time.sleep(0.2)
-        return len(self.coord.connected())
-
-    def _post(self, rnd: int, headers: dict[int, dict], blob: bytes = b"") -> None:
-        c = self.coord
-        with c.cond:
-            c.round = rnd
-            c.tasks = {k: (rnd, json.dumps(h), blob) for k, h in headers.items()}
-            c.waiting_for = set(c.tasks)
-            c.cond.notify_all()
-
-    def _collect(self, rnd: int, step: str | None, pending: set[int]) -> Iterator[tuple[int, object]]:
-        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed."""
-        c = self.coord
-        deadline = time.monotonic() + self.round_timeout_s
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                got_round, got_step, client, item = c.results.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if got_round == rnd and got_step == step and client in pending:
-                pending.discard(client)
-                yield client, item
-        with c.cond:
-            c.tasks, c.waiting_for = {}, set()
-
-    def exchange(self, rnd: int, step: str, messages: dict[int, dict]) -> dict[int, dict]:
-        """One secure-aggregation step: a message to each listed connected client, their replies
-        back; clients that are absent, fail or miss the deadline are left out (they drop out)."""
-        online = set(self.coord.connected())
-        headers = {
-            k: {"status": "secagg", "round": rnd, "step": step, "message": m} for k, m in messages.items()
-        }
-        self._post(rnd, {k: h for k, h in headers.items() if k in online})
-        replies = {}
-        for client, header in self._collect(rnd, step, set(messages) & online):
-            if "error" in header:
-                self.note(
-                    f"round {rnd}: client {client} failed secure aggregation step {step}: {header['error']}"
-                )
-            else:
-                replies[client] = header["reply"]
-        return replies
-
-    def start_secure(self, cohort: list[int], layout, secagg_cfg, graph_seed: int, rnd: int):
-        from fedfm.deploy.secure import RemoteSecureRound
-
-        self.wait_for_clients(self.min_available)
-        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd)
-
-    def run_cohort(
-        self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
-    ) -> Iterator[ClientResult]:
-        if ctx.secure is None:  # under secure aggregation the wait came before the key exchange
-            self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
-        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
-        base = {"status": "train", **context_header(ctx), "deadline_s": self.round_timeout_s}
-        online = set(self.coord.connected())
-        if ctx.secure is not None:  # only clients that set up this round's protocol can take part
-            online &= set(ctx.secure.server.shared)
-        absent = [k for k in cohort if k not in online]
-        self._post(ctx.round, {k: {**base, "rank": self.jobs[k].rank} for k in cohort if k in online}, blob)
-        for k in absent:
-            yield ClientResult(k, failure=ClientFailure(k, "connect", "not connected when the round started"))
-        pending = {k for k in cohort if k in online}
-        for _, result in self._collect(ctx.round, None, pending):
-            yield result
-        for k in sorted(pending):
-            reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
-            yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
-
-    def state_dict(self) -> dict:
-        return {}  # client state (SCAFFOLD, error feedback) stays with each client
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -288,7 +180,7 @@ class Security:
             return None
         if not (self.cert and self.key):
             raise DeployError(
-                "TLS needs --cert and --key (PEM files; see docs/deployment.md to make them with openssl), "
+                "TLS needs --cert and --key (PEM files; `fedfm provision` makes them), "
                 "or --insecure for plaintext on a trusted network"
             )
         try:
@@ -303,11 +195,11 @@ class Security:
 
 def start_server(coord: Coordinator, address: str, security: Security, note=print) -> tuple[grpc.Server, int]:
     """A started gRPC server on ``address`` (``HOST:PORT``, port 0 picks a free one); (server, port)."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=options)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     rpc.add_FedFMServicer_to_server(FedFMServicer(coord, note), server)
     creds = security.server_credentials()
     port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
@@ -338,21 +230,22 @@ def serve(
     """
     import fedfm.api as api
     from fedfm.loop import Run
-
-    cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
-    check_deployable(cfg)
-    pairs = read_tokens(tokens)
-    if len(pairs) != cfg.partition.num_clients:
-        raise DeployError(
-            f"{tokens} lists {len(pairs)} clients but partition.num_clients = {cfg.partition.num_clients}"
-        )
     from fedfm.reporting.console import ConsoleReporter
 
+    cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
+    console = ConsoleReporter(enabled=True)
+    for warning in check_deployable(cfg, security):
+        console.warn(warning)
+    roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
+    if len(roster.members) != cfg.partition.num_clients:
+        raise DeployError(
+            f"{tokens} lists {len(roster.members)} clients but partition.num_clients = "
+            f"{cfg.partition.num_clients}"
+        )
     note = ConsoleReporter(enabled=progress).note
     if security.insecure:
-        ConsoleReporter(enabled=True).warn("insecure mode: traffic and tokens travel in plaintext")
-    members = {token: Member(k, name) for k, (name, token) in enumerate(pairs)}
-    coord = Coordinator(members, cfg.to_toml(), [], run_dir.name)
+        console.warn("insecure mode: traffic and tokens travel in plaintext")
+    coord = Coordinator(roster, client_config(cfg), [], run_dir.name)
     least = cfg.sampling.min_clients if min_available is None else min_available
 
     def factory(bundle, task, jobs, program, cfg=None):
@@ -366,6 +259,9 @@ def serve(
         connected = run.engine.wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
         note(f"{connected} of {cfg.partition.num_clients} clients connected; starting")
         result = run.execute()
+    except BaseException as err:  # clients must not think a failed run succeeded
+        coord.outcome = {"ok": False, "reason": f"the server stopped: {type(err).__name__}: {err}"[:500]}
+        raise
     finally:
         with coord.cond:
             coord.done = True
@@ -375,12 +271,20 @@ def serve(
     return result
 
 
-def check_deployable(cfg) -> None:
-    """What the gRPC engine does not carry (yet), refused with the reason before any work."""
-    if cfg.secagg.enabled and cfg.strategy.weighting != "uniform" and not cfg.validation.max_num_examples:
+def client_config(cfg) -> str:
+    """The resolved config a joining client receives: never the privacy noise seed (per-client
+    seeds travel with each task, and only in reproducible-noise runs)."""
+    privacy = cfg.privacy.model_copy(update={"noise_seed": None})
+    return cfg.model_copy(update={"privacy": privacy}).to_toml()
+
+
+def check_deployable(cfg, security: Security | None = None) -> list[str]:
+    """Refuse what a deployment cannot do safely (with the reason); return loud warnings."""
+    if cfg.strategy.weighting != "uniform" and not cfg.validation.max_num_examples:
         raise DeployError(
-            "secagg over gRPC with example-count weights needs validation.max_num_examples: the server "
-            "cannot see client data sizes, and the masking field is sized from that bound"
+            "a deployment weighted by example counts needs validation.max_num_examples: the server cannot "
+            "check a client's data size, and without a bound one client could claim 10^9 examples and "
+            "decide the aggregate (or set strategy.weighting = 'uniform')"
         )
     if cfg.attack.kind != "none":
         raise DeployError("attack.* simulates attacks in-process; real clients send what they send")
@@ -388,3 +292,20 @@ def check_deployable(cfg) -> None:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
+    if cfg.secagg.signatures and (security is None or not security.client_ca):
+        raise DeployError(
+            "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "
+            "certificates"
+        )
+    bounded = (  # any aggregator but the plain mean is a robust or bounding rule
+        cfg.validation.max_update_norm is not None
+        or cfg.privacy.dp == "client"
+        or cfg.strategy.aggregator != "mean"
+    )
+    if bounded:
+        return []
+    return [
+        "no bound on update norms: one client can move the aggregate arbitrarily far. Set "
+        "validation.max_update_norm, use a robust strategy.aggregator (trimmed_mean, median, krum, ...) "
+        "or client-level DP (which clips)"
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Iterator
 
 from safetensors.torch import load as st_load
@@ -72,29 +73,67 @@ def chunks(header: dict, blob: bytes, size: int = CHUNK) -> Iterator[tuple[str, 
         yield (text if i == 0 else ""), blob[start : start + size]
 
 
-def join(pieces: Iterable[tuple[str, bytes]]) -> tuple[dict, bytes]:
-    """The header and the whole payload of a chunk stream."""
-    header, parts = None, []
+MAX_HEADER = 4 << 20  # a message's JSON header (secure-aggregation steps ride in it)
+
+
+def _no_constant(name: str):
+    raise WireError(f"the JSON header holds {name}, which is not a JSON number")
+
+
+def parse_header(text: str) -> dict:
+    """A chunk header: strict JSON (no NaN / Infinity), an object, at most ``MAX_HEADER`` bytes."""
+    if len(text) > MAX_HEADER:
+        raise WireError(f"the chunk header is {len(text)} bytes, more than {MAX_HEADER}")
+    try:
+        header = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
+        raise WireError(f"chunk header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise WireError("the chunk header must be a JSON object")
+    return header
+
+
+def join(pieces: Iterable[tuple[str, bytes]], max_bytes: int | None = None, admit=None) -> tuple[dict, bytes]:
+    """The header and the whole payload of a chunk stream.
+
+    ``admit(header)`` runs on the first chunk, before any more is read: it returns the byte limit
+    for the payload (or raises ``WireError`` to refuse the message); ``max_bytes`` caps it too.
+    Reading stops as soon as the payload passes its limit.
+    """
+    header, parts, size = None, [], 0
     for text, data in pieces:
         if header is None:
             if not text:
                 raise WireError("the first chunk carries no header")
-            try:
-                header = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise WireError(f"chunk header is not JSON: {err}") from None
+            header = parse_header(text)
+            if admit is not None:
+                limit = admit(header)
+                max_bytes = limit if max_bytes is None else min(max_bytes, limit)
+        size += len(data)
+        if max_bytes is not None and size > max_bytes:
+            raise WireError(f"the payload passes {max_bytes} bytes, the most this message may carry")
         parts.append(data)
     if header is None:
         raise WireError("empty message: no chunks")
     return header, b"".join(parts)
 
 
-def context_header(ctx) -> dict:
-    """The JSON part of a RoundContext (its tensors travel in the payload)."""
+PRIVACY_PURPOSES = ("dp", "dp-sgd")  # the draws a client makes from the noise source
+
+
+def context_header(ctx, client_id: int | None = None) -> dict:
+    """The JSON part of a RoundContext for one client (its tensors travel in the payload).
+
+    Privacy randomness: nothing is sent when the noise is fresh (the client draws its own from the
+    OS); with a noise seed, only this client's own per-purpose seeds for this round."""
     dp = None
     if ctx.dp is not None:
         dp = {"kind": type(ctx.dp).__name__, **dataclasses.asdict(ctx.dp)}
-    return {"round": ctx.round, "seed": ctx.seed, "dp": dp, "secure": ctx.secure is not None}
+    header = {"round": ctx.round, "seed": ctx.seed, "dp": dp, "secure": ctx.secure is not None}
+    if ctx.noise is not None and ctx.noise.reproducible and client_id is not None:
+        given = ctx.noise.for_client(ctx.round, client_id, PRIVACY_PURPOSES).given
+        header["noise_seeds"] = [list(p) for p in given]
+    return header
 
 
 def context_from(header: dict, server_control: Params | None, secure=None):
@@ -113,14 +152,50 @@ def context_from(header: dict, server_control: Params | None, secure=None):
         dp = cls(**dp)
     if header.get("secure") and secure is None:
         raise WireError("the round uses secure aggregation but this client has not set it up")
+    from fedfm.seeding import NoiseSource
+
+    given = tuple((str(p), int(v)) for p, v in header.get("noise_seeds", []))
     return RoundContext(
-        round=header["round"], seed=header["seed"], server_control=server_control, dp=dp, secure=secure
+        round=header["round"],
+        seed=header["seed"],
+        server_control=server_control,
+        dp=dp,
+        secure=secure,
+        noise=NoiseSource(given=given),
     )
 
 
 def float_metrics(metrics: dict) -> dict:
-    """Client metrics as plain floats (JSON)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    """Client metrics as plain finite floats (JSON has no NaN: a non-finite value is left out)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+MAX_METRICS = 64
+
+
+def received_metrics(value) -> dict[str, float]:
+    """A client's metrics as the server accepts them: at most 64 short names, finite floats."""
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise WireError(f"metrics must be an object of at most {MAX_METRICS} entries")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise WireError("metric names must be strings of at most 64 characters")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise WireError(f"metric {k!r} is not a finite number")
+        out[k] = float(v)
+    return out
+
+
+def bounded_int(value, low: int, high: int, what: str) -> int:
+    """A JSON integer within [low, high] (booleans and floats refused), else ``WireError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise WireError(f"{what} must be an integer in [{low}, {high}], got {str(value)[:40]!r}")
+    return value
 
 
 __all__ = ["CHUNK", "WireError", "chunks", "join", "pack_tensors", "unpack_tensors"]

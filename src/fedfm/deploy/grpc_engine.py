@@ -1,0 +1,183 @@
+"""The engine whose clients are remote: tasks posted to gRPC handlers, results collected with a deadline.
+
+``GrpcEngine.run_cohort`` hands each sampled client a task and yields results as they arrive,
+until every client answered or the round deadline passed. A client that is not connected is left
+out at once, one that does not answer in time at the deadline; the round completes with the rest
+(``sampling.min_clients`` decides whether that is enough). Secure-aggregation steps are the same
+kind of exchange (``exchange``). The ``Coordinator`` is the state the handler threads and the
+round loop share: what each client may receive and send this round, and how large it may be.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from fedfm.deploy.auth import Roster
+from fedfm.deploy.wire import context_header, pack_tensors
+from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+
+HEADER_SLACK = 1 << 20  # bytes a message may carry beyond its payload's expected size
+STEP_BYTES_PER_PEER = 16 << 10  # a secure-aggregation reply: keys, shares, signatures per peer
+
+
+@dataclass
+class Coordinator:
+    """State shared by the gRPC handler threads and the round loop, under one condition variable."""
+
+    roster: Roster
+    config_toml: str
+    label_names: list[str]
+    run_name: str
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    tasks: dict[int, tuple[int, str, bytes]] = field(default_factory=dict)  # id → (round, header, blob)
+    limits: dict[int, int] = field(default_factory=dict)  # id → most bytes its reply may carry
+    results: queue.Queue = field(default_factory=queue.Queue)
+    round: int = 0
+    step: str | None = None  # the secure-aggregation step now asked for (None: training)
+    waiting_for: set[int] = field(default_factory=set)
+    done: bool = False
+    outcome: dict = field(default_factory=lambda: {"ok": True})  # what "done" tells clients
+
+    def connected(self) -> list[int]:
+        return self.roster.connected()
+
+    def admit(self, client_id: int, header: dict) -> int:
+        """Whether a reply from ``client_id`` with ``header`` is expected now; its byte limit.
+        Raises ``ValueError`` (with the reason) before any payload is read."""
+        rnd, step = header.get("round"), header.get("step")
+        with self.cond:
+            if rnd != self.round or step != self.step or client_id not in self.waiting_for:
+                what = f"round {str(rnd)[:20]} step {str(step)[:20]}"
+                raise ValueError(f"not expecting a message for {what} from you")
+            return self.limits.get(client_id, HEADER_SLACK)
+
+    def delivered(self, client_id: int) -> bool:
+        """Mark ``client_id``'s reply as in; False if it was not (or no longer) expected."""
+        with self.cond:
+            if client_id not in self.waiting_for:
+                return False
+            self.waiting_for.discard(client_id)
+            return True
+
+
+def payload_limit(params: Params, control: Params | None, secure_length: int | None) -> int:
+    """The most bytes a client's update may carry: its encoded delta (at most 3× the dense tensors:
+    top-k's indices and values) and control delta, or its masked vector, plus header slack."""
+    dense = sum(v.numel() * v.element_size() for v in params.values())
+    dense += sum(v.numel() * v.element_size() for v in (control or {}).values())
+    if secure_length is not None:
+        return 8 * secure_length + HEADER_SLACK
+    return 3 * dense + 256 * len(params) + HEADER_SLACK
+
+
+class GrpcEngine:
+    """Hands cohort members their task and yields their results; the deadline bounds each round."""
+
+    remote = True  # clients hold their own data and state: a deployment
+
+    def __init__(
+        self,
+        coord: Coordinator,
+        jobs: Sequence,
+        round_timeout_s: float,
+        min_available: int,
+        wait_timeout_s: float,
+        note=print,
+    ) -> None:
+        self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
+        self.min_available, self.wait_timeout_s, self.note = min_available, wait_timeout_s, note
+
+    def wait_for_clients(self, want: int) -> int:
+        """Block until ``want`` clients are connected or the wait times out; how many are."""
+        stop = time.monotonic() + self.wait_timeout_s
+        while len(self.coord.connected()) < want and time.monotonic() < stop:
+            time.sleep(0.2)
+        return len(self.coord.connected())
+
+    def _post(self, rnd: int, step: str | None, headers: dict[int, dict], blob: bytes, limits) -> None:
+        c = self.coord
+        with c.cond:
+            c.round, c.step = rnd, step
+            c.tasks = {k: (rnd, json.dumps(h), blob) for k, h in headers.items()}
+            c.limits = {k: limits for k in headers}
+            c.waiting_for = set(c.tasks)
+            c.cond.notify_all()
+
+    def _collect(self, rnd: int, step: str | None, pending: set[int]) -> Iterator[tuple[int, object]]:
+        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed."""
+        c = self.coord
+        deadline = time.monotonic() + self.round_timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                got_round, got_step, client, item = c.results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if got_round == rnd and got_step == step and client in pending:
+                pending.discard(client)
+                yield client, item
+        with c.cond:
+            c.tasks, c.waiting_for, c.limits = {}, set(), {}
+
+    def exchange(self, rnd: int, step: str, messages: dict[int, dict]) -> dict[int, dict]:
+        """One secure-aggregation step: a message to each listed connected client, their replies
+        back; clients that are absent, fail or miss the deadline are left out (they drop out).
+        A reply is attributed to the client the transport authenticated, whatever it says."""
+        online = set(self.coord.connected())
+        headers = {
+            k: {"status": "secagg", "round": rnd, "step": step, "message": m} for k, m in messages.items()
+        }
+        limit = HEADER_SLACK + STEP_BYTES_PER_PEER * max(1, len(messages))
+        self._post(rnd, step, {k: h for k, h in headers.items() if k in online}, b"", limit)
+        replies = {}
+        for client, header in self._collect(rnd, step, set(messages) & online):
+            if "error" in header or not isinstance(header.get("reply"), dict):
+                reason = str(header.get("error", "no reply"))[:300]
+                self.note(f"round {rnd}: client {client} failed secure aggregation step {step}: {reason}")
+            else:
+                replies[client] = header["reply"]
+        return replies
+
+    def start_secure(self, cohort: list[int], layout, secagg_cfg, graph_seed: int, rnd: int):
+        from fedfm.deploy.secure import RemoteSecureRound
+
+        self.wait_for_clients(self.min_available)
+        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd)
+
+    def run_cohort(
+        self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
+    ) -> Iterator[ClientResult]:
+        if ctx.secure is None:  # under secure aggregation the wait came before the key exchange
+            self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
+        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
+        online = set(self.coord.connected())
+        if ctx.secure is not None:  # only clients that set up this round's protocol can take part
+            online &= set(ctx.secure.server.shared)
+        absent = [k for k in cohort if k not in online]
+        base = {"status": "train", "deadline_s": self.round_timeout_s}
+        headers = {
+            k: {**base, **context_header(ctx, k), "rank": self.jobs[k].rank} for k in cohort if k in online
+        }
+        length = ctx.secure.layout.length if ctx.secure is not None else None
+        self._post(ctx.round, None, headers, blob, payload_limit(global_params, ctx.server_control, length))
+        for k in absent:
+            yield ClientResult(k, failure=ClientFailure(k, "connect", "not connected when the round started"))
+        pending = set(headers)
+        for _, result in self._collect(ctx.round, None, pending):
+            yield result
+        for k in sorted(pending):
+            reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
+            yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
+
+    def state_dict(self) -> dict:
+        return {}  # client state (SCAFFOLD, error feedback) stays with each client
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
