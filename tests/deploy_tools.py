@@ -14,7 +14,8 @@ def make_certificates(folder: Path, sites: int = 4) -> dict[str, Path]:
     ``site{k}``), made by ``fedfm provision``. ``client`` / ``client_key`` are site0's."""
     from fedfm.deploy.provision import provision
 
-    kits = provision(folder / "kits", [f"site{k}" for k in range(sites)], ["localhost", "127.0.0.1"], tokens=False)
+    names = [f"site{k}" for k in range(sites)]
+    kits = provision(folder / "kits", names, ["localhost", "127.0.0.1"], tokens=False)
     paths = {
         "ca": kits["server"] / "ca.pem",
         "server": kits["server"] / "server.pem",

@@ -255,3 +255,27 @@ def test_signed_rounds_recover_the_sum():
     assert isinstance(responses[0], UnmaskResponse)
     total = server.finish(responses, request)
     assert torch.equal(total, sum(xs[u] for u in survivors) % (1 << BITS))
+
+
+def test_one_badly_signed_advert_is_dropped_by_the_server_and_spoils_nothing():
+    params, clients = cohort(5, signatures=True)
+    verifier = clients[0].verifier
+    server = SecAggServer(params, verifier=verifier, names={u: f"site-{u}" for u in clients})
+    adverts = [c.advertise() for c in clients.values()]
+    a = adverts[4]
+    adverts[4] = AdvertiseKeys(a.client, a.cipher_public, a.mask_public, a.identity, b"\0" * 64)
+    roster = server.collect_keys(adverts)
+    assert set(roster) == {0, 1, 2, 3}
+    assert server.offenders == [
+        {"client": 4, "reason": "advertised keys without a valid signature by this site's identity"}
+    ]
+    honest = {u: clients[u] for u in roster}
+    inbox = server.route_shares({u: c.share_keys(roster) for u, c in honest.items()})
+    for u, c in honest.items():
+        c.receive_shares(inbox[u])
+    xs = inputs(5)
+    mask_all(server, honest, xs)
+    survivors = sorted(server.survivors)
+    request = server.unmask_request({u: honest[u].sign_survivors(survivors) for u in survivors})
+    total = server.finish([honest[u].unmask(request) for u in survivors], request)
+    assert torch.equal(total, sum(xs[u] for u in survivors) % (1 << BITS))

@@ -88,7 +88,10 @@ class GrpcEngine:
         min_available: int,
         wait_timeout_s: float,
         note=print,
+        verifier=None,
     ) -> None:
+        """``verifier``: the client CA's (``CertificateVerifier``) for signed secure aggregation."""
+        self.verifier = verifier
         self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
         self.min_available, self.wait_timeout_s, self.note = min_available, wait_timeout_s, note
 
@@ -149,7 +152,9 @@ class GrpcEngine:
         from fedfm.deploy.secure import RemoteSecureRound
 
         self.wait_for_clients(self.min_available)
-        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd)
+        names = {m.client_id: m.name for m in self.coord.roster.members}
+        identities = (self.verifier, names) if self.verifier is not None else None
+        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd, identities)
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
@@ -158,8 +163,10 @@ class GrpcEngine:
             self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
         blob = pack_tensors({"p": global_params, "c": ctx.server_control})
         online = set(self.coord.connected())
+        out_of_protocol = set()
         if ctx.secure is not None:  # only clients that set up this round's protocol can take part
-            online &= set(ctx.secure.server.shared)
+            out_of_protocol = online - set(ctx.secure.server.shared)
+            online -= out_of_protocol
         absent = [k for k in cohort if k not in online]
         base = {"status": "train", "deadline_s": self.round_timeout_s}
         headers = {
@@ -168,7 +175,13 @@ class GrpcEngine:
         length = ctx.secure.layout.length if ctx.secure is not None else None
         self._post(ctx.round, None, headers, blob, payload_limit(global_params, ctx.server_control, length))
         for k in absent:
-            yield ClientResult(k, failure=ClientFailure(k, "connect", "not connected when the round started"))
+            if k in out_of_protocol:
+                why = "dropped out of this round's secure-aggregation key exchange"
+                yield ClientResult(k, failure=ClientFailure(k, "secagg", why))
+            else:
+                yield ClientResult(
+                    k, failure=ClientFailure(k, "connect", "not connected when the round started")
+                )
         pending = set(headers)
         for _, result in self._collect(ctx.round, None, pending):
             yield result

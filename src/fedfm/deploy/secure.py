@@ -173,13 +173,24 @@ class RemoteSecureRound:
         return out
 
     @classmethod
-    def start(cls, exchange, cohort: list[int], layout: packing.Layout, cfg, graph_seed: int, rnd: int):
+    def start(
+        cls,
+        exchange,
+        cohort: list[int],
+        layout: packing.Layout,
+        cfg,
+        graph_seed: int,
+        rnd: int,
+        identities=None,
+    ):
         """Stages 0–1 over the network. ``exchange(rnd, step, {client: message}) → {client: reply}``;
-        clients that do not answer in time, or answer nonsense, drop out of the protocol."""
+        clients that do not answer in time, or answer nonsense, drop out of the protocol.
+        ``identities`` (signed mode): (verifier, {client: site name}) to check adverts first."""
         params = SecAggParams(
             layout.bits, layout.length, cfg.threshold, cfg.neighbors, graph_seed, cfg.signatures, rnd
         )
-        server = SecAggServer(params)
+        verifier, names = identities or (None, {})
+        server = SecAggServer(params, verifier=verifier, names=names)
         self = cls(layout, server, exchange, rnd)
         setup = {"params": dataclasses.asdict(params), "layout": encode_layout(layout)}
         replies = exchange(rnd, "advertise", dict.fromkeys(cohort, setup))

@@ -248,8 +248,14 @@ def serve(
     coord = Coordinator(roster, client_config(cfg), [], run_dir.name)
     least = cfg.sampling.min_clients if min_available is None else min_available
 
+    verifier = None
+    if cfg.secagg.signatures:  # the server checks signed adverts too, so one bad one spoils nothing
+        from fedfm.privacy.signing import CertificateVerifier
+
+        verifier = CertificateVerifier(Path(security.client_ca).read_bytes())
+
     def factory(bundle, task, jobs, program, cfg=None):
-        return GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s, note)
+        return GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s, note, verifier)
 
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)

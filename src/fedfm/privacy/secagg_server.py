@@ -42,11 +42,21 @@ class SecAggServer:
     commitments: dict[tuple[int, int], tuple[bytes, bytes]] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)  # client → why its input is refused
     offenders: list[dict] = field(default_factory=list)  # {client, reason}, for the round record
+    verifier: object = None  # signed mode: checks adverts before they reach anyone (one bad one
+    names: dict[int, str] = field(default_factory=dict)  # would make every client refuse the roster)
+
+    def advert_problem(self, a: AdvertiseKeys) -> str | None:
+        problem = a.problem()
+        if problem is None and self.params.signatures and self.verifier is not None:
+            name = self.verifier.identify(a.identity, a.signed_part(self.params), a.signature)
+            if name is None or name != self.names.get(a.client, name):
+                problem = "advertised keys without a valid signature by this site's identity"
+        return problem
 
     def collect_keys(self, adverts: Iterable[AdvertiseKeys]) -> dict[int, AdvertiseKeys]:
         roster = {}
         for a in adverts:
-            problem = a.problem()
+            problem = self.advert_problem(a)
             if problem is not None:
                 self.offenders.append({"client": a.client, "reason": problem})
                 continue

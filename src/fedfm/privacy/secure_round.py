@@ -54,9 +54,9 @@ class SecureRound:
         params = SecAggParams(
             layout.bits, layout.length, cfg.threshold, cfg.neighbors, graph_seed, cfg.signatures, rnd
         )
-        server = SecAggServer(params)
         signers = {c: KeySigner() for c in cohort} if cfg.signatures else {}
         verifier = KeyVerifier({s.identity: f"client-{c}" for c, s in signers.items()})
+        server = SecAggServer(params, verifier=verifier, names={c: f"client-{c}" for c in cohort})
         clients = {c: SecAggClient(c, params, signers.get(c), verifier) for c in cohort}
         adverts = [c.advertise() for c in clients.values()]
         roster = server.collect_keys(adverts)
