@@ -38,8 +38,7 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); an upload gets UPLOAD_S
-UPLOAD_S = 600.0
+CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); an upload gets --give-up
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -222,7 +221,7 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
     def deadline() -> float:  # no call outlives the give-up time
         return max(1.0, min(CALL_S, give_up_s - (time.monotonic() - last_contact)))
 
-    upload_s = max(CALL_S, give_up_s)
+    upload_s = give_up_s  # an upload (or a frozen server) never holds the client past the give-up time
     while True:
         channel = security.channel(server)
         stub = rpc.FedFMStub(channel)
@@ -235,7 +234,7 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
             trainer = trainer_for(joined)
             while True:
                 request = pb.TaskRequest(last_round=ident.last_round)
-                poll = max(deadline(), POLL_S + 5)
+                poll = max(deadline(), POLL_S + 1)  # a long poll answers within POLL_S
                 header, blob = join(
                     (c.header, c.data) for c in stub.GetTask(request, metadata=ident.metadata, timeout=poll)
                 )

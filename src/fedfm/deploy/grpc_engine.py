@@ -21,7 +21,7 @@ from fedfm.deploy.auth import Roster
 from fedfm.deploy.wire import context_header, pack_tensors
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
-HEADER_SLACK = 1 << 20  # bytes a message may carry beyond its payload's expected size
+HEADER_SLACK = 64 << 10  # payload bytes a message may carry beyond its expected size (safetensors header)
 STEP_BYTES_PER_PEER = 16 << 10  # a secure-aggregation reply: keys, shares, signatures per peer
 
 
