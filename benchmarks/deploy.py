@@ -7,6 +7,7 @@ the round's wall time (server's `round_s`), the whole run's wall time and the se
 peak RSS (sampled every 50 ms with psutil). Usage:
 
     python benchmarks/deploy.py [--clients 100] [--processes 4] [--out benchmarks/results/deploy.json]
+    python benchmarks/deploy.py --stalled 260   # an honest Join beside 260 stalled uploads
 """
 
 from __future__ import annotations
@@ -136,6 +137,80 @@ def load_test(work: Path, clients: int, processes: int, rounds: int = 1) -> dict
     }
 
 
+def stalled_join(work: Path, stalled: int, repeats: int = 5) -> dict:
+    """How long an honest client's Join takes while ``stalled`` uploads are held open (half with a
+    member's token, half with an unknown one), next to the same server with none, in one run."""
+    import threading
+
+    import grpc
+
+    from fedfm.deploy import fedfm_pb2 as pb
+    from fedfm.deploy.fedfm_pb2_grpc import FedFMStub
+
+    model, data = work / "model", work / "data.csv"
+    tiny_model(model)
+    toy_csv(data, per_class=20)
+    cfg = {
+        "run": {"rounds": 1, "threads": 1},
+        "model": {"name": str(model), "max_length": 16},
+        "data": {"name": "csv", "path": str(data), "test_fraction": 0.25},
+        "partition": {"method": "iid", "num_clients": 2},
+        "validation": {"max_num_examples": 1000, "max_update_norm": 100.0},
+    }
+    (work / "exp.toml").write_text(tomli_w.dumps(cfg))
+    (work / "tokens.txt").write_text("site0 honest-token\nsite1 staller-token\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "fedfm.cli", "server", work / "exp.toml", "--address", f"127.0.0.1:{port}"]
+    args += ["--tokens", work / "tokens.txt", "--insecure", "--quiet", "--output", work / "run"]
+    server = subprocess.Popen(args, stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT)
+    stub = FedFMStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    honest, staller = (
+        (("authorization", "Bearer honest-token"),),
+        (("authorization", "Bearer staller-token"),),
+    )
+    release = threading.Event()
+
+    def never():
+        release.wait()
+        return
+        yield  # noqa: B901
+
+    def join_s() -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            stub.Join(pb.JoinRequest(), metadata=honest, wait_for_ready=True, timeout=120)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    try:
+        idle = join_s()
+        calls = [
+            stub.SubmitUpdate.future(never(), metadata=staller, timeout=300) for _ in range(stalled // 2)
+        ]
+        bogus = (("authorization", "Bearer nobody"),)
+        calls += [
+            stub.SubmitUpdate.future(never(), metadata=bogus, timeout=300)
+            for _ in range(stalled - stalled // 2)
+        ]
+        time.sleep(1.0)
+        busy = join_s()
+        refused = sum(1 for c in calls if c.done() and c.exception() is not None)
+    finally:
+        release.set()
+        server.kill()
+        server.wait()
+    return {
+        "stalled_uploads": stalled,
+        "refused_at_once": refused,
+        "join_s_idle": round(idle, 4),
+        "join_s_with_stalled": round(busy, 4),
+        "ratio": round(busy / idle, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,8 +218,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--stalled", type=int, default=0, help="measure a Join beside N stalled uploads")
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
     args = parser.parse_args()
+    if args.stalled:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = stalled_join(Path(tmp), args.stalled)
+        out = Path(args.out).with_name("deploy-stalled.json")
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result = load_test(Path(tmp), args.clients, args.processes, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

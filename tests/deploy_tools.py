@@ -34,6 +34,29 @@ def site_of(token: str) -> int:
     return int(parts[1]) if len(parts) > 2 and parts[0] == "token" and parts[1].isdigit() else 0
 
 
+def server_args(path, port, tokens, certs, out, *extra) -> list:
+    """``fedfm server`` over mutual TLS with the test certificates, quiet, into ``out``."""
+    args = ["server", path, "--address", f"127.0.0.1:{port}", "--tokens", tokens, "--output", out, "--quiet"]
+    return [
+        *args,
+        "--cert",
+        certs["server"],
+        "--key",
+        certs["server_key"],
+        "--client-ca",
+        certs["ca"],
+        *extra,
+    ]
+
+
+def client_args(port, token, certs, *extra, site: int | None = None) -> list:
+    """``fedfm client`` with the certificate of its own site (``site``, or the token's)."""
+    k = site_of(token or "") if site is None else site
+    args = ["client", "--server", f"localhost:{port}", "--data", "config", "--retry", "0.5"]
+    args += ["--ca", certs["ca"], "--cert", certs[f"site{k}"], "--key", certs[f"site{k}_key"]]
+    return [*args, *(["--token", token] if token else []), *extra]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

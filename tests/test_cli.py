@@ -107,5 +107,7 @@ def test_sweep_synth_server_and_client_report_bad_input_clearly(tmp_path):
     assert r.returncode == 2 and "TLS needs --cert and --key" in r.stderr
     r = fedfm_cmd("server", "--tokens", str(tokens), "--insecure")  # the default experiment has 10 clients
     assert r.returncode == 2 and "lists 2 clients but partition.num_clients = 10" in r.stderr
+    r = fedfm_cmd("server", "--tokens", str(tokens), "--insecure", "--set", "partition.num_clients=2")
+    assert r.returncode == 2 and "validation.max_num_examples" in r.stderr
     r = fedfm_cmd("client", "--server", "127.0.0.1:1", "--token", "t", "--data", "config")
     assert r.returncode == 2 and "TLS needs --ca" in r.stderr

@@ -8,7 +8,15 @@ import signal
 import pytest
 import tomli_w
 import torch
-from tests.deploy_tools import free_port, make_certificates, site_of, start, wait_for_file_text, write_tokens
+from tests.deploy_tools import (
+    client_args,
+    free_port,
+    make_certificates,
+    server_args,
+    start,
+    wait_for_file_text,
+    write_tokens,
+)
 
 import fedfm
 from fedfm.checkpoint import load_checkpoint
@@ -31,49 +39,6 @@ def deploy_config(tiny_config, tmp_path, **sections):
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(cfg))
     return cfg, path
-
-
-def server_args(path, port, tokens, certs, out, *extra):
-    return [
-        "server",
-        path,
-        "--address",
-        f"127.0.0.1:{port}",
-        "--tokens",
-        tokens,
-        "--cert",
-        certs["server"],
-        "--key",
-        certs["server_key"],
-        "--client-ca",
-        certs["ca"],
-        "--output",
-        out,
-        "--quiet",
-        *extra,
-    ]
-
-
-def client_args(port, token, certs, *extra):
-    k = site_of(token)  # each site presents its own certificate (bound to its token)
-    return [
-        "client",
-        "--server",
-        f"localhost:{port}",
-        "--token",
-        token,
-        "--data",
-        "config",
-        "--ca",
-        certs["ca"],
-        "--cert",
-        certs[f"site{k}"],
-        "--key",
-        certs[f"site{k}_key"],
-        "--retry",
-        "0.5",
-        *extra,
-    ]
 
 
 def final_params(run_dir):

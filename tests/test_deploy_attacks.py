@@ -16,7 +16,15 @@ import time
 import pytest
 import tomli_w
 import torch
-from tests.deploy_tools import free_port, make_certificates, start, wait_for_file_text, write_tokens
+from tests.deploy_tools import (
+    client_args,
+    free_port,
+    make_certificates,
+    server_args,
+    start,
+    wait_for_file_text,
+    write_tokens,
+)
 
 grpc = pytest.importorskip("grpc")
 
@@ -47,34 +55,6 @@ def experiment(tmp_path, tiny_config, clients, **sections):
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(cfg))
     return path
-
-
-def server_args(path, port, tokens, certs, out, *extra):
-    args = ["server", path, "--address", f"127.0.0.1:{port}", "--tokens", tokens, "--output", out, "--quiet"]
-    return [
-        *args,
-        "--cert",
-        certs["server"],
-        "--key",
-        certs["server_key"],
-        "--client-ca",
-        certs["ca"],
-        *extra,
-    ]
-
-
-def client_args(port, site, certs, *extra):
-    args = ["client", "--server", f"localhost:{port}", "--data", "config", "--retry", "0.5"]
-    return [
-        *args,
-        "--ca",
-        certs["ca"],
-        "--cert",
-        certs[f"site{site}"],
-        "--key",
-        certs[f"site{site}_key"],
-        *extra,
-    ]
 
 
 def rounds_of(out):
@@ -113,12 +93,12 @@ def test_identity_is_the_authenticated_sender(tmp_path, tiny_config, certs):
     import sys
 
     c0 = subprocess.Popen(
-        [sys.executable, "-m", "fedfm.cli", *map(str, client_args(port, 0, certs))],
+        [sys.executable, "-m", "fedfm.cli", *map(str, client_args(port, None, certs, site=0))],
         env=env,
         stdout=fh,
         stderr=subprocess.STDOUT,
     )
-    c1 = start(client_args(port, 1, certs), tmp_path / "c1.log")
+    c1 = start(client_args(port, None, certs, site=1), tmp_path / "c1.log")
     assert server.wait(timeout=180) == 0, (tmp_path / "s.log").read_text()
     assert c0.wait(timeout=60) == 0 and c1.wait(timeout=60) == 0
     assert rounds_of(out)[1]["num_clients"] == 2
@@ -164,7 +144,7 @@ def test_260_stalled_uploads_do_not_keep_an_honest_client_out(tmp_path, tiny_con
     calls = [stalled(staller, meta, release) for _ in range(130)]  # as an authenticated site
     calls += [stalled(staller, (("authorization", "Bearer nobody"),), release) for _ in range(130)]
     time.sleep(2)
-    honest = start(client_args(port, 0, certs, "--token", tokens[0]), tmp_path / "c0.log")
+    honest = start(client_args(port, tokens[0], certs), tmp_path / "c0.log")
     big, big_meta = stub_for(port, certs, 2), (("authorization", f"Bearer {tokens[2]}"),)
     big.Join(pb.JoinRequest(), metadata=big_meta, wait_for_ready=True, timeout=60)
     while True:
@@ -192,7 +172,7 @@ def test_a_frozen_server_does_not_hang_a_client_past_give_up(tmp_path, tiny_conf
     tokens = write_tokens(tmp_path / "tokens.txt", 1)
     port, out = free_port(), tmp_path / "run"
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "s.log")
-    client = start(client_args(port, 0, certs, "--token", tokens[0], "--give-up", "5"), tmp_path / "c.log")
+    client = start(client_args(port, tokens[0], certs, "--give-up", "5"), tmp_path / "c.log")
     try:
         wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
         server.send_signal(signal.SIGSTOP)  # alive, listening, answering nothing
@@ -210,9 +190,7 @@ def test_clients_fail_when_the_servers_run_fails(tmp_path, tiny_config, certs):
     tokens = write_tokens(tmp_path / "tokens.txt", 2)
     port, out = free_port(), tmp_path / "run"
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "s.log")
-    clients = [
-        start(client_args(port, k, certs, "--token", t), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)
-    ]
+    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
     assert server.wait(timeout=180) == 1
     for k, c in enumerate(clients):
         assert c.wait(timeout=60) == 2

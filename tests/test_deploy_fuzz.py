@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.deploy_tools import free_port, make_certificates, start, write_tokens
+from tests.deploy_tools import client_args, free_port, make_certificates, server_args, start, write_tokens
 
 grpc = pytest.importorskip("grpc")
 
@@ -56,24 +56,11 @@ def federation(tmp_path_factory, tiny_model_dir, csv_path):
     (tmp / "exp.toml").write_text(tomli_w.dumps(cfg))
     port, tokens = free_port(), write_tokens(tmp / "tokens.txt", 4)
     out = tmp / "run"
-    args = ["server", tmp / "exp.toml", "--address", f"127.0.0.1:{port}", "--tokens", tmp / "tokens.txt"]
-    args += ["--cert", certs["server"], "--key", certs["server_key"], "--client-ca", certs["ca"]]
-    args += ["--output", out, "--quiet", "--round-timeout", "4", "--min-available", "3"]
-    server = start(args, tmp / "server.log")
-    honest = []
-    for k in range(3):
-        c = ["client", "--server", f"localhost:{port}", "--token", tokens[k], "--data", "config"]
-        c += [
-            "--ca",
-            certs["ca"],
-            "--cert",
-            certs[f"site{k}"],
-            "--key",
-            certs[f"site{k}_key"],
-            "--retry",
-            "0.5",
-        ]
-        honest.append(start(c, tmp / f"c{k}.log"))
+    extra = ("--round-timeout", "4", "--min-available", "3")
+    server = start(
+        server_args(tmp / "exp.toml", port, tmp / "tokens.txt", certs, out, *extra), tmp / "server.log"
+    )
+    honest = [start(client_args(port, tokens[k], certs), tmp / f"c{k}.log") for k in range(3)]
     me = ClientSecurity(str(certs["ca"]), str(certs["site3"]), str(certs["site3_key"]))
     stub = FedFMStub(me.channel(f"localhost:{port}"))
     meta = (("authorization", f"Bearer {tokens[HOSTILE]}"),)

@@ -232,16 +232,17 @@ def serve(
     from fedfm.loop import Run
     from fedfm.reporting.console import ConsoleReporter
 
-    cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
-    console = ConsoleReporter(enabled=True)
-    for warning in check_deployable(cfg, security):
-        console.warn(warning)
+    security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
+    cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
     if len(roster.members) != cfg.partition.num_clients:
         raise DeployError(
             f"{tokens} lists {len(roster.members)} clients but partition.num_clients = "
             f"{cfg.partition.num_clients}"
         )
+    console = ConsoleReporter(enabled=True)
+    for warning in check_deployable(cfg, security):
+        console.warn(warning)
     note = ConsoleReporter(enabled=progress).note
     if security.insecure:
         console.warn("insecure mode: traffic and tokens travel in plaintext")
