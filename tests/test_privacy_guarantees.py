@@ -257,14 +257,19 @@ def crash_before_checkpoint(monkeypatch, at_round):
     monkeypatch.setattr(fedfm.loop, "save_checkpoint", save)
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_a_release_before_a_crash_stays_charged(tiny_config, tmp_path, monkeypatch, seeded):
+@pytest.mark.parametrize("mode", ["central", "distributed", "seeded"])
+def test_a_release_before_a_crash_stays_charged(tiny_config, tmp_path, monkeypatch, mode):
     """Round 2 forms its noisy aggregate (a release), then the process dies before the checkpoint.
-    The resumed run draws fresh noise for round 2: a second release, and ε counts both. With a
-    noise seed the rerun repeats the first release exactly and nothing extra is charged."""
-    extra = {"noise_seed": 9} if seeded else {}
+    The resumed run draws fresh noise for round 2: a second release, and ε counts both (once, even
+    though a distributed round writes its charge before unmasking and again at the aggregate).
+    With a noise seed the rerun repeats the first release exactly and nothing extra is charged."""
+    extra = {"noise_seed": 9} if mode == "seeded" else {}
+    if mode == "distributed":
+        extra["noise"] = "distributed"
     cfg = dp_config(tiny_config, noise_multiplier=1.0, **extra)
     cfg["run"]["rounds"] = 2
+    if mode == "distributed":
+        cfg["secagg"] = {"enabled": True}
     uninterrupted = fedfm.run(cfg, output=tmp_path / "full", progress=False)
     with monkeypatch.context() as m:
         crash_before_checkpoint(m, 2)
@@ -273,7 +278,7 @@ def test_a_release_before_a_crash_stays_charged(tiny_config, tmp_path, monkeypat
     resumed = fedfm.run(resume=tmp_path / "crashed", progress=False)
     ledger = load_checkpoint(tmp_path / "crashed" / "checkpoint").privacy["ledger"]
     full_eps = uninterrupted.final_metrics["epsilon"]
-    if seeded:
+    if mode == "seeded":
         assert len(ledger) == 2 and resumed.final_metrics["epsilon"] == pytest.approx(full_eps)
     else:
         assert len(ledger) == 3 and [e.get("lost", False) for e in ledger] == [False, True, False]

@@ -1,7 +1,7 @@
 """A federated client over gRPC: joins with its token, pulls tasks, trains locally, sends updates.
 
 The client receives the run's resolved config when it joins and trains with the same code as a
-simulation (``fedfm.training.ClientProgram``: local steps, clip, DP noise share, compression).
+simulation (``fedfm.training.ClientProgram``: local steps, clip, DP noise, compression, masking).
 Its data never leaves it: a CSV/JSONL file with the config's text and label columns, or — for
 demos — a registered dataset cut by the config's partitioner, of which it takes one partition.
 Client state (SCAFFOLD's control variate, top-k residual) stays here, kept per round so that a

@@ -58,7 +58,11 @@ class RunPrivacy:
     def resume(self, state: dict, saved_round: int) -> list[dict]:
         """Charges of releases made after the checkpoint (a crash mid-round); they stay charged
         unless the noise is seeded (the resumed round repeats them exactly). Returns them."""
-        lost = [c for c in self._read_wal() if c.get("round", 0) > saved_round]
+        by_release = {}  # one charge per release: (round) or (round, client); the last one written
+        for c in self._read_wal():
+            if c.get("round", 0) > saved_round:
+                by_release[(c["round"], c.get("client"))] = c
+        lost = list(by_release.values())
         if self.noise.reproducible or not lost:
             return []
         for charge in lost:
