@@ -9,6 +9,7 @@ degree t − 1, which catches a dealer who handed out shares of no single secret
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import struct
@@ -36,17 +37,25 @@ def share(secret: int, threshold: int, holders: Sequence[int]) -> dict[int, int]
     return out
 
 
-def _interpolate(points: list[tuple[int, int]], at: int) -> int:
-    """The value at ``at`` of the polynomial through ``points`` (Lagrange, mod PRIME)."""
-    value = 0
-    for j, (xj, yj) in enumerate(points):
+@functools.lru_cache(maxsize=4096)
+def _coefficients(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
+    """Lagrange basis values ℓ_j(at) for the points ``xs`` (cached: the holders of every client
+    are the same points in a complete graph, so a round computes each set once)."""
+    out = []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+        for m, xm in enumerate(xs):
             if m != j:
                 num = num * (at - xm) % PRIME
                 den = den * (xj - xm) % PRIME
-        value = (value + yj * num * pow(den, -1, PRIME)) % PRIME
-    return value
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
+def _interpolate(points: list[tuple[int, int]], at: int) -> int:
+    """The value at ``at`` of the polynomial through ``points`` (Lagrange, mod PRIME)."""
+    coefficients = _coefficients(tuple(x for x, _ in points), at)
+    return sum(y * c for (_, y), c in zip(points, coefficients, strict=True)) % PRIME
 
 
 def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
