@@ -134,3 +134,25 @@ def test_a_run_in_which_every_client_always_failed_exits_non_zero(tiny_config, t
     assert done.returncode == 1 and "no client delivered a usable update in any of 2 rounds" in done.stderr
     rounds = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rejected"] for r in rounds if r.get("event") == "round" and r["round"] > 0)
+
+
+def test_a_commit_cut_short_by_a_kill_rolls_back_on_resume(tmp_path):
+    """kill -9 in the middle of a commit leaves a hot journal: the next load rolls it back to the
+    last commit (a read-only open could not, and would call the checkpoint damaged)."""
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, ServerState(1, {"w": torch.zeros(3)}, {}), {0: {"s": {"w": torch.ones(3)}}})
+    script = f"""
+import os, sqlite3, torch
+from fedfm.checkpoint import ServerState, _connect, _dumps
+db = _connect({str(folder / "state.sqlite")!r})
+db.execute("BEGIN IMMEDIATE")
+big = _dumps(ServerState(2, {{"w": torch.ones(1 << 18)}}, {{}}).__dict__)
+db.execute("UPDATE server SET round = 2, state = ?", (big,))
+os._exit(9)  # dies holding the transaction
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (folder / "state.sqlite-journal").exists()
+    kept = load_checkpoint(folder)
+    assert kept.round == 1 and torch.equal(kept.params["w"], torch.zeros(3))
+    assert torch.equal(ClientStore(folder).get(0)["s"]["w"], torch.ones(3))

@@ -172,6 +172,8 @@ def test_a_frozen_server_does_not_hang_a_client_past_give_up(tmp_path, tiny_conf
     tokens = write_tokens(tmp_path / "tokens.txt", 1)
     port, out = free_port(), tmp_path / "run"
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "s.log")
+    wait_for_file_text(out / "metrics.jsonl", "")  # the server is up (its run folder is ready) …
+    time.sleep(2)  # … and listening: the client's give-up clock starts with contact
     client = start(client_args(port, tokens[0], certs, "--give-up", "5"), tmp_path / "c.log")
     try:
         wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')

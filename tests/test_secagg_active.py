@@ -45,8 +45,7 @@ def setup(params, clients):
     roster = server.collect_keys([c.advertise() for c in clients.values()])
     inbox = server.route_shares({u: c.share_keys(roster) for u, c in clients.items()})
     for u, c in clients.items():
-        for dealer in c.receive_shares(inbox[u]):
-            server.exclude(dealer, f"dealt client {u} a share that does not match its commitment")
+        server.accused(u, c.receive_shares(inbox[u]))
     return server
 
 
@@ -111,26 +110,50 @@ def test_a_dealer_of_inconsistent_shares_is_named():
     assert {"client": 0, "reason": "client 0 dealt shares of no single secret"} in server.offenders
 
 
-def test_a_dealer_whose_shares_break_their_commitments_is_excluded_and_the_round_goes_on():
-    params, clients = cohort(5, threshold=0.6)  # t = 3: the holder that refused the share is not needed
+def test_a_dealer_whose_shares_break_their_commitments_is_named_and_the_round_goes_on():
+    params, clients = cohort(5, threshold=0.6)  # t = 3: the holder without a usable share is not needed
     server = SecAggServer(params)
     roster = server.collect_keys([c.advertise() for c in clients.values()])
     outgoing = {u: c.share_keys(roster) for u, c in clients.items()}
     forged = outgoing[4][0]  # client 4 shows the server a commitment to something it did not send
-    outgoing[4][0] = EncryptedShare(
-        forged.sender, forged.receiver, forged.nonce, forged.ciphertext, (b"x" * 32,) * 2
-    )
+    bad = (b"x" * 32,) * 2
+    outgoing[4][0] = EncryptedShare(forged.sender, forged.receiver, forged.nonce, forged.ciphertext, bad)
     inbox = server.route_shares(outgoing)
     for u, c in clients.items():
-        for dealer in c.receive_shares(inbox[u]):
-            server.exclude(dealer, f"dealt client {u} a share that does not match its commitment")
+        server.accused(u, c.receive_shares(inbox[u]))
     assert [o["client"] for o in server.offenders] == [4]
     xs = inputs(5)
-    mask_all(server, clients, xs, skip=(4,))
-    assert "does not match its commitment" in server.input_problem(clients[4].mask(xs[4]))
+    mask_all(server, clients, xs)
     request = server.unmask_request()
     total = server.finish([clients[u].unmask(request) for u in request.survivors], request)
-    assert torch.equal(total, sum(xs[u] for u in range(4)) % (1 << BITS))
+    assert torch.equal(total, sum(xs.values()) % (1 << BITS))
+
+
+def test_a_client_that_accuses_everyone_spoils_nothing():
+    """A holder that claims every dealer's share was bad: taken as "it holds no share of theirs",
+    which the threshold absorbs; an accusation about a share never routed to it names the accuser."""
+    params, clients = cohort(5, threshold=0.6)
+    server = setup(params, clients)
+    server.accused(1, [0, 2, 3, 4, 99])
+    assert {"client": 1, "reason": "accused client 99 of a share it was never sent"} in server.offenders
+    xs = inputs(5)
+    mask_all(server, clients, xs)
+    request = server.unmask_request()
+    total = server.finish([clients[u].unmask(request) for u in request.survivors], request)
+    assert torch.equal(total, sum(xs.values()) % (1 << BITS))
+
+
+def test_a_degenerate_key_is_refused_before_anyone_uses_it():
+    params, clients = cohort(4)
+    adverts = [c.advertise() for c in clients.values()]
+    a = adverts[2]
+    adverts[2] = AdvertiseKeys(a.client, bytes(32), a.mask_public)  # a low-order point: every exchange fails
+    server = SecAggServer(params)
+    roster = server.collect_keys(adverts)
+    assert set(roster) == {0, 1, 3}
+    assert server.offenders == [{"client": 2, "reason": "advertised a degenerate X25519 public key"}]
+    with pytest.raises(SecAggError, match="unusable keys of clients \\[2\\]"):
+        clients[0].share_keys({u: a for u, a in zip(range(4), adverts, strict=True)})
 
 
 def test_malformed_share_messages_name_their_sender():

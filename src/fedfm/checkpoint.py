@@ -108,6 +108,12 @@ def save_checkpoint(
     return path
 
 
+def _open(path: Path) -> sqlite3.Connection:
+    """A connection for reading an existing file. Read-write on purpose: a commit cut short by a
+    crash leaves a hot journal, which only a writable connection rolls back (to the last commit)."""
+    return sqlite3.connect(path)
+
+
 def _blob_row(value: dict) -> tuple[str, bytes]:
     blob = _dumps(value)
     return hashlib.sha256(blob).hexdigest(), blob
@@ -120,7 +126,7 @@ def load_checkpoint(folder: str | Path) -> ServerState | None:
     if not path.is_file():
         return _load_legacy(folder / LEGACY)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = _open(path)
         try:
             row = db.execute("SELECT format, sha256, state FROM server WHERE id = 0").fetchone()
         finally:
@@ -161,7 +167,7 @@ class ClientStore:
             legacy = _load_legacy(self.folder / LEGACY)
             states = legacy.engine_state.get("client_states", {}) if legacy else {}
             return states.get(str(client_id))
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db = _open(self.path)
         try:
             row = db.execute(
                 "SELECT sha256, state FROM clients WHERE client = ?", (int(client_id),)
@@ -176,7 +182,7 @@ class ClientStore:
         """Every stored client state (tests and tools; a round never needs this)."""
         if not self.path.is_file():
             return {}
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db = _open(self.path)
         try:
             rows = db.execute("SELECT client, sha256, state FROM clients").fetchall()
         finally:
@@ -185,7 +191,7 @@ class ClientStore:
 
     def written_in(self, round_: int) -> list[int]:
         """The clients whose state the commit of ``round_`` wrote."""
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db = _open(self.path)
         try:
             return [
                 k

@@ -157,12 +157,17 @@ class Run:
                 server_control=self.objective.server_init(params),
                 privacy=self.privacy.initial_state() if self.privacy else {},
             )
-            if self.privacy is not None and self.resume:
-                self.privacy.resume(state.privacy, 0)  # a release before the first checkpoint stays charged
+            if (
+                self.privacy is not None and self.resume
+            ):  # a release before the first checkpoint stays charged
+                self.privacy.resume(state.privacy, 0, not getattr(self.engine, "remote", False))
             return state
         self.metrics.truncate_after(saved.round)
         if self.privacy is not None:
-            for charge in self.privacy.resume(saved.privacy, saved.round):
+            repeatable = not getattr(
+                self.engine, "remote", False
+            )  # remote clients' updates differ on a rerun
+            for charge in self.privacy.resume(saved.privacy, saved.round, repeatable):
                 self.console.warn(
                     f"round {charge['round']} released a noisy result before the crash; it stays "
                     "charged, and its rerun with fresh noise is charged again"
@@ -253,7 +258,10 @@ class Run:
                 state.privacy = new_privacy
             elif skipped is not None:
                 skellam = secure.layout.skellam if secure is not None else None
-                self.privacy.charge_skipped(state.privacy, t, len(tally.accepted), skellam)
+                if skellam is None or tally.unmasked:  # distributed noise: only a recovered sum is a release
+                    self.privacy.charge_skipped(
+                        state.privacy, t, tally.unmasked or len(tally.accepted), skellam
+                    )
         if skipped is None:
             if cfg.strategy.lora_aggregation == "stack":
                 aggregate, stacked_bytes = self.fold_into_base(aggregate, t, len(tally.accepted))
@@ -267,7 +275,7 @@ class Run:
                 )
         state.round = t
         for rec in tally.client_records:
-            self.metrics.write({"event": "client", "round": t, **rec})
+            self.metrics.write({**rec, "event": "client", "round": t})
         record = {
             "round": t,
             "num_clients": len(tally.accepted),

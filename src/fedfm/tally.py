@@ -28,6 +28,7 @@ class RoundTally:
     examples: int = 0
     control_sum: Params | None = None
     bytes_up: int = 0
+    unmasked: int = 0  # secure rounds: how many clients' inputs were in the recovered sum (0: none)
 
     def delivered(self, results: Iterable[ClientResult], on_client: Callable) -> Iterator[ClientResult]:
         """Results that carry an update; failures are recorded with their client, stage and reason."""
@@ -68,8 +69,8 @@ class RoundTally:
             loss = float(update.metrics.get("train_loss", float("nan")))
             self.loss_sum += loss * update.num_examples
             self.examples += update.num_examples
-            self.client_records.append(
-                {"client": result.client_id, "num_examples": update.num_examples, **update.metrics}
+            self.client_records.append(  # the server's fields last: a metric cannot overwrite them
+                {**update.metrics, "client": result.client_id, "num_examples": update.num_examples}
             )
             if update.control_delta is not None:
                 if self.control_sum is None:

@@ -56,10 +56,11 @@ class Coordinator:
                 raise ValueError(f"not expecting a message for {what} from you")
             return self.limits.get(client_id, HEADER_SLACK)
 
-    def delivered(self, client_id: int) -> bool:
-        """Mark ``client_id``'s reply as in; False if it was not (or no longer) expected."""
+    def delivered(self, client_id: int, rnd, step) -> bool:
+        """Mark ``client_id``'s reply to (round, step) as in; False if it is not, or no longer,
+        expected (a slow upload for a round that has moved on must not mark the next one)."""
         with self.cond:
-            if client_id not in self.waiting_for:
+            if rnd != self.round or step != self.step or client_id not in self.waiting_for:
                 return False
             self.waiting_for.discard(client_id)
             return True

@@ -208,8 +208,7 @@ class RemoteSecureRound:
         replies = exchange(rnd, "receive", delivery)
         reports = self._decoded(replies, lambda u, r: [_int(d) for d in _list(r.get("bad_dealers", []))])
         for holder, dealers in reports.items():
-            for dealer in dealers:
-                server.exclude(dealer, f"dealt client {holder} a share that does not match its commitment")
+            server.accused(holder, dealers)
         return self
 
     accept = SecureRound.accept  # stage 2 happens at the server alone: the same code as in simulation

@@ -43,7 +43,7 @@ __all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve",
 POLL_S = 5.0  # how long an idle GetTask waits for work before answering "wait"
 MAX_MESSAGE = 8 << 20  # per message; payloads are chunked at 1 MiB
 MAX_CONCURRENT_RPCS = 512  # beyond this, calls are refused at once (RESOURCE_EXHAUSTED)
-STALL_S = 30.0  # an upload stream that delivers nothing for this long is cut
+STALL_S = 30.0  # an upload stream that delivers no chunk for this long is cut
 MAX_EXAMPLES = 2**31 - 1
 
 SERVER_OPTIONS = [
@@ -63,6 +63,36 @@ class Abort(Exception):
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
+
+
+class Watchdog:
+    """Calls ``on_stall`` when ``limit_s`` pass without a chunk: restarted by every chunk, so a
+    long honest upload goes on while a stream that stops sending is cut."""
+
+    def __init__(self, limit_s: float, on_stall) -> None:
+        self.limit_s, self.on_stall = limit_s, on_stall
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
+        self.restart()
+
+    def restart(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = threading.Timer(self.limit_s, self.on_stall)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = None
+
+    def passing(self, chunks_in):
+        for chunk in chunks_in:
+            self.restart()
+            yield chunk
 
 
 class FedFMServicer(rpc.FedFMServicer):
@@ -116,16 +146,14 @@ class FedFMServicer(rpc.FedFMServicer):
 
     def SubmitUpdate(self, request_iterator, context):
         m, c = self._enter(context), self.coord
-        watchdog = threading.Timer(STALL_S + POLL_S, context.cancel)  # a stalled stream is cut
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog = Watchdog(STALL_S, context.cancel)  # a stream that stops delivering is cut
         try:
-            return self._submit(m, c, request_iterator)
+            return self._submit(m, c, watchdog.passing(request_iterator))
         except Exception as err:  # whatever the message did, the caller hears why; the server goes on
             reason = f"malformed message: {type(err).__name__}: {err}"[:500]
             return pb.SubmitReply(accepted=False, reason=reason)
         finally:
-            watchdog.cancel()
+            watchdog.stop()
             c.roster.leave(m)
 
     def _submit(self, m, c: Coordinator, request_iterator) -> pb.SubmitReply:
@@ -139,9 +167,11 @@ class FedFMServicer(rpc.FedFMServicer):
             header, blob = join(((ch.header, ch.data) for ch in request_iterator), admit=admit)
         except WireError as err:
             return pb.SubmitReply(accepted=False, reason=str(err))
-        if not c.delivered(m.client_id):
-            return pb.SubmitReply(accepted=False, reason="a reply from this client is already in")
         rnd, step = header["round"], header.get("step")
+        if not c.delivered(m.client_id, rnd, step):  # still expected now, under the same lock
+            return pb.SubmitReply(
+                accepted=False, reason="a reply from this client is already in, or too late"
+            )
         item = header if step else decode_result(m.client_id, header, blob)
         c.results.put((rnd, step, m.client_id, item))
         return pb.SubmitReply(accepted=True)

@@ -175,6 +175,7 @@ def float_metrics(metrics: dict) -> dict:
 
 
 MAX_METRICS = 64
+RESERVED = {"event", "round", "client", "num_examples", "stage", "reason"}
 
 
 def received_metrics(value) -> dict[str, float]:
@@ -185,6 +186,8 @@ def received_metrics(value) -> dict[str, float]:
     for k, v in value.items():
         if not isinstance(k, str) or len(k) > 64:
             raise WireError("metric names must be strings of at most 64 characters")
+        if k in RESERVED:
+            raise WireError(f"metric name {k!r} is reserved for the server's own fields")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             raise WireError(f"metric {k!r} is not a finite number")
         out[k] = float(v)

@@ -154,6 +154,12 @@ class AdvertiseKeys:
     def problem(self) -> str | None:
         if len(self.cipher_public) != _KEY_BYTES or len(self.mask_public) != _KEY_BYTES:
             return "advertised keys must be 32-byte X25519 public keys"
+        probe = X25519PrivateKey.generate()  # a low-order point (all zeros, say) fails any exchange
+        try:
+            for key in (self.cipher_public, self.mask_public):
+                probe.exchange(X25519PublicKey.from_public_bytes(key))
+        except ValueError:
+            return "advertised a degenerate X25519 public key"
         return None
 
 
@@ -273,6 +279,9 @@ class SecAggClient:
     def share_keys(self, roster: Mapping[int, AdvertiseKeys]) -> list[EncryptedShare]:
         if self.client_id not in roster:
             raise SecAggError(f"client {self.client_id} is not on the roster")
+        bad = [u for u, a in roster.items() if a.problem() is not None]
+        if bad:  # the server should have dropped these: it is not doing its job
+            raise SecAggError(f"client {self.client_id}: the roster holds unusable keys of clients {bad[:5]}")
         if self.params.signatures:
             self._verify_roster(roster)
         self._roster = dict(roster)

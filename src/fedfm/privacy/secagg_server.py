@@ -41,6 +41,7 @@ class SecAggServer:
     graph: dict[int, set[int]] = field(default_factory=dict)
     commitments: dict[tuple[int, int], tuple[bytes, bytes]] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)  # client → why its input is refused
+    missing: set = field(default_factory=set)  # (dealer, holder): the holder holds no usable share
     offenders: list[dict] = field(default_factory=list)  # {client, reason}, for the round record
     verifier: object = None  # signed mode: checks adverts before they reach anyone (one bad one
     names: dict[int, str] = field(default_factory=dict)  # would make every client refuse the roster)
@@ -98,9 +99,28 @@ class SecAggServer:
                     inbox[s.receiver].append(s)
         return inbox
 
+    def accused(self, holder: int, dealers) -> None:
+        """``holder`` says these dealers' shares did not match their commitments. The server cannot
+        tell who lies, so it takes the accusation only as "holder has no share of that dealer's
+        secrets" (the threshold absorbs it) and names both; an accusation about a share it never
+        routed to ``holder`` is the accuser's own fault."""
+        for dealer in dict.fromkeys(dealers):
+            if (dealer, holder) not in self.commitments:
+                self.offenders.append(
+                    {"client": holder, "reason": f"accused client {dealer} of a share it was never sent"}
+                )
+                continue
+            self.missing.add((dealer, holder))
+            self.offenders.append(
+                {
+                    "client": dealer,
+                    "reason": f"dealt client {holder} a share that does not match its commitment "
+                    f"(says client {holder})",
+                }
+            )
+
     def exclude(self, dealer: int, reason: str) -> None:
-        """A dealer whose shares did not match its commitments: named; its input will be refused
-        and its pairwise masks removed as for a dropout."""
+        """Refuse a client's masked input (it is then treated as a dropout), naming it."""
         if dealer in self.shared and dealer not in self.excluded:
             self.excluded[dealer] = reason
             self.offenders.append({"client": dealer, "reason": reason})
@@ -153,6 +173,8 @@ class SecAggServer:
         for holder, r in responses.items():
             got = (r.self_mask_shares if kind == b"b" else r.mask_key_shares).get(owner)
             if got is None:
+                continue
+            if (owner, holder) in self.missing:  # it said it had none: whatever it sends is not used
                 continue
             value, salt = got
             expected = b"" if holder == owner else self.commitments.get((owner, holder), (b"", b""))[slot]

@@ -65,8 +65,7 @@ class SecureRound:
         outgoing = {u: c.share_keys(roster) for u, c in clients.items()}
         inbox = server.route_shares(outgoing)
         for u in inbox:
-            for dealer in clients[u].receive_shares(inbox[u]):
-                server.exclude(dealer, f"dealt client {u} a share that does not match its commitment")
+            server.accused(u, clients[u].receive_shares(inbox[u]))
         up += sum(s.nbytes() for shares in outgoing.values() for s in shares)
         down += sum(s.nbytes() for shares in inbox.values() for s in shares)
         return cls(layout, server, clients, up, down)
@@ -166,7 +165,7 @@ def secure_aggregate(
         if secure.accept(result.client_id, result.update.delta):
             tally.accepted.append(result.client_id)
             if metrics:  # only what a client states in the clear (DP-SGD's settings)
-                tally.client_records.append({"client": result.client_id, **metrics})
+                tally.client_records.append({**metrics, "client": result.client_id})
     try:
         if before_unmask is not None:
             before_unmask(len(tally.accepted))
@@ -177,6 +176,7 @@ def secure_aggregate(
     finally:  # every client a protocol step named, with the reason
         tally.rejected.extend(secure.rejected + _new(secure.server.offenders, secure.rejected))
     secure.near_wrap = sums.near_wrap
+    tally.unmasked = len(tally.accepted)  # a sum was recovered: released to the server
     problem = sums_problem(sums, len(tally.accepted), secure.layout)
     if problem is not None:
         tally.accepted.clear()

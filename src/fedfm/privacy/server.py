@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from fedfm.privacy import dp, dpsgd
 from fedfm.privacy.plan import PrivacyPlan
+from fedfm.privacy.secagg import SecAggError
 from fedfm.seeding import NoiseSource
 from fedfm.types import Params
 
@@ -33,6 +35,11 @@ SEEDED_WARNING = (
 )
 
 
+class ReleaseRefused(SecAggError):
+    """Unmasking this round's sum would pass the privacy budget (fewer noise shares than planned):
+    the server refuses to unmask, so nothing is released and nothing charged."""
+
+
 class RunPrivacy:
     """The DP side of one run: noise source, client- or example-level mechanism, write-ahead charges."""
 
@@ -41,6 +48,7 @@ class RunPrivacy:
         self.cfg, self.level = cfg, p.dp
         self.noise = NoiseSource(p.noise_seed)
         self.wal = Path(checkpoint) / WAL
+        self.attempt = uuid.uuid4().hex[:12]  # this process: its releases are distinct from a crashed one's
         self.plan = PrivacyPlan(cfg, num_clients, cohort, dim, note=note) if p.dp == "client" else None
         self.example = None
         if p.dp == "example":
@@ -55,15 +63,17 @@ class RunPrivacy:
             return self.plan.initial_state()
         return {"clients": {}, "epsilon": {}}
 
-    def resume(self, state: dict, saved_round: int) -> list[dict]:
+    def resume(self, state: dict, saved_round: int, repeatable: bool = True) -> list[dict]:
         """Charges of releases made after the checkpoint (a crash mid-round); they stay charged
-        unless the noise is seeded (the resumed round repeats them exactly). Returns them."""
-        by_release = {}  # one charge per release: (round) or (round, client); the last one written
+        unless the noise is seeded and the round ``repeatable`` (a simulation reruns it exactly;
+        remote clients' updates differ, so the same noise on another sum is a new release).
+        Every crashed attempt's releases count; within one attempt a release is charged once."""
+        by_release = {}  # (attempt, round, client or None) → the last charge written for it
         for c in self._read_wal():
             if c.get("round", 0) > saved_round:
-                by_release[(c["round"], c.get("client"))] = c
+                by_release[(c.get("attempt"), c["round"], c.get("client"))] = c
         lost = list(by_release.values())
-        if self.noise.reproducible or not lost:
+        if (self.noise.reproducible and repeatable) or not lost:
             return []
         for charge in lost:
             charge = {**charge, "lost": True}
@@ -80,7 +90,7 @@ class RunPrivacy:
     def _write_ahead(self, charge: dict) -> None:
         self.wal.parent.mkdir(parents=True, exist_ok=True)
         with self.wal.open("a") as fh:
-            fh.write(json.dumps(charge) + "\n")
+            fh.write(json.dumps({**charge, "attempt": self.attempt}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -114,8 +124,18 @@ class RunPrivacy:
         return self.plan.skellam_round(state, cohort_size, rotation_seed)
 
     def before_release(self, state: dict, t: int, contributors: int, skellam=None) -> None:
-        """Write the charge of round t's release ahead of forming it (client-level DP)."""
+        """Write the charge of round t's release ahead of forming it (client-level DP). A
+        distributed round with fewer noise shares than planned may cost more than the budget
+        allows: then nothing is released (``ReleaseRefused``)."""
         entry = {"round": t, **self.plan.entry(state, max(contributors, 1), skellam)}
+        target = self.cfg.privacy.target_epsilon
+        if self.plan.distributed and target is not None:
+            after = self.plan.epsilon([*state["ledger"], entry])
+            if after > target * (1 + 1e-9):
+                raise ReleaseRefused(
+                    f"unmasking would raise ε to {after:.3f} (only {contributors} noise shares), over "
+                    f"privacy.target_epsilon = {target}; nothing was unmasked"
+                )
         self._write_ahead(entry)
 
     def aggregate_updates(self, state: dict, t: int, deltas) -> tuple[Params | None, dict]:

@@ -175,10 +175,19 @@ class SkellamRound:
         gamma = k * math.sqrt((clip_norm * n) ** 2 / d + noise_std**2) / math.sqrt(room)
         # a coarser grid where the field is wider than exact Poisson draws allow (means < 2^52)
         scale = min(1.0 / gamma, 0.5 * math.sqrt(2 * MAX_POISSON_MEAN * n) / noise_std)
+        if count_stddev is not None:
+            # the clipped-bit entry sums to up to n·h/2 = n·sσ/(2σ_b), plus k noise stds (sσ): it
+            # must fit the half-range too, or a cohort of all-clipped clients would wrap around
+            scale = min(scale, 2.0 ** (bits - 1) / (1.1 * noise_std * (n / (2 * count_stddev) + k)))
         share = (scale * noise_std) ** 2 / n
         bit_scale = 0
         if count_stddev is not None:  # h ≈ sσ / σ_b, even so that h·(b − ½) is an integer
             bit_scale = max(2, 2 * round(scale * noise_std / count_stddev / 2))
+            if n * bit_scale / 2 + k * math.sqrt(n * share) >= 2.0 ** (bits - 1):
+                raise ValueError(
+                    f"privacy.distributed_bits = {bits} cannot hold the clipped-bit count of {n} clients; "
+                    "use more bits or a larger privacy.clipped_count_stddev"
+                )
         l2 = rounded_l2_bound(scale * clip_norm, d)
         return cls(dim, d, scale, clip_norm, l2, share, bit_scale, bits, wrap_stddevs, rotation_seed)
 
