@@ -57,6 +57,13 @@ def mask_all(server, clients, xs, skip=()):
             server.collect_input(m)
 
 
+def unmasked(server, clients, xs):
+    """Every client masks its input; the survivors unmask; the server's recovered sum."""
+    mask_all(server, clients, xs)
+    request = server.unmask_request()
+    return server.finish([clients[u].unmask(request) for u in request.survivors], request)
+
+
 def test_a_holder_that_returns_a_wrong_share_is_named_and_the_sum_still_comes_out():
     params, clients = cohort(5)
     xs = inputs(5)
@@ -123,10 +130,7 @@ def test_a_dealer_whose_shares_break_their_commitments_is_named_and_the_round_go
         server.accused(u, c.receive_shares(inbox[u]))
     assert [o["client"] for o in server.offenders] == [4]
     xs = inputs(5)
-    mask_all(server, clients, xs)
-    request = server.unmask_request()
-    total = server.finish([clients[u].unmask(request) for u in request.survivors], request)
-    assert torch.equal(total, sum(xs.values()) % (1 << BITS))
+    assert torch.equal(unmasked(server, clients, xs), sum(xs.values()) % (1 << BITS))
 
 
 def test_a_client_that_accuses_everyone_spoils_nothing():
@@ -137,10 +141,7 @@ def test_a_client_that_accuses_everyone_spoils_nothing():
     server.accused(1, [0, 2, 3, 4, 99])
     assert {"client": 1, "reason": "accused client 99 of a share it was never sent"} in server.offenders
     xs = inputs(5)
-    mask_all(server, clients, xs)
-    request = server.unmask_request()
-    total = server.finish([clients[u].unmask(request) for u in request.survivors], request)
-    assert torch.equal(total, sum(xs.values()) % (1 << BITS))
+    assert torch.equal(unmasked(server, clients, xs), sum(xs.values()) % (1 << BITS))
 
 
 def test_a_degenerate_key_is_refused_before_anyone_uses_it():
