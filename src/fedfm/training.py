@@ -241,12 +241,7 @@ class ClientProgram:
         if isinstance(ctx.dp, dp.DpRound):  # client-level DP under secure aggregation: clients clip
             layout = ctx.secure.layout if ctx.secure is not None else None
             slack = layout.rounding_slack if layout is not None and layout.skellam is None else 0.0
-            if ctx.dp.clip_norm <= slack:
-                raise ValueError(
-                    f"clip norm {ctx.dp.clip_norm:.3g} is below the fixed-point slack {slack:.3g}"
-                )
-            delta, norm = dp.clip(update.delta, ctx.dp.clip_norm - slack)
-            bit = dp.clipped_bit(norm, ctx.dp.clip_norm)
+            delta, bit = dp.client_half(update.delta, ctx.dp, slack)
             update = replace(update, delta=delta)
         if ctx.secure is not None:  # → encode (→ integer noise) → mask: the masked vector is all that is sent
             noise = None

@@ -57,14 +57,6 @@ SERVER_OPTIONS = [
 ]
 
 
-class Abort(Exception):
-    """Refuse the current call with a status code and a reason (raised inside a handler)."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
 class Watchdog:
     """Calls ``on_stall`` when ``limit_s`` pass without a chunk: restarted by every chunk, so a
     long honest upload goes on while a stream that stops sending is cut."""

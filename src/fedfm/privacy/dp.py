@@ -83,18 +83,6 @@ def split_noise(noise_multiplier: float, count_stddev: float | None) -> float:
     return rest**-0.5
 
 
-def effective_multiplier(delta_std: float, count_std: float | None, clip_norm: float, relation_factor: float):
-    """The multiplier (noise over sensitivity) of the joint (update sum, centred count) Gaussian.
-
-    ``relation_factor`` is 1 under add/remove-one (s_Δ = C, s_b = ½) and 2 under replace-one
-    (s_Δ = 2C, s_b = 1). This is what the accountant is charged, divided by that factor.
-    """
-    inverse = (relation_factor * clip_norm / delta_std) ** 2
-    if count_std is not None:
-        inverse += (relation_factor * 0.5 / count_std) ** 2
-    return inverse**-0.5
-
-
 def clipped_bit(norm: float, clip_norm: float) -> float:
     """b = 1[‖Δ‖ ≤ C]."""
     return 1.0 if norm <= clip_norm else 0.0
@@ -113,9 +101,13 @@ def adapt_clip(clip_norm: float, unclipped_fraction: float, target_quantile: flo
     return clip_norm * math.exp(-lr * (unclipped_fraction - target_quantile))
 
 
-def client_half(delta: Params, dp: DpRound) -> tuple[Params, float]:
-    """Clip (a client under secure aggregation). Returns (clip(Δ), b)."""
-    clipped, norm = clip(delta, dp.clip_norm)
+def client_half(delta: Params, dp: DpRound, slack: float = 0.0) -> tuple[Params, float]:
+    """Clip (a client under secure aggregation). Returns (clip(Δ), b). ``slack``: how much the
+    encoding may add to the norm (fixed-point rounding), taken off C so the encoded vector stays
+    within it; the bit still compares with C."""
+    if dp.clip_norm <= slack:
+        raise ValueError(f"clip norm {dp.clip_norm:.3g} is below the fixed-point slack {slack:.3g}")
+    clipped, norm = clip(delta, dp.clip_norm - slack)
     return clipped, clipped_bit(norm, dp.clip_norm)
 
 

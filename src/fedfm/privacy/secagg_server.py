@@ -40,7 +40,6 @@ class SecAggServer:
     total: torch.Tensor | None = None  # running Σ y_u: memory does not grow with the cohort
     graph: dict[int, set[int]] = field(default_factory=dict)
     commitments: dict[tuple[int, int], tuple[bytes, bytes]] = field(default_factory=dict)
-    excluded: dict[int, str] = field(default_factory=dict)  # client → why its input is refused
     missing: set = field(default_factory=set)  # (dealer, holder): the holder holds no usable share
     offenders: list[dict] = field(default_factory=list)  # {client, reason}, for the round record
     verifier: object = None  # signed mode: checks adverts before they reach anyone (one bad one
@@ -119,19 +118,11 @@ class SecAggServer:
                 }
             )
 
-    def exclude(self, dealer: int, reason: str) -> None:
-        """Refuse a client's masked input (it is then treated as a dropout), naming it."""
-        if dealer in self.shared and dealer not in self.excluded:
-            self.excluded[dealer] = reason
-            self.offenders.append({"client": dealer, "reason": reason})
-
     def input_problem(self, masked: MaskedInput) -> str | None:
         """Why a masked input cannot be used (it then counts as a dropout), or None."""
         v = masked.vector
         if masked.client not in self.shared:
             return "sent a masked input without having shared its keys"
-        if masked.client in self.excluded:
-            return self.excluded[masked.client]
         if masked.client in self.survivors:
             return "sent a second masked input"
         if not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or v.shape != (self.params.length,):
@@ -167,7 +158,7 @@ class SecAggServer:
 
     def _opened(self, owner: int, kind: bytes, responses: Mapping[int, UnmaskResponse]) -> dict[int, int]:
         """The shares of ``owner``'s secret that open its commitments; holders that returned a wrong
-        share are named (an excluded dealer's shares are its own fault, not its holders')."""
+        share are named (a holder that said it had none is not asked)."""
         slot = 0 if kind == b"b" else 1
         opened = {}
         for holder, r in responses.items():
@@ -186,7 +177,7 @@ class SecAggServer:
                 continue
             if shamir.valid_share(value) and shamir.commit(kind, owner, holder, value, salt) == expected:
                 opened[holder] = value
-            elif owner not in self.excluded:
+            else:
                 self.offenders.append(
                     {
                         "client": holder,

@@ -23,16 +23,14 @@ import uuid
 from pathlib import Path
 
 from fedfm.privacy import dp, dpsgd
+from fedfm.privacy.guarantees import SEEDED
 from fedfm.privacy.plan import PrivacyPlan
 from fedfm.privacy.secagg import SecAggError
 from fedfm.seeding import NoiseSource
 from fedfm.types import Params
 
 WAL = "privacy-wal.jsonl"
-SEEDED_WARNING = (
-    "privacy.noise_seed is set: the noise and the DP cohorts are reproducible, and the privacy "
-    "guarantee does not hold against anyone who knows the seed"
-)
+SEEDED_WARNING = f"privacy.noise_seed is set: the noise and the DP cohorts are reproducible; {SEEDED}"
 
 
 class ReleaseRefused(SecAggError):
