@@ -43,7 +43,7 @@ class RunPrivacy:
 
     def __init__(self, cfg, num_clients: int, cohort: int, dim: int, checkpoint: Path, note=print) -> None:
         p = cfg.privacy
-        self.cfg, self.level = cfg, p.dp
+        self.cfg = cfg
         self.noise = NoiseSource(p.noise_seed)
         self.wal = Path(checkpoint) / WAL
         self.attempt = uuid.uuid4().hex[:12]  # this process: its releases are distinct from a crashed one's
