@@ -57,3 +57,37 @@ def test_server_control_only_for_scaffold():
         make_objective(StrategySection(objective="scaffold")).server_init(params)["w"],
         torch.zeros(2),
     )
+
+
+def test_a_registered_objective_decides_how_clients_train(tiny_config, tmp_path):
+    """An objective registered with the public decorator trains as itself, not as plain:
+    this one zeroes every gradient, so with SGD the global model cannot move."""
+    import fedfm
+    from fedfm.algorithms.objectives import OBJECTIVES, LocalHook, Objective
+    from fedfm.checkpoint import load_checkpoint
+    from fedfm.config import make_config
+    from fedfm.experiment import build_task, prepare_data
+    from fedfm.models.state import get_trainable_state
+
+    def frozen_hook(global_params, ctx, client_state, device):
+        def zero(trainable):
+            for p in trainable.values():
+                if p.grad is not None:
+                    p.grad.zero_()
+
+        return LocalHook(adjust_gradients=zero)
+
+    if "test-frozen" not in OBJECTIVES:
+        OBJECTIVES.register("test-frozen")(lambda **_: Objective("test-frozen", frozen_hook))
+    training = {"optimizer": "sgd", "max_grad_norm": None}
+    cfg = tiny_config(run={"rounds": 1}, strategy={"objective": "test-frozen"}, training=training)
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    initial = get_trainable_state(build_task(make_config(cfg), prepare_data(make_config(cfg)))[0].trainable)
+    after = load_checkpoint(result.run_dir / "checkpoint").params
+    assert result.history[-1]["num_clients"] == 4
+    assert all(torch.equal(after[k], initial[k]) for k in initial)
+    plain = fedfm.run(
+        tiny_config(run={"rounds": 1}, training=training), output=tmp_path / "p", progress=False
+    )
+    moved = load_checkpoint(plain.run_dir / "checkpoint").params
+    assert any(not torch.equal(moved[k], initial[k]) for k in initial)  # the plain objective does train

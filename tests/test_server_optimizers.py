@@ -1,9 +1,10 @@
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fedfm.algorithms.server_optimizers import ServerOptimizer, make_server_optimizer
+from fedfm.algorithms.server_optimizers import ServerOptimizer, adam_moment, make_server_optimizer
 from fedfm.config import StrategySection
 
 P = {"w": torch.tensor([1.0, -2.0])}
@@ -47,9 +48,31 @@ def test_adaptive_first_step_hand_computed(name):
 
 
 def test_state_is_a_value_not_mutated():
-    opt = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99)
+    opt = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, second_moment=adam_moment)
     state = opt.init(P)
     before = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
     step(opt, state=state)
     for k in state:
         torch.testing.assert_close(state[k]["w"], before[k]["w"])
+
+
+def test_a_registered_server_optimizer_decides_the_step():
+    """A new rule registered with the public decorator is used as itself (no fall-through to
+    another rule): here, a sign-SGD step of fixed size."""
+    from fedfm.algorithms.server_optimizers import SERVER_OPTIMIZERS
+
+    @dataclass(frozen=True)
+    class SignStep:
+        lr: float
+
+        def init(self, params):
+            return {}
+
+        def step(self, params, delta, state):
+            return {k: p + self.lr * torch.sign(delta[k]) for k, p in params.items()}, state
+
+    if "test-sign" not in SERVER_OPTIMIZERS:
+        SERVER_OPTIMIZERS.register("test-sign")(lambda *, lr, **_: SignStep(lr))
+    opt = make_server_optimizer(StrategySection(server_optimizer="test-sign", server_lr=0.5))
+    new, _ = opt.step({"w": torch.zeros(3)}, {"w": torch.tensor([2.0, -0.1, 0.0])}, opt.init({}))
+    assert new["w"].tolist() == [0.5, -0.5, 0.0]

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -33,14 +34,36 @@ class LocalHook:
     finish: Callable[[Params, int, float], tuple[Params | None, Params | None]] | None = None
 
 
+def plain_hook(global_params: Params, ctx: RoundContext, client_state, device) -> LocalHook:
+    """The task loss alone."""
+    return LocalHook()
+
+
+def fedprox_hook(mu: float, global_params: Params, ctx: RoundContext, client_state, device) -> LocalHook:
+    """The task loss plus μ/2·‖w − w_global‖²."""
+    if mu <= 0:
+        return LocalHook()
+    anchor = {k: v.to(device) for k, v in global_params.items()}
+    return LocalHook(penalty=lambda trainable: proximal_term(trainable, anchor, mu))
+
+
+HookFactory = Callable[[Params, RoundContext, "Params | None", "torch.device | str"], LocalHook]
+ControlUpdate = Callable[[Params, Params, int, int], Params]
+
+
 @dataclass(frozen=True)
 class Objective:
+    """A client objective: the hooks of its local training and, for objectives with control
+    variates, the server's control update. The registered entry carries the behaviour (picklable
+    module functions, so engines in other processes get the same objective)."""
+
     name: str
-    mu: float = 0.0
+    hook: HookFactory = plain_hook
+    control_update: ControlUpdate | None = None  # set: the objective keeps control variates
 
     @property
     def uses_control_variates(self) -> bool:
-        return self.name == "scaffold"
+        return self.control_update is not None
 
     def client_hook(
         self,
@@ -50,12 +73,7 @@ class Objective:
         device: torch.device | str = "cpu",
     ) -> LocalHook:
         """Hooks for one client's local training; ``global_params`` are the CPU payload."""
-        if self.name == "fedprox" and self.mu > 0:
-            anchor = {k: v.to(device) for k, v in global_params.items()}
-            return LocalHook(penalty=lambda trainable: proximal_term(trainable, anchor, self.mu))
-        if self.name == "scaffold":
-            return _scaffold_hook(global_params, ctx, client_state)
-        return LocalHook()
+        return self.hook(global_params, ctx, client_state, device)
 
     def server_init(self, params: Params) -> Params | None:
         if self.uses_control_variates:
@@ -69,9 +87,9 @@ class Objective:
         cohort: int,
         num_clients: int,
     ) -> Params | None:
-        if control is None or mean_control_delta is None:
+        if control is None or mean_control_delta is None or self.control_update is None:
             return control
-        return scaffold_server_control(control, mean_control_delta, cohort, num_clients)
+        return self.control_update(control, mean_control_delta, cohort, num_clients)
 
 
 def proximal_term(
@@ -103,7 +121,10 @@ def scaffold_server_control(control: Params, mean_delta: Params, cohort: int, nu
     return {k: control[k] + (cohort / num_clients) * mean_delta[k] for k in control}
 
 
-def _scaffold_hook(global_params: Params, ctx: RoundContext, client_state: Params | None) -> LocalHook:
+def scaffold_hook(
+    global_params: Params, ctx: RoundContext, client_state: Params | None, device=None
+) -> LocalHook:
+    """Gradients corrected by (c − c_k); at the end, the control delta and the new c_k."""
     if ctx.server_control is None:
         raise ValueError("SCAFFOLD needs the server control variate in the round context")
     c = ctx.server_control
@@ -124,9 +145,21 @@ def _scaffold_hook(global_params: Params, ctx: RoundContext, client_state: Param
 
 Factory = Callable[..., Objective]
 OBJECTIVES: Registry[Factory] = Registry("objective")
-OBJECTIVES.register("plain")(lambda **_: Objective("plain"))
-OBJECTIVES.register("fedprox")(lambda *, mu=0.01, **_: Objective("fedprox", mu=mu))
-OBJECTIVES.register("scaffold")(lambda **_: Objective("scaffold"))
+
+
+@OBJECTIVES.register("plain")
+def plain(**_) -> Objective:
+    return Objective("plain")
+
+
+@OBJECTIVES.register("fedprox")
+def fedprox(*, mu: float = 0.01, **_) -> Objective:
+    return Objective("fedprox", functools.partial(fedprox_hook, mu))
+
+
+@OBJECTIVES.register("scaffold")
+def scaffold(**_) -> Objective:
+    return Objective("scaffold", scaffold_hook, scaffold_server_control)
 
 
 def make_objective(strategy) -> Objective:

@@ -25,19 +25,27 @@ from fedfm.types import Params
 ServerState = dict[str, Params]
 
 
+SecondMoment = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (v, Δ², β2) → v'
+
+
 @dataclass(frozen=True)
 class ServerOptimizer:
-    """``init(θ) -> state`` and ``step(θ, Δ, state) -> (θ', state')``, both pure."""
+    """``init(θ) -> state`` and ``step(θ, Δ, state) -> (θ', state')``, both pure.
+
+    The registered entry decides the behaviour: ``second_moment`` None is SGD with momentum
+    (FedAvg, FedAvgM); a function is an adaptive FedOpt rule with that second-moment update.
+    """
 
     name: str
     lr: float
     beta1: float = 0.0
     beta2: float = 0.0
     tau: float = 1e-3
+    second_moment: SecondMoment | None = None
 
     def init(self, params: Params) -> ServerState:
         state: ServerState = {"m": {k: torch.zeros_like(v) for k, v in params.items()}}
-        if self.name != "sgd":
+        if self.second_moment is not None:
             state["v"] = {k: torch.full_like(v, self.tau**2) for k, v in params.items()}
         return state
 
@@ -48,12 +56,12 @@ class ServerOptimizer:
         for k, p in params.items():
             d = delta[k].to(p.dtype)
             m_prev = state["m"][k]
-            if self.name == "sgd":
+            if self.second_moment is None:
                 m = self.beta1 * m_prev + d
                 new_params[k] = p + self.lr * m
             else:
                 m = self.beta1 * m_prev + (1 - self.beta1) * d
-                v = _second_moment(self.name, state["v"][k], d * d, self.beta2)
+                v = self.second_moment(state["v"][k], d * d, self.beta2)
                 new_v[k] = v
                 new_params[k] = p + self.lr * m / (v.sqrt() + self.tau)
             new_m[k] = m
@@ -63,12 +71,16 @@ class ServerOptimizer:
         return new_params, new_state
 
 
-def _second_moment(name: str, v: torch.Tensor, d2: torch.Tensor, beta2: float) -> torch.Tensor:
-    if name == "adam":
-        return beta2 * v + (1 - beta2) * d2
-    if name == "yogi":
-        return v - (1 - beta2) * d2 * torch.sign(v - d2)
-    return v + d2  # adagrad
+def adam_moment(v: torch.Tensor, d2: torch.Tensor, beta2: float) -> torch.Tensor:
+    return beta2 * v + (1 - beta2) * d2
+
+
+def yogi_moment(v: torch.Tensor, d2: torch.Tensor, beta2: float) -> torch.Tensor:
+    return v - (1 - beta2) * d2 * torch.sign(v - d2)
+
+
+def adagrad_moment(v: torch.Tensor, d2: torch.Tensor, beta2: float) -> torch.Tensor:
+    return v + d2
 
 
 Factory = Callable[..., ServerOptimizer]
@@ -80,16 +92,16 @@ def sgd(*, lr: float = 1.0, momentum: float = 0.0, **_: float) -> ServerOptimize
     return ServerOptimizer("sgd", lr=lr, beta1=momentum)
 
 
-def _adaptive(name: str) -> Factory:
+def _adaptive(name: str, moment: SecondMoment) -> Factory:
     def factory(*, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **_):
-        return ServerOptimizer(name, lr=lr, beta1=beta1, beta2=beta2, tau=tau)
+        return ServerOptimizer(name, lr=lr, beta1=beta1, beta2=beta2, tau=tau, second_moment=moment)
 
     factory.__doc__ = f"FedOpt server optimizer {name!r} (Reddi et al., 2021)."
     return factory
 
 
-for _name in ("adam", "yogi", "adagrad"):
-    SERVER_OPTIMIZERS.register(_name)(_adaptive(_name))
+for _name, _moment in (("adam", adam_moment), ("yogi", yogi_moment), ("adagrad", adagrad_moment)):
+    SERVER_OPTIMIZERS.register(_name)(_adaptive(_name, _moment))
 
 
 def make_server_optimizer(strategy) -> ServerOptimizer:
