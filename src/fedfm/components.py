@@ -18,6 +18,7 @@ _KINDS = {
     "engine": ("fedfm.engines", "ENGINES"),
     "dataset": ("fedfm.data.sources", "DATASETS"),
     "model": ("fedfm.models.resolve", "MODELS"),
+    "compression method": ("fedfm.transforms.compression", "CODECS"),
 }
 
 

@@ -216,12 +216,19 @@ class AttackSection(_Section):
 
 
 class CompressionSection(_Section):
-    method: Literal["none", "fp16", "bf16", "q8", "q4", "topk", "randk"] = Field(
-        "none", description="Upload compression (see fedfm.transforms.compression)."
+    method: str = Field(
+        "none",
+        description="Upload compression (registered name): none, fp16, bf16, q8, q4, topk, randk "
+        "(see fedfm.transforms.compression).",
     )
     block_size: int = Field(0, ge=0, description="q8/q4: values per scale block; 0: one scale per tensor.")
     ratio: float = Field(0.01, gt=0, le=1, description="topk/randk: share of entries sent.")
     error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _registered("compression method", v)
 
 
 class TaskSection(_Section):

@@ -15,16 +15,20 @@ size on the wire is measured, not estimated. Methods (``compression.method``):
   is unbiased.
 
 Keys of the payload: ``name`` for casts; ``name#q``, ``name#lo``, ``name#hi`` for quantization;
-``name#idx``, ``name#val`` for sparsification.
+``name#idx``, ``name#val`` for sparsification. Each method is a ``Codec`` in the ``CODECS``
+registry: a new one registered there is chosen by ``compression.method`` like the built-in ones.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from fedfm.registry import Registry
 from fedfm.types import Params
 
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,56 +131,103 @@ def densify(idx: torch.Tensor, val: torch.Tensor, like: torch.Tensor) -> torch.T
     return out.reshape(like.shape)
 
 
-# --- the two halves -------------------------------------------------------------------------------
+# --- the two halves, one codec per registered method ---------------------------------------------
 
 
-def encode(
-    delta: Params, cfg, generator: torch.Generator, residual: Params | None = None
-) -> tuple[Params, Params | None]:
-    """Client half: (payload, new residual). The residual is only kept for top-k with error feedback."""
-    method = cfg.method
-    if method == "none":
-        return delta, None
-    if method in _CASTS:
-        return {k: v.to(_CASTS[method]) for k, v in delta.items()}, None
+@dataclass(frozen=True)
+class Codec:
+    """A compression method: the client half (delta, settings, generator, residual) → (payload,
+    new residual) and the server half (payload, settings, reference) → dense delta."""
+
+    encode: Callable[..., tuple[Params, Params | None]]
+    decode: Callable[..., Params]
+
+
+CODECS: Registry[Codec] = Registry("compression method")
+
+
+def _same_encode(delta: Params, cfg, generator, residual) -> tuple[Params, None]:
+    return delta, None
+
+
+def _same_decode(payload: Params, cfg, like) -> Params:
+    return dict(payload)
+
+
+def _cast_encode(dtype, delta: Params, cfg, generator, residual) -> tuple[Params, None]:
+    return {k: v.to(dtype) for k, v in delta.items()}, None
+
+
+def _cast_decode(payload: Params, cfg, like) -> Params:
+    return {k: payload[k].to(like[k].dtype) for k in like}
+
+
+def _quantize_encode(bits: int, delta: Params, cfg, generator, residual) -> tuple[Params, None]:
     payload: Params = {}
-    if method in ("q8", "q4"):
-        bits = 8 if method == "q8" else 4
-        for k, v in delta.items():
-            for part, t in quantize(v, bits, cfg.block_size, generator).items():
-                payload[f"{k}#{part}"] = t
-        return payload, None
-    feedback = method == "topk" and cfg.error_feedback
+    for k, v in delta.items():
+        for part, t in quantize(v, bits, cfg.block_size, generator).items():
+            payload[f"{k}#{part}"] = t
+    return payload, None
+
+
+def _quantize_decode(bits: int, payload: Params, cfg, like) -> Params:
+    parts = ("q", "lo", "hi")
+    return {
+        k: dequantize({p: payload[f"{k}#{p}"] for p in parts}, bits, cfg.block_size, ref)
+        for k, ref in like.items()
+    }
+
+
+def _sparse_encode(pick, feedback_allowed: bool, delta: Params, cfg, generator, residual):
+    feedback = feedback_allowed and cfg.error_feedback
+    payload: Params = {}
     new_residual: Params = {}
     for k, v in delta.items():
         acc = v + residual[k] if feedback and residual is not None else v
-        if method == "topk":
-            idx, val = top_k(acc, cfg.ratio)
-        else:
-            idx, val = random_k(acc, cfg.ratio, generator)
+        idx, val = pick(acc, cfg, generator)
         payload[f"{k}#idx"], payload[f"{k}#val"] = idx, val
         if feedback:
             new_residual[k] = acc - densify(idx, val, acc)
     return payload, (new_residual if feedback else None)
 
 
+def _sparse_decode(payload: Params, cfg, like) -> Params:
+    return {k: densify(payload[f"{k}#idx"], payload[f"{k}#val"], ref) for k, ref in like.items()}
+
+
+def _top(acc, cfg, generator):
+    return top_k(acc, cfg.ratio)
+
+
+def _random(acc, cfg, generator):
+    return random_k(acc, cfg.ratio, generator)
+
+
+CODECS.register("none")(Codec(_same_encode, _same_decode))
+for _name, _dtype in _CASTS.items():
+    CODECS.register(_name)(Codec(functools.partial(_cast_encode, _dtype), _cast_decode))
+for _name, _bits in (("q8", 8), ("q4", 4)):
+    CODECS.register(_name)(
+        Codec(functools.partial(_quantize_encode, _bits), functools.partial(_quantize_decode, _bits))
+    )
+CODECS.register("topk")(Codec(functools.partial(_sparse_encode, _top, True), _sparse_decode))
+CODECS.register("randk")(Codec(functools.partial(_sparse_encode, _random, False), _sparse_decode))
+
+
+def encode(
+    delta: Params, cfg, generator: torch.Generator, residual: Params | None = None
+) -> tuple[Params, Params | None]:
+    """Client half: (payload, new residual). The residual is only kept for top-k with error feedback."""
+    return CODECS.get(cfg.method).encode(delta, cfg, generator, residual)
+
+
 def decode(payload: Params, cfg, like: Mapping[str, torch.Tensor]) -> Params:
     """Server half: the dense delta, shaped and typed like the global state."""
-    method = cfg.method
+    codec = CODECS.get(cfg.method)
     try:
-        if method == "none":
-            return dict(payload)
-        if method in _CASTS:
-            return {k: payload[k].to(like[k].dtype) for k in like}
-        if method in ("q8", "q4"):
-            bits = 8 if method == "q8" else 4
-            return {
-                k: dequantize({p: payload[f"{k}#{p}"] for p in ("q", "lo", "hi")}, bits, cfg.block_size, ref)
-                for k, ref in like.items()
-            }
-        return {k: densify(payload[f"{k}#idx"], payload[f"{k}#val"], ref) for k, ref in like.items()}
+        return codec.decode(payload, cfg, like)
     except KeyError as err:
-        raise DecodeError(f"payload lacks {err.args[0]!r} for compression.method = {method!r}") from None
+        raise DecodeError(f"payload lacks {err.args[0]!r} for compression.method = {cfg.method!r}") from None
 
 
 def serialized_nbytes(params: Mapping[str, torch.Tensor]) -> int:
