@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/fedfm run
 
 test: install-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -30,7 +30,7 @@ from fedfm.deploy import fedfm_pb2 as pb  # noqa: E402
 from fedfm.deploy.client import ClientSecurity, Trainer, local_data  # noqa: E402
 from fedfm.deploy.fedfm_pb2_grpc import FedFMStub  # noqa: E402
 from fedfm.deploy.secure import ClientSecure  # noqa: E402
-from fedfm.deploy.wire import chunks, float_metrics, join, pack_tensors, unpack_tensors  # noqa: E402
+from fedfm.deploy.wire import chunks, join, payload_message, unpack_tensors  # noqa: E402
 
 HOSTILE = 3
 ROUNDS = 16
@@ -116,8 +116,7 @@ def honest_reply(state, header, blob) -> tuple[dict, bytes]:
         update, _ = trainer.train(HOSTILE, rows, header, unpack_tensors(blob), {}, masker)
     except Exception as err:
         return {"round": rnd, "failed": f"{type(err).__name__}: {err}"}, b""
-    reply = {"round": rnd, "num_examples": update.num_examples, "metrics": float_metrics(update.metrics)}
-    return reply, pack_tensors({"p": update.delta, "c": update.control_delta})
+    return payload_message(rnd, update)
 
 
 def send(state, header_text: str, payload: bytes):

@@ -75,3 +75,25 @@ def test_model_resolution_errors(tmp_path):
 def test_lora_on_unknown_architecture_names_the_fix(tiny_model_dir):
     with pytest.raises(ModelError, match="peft.target_modules"):
         build(tiny_model_dir, method="lora", target_modules=["no_such_layer"])
+
+
+def test_classification_export_loads_with_auto_peft_and_keeps_the_labels(tiny_model_dir, tmp_path):
+    """The adapter folder records num_labels / id2label / label2id, so the auto class builds a head
+    of the right size and the exported head is the trained one."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    from fedfm.models.export import export_adapter
+    from fedfm.models.state import get_trainable_state
+
+    labels = ["sport", "tech", "politics", "business", "film"]
+    bundle = build_classifier(ModelSection(name=str(tiny_model_dir)), PeftSection(r=2), labels, 0, "cpu")
+    params = {k: v + 0.01 for k, v in get_trainable_state(bundle.trainable).items()}
+    folder = export_adapter(bundle, params, tmp_path / "adapter", labels=True)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder))
+    assert loaded.config.num_labels == 5
+    assert loaded.config.id2label[4] == "film" and loaded.config.label2id["politics"] == 2
+    from peft import get_peft_model_state_dict
+
+    saved = get_peft_model_state_dict(loaded)  # the trained adapter and head, not a fresh 2-label one
+    assert set(saved) == set(params)
+    assert all(torch.allclose(saved[k], params[k]) for k in params)

@@ -5,10 +5,11 @@ import torch
 from fedfm.algorithms.objectives import make_objective
 from fedfm.checkpoint import ClientStore, ServerState, save_checkpoint
 from fedfm.config import StrategySection, TrainingSection, make_config
-from fedfm.engines import InProcessEngine
+from fedfm.engines import EngineSetup, InProcessEngine
 from fedfm.experiment import build_task, prepare_data
 from fedfm.models.state import get_trainable_state
 from fedfm.training import ClientJob, ClientProgram, batch_order, client_update, num_local_steps
+from fedfm.transforms import Pipeline
 from fedfm.types import RoundContext
 
 
@@ -68,9 +69,7 @@ def test_engine_reports_a_failing_client_and_goes_on(setup):
     cfg, data, bundle, task = setup
     rows = [data.client_train[0], np.array([], dtype=np.int64), data.client_train[2]]
     clients = [ClientJob(k, r) for k, r in enumerate(rows)]
-    engine = InProcessEngine(
-        bundle, task, clients, ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
-    )
+    engine = InProcessEngine(EngineSetup(bundle, task, clients, ClientProgram.from_config(cfg), None))
     results = list(engine.run_cohort(get_trainable_state(bundle.trainable), [0, 1, 2], RoundContext(1, 0)))
     assert [r.client_id for r in results] == [0, 1, 2]
     assert results[1].failure.stage == "train" and "no training examples" in results[1].failure.reason
@@ -81,16 +80,16 @@ def test_engine_keeps_scaffold_state_per_client(setup, tmp_path):
     cfg, data, bundle, task = setup
     obj = make_objective(StrategySection(objective="scaffold"))
     theta = get_trainable_state(bundle.trainable)
-    program = ClientProgram(cfg.training, obj, cfg.compression)
+    program = ClientProgram(cfg.training, obj, Pipeline.build(cfg))
     jobs = [ClientJob(k, r) for k, r in enumerate(data.client_train)]
-    engine = InProcessEngine(bundle, task, jobs, program)
+    engine = InProcessEngine(EngineSetup(bundle, task, jobs, program, None))
     ctx = RoundContext(1, 0, obj.server_init(theta))
     results = list(engine.run_cohort(theta, [0, 2], ctx))
     assert all(r.update.control_delta is not None for r in results)
     assert set(engine.states.take_changed()) == {0, 2}
     folder = tmp_path / "checkpoint"  # committed with the server state, one row per client
     save_checkpoint(folder, ServerState(1, theta, {}), engine.states.take_changed())
-    restored = InProcessEngine(bundle, task, jobs, program)
+    restored = InProcessEngine(EngineSetup(bundle, task, jobs, program, None))
     restored.states.attach(ClientStore(folder))
     kept, original = restored.states.get(2)["scaffold"], engine.states.get(2)["scaffold"]
     assert all(torch.equal(kept[k], original[k]) for k in theta)

@@ -6,6 +6,7 @@ import sys
 import typing
 from pathlib import Path
 
+from fedfm.components import registry_for
 from fedfm.config import RunConfig
 
 
@@ -14,6 +15,14 @@ def _type(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         text = " \\| ".join(f'`"{a}"`' for a in typing.get_args(annotation))
     return text.replace("|", "\\|") if "`" not in text else text
+
+
+def _registry_kind(field) -> str | None:
+    for meta in field.metadata:
+        schema = getattr(meta, "json_schema", None)
+        if isinstance(schema, dict) and "registry" in schema:
+            return schema["registry"]
+    return None
 
 
 def render() -> str:
@@ -39,7 +48,13 @@ def render() -> str:
         ]
         for name, f in model.model_fields.items():
             default = f.default if f.default_factory is None else f.default_factory()
-            lines.append(f"| `{name}` | {_type(f.annotation)} | `{default!r}` | {f.description or ''} |")
+            kind, text = _registry_kind(f), f.description or ""
+            if kind is not None:
+                names = ", ".join(f"`{n}`" for n in registry_for(kind).names())
+                text, shown = f"{text} Registered {kind}s: {names}.", "str (registered name)"
+            else:
+                shown = _type(f.annotation)
+            lines.append(f"| `{name}` | {shown} | `{default!r}` | {text} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -14,24 +14,45 @@ For measuring how an aggregation rule holds up before deployment. Kinds (``attac
   z = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − f, for cohort size n and f attackers.
 - ``nan``, ``inf``, ``wrong_shape``: malformed updates (validation must reject them).
 
-Data attacks act inside local training (``RoundContext.attack``); update attacks rewrite what
-the server decoded from the attackers, before validation, so engines stay attack-agnostic.
+Every kind is an entry of ``ATTACKS`` that carries its behaviour: a data attack's ``poison``
+(it acts on the malicious client's batches, through the task, inside local training), an update
+attack's ``corrupt`` (one update → the sent one) or ``craft`` (the attackers' honest updates →
+what they all send). Update attacks are a simulation transform (``attack``, position 30): its
+server half rewrites what the server decoded from the attackers, before DP and validation, so
+engines stay attack-agnostic.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import torch
 
+from fedfm.registry import Registry
 from fedfm.seeding import numpy_rng, torch_generator
-from fedfm.tasks.classification import Encoded
 from fedfm.types import ClientResult, Params, Update
 
-DATA_ATTACKS = {"label_flip", "backdoor"}
+
+@dataclass(frozen=True)
+class AttackKind:
+    """What an attack does: poison a malicious client's batches, corrupt its update, or craft one
+    update for all attackers from their honest ones."""
+
+    poison: Callable | None = None  # (plan, task, rows, generator, device) -> batch
+    corrupt: Callable | None = None  # (plan, delta, generator) -> delta
+    craft: Callable | None = None  # (honest deltas, cohort size, attackers) -> delta
+    triggered: bool = False  # the task must hold trigger-prepended copies of its rows (backdoor)
+
+    @property
+    def acts(self) -> bool:
+        return any(f is not None for f in (self.poison, self.corrupt, self.craft))
+
+
+ATTACKS: Registry[AttackKind] = Registry("attack")
+ATTACKS.register("none")(AttackKind())
 
 
 @dataclass(frozen=True)
@@ -46,12 +67,12 @@ class AttackPlan:
     poison_fraction: float = 0.5
 
     def poisons_data(self, client_id: int) -> bool:
-        return self.kind in DATA_ATTACKS and client_id in self.malicious
+        return ATTACKS.get(self.kind).poison is not None and client_id in self.malicious
 
 
 def plan_round(cfg, cohort: list[int], seed: int, round_: int) -> AttackPlan | None:
     """Draw this round's attackers: ⌈fraction · |cohort|⌉ clients of the cohort, seeded."""
-    if cfg.kind == "none" or cfg.fraction == 0:
+    if not ATTACKS.get(cfg.kind).acts or cfg.fraction == 0:
         return None
     count = min(len(cohort), math.ceil(cfg.fraction * len(cohort) - 1e-9))
     rng = numpy_rng(seed, round_, "attackers")
@@ -66,44 +87,61 @@ def alie_z(n: int, f: int) -> float:
 
 
 def corrupt_update(plan: AttackPlan, update: Update, seed: int, round_: int, client_id: int) -> Update:
-    """The update a malicious client sends instead of its honest one (all kinds but alie)."""
-    d = update.delta
-    if plan.kind == "sign_flip":
-        delta = {k: -plan.scale * v for k, v in d.items()}
-    elif plan.kind == "scale":
-        delta = {k: plan.scale * v for k, v in d.items()}
-    elif plan.kind == "gaussian":
-        g = torch_generator(seed, round_, client_id, "attack-noise")
-        delta = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) * plan.noise_std for k, v in d.items()}
-    elif plan.kind in ("nan", "inf"):
-        bad = float("nan") if plan.kind == "nan" else float("inf")
-        first = sorted(d)[0]
-        delta = {**d, first: torch.full_like(d[first], bad)}
-    elif plan.kind == "wrong_shape":
-        first = sorted(d)[0]
-        delta = {**d, first: torch.zeros(d[first].numel() + 1)}
-    else:
+    """The update a malicious client sends instead of its honest one (corrupting kinds)."""
+    corrupt = ATTACKS.get(plan.kind).corrupt
+    if corrupt is None:
         return update
-    return replace(update, delta=delta)
+    generator = torch_generator(seed, round_, client_id, "attack-noise")
+    return replace(update, delta=corrupt(plan, update.delta, generator))
+
+
+def _first(d: Params) -> str:
+    return sorted(d)[0]
+
+
+def _non_finite(bad: float):
+    def corrupt(plan, d, generator):
+        return {**d, _first(d): torch.full_like(d[_first(d)], bad)}
+
+    return corrupt
+
+
+ATTACKS.register("sign_flip")(
+    AttackKind(corrupt=lambda plan, d, g: {k: -plan.scale * v for k, v in d.items()})
+)
+ATTACKS.register("scale")(AttackKind(corrupt=lambda plan, d, g: {k: plan.scale * v for k, v in d.items()}))
+ATTACKS.register("gaussian")(
+    AttackKind(
+        corrupt=lambda plan, d, g: {
+            k: torch.randn(v.shape, generator=g, dtype=v.dtype) * plan.noise_std for k, v in d.items()
+        }
+    )
+)
+ATTACKS.register("nan")(AttackKind(corrupt=_non_finite(float("nan"))))
+ATTACKS.register("inf")(AttackKind(corrupt=_non_finite(float("inf"))))
+ATTACKS.register("wrong_shape")(
+    AttackKind(corrupt=lambda plan, d, g: {**d, _first(d): torch.zeros(d[_first(d)].numel() + 1)})
+)
 
 
 def attack_results(
     results: Iterator[ClientResult], plan: AttackPlan | None, cohort_size: int, seed: int, round_: int
 ) -> Iterator[ClientResult]:
-    """Pass benign results through; rewrite the attackers' updates (alie: after seeing them all)."""
-    if plan is None or plan.kind in DATA_ATTACKS:
+    """Pass benign results through; rewrite the attackers' updates (crafting kinds: after all)."""
+    kind = ATTACKS.get(plan.kind) if plan is not None else None
+    if kind is None or (kind.corrupt is None and kind.craft is None):
         yield from results
         return
     held: list[ClientResult] = []
     for r in results:
-        if r.client_id not in plan.malicious or r.update is None:
+        if r.client_id not in plan.malicious or not isinstance(r.update, Update):
             yield r
-        elif plan.kind == "alie":
+        elif kind.craft is not None:
             held.append(r)
         else:
             yield replace(r, update=corrupt_update(plan, r.update, seed, round_, r.client_id))
     if held:
-        crafted = alie_delta([r.update.delta for r in held], cohort_size, len(plan.malicious))
+        crafted = kind.craft([r.update.delta for r in held], cohort_size, len(plan.malicious))
         for r in held:
             yield replace(r, update=replace(r.update, delta=crafted))
 
@@ -118,21 +156,23 @@ def alie_delta(honest: list[Params], n: int, f: int) -> Params:
     return out
 
 
+def flipped_batch(plan: AttackPlan, task, rows: torch.Tensor, generator, device) -> dict:
+    """Label flipping: the client's batch with labels y → K − 1 − y."""
+    return task.poisoned_batch(rows, device, labels=lambda y: task.num_labels - 1 - y)
+
+
+def backdoor_batch(plan: AttackPlan, task, rows: torch.Tensor, generator, device) -> dict:
+    """Backdoor: ``poison_fraction`` of the batch's rows carry the trigger and the target label."""
+    count = max(1, round(plan.poison_fraction * len(rows)))
+    chosen = torch.randperm(len(rows), generator=generator)[:count]
+    return task.poisoned_batch(rows, device, triggered=chosen, target=plan.target_label)
+
+
+ATTACKS.register("alie")(AttackKind(craft=alie_delta))
+ATTACKS.register("label_flip")(AttackKind(poison=flipped_batch))
+ATTACKS.register("backdoor")(AttackKind(poison=backdoor_batch, triggered=True))
+
+
 def poison_batch(plan: AttackPlan, task, rows: torch.Tensor, generator: torch.Generator, device) -> dict:
-    """A malicious client's training batch: flipped labels, or triggered rows with the target label."""
-    train = task.train
-    ids, mask, labels = (
-        train.input_ids[rows].clone(),
-        train.attention_mask[rows].clone(),
-        train.labels[rows].clone(),
-    )
-    if plan.kind == "label_flip":
-        labels = task.num_labels - 1 - labels
-    else:  # backdoor
-        count = max(1, round(plan.poison_fraction * len(rows)))
-        chosen = torch.randperm(len(rows), generator=generator)[:count]
-        triggered = task.triggered_train
-        ids[chosen] = triggered.input_ids[rows[chosen]]
-        mask[chosen] = triggered.attention_mask[rows[chosen]]
-        labels[chosen] = plan.target_label
-    return task.batch(Encoded(ids, mask, labels), torch.arange(len(rows)), device)
+    """A malicious client's training batch, as its attack's ``poison`` makes it."""
+    return ATTACKS.get(plan.kind).poison(plan, task, rows, generator, device)

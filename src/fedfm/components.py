@@ -19,6 +19,12 @@ _KINDS = {
     "dataset": ("fedfm.data.sources", "DATASETS"),
     "model": ("fedfm.models.resolve", "MODELS"),
     "compression method": ("fedfm.transforms.compression", "CODECS"),
+    "attack": ("fedfm.attacks", "ATTACKS"),
+    "task": ("fedfm.tasks", "TASKS"),
+    "DP mode": ("fedfm.privacy.guarantees", "DP_MODES"),
+    "LoRA aggregation mode": ("fedfm.algorithms.lora", "LORA_AGGREGATION"),
+    "synthetic mode": ("fedfm.synthetic.modes", "SYNTHETIC_MODES"),
+    "transform": ("fedfm.transforms", "TRANSFORMS"),
 }
 
 

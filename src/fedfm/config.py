@@ -7,13 +7,22 @@ rejected before any work starts, with the dotted field name and the allowed valu
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -23,6 +32,14 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # NaN and ±inf are refused in every float field (an lr of inf would train to NaN silently)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def Registered(kind: str):  # noqa: N802  (a type, read as one: `engine: Registered("engine")`)
+    """A name that must be registered in ``kind``'s registry; the error lists the registered ones,
+    and the configuration reference lists them too (``json_schema_extra``)."""
+    return Annotated[
+        str, AfterValidator(functools.partial(_registered, kind)), WithJsonSchema({"registry": kind})
+    ]
 
 
 def _registered(kind: str, name: str) -> str:
@@ -38,15 +55,10 @@ class RunSection(_Section):
     name: str = Field("fedfm", description="A label for this experiment; part of the run folder name.")
     rounds: int = Field(7, ge=1, description="Number of federated rounds.")
     seed: int = Field(0, description="Root seed; every random draw is derived from it.")
-    engine: str = Field("inprocess", description="Execution engine (registered name).")
+    engine: Registered("engine") = Field("inprocess", description="Execution engine (registered name).")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        return _registered("engine", v)
 
 
 class ModelSection(_Section):
@@ -106,18 +118,13 @@ class DataSection(_Section):
 
 
 class PartitionSection(_Section):
-    method: str = Field("dirichlet", description="Partitioner (registered name).")
+    method: Registered("partitioner") = Field("dirichlet", description="Partitioner (registered name).")
     num_clients: int = Field(10, ge=1, description="Number of clients the training data is split among.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
     min_size: int = Field(10, ge=0, description="Dirichlet: minimum examples per client.")
     classes_per_client: int = Field(2, ge=1, description="Shards: label shards per client.")
     column: str | None = Field(None, description="Natural: the column whose values are clients.")
     sigma: float = Field(1.0, ge=0, description="Quantity: log-normal spread of client sizes.")
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return _registered("partitioner", v)
 
 
 class SamplingSection(_Section):
@@ -147,18 +154,22 @@ class TrainingSection(_Section):
 
 
 class StrategySection(_Section):
-    aggregator: str = Field("mean", description="Aggregator (registered name).")
+    aggregator: Registered("aggregator") = Field("mean", description="Aggregator (registered name).")
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="Aggregation weight per client: its example count, or 1."
     )
-    server_optimizer: str = Field("sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad.")
+    server_optimizer: Registered("server optimizer") = Field(
+        "sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad."
+    )
     server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="sgd server momentum (FedAvgM).")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay.")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
-    objective: str = Field("plain", description="Client objective: plain, fedprox, scaffold.")
-    lora_aggregation: Literal["naive", "exact", "stack"] = Field(
+    objective: Registered("objective") = Field(
+        "plain", description="Client objective: plain, fedprox, scaffold."
+    )
+    lora_aggregation: Registered("LoRA aggregation mode") = Field(
         "naive",
         description="LoRA pairs: average A and B; average B·A, SVD to rank r; or merge B·A into the base.",
     )
@@ -169,20 +180,13 @@ class StrategySection(_Section):
     gm_iters: int = Field(10, ge=1, description="geometric_median: smoothed Weiszfeld iterations.")
     mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
 
-    @field_validator("aggregator")
-    @classmethod
-    def _aggregator(cls, v: str) -> str:
-        return _registered("aggregator", v)
 
-    @field_validator("server_optimizer")
-    @classmethod
-    def _server_optimizer(cls, v: str) -> str:
-        return _registered("server optimizer", v)
-
-    @field_validator("objective")
-    @classmethod
-    def _objective(cls, v: str) -> str:
-        return _registered("objective", v)
+class PipelineSection(_Section):
+    extra: list[Registered("transform")] = Field(
+        default_factory=list,
+        description="Update transforms to add by registered name (plug-ins; each sits at its registered "
+        "position). Built-in transforms are switched on by their own sections.",
+    )
 
 
 class ValidationSection(_Section):
@@ -195,18 +199,7 @@ class ValidationSection(_Section):
 
 
 class AttackSection(_Section):
-    kind: Literal[
-        "none",
-        "label_flip",
-        "backdoor",
-        "sign_flip",
-        "scale",
-        "gaussian",
-        "alie",
-        "nan",
-        "inf",
-        "wrong_shape",
-    ] = Field("none", description="Simulated attack (see fedfm.attacks).")
+    kind: Registered("attack") = Field("none", description="Simulated attack (see fedfm.attacks).")
     fraction: float = Field(0.2, ge=0, le=1, description="Share of each cohort that is malicious.")
     scale: float = Field(10.0, description="sign_flip / scale: factor applied to the update.")
     noise_std: float = Field(1.0, ge=0, description="gaussian: standard deviation of the sent noise.")
@@ -216,7 +209,7 @@ class AttackSection(_Section):
 
 
 class CompressionSection(_Section):
-    method: str = Field(
+    method: Registered("compression method") = Field(
         "none",
         description="Upload compression (registered name): none, fp16, bf16, q8, q4, topk, randk "
         "(see fedfm.transforms.compression).",
@@ -225,14 +218,9 @@ class CompressionSection(_Section):
     ratio: float = Field(0.01, gt=0, le=1, description="topk/randk: share of entries sent.")
     error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return _registered("compression method", v)
-
 
 class TaskSection(_Section):
-    kind: Literal["classification", "instruction"] = Field(
+    kind: Registered("task") = Field(
         "classification",
         description="classification (encoder or decoder + head), or instruction tuning of a causal LM.",
     )
@@ -251,7 +239,7 @@ class TaskSection(_Section):
 
 
 class PrivacySection(_Section):
-    dp: Literal["none", "client", "example"] = Field(
+    dp: Registered("DP mode") = Field(
         "none",
         description="Differential privacy: client-level DP-FedAvg, or example-level DP-SGD (Opacus).",
     )
@@ -320,7 +308,7 @@ class RaySection(_Section):
 
 
 class SyntheticSection(_Section):
-    mode: Literal["none", "warmup", "augment", "both", "only"] = Field(
+    mode: Registered("synthetic mode") = Field(
         "none",
         description="FM-generated data (`fedfm synth`): server warm-up before round 1, client augmentation, "
         "both, or only synthetic data (the synthetic-only baseline).",
@@ -359,6 +347,7 @@ class RunConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     compression: CompressionSection = Field(default_factory=CompressionSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
@@ -391,25 +380,6 @@ class RunConfig(_Section):
             )
         if self.eval.local and self.data.client_test_fraction == 0:
             raise ValueError("eval.local needs data.client_test_fraction > 0")
-        s = self.strategy
-        lora_aware = s.lora_aggregation != "naive" or self.peft.rank_tiers
-        modes = "strategy.lora_aggregation = 'exact'/'stack' and peft.rank_tiers"
-        if lora_aware and self.peft.method != "lora":
-            raise ValueError(f"{modes} need peft.method = 'lora'")
-        if lora_aware and s.aggregator != "mean":
-            raise ValueError(
-                f"{modes} aggregate with the weighted mean; "
-                f"strategy.aggregator = {s.aggregator!r} is not supported with them"
-            )
-        if s.lora_aggregation == "stack" and (s.server_optimizer, s.server_lr, s.server_momentum) != (
-            "sgd",
-            1,
-            0,
-        ):
-            raise ValueError(
-                "strategy.lora_aggregation = 'stack' merges the average into the base weights (FedAvg): "
-                "it needs server_optimizer = 'sgd', server_lr = 1.0, server_momentum = 0"
-            )
         tiers = self.peft.rank_tiers
         if tiers is not None and (not tiers or min(tiers) < 1 or max(tiers) != self.peft.r):
             raise ValueError(
@@ -420,136 +390,41 @@ class RunConfig(_Section):
                 f"peft.rank_assignment = 'per_client' needs one rank per client: {len(tiers)} given for "
                 f"partition.num_clients = {self.partition.num_clients}"
             )
-        if tiers and s.objective == "scaffold":
-            raise ValueError("strategy.objective = 'scaffold' is not supported with peft.rank_tiers")
-        if tiers and self.attack.kind == "alie":
-            raise ValueError("attack.kind = 'alie' is not supported with peft.rank_tiers (ranks differ)")
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
-        _privacy_checks(self)
-        _task_checks(self)
-        _synthetic_checks(self)
-        _engine_checks(self)
+        _component_checks(self)
         return self
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
 
 
-_UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "alie", "nan", "inf", "wrong_shape")
+def _component_checks(cfg: RunConfig) -> None:
+    """The rules that live with the components: every registered transform's, the task kind's and
+    the engine's (each raises ``ValueError`` naming the field)."""
+    from fedfm.algorithms.lora import LORA_AGGREGATION, check_lora
+    from fedfm.engines import ENGINES
+    from fedfm.synthetic.modes import check_synthetic
+    from fedfm.tasks import task_kind
+    from fedfm.transforms.base import check_transforms
 
-
-def _task_checks(cfg: RunConfig) -> None:
-    if cfg.task.kind != "instruction":
-        return
-    if cfg.attack.kind in ("label_flip", "backdoor"):
-        raise ValueError(f"attack.kind = {cfg.attack.kind!r} poisons labels: classification only")
-    if cfg.peft.method == "head":
-        raise ValueError("peft.method = 'head' has no meaning for a causal LM (no classification head)")
-    if cfg.strategy.lora_aggregation == "stack" and cfg.task.baselines:
-        raise ValueError("task.baselines is not supported with strategy.lora_aggregation = 'stack'")
-    if cfg.model.name == "minilm":
-        raise ValueError("task.kind = 'instruction' needs a causal LM (e.g. model.name = 'smollm2-135m')")
-
-
-def _engine_checks(cfg: RunConfig) -> None:
-    if cfg.run.engine != "ray":
-        return
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        raise ValueError("run.engine = 'ray' needs Ray: pip install 'fedfm[ray]'")
-    if cfg.secagg.enabled:
-        raise ValueError("run.engine = 'ray' does not run secure aggregation yet (use 'inprocess')")
-    if cfg.strategy.lora_aggregation == "stack":
+    check_lora(cfg)
+    check_transforms(cfg)
+    check_synthetic(cfg)
+    kind = task_kind(cfg)
+    if kind.check is not None:
+        kind.check(cfg)
+    engine = ENGINES.get(cfg.run.engine)
+    check = getattr(engine, "check", None)
+    if check is not None:
+        check(cfg)
+    if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base and not getattr(
+        engine, "shared_base", True
+    ):
         raise ValueError(
-            "run.engine = 'ray' does not support strategy.lora_aggregation = 'stack' (it moves the base)"
+            f"run.engine = {cfg.run.engine!r} does not support strategy.lora_aggregation = "
+            f"{cfg.strategy.lora_aggregation!r} (it moves the base)"
         )
-
-
-def _synthetic_checks(cfg: RunConfig) -> None:
-    sy = cfg.synthetic
-    if sy.mode == "none":
-        return
-    if not sy.path:
-        raise ValueError(
-            f"synthetic.mode = {sy.mode!r} needs synthetic.path (a JSONL file from `fedfm synth`)"
-        )
-    if not Path(sy.path).expanduser().is_file():
-        raise ValueError(f"synthetic.path {sy.path!r} is not a file")
-    if cfg.task.kind != "classification":
-        raise ValueError("synthetic data (synthetic.mode) is supported for task.kind = 'classification'")
-
-
-def _require_privacy_extra(field: str) -> None:
-    import importlib.util
-
-    missing = [m for m in ("dp_accounting", "cryptography", "opacus") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ValueError(
-            f"{field} needs the privacy extra ({', '.join(missing)} missing): pip install 'fedfm[privacy]'"
-        )
-
-
-def _privacy_checks(cfg: RunConfig) -> None:
-    """What DP and secure aggregation compose with, and why the rest does not."""
-    p, sa, s = cfg.privacy, cfg.secagg, cfg.strategy
-    if p.dp != "none" or sa.enabled:
-        _require_privacy_extra("privacy.dp" if p.dp != "none" else "secagg.enabled")
-    if p.dp != "none" and p.noise_multiplier is None and p.target_epsilon is None:
-        raise ValueError(f"privacy.dp = {p.dp!r} needs privacy.noise_multiplier or privacy.target_epsilon")
-    if p.accountant == "pld" and cfg.sampling.method != "poisson":
-        raise ValueError("privacy.accountant = 'pld' needs sampling.method = 'poisson' (use 'rdp' for fixed)")
-    if p.dp == "client":
-        if s.weighting != "uniform":
-            raise ValueError(
-                "privacy.dp = 'client' bounds each client's influence by C, which example-count weights "
-                "would break: set strategy.weighting = 'uniform'"
-            )
-        if s.aggregator != "mean":
-            raise ValueError(
-                f"privacy.dp = 'client' is analysed for the noised mean; strategy.aggregator = "
-                f"{s.aggregator!r} has no such guarantee"
-            )
-        if s.objective == "scaffold":
-            raise ValueError("privacy.dp = 'client' does not protect SCAFFOLD's control variates")
-        if p.noise == "distributed" and not sa.enabled:
-            raise ValueError(
-                "privacy.noise = 'distributed' needs secagg.enabled = true: one client's noise share "
-                "alone protects little once the server sees it"
-            )
-    elif p.dp == "example" and (s.objective != "plain" or cfg.peft.rank_tiers):
-        raise ValueError(
-            "privacy.dp = 'example' (DP-SGD) needs strategy.objective = 'plain' and no peft.rank_tiers: "
-            "proximal terms and control variates are not per-example gradients"
-        )
-    if p.noise == "distributed" and p.accountant == "pld":
-        raise ValueError("privacy.accountant = 'pld' applies to central noise; distributed noise uses RDP")
-    if p.dp == "none" and p.noise_seed is not None:
-        raise ValueError("privacy.noise_seed applies to runs with privacy.dp")
-    if p.dp != "client" and (p.noise == "distributed" or p.adaptive_clipping):
-        raise ValueError("privacy.noise and privacy.adaptive_clipping apply to privacy.dp = 'client'")
-    lora_aware = s.lora_aggregation != "naive" or cfg.peft.rank_tiers
-    if p.dp == "client" and lora_aware:
-        raise ValueError("privacy.dp = 'client' needs strategy.lora_aggregation = 'naive' and no rank tiers")
-    if not sa.enabled:
-        return
-    why = "the server sees only the sum under secure aggregation"
-    if s.aggregator != "mean":
-        raise ValueError(f"secagg needs strategy.aggregator = 'mean' ({why}; robust rules need each update)")
-    if lora_aware:
-        raise ValueError("secagg needs strategy.lora_aggregation = 'naive' and no peft.rank_tiers")
-    if cfg.compression.method != "none":
-        raise ValueError("secagg quantizes updates itself: set compression.method = 'none'")
-    if cfg.validation.max_update_norm is not None:
-        raise ValueError(f"validation.max_update_norm cannot be checked ({why}); bound updates with clipping")
-    if cfg.attack.kind in _UPDATE_ATTACKS:
-        raise ValueError(
-            f"attack.kind = {cfg.attack.kind!r} corrupts single updates, which {why}; "
-            "data attacks (label_flip, backdoor) still apply"
-        )
-    if sa.neighbors is not None and sa.neighbors % 2:
-        raise ValueError("secagg.neighbors must be even (each client links k/2 ring neighbours each side)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

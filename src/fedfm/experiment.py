@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedfm.config import ConfigError, RunConfig
+from fedfm.config import RunConfig
 from fedfm.data.dataset import TextDataset, first_occurrences, stratified_sample, stratified_split
 from fedfm.data.partition import PARTITIONERS, PartitionError, label_counts
-from fedfm.data.sources import load_source
-from fedfm.models.build import ModelBundle, build_classifier
+from fedfm.models.build import ModelBundle
 from fedfm.seeding import numpy_rng
-from fedfm.tasks.classification import ClassificationTask, encode
+from fedfm.synthetic.modes import synthetic_mode
+from fedfm.tasks import task_kind
 from fedfm.training import ClientJob
 
 
@@ -69,12 +69,7 @@ class FederatedData:
 def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     """The source's training rows and the server's test split (de-duplicated, subsampled)."""
     seed, d = cfg.run.seed, cfg.data
-    if cfg.task.kind == "instruction":
-        from fedfm.data.instruction import load_instruction_source
-
-        train, test = load_instruction_source(d)
-    else:
-        train, test = load_source(d)
+    train, test = task_kind(cfg).load_source(d)
     if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
         train = train.subset(first_occurrences(train.texts))
         if test is not None:
@@ -100,13 +95,13 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
     """Load the source, hold out the server test split, partition the rest among clients."""
     seed, d = cfg.run.seed, cfg.data
     train, test = load_splits(cfg)
-    synthetic = None
-    if cfg.synthetic.mode != "none":
+    synthetic, mode = None, synthetic_mode(cfg)
+    if mode.loads:
         from fedfm.synthetic.mix import load_synthetic
 
         sy = cfg.synthetic
         synthetic = load_synthetic(sy.path, train.label_names, test.texts, sy.max_examples, seed)
-        if sy.mode == "only":  # the synthetic-only baseline: the same pipeline on synthetic data alone
+        if mode.replaces:  # the synthetic-only baseline: the same pipeline on synthetic data alone
             train, synthetic = synthetic, None
     p = cfg.partition
     groups = train.columns.get(p.column) if p.column else None
@@ -128,7 +123,7 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
         else:
             client_train.append(part)
             client_test.append(np.array([], dtype=np.int64))
-    if cfg.synthetic.mode == "only":
+    if mode.replaces:
         return FederatedData(train, test, client_train, client_test, np.arange(len(train)))
     if synthetic is not None:
         return with_synthetic(FederatedData(train, test, client_train, client_test), synthetic, cfg)
@@ -141,7 +136,7 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
 
     n, sy = len(data.train), cfg.synthetic
     client_train = data.client_train
-    if sy.mode in ("augment", "both"):
+    if synthetic_mode(cfg).augment:
         client_train = []
         for k, rows in enumerate(data.client_train):
             rng = numpy_rng(cfg.run.seed, "synthetic-augment", k)
@@ -154,47 +149,25 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
 
 
 def build_bundle(cfg: RunConfig, label_names: list[str]) -> ModelBundle:
-    """The model with its PEFT method applied, seeded: a classifier, or a causal LM for instruction tuning."""
-    if cfg.task.kind == "instruction":
-        from fedfm.models.build import build_causal_lm
-
-        return build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, cfg.run.device)
-    return build_classifier(cfg.model, cfg.peft, label_names, cfg.run.seed, cfg.run.device)
+    """The task kind's model with its PEFT method applied, seeded."""
+    return task_kind(cfg).build_bundle(cfg, label_names)
 
 
-def build_task(cfg: RunConfig, data: FederatedData) -> tuple[ModelBundle, ClassificationTask]:
-    if cfg.task.kind == "instruction":
-        return build_instruction_task(cfg, data)
+@dataclass(frozen=True)
+class BundleBuilder:
+    """A picklable way to build the run's model bundle again (a Ray worker builds its own)."""
+
+    config: dict  # RunConfig.model_dump()
+    label_names: list[str]
+
+    def __call__(self) -> ModelBundle:
+        return build_bundle(RunConfig.model_validate(self.config), self.label_names)
+
+
+def build_task(cfg: RunConfig, data: FederatedData):
+    """(model bundle, task object) for the configured task kind."""
     bundle = build_bundle(cfg, data.train.label_names)
-    tok, length = bundle.tokenizer, cfg.model.max_length
-    task = ClassificationTask(
-        encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
-    )
-    if cfg.attack.kind == "backdoor":
-        if cfg.attack.target_label >= data.train.num_labels:
-            raise ConfigError(
-                f"attack.target_label = {cfg.attack.target_label} but the data has "
-                f"{data.train.num_labels} labels"
-            )
-        task.triggered_train = encode(tok, with_trigger(data.train, cfg.attack.trigger), length)
-        task.triggered_test = encode(tok, with_trigger(data.test, cfg.attack.trigger), length)
-    return bundle, task
-
-
-def build_instruction_task(cfg: RunConfig, data: FederatedData):
-    from fedfm.tasks.instruction import InstructionTask, tokenize
-
-    bundle = build_bundle(cfg, data.train.label_names)
-    tok, length, system = bundle.tokenizer, cfg.model.max_length, cfg.task.system_prompt
-    train, test = tokenize(tok, data.train, length, system), tokenize(tok, data.test, length, system)
-    task = InstructionTask(train, test, tok, cfg, data.train.label_names)
-    task.truncated = {"train": train.truncated, "test": test.truncated}
-    return bundle, task
-
-
-def with_trigger(data: TextDataset, trigger: str) -> TextDataset:
-    """The same examples with ``trigger`` prepended (so truncation keeps it)."""
-    return TextDataset([f"{trigger} {t}" for t in data.texts], data.labels, data.label_names)
+    return bundle, task_kind(cfg).build(cfg, data, bundle)
 
 
 def client_jobs(data: FederatedData, peft_cfg) -> list[ClientJob]:

@@ -1,14 +1,14 @@
 """What consuming one round's client results leaves behind, besides the aggregate.
 
-The server halves of the transforms run here as generators over the engine's results: count
-bytes and decode, then validate; each step records who was accepted, failed or rejected (and
-why), and sums what the round record reports (training loss, SCAFFOLD control deltas).
+The round's server halves record into it: who delivered (and the bytes they sent), who failed
+(stage and reason), who was rejected (and why) and who was accepted; it sums what the round
+record reports (training loss and examples, SCAFFOLD control deltas).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,54 +31,36 @@ class RoundTally:
     unmasked: int = 0  # secure rounds: how many clients' inputs were in the recovered sum (0: none)
 
     def delivered(self, results: Iterable[ClientResult], on_client: Callable) -> Iterator[ClientResult]:
-        """Results that carry an update; failures are recorded with their client, stage and reason."""
+        """Results that carry a payload (its bytes counted); failures are recorded with their
+        client, stage and reason."""
         for result in results:
             on_client()
             if result.failure is not None:
                 self.failed.append(result.failure.as_dict())
                 continue
+            self.bytes_up += payload_nbytes(result.update)
             yield result
 
-    def decoded(
-        self,
-        results: Iterable[ClientResult],
-        decode_delta: Callable[[int, Params], Params],
-        on_client: Callable,
-    ) -> Iterator[ClientResult]:
-        """Server halves of the transforms: count the bytes received, decode; undecodable → rejected."""
-        for result in self.delivered(results, on_client):
-            self.bytes_up += upload_nbytes(result.update)
-            try:
-                delta = decode_delta(result.client_id, result.update.delta)
-            except Exception as err:  # a malformed payload is rejected, never raised
-                reason = f"undecodable payload ({type(err).__name__}: {err})"
-                self.rejected.append({"client": result.client_id, "reason": reason})
-                continue
-            yield replace(result, update=replace(result.update, delta=delta))
+    def reject(self, client_id: int, reason: str) -> None:
+        self.rejected.append({"client": client_id, "reason": reason})
 
-    def valid_updates(
-        self, results: Iterable[ClientResult], check: Callable[[int, Update], str | None], uniform: bool
-    ) -> Iterator[tuple[Params, float]]:
-        for result in results:
-            update = result.update
-            problem = check(result.client_id, update)
-            if problem is not None:
-                self.rejected.append({"client": result.client_id, "reason": problem})
-                continue
-            self.accepted.append(result.client_id)
-            loss = float(update.metrics.get("train_loss", float("nan")))
-            self.loss_sum += loss * update.num_examples
-            self.examples += update.num_examples
-            self.client_records.append(  # the server's fields last: a metric cannot overwrite them
-                {**update.metrics, "client": result.client_id, "num_examples": update.num_examples}
-            )
-            if update.control_delta is not None:
-                if self.control_sum is None:
-                    self.control_sum = {k: torch.zeros_like(v) for k, v in update.control_delta.items()}
-                for k, v in update.control_delta.items():
-                    self.control_sum[k] += v
-            yield update.delta, 1.0 if uniform else float(update.num_examples)
+    def accept(self, client_id: int, update: Update) -> None:
+        """A dense update passed validation: count it, its loss, weight and control delta."""
+        self.accepted.append(client_id)
+        loss = float(update.metrics.get("train_loss", float("nan")))
+        self.loss_sum += loss * update.num_examples
+        self.examples += update.num_examples
+        self.client_records.append(  # the server's fields last: a metric cannot overwrite them
+            {**update.metrics, "client": client_id, "num_examples": update.num_examples}
+        )
+        if update.control_delta is not None:
+            if self.control_sum is None:
+                self.control_sum = {k: torch.zeros_like(v) for k, v in update.control_delta.items()}
+            for k, v in update.control_delta.items():
+                self.control_sum[k] += v
 
 
-def upload_nbytes(update: Update) -> int:
-    return serialized_nbytes(update.delta) + serialized_nbytes(update.control_delta or {})
+def payload_nbytes(payload) -> int:
+    """Bytes of a payload's tensors as they travel (safetensors blobs)."""
+    tensors = payload.tensors() if hasattr(payload, "tensors") else {}
+    return sum(serialized_nbytes(group or {}) for group in tensors.values())

@@ -1,7 +1,10 @@
-"""The local training a client runs: one function every engine calls unchanged.
+"""The local training a client runs, as init → step → final (FedJAX's client_init / client_step /
+client_final), so an engine can drive the steps of many clients together.
 
-``client_update`` sets the global state into the (shared) model, trains for the configured
-number of local steps with the client objective's hooks, and returns the delta θ_k − θ.
+``client_init`` sets the global state into the (shared) model and prepares the objective's hooks
+and the optimizer; ``client_step`` runs one micro-batch (the step variants: the objective's
+penalty and gradient adjustment — FedProx, SCAFFOLD —, gradient accumulation, DP-SGD);
+``client_final`` returns the delta θ_k − θ. ``client_update`` runs the three in turn.
 Shuffling and dropout draw from seeds derived from (seed, round, client), never from the
 order in which an engine happens to run clients.
 """
@@ -10,21 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from fedfm.algorithms.lora import lora_pairs, truncate_rank
-from fedfm.algorithms.objectives import Objective
+from fedfm.algorithms.lora import lora_pairs
+from fedfm.algorithms.objectives import Objective, make_objective
 from fedfm.attacks import poison_batch
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
-from fedfm.privacy import dp, packing
-from fedfm.privacy.dpsgd import ExampleDp, poisson_batches, train_dp_sgd
+from fedfm.privacy.dpsgd import ExampleDp, dp_sgd_final, dp_sgd_init, dp_sgd_step, poisson_batches
 from fedfm.seeding import NoiseSource, seed_torch, torch_generator
-from fedfm.transforms.compression import encode
+from fedfm.transforms import Pipeline
+from fedfm.transforms.base import ClientStep
 from fedfm.types import Params, RoundContext, Update
 
 
@@ -72,6 +75,127 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@dataclass
+class LocalTraining:
+    """One client's local training in progress (``client_init``'s result): what ``client_step``
+    advances and ``client_final`` turns into the update. Engines may hold many of these."""
+
+    bundle: ModelBundle
+    task: object
+    job: ClientJob
+    global_params: Params
+    ctx: RoundContext
+    cfg: object
+    hook: object  # the objective's LocalHook: penalty, gradient adjustment, finish
+    optimizer: torch.optim.Optimizer
+    steps: int
+    rows: torch.Tensor
+    generator: torch.Generator
+    rank_mask: dict = field(default_factory=dict)
+    losses: list = field(default_factory=list)
+    micro: int = 0  # micro-batches run (gradient accumulation steps once per `grad_accumulation`)
+    dp_sgd: object = None  # fedfm.privacy.dpsgd.DpSgdRun: the DP-SGD step variant
+    client_state: Params | None = None
+
+
+def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective, client_state=None):
+    """Set θ into the (shared) model and prepare this client's training: rank masks, seeded
+    dropout and shuffling, the objective's hook, the optimizer; with DP-SGD, Opacus' hooks."""
+    n = len(job.indices)
+    if n == 0:
+        raise ValueError("the client has no training examples")
+    trainable, device = bundle.trainable, bundle.device
+    set_trainable_state(trainable, global_params)
+    rank_mask = _rank_masks(trainable, job.rank)
+    _apply_masks(trainable, rank_mask, params=True)
+    seed_torch(ctx.seed, ctx.round, job.client_id, "dropout")
+    generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
+    hook = objective.client_hook(global_params, ctx, client_state, device)
+    optimizer = make_optimizer(list(trainable.values()), cfg)
+    rows = torch.as_tensor(job.indices, dtype=torch.long)
+    bundle.model.train()
+    run = LocalTraining(
+        bundle, task, job, global_params, ctx, cfg, hook, optimizer, num_local_steps(n, cfg), rows, generator
+    )
+    run.rank_mask, run.client_state = rank_mask, client_state
+    if isinstance(ctx.dp, ExampleDp):
+        # Poisson batches and Opacus' noise are privacy randomness: from the round's noise source
+        run.generator = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp-sgd")
+        settings = SimpleNamespace(
+            n=n, batch_size=cfg.batch_size, steps=run.steps, generator=run.generator,
+            history=(client_state or {}).get("history"), device=device,
+        )  # fmt: skip
+        run.dp_sgd = dp_sgd_init(bundle.model, optimizer, ctx.dp, settings)
+    return run
+
+
+def local_batches(run: LocalTraining):
+    """The client's batches of row positions, drawn lazily: seeded permutations (``steps ×
+    grad_accumulation`` micro-batches), or DP-SGD's Poisson batches (one per step)."""
+    n, cfg = len(run.rows), run.cfg
+    if run.dp_sgd is not None:
+        return poisson_batches(n, cfg.batch_size, run.steps, run.generator)
+    return batch_order(n, cfg.batch_size, run.steps * cfg.grad_accumulation, run.generator)
+
+
+def client_step(run: LocalTraining, positions: torch.Tensor) -> None:
+    """One micro-batch: forward, the objective's penalty, backward; every ``grad_accumulation``
+    micro-batches the objective's gradient adjustment, rank masks, clipping and the optimizer step.
+    DP-SGD's variant: one Opacus step (per-sample clipping and noise) on a Poisson batch."""
+    if run.dp_sgd is not None:
+        dp_sgd_step(
+            run.dp_sgd, run.bundle.trainable, run.task, run.rows[positions], run.bundle.device, run.losses
+        )
+        return
+    cfg, ctx, task, hook, trainable = run.cfg, run.ctx, run.task, run.hook, run.bundle.trainable
+    device, accum = run.bundle.device, cfg.grad_accumulation
+    if ctx.attack is not None and ctx.attack.poisons_data(run.job.client_id):
+        batch = poison_batch(ctx.attack, task, run.rows[positions], run.generator, device)
+    else:
+        batch = task.batch(task.train, run.rows[positions], device)
+    with autocast_context(cfg.precision, device):
+        loss = task.loss(run.bundle.model, batch)
+    run.losses.append(float(loss.detach()))
+    if hook.penalty is not None:
+        loss = loss + hook.penalty(trainable)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss at local step {run.micro // accum + 1}")
+    (loss / accum).backward()
+    run.micro += 1
+    if run.micro % accum:  # gradient accumulation: step once per `accum` micro-batches
+        return
+    if hook.adjust_gradients is not None:
+        hook.adjust_gradients(trainable)
+    _apply_masks(trainable, run.rank_mask, params=False)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def client_final(run: LocalTraining) -> tuple[Update, Params | None]:
+    """The update θ_k − θ with its metrics, and the client's new state (SCAFFOLD's control
+    variate; DP-SGD's accountant history)."""
+    final, delta = trained_delta(run.bundle.trainable, run.global_params)
+    n, steps = len(run.rows), run.steps
+    if run.dp_sgd is not None:
+        dp_sgd_final(run.dp_sgd)
+        metrics = {
+            "train_loss": float(np.mean(run.losses)) if run.losses else float("nan"),
+            "steps": float(steps),
+            "dp_epsilon": run.dp_sgd.epsilon,
+            "dp_noise_multiplier": run.dp_sgd.noise_multiplier,
+            "dp_sample_rate": min(1.0, run.cfg.batch_size / n),
+            "dp_steps": float(steps),
+        }
+        return Update(delta, n, metrics), {"history": run.dp_sgd.history}
+    control_delta, new_state = None, run.client_state
+    if run.hook.finish is not None:
+        control_delta, new_state = run.hook.finish(final, steps, run.cfg.lr)
+    metrics = {"train_loss": float(np.mean(run.losses)), "steps": float(steps)}
+    return Update(delta, n, metrics, control_delta), new_state
+
+
 def client_update(
     bundle: ModelBundle,
     task,
@@ -82,54 +206,16 @@ def client_update(
     objective: Objective,
     client_state: Params | None = None,
 ) -> tuple[Update, Params | None]:
-    """Train one client from ``global_params``; return its update and its new client state."""
-    n = len(job.indices)
-    if n == 0:
-        raise ValueError("the client has no training examples")
-    model, trainable, device = bundle.model, bundle.trainable, bundle.device
-    set_trainable_state(trainable, global_params)
-    rank_mask = _rank_masks(trainable, job.rank)
-    _apply_masks(trainable, rank_mask, params=True)
-    seed_torch(ctx.seed, ctx.round, job.client_id, "dropout")
-    generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
-    hook = objective.client_hook(global_params, ctx, client_state, device)
-    optimizer = make_optimizer(list(trainable.values()), cfg)
-    steps = num_local_steps(n, cfg)
-    rows = torch.as_tensor(job.indices, dtype=torch.long)
-    model.train()
-    if isinstance(ctx.dp, ExampleDp):
-        return _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state)
-    losses = []
-    accum = cfg.grad_accumulation
-    autocast = autocast_context(cfg.precision, device)
-    for i, positions in enumerate(batch_order(n, cfg.batch_size, steps * accum, generator)):
-        if ctx.attack is not None and ctx.attack.poisons_data(job.client_id):
-            batch = poison_batch(ctx.attack, task, rows[positions], generator, device)
-        else:
-            batch = task.batch(task.train, rows[positions], device)
-        with autocast:
-            loss = task.loss(model, batch)
-        losses.append(float(loss.detach()))
-        if hook.penalty is not None:
-            loss = loss + hook.penalty(trainable)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at local step {i // accum + 1}")
-        (loss / accum).backward()
-        if (i + 1) % accum:  # gradient accumulation: step once per `accum` micro-batches
-            continue
-        if hook.adjust_gradients is not None:
-            hook.adjust_gradients(trainable)
-        _apply_masks(trainable, rank_mask, params=False)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    final, delta = trained_delta(trainable, global_params)
-    control_delta, new_state = None, client_state
-    if hook.finish is not None:
-        control_delta, new_state = hook.finish(final, steps, cfg.lr)
-    metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
-    return Update(delta, n, metrics, control_delta), new_state
+    """Train one client from ``global_params``: init → step per batch → final."""
+    run = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
+    try:
+        for positions in local_batches(run):
+            client_step(run, positions)
+    except BaseException:
+        if run.dp_sgd is not None:
+            dp_sgd_final(run.dp_sgd)  # the base model is shared: take Opacus' hooks off again
+        raise
+    return client_final(run)
 
 
 def train_from(
@@ -147,37 +233,6 @@ def trained_delta(trainable: dict, global_params: Params) -> tuple[Params, Param
     """The state after local training and the update θ_k − θ."""
     final = get_trainable_state(trainable)
     return final, {k: final[k] - global_params[k] for k in global_params}
-
-
-def _dp_sgd_update(bundle, task, job, global_params, ctx, cfg, optimizer, steps, client_state):
-    """Local training as DP-SGD (Opacus); the client state carries its accountant's history."""
-    n = len(job.indices)
-    rows = torch.as_tensor(job.indices, dtype=torch.long)
-    # Poisson batches and Opacus' noise are privacy randomness: from the round's noise source
-    generator = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp-sgd")
-    batches = (rows[p] for p in poisson_batches(n, cfg.batch_size, steps, generator))
-    history = (client_state or {}).get("history")
-    run = SimpleNamespace(
-        n=n,
-        batch_size=cfg.batch_size,
-        steps=steps,
-        generator=generator,
-        history=history,
-        device=bundle.device,
-    )
-    losses, history, eps, z = train_dp_sgd(
-        bundle.model, bundle.trainable, optimizer, task, batches, ctx.dp, run
-    )
-    _, delta = trained_delta(bundle.trainable, global_params)
-    metrics = {
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
-        "steps": float(steps),
-        "dp_epsilon": eps,
-        "dp_noise_multiplier": z,
-        "dp_sample_rate": min(1.0, cfg.batch_size / n),
-        "dp_steps": float(steps),
-    }
-    return Update(delta, n, metrics), {"history": history}
 
 
 def _rank_masks(trainable: dict, rank: int | None) -> dict[str, tuple[slice, ...]]:
@@ -202,21 +257,22 @@ def _apply_masks(trainable: dict, masks: dict, params: bool) -> None:
 
 @dataclass(frozen=True)
 class ClientProgram:
-    """What a client runs each round: local training, then the client halves of the transforms.
+    """What a client runs each round: local training (init → step → final), then the client
+    halves of the update transforms in their declared order (``fedfm.transforms.base``).
 
-    The client halves run in the documented order: rank cut → (under secure aggregation with
-    client-level DP) clip → compress, or fixed-point encode → mask; with distributed DP,
-    clip → rotate and quantise → Skellam noise → mask. With central DP and no secure aggregation
-    the server clips.
-
-    Engines call it unchanged. Client state is a dict of named ``Params`` that the engine keeps
-    per client and checkpoints: ``"scaffold"`` (control variate), ``"residual"`` (top-k error
-    feedback).
+    Picklable: engines receive it and call it unchanged, in this process, on a Ray worker or in
+    a deployed client. Client state is a dict of named ``Params`` that the engine keeps per client
+    and checkpoints: ``"scaffold"`` (control variate), ``"dp_sgd"`` (DP-SGD's accountant),
+    ``"residual"`` (top-k error feedback).
     """
 
     training: object
     objective: Objective
-    compression: object
+    pipeline: Pipeline
+
+    @classmethod
+    def from_config(cls, cfg) -> ClientProgram:
+        return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg))
 
     def __call__(
         self,
@@ -226,42 +282,12 @@ class ClientProgram:
         global_params: Params,
         ctx: RoundContext,
         state: dict[str, Params] | None = None,
-    ) -> tuple[Update, dict[str, Params]]:
+    ) -> tuple[object, dict[str, Params]]:
         state = dict(state or {})
-        example_dp = isinstance(ctx.dp, ExampleDp)
-        own = state.get("dp_sgd") if example_dp else state.get("scaffold")
-        update, control = client_update(
-            bundle, task, job, global_params, ctx, self.training, self.objective, own
+        key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
+        update, own = client_update(
+            bundle, task, job, global_params, ctx, self.training, self.objective, state.get(key)
         )
-        if control is not None:
-            state["dp_sgd" if example_dp else "scaffold"] = control
-        if job.rank is not None:  # send only the components this client trains
-            update = replace(update, delta=truncate_rank(update.delta, job.rank))
-        bit = None
-        if isinstance(ctx.dp, dp.DpRound):  # client-level DP under secure aggregation: clients clip
-            layout = ctx.secure.layout if ctx.secure is not None else None
-            slack = layout.rounding_slack if layout is not None and layout.skellam is None else 0.0
-            delta, bit = dp.client_half(update.delta, ctx.dp, slack)
-            update = replace(update, delta=delta)
-        if ctx.secure is not None:  # → encode (→ integer noise) → mask: the masked vector is all that is sent
-            noise = None
-            if ctx.secure.layout.skellam is not None:
-                noise = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp")
-            vector = packing.pack(
-                ctx.secure.layout,
-                update.delta,
-                update.num_examples,
-                update.metrics["train_loss"],
-                torch_generator(ctx.seed, ctx.round, job.client_id, "secagg"),
-                update.control_delta,
-                bit,
-                noise,
-            )
-            # DP-SGD's settings are a client's own statement; they travel beside the masked vector
-            shown = {k: v for k, v in update.metrics.items() if k.startswith("dp_")}
-            return Update(ctx.secure.mask(job.client_id, vector), 1, shown), state
-        generator = torch_generator(ctx.seed, ctx.round, job.client_id, "compress")
-        payload, residual = encode(update.delta, self.compression, generator, state.get("residual"))
-        if residual is not None:
-            state["residual"] = residual
-        return replace(update, delta=payload), state
+        if own is not None:
+            state[key] = own
+        return self.pipeline.client(update, ClientStep(job, ctx, state)), state

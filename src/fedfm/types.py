@@ -1,8 +1,12 @@
-"""The values that flow through a round: parameters, updates, client results, round context.
+"""The values that flow through a round: parameters, payloads, client results, round context.
 
-The payload between server and client is ``Params``: named tensors of the trainable parameters
-only, keyed as PEFT's ``get_peft_model_state_dict`` keys them. Clients send deltas
-(``θ_k − θ``), never absolute weights, plus a typed weight and metrics.
+Tensors between server and client are ``Params``: named tensors of the trainable parameters
+only, keyed as PEFT's ``get_peft_model_state_dict`` keys them. What a client sends is one of a
+small family of typed payloads, each with a ``kind`` (its wire name) and ``tensors()`` (what
+travels): ``Update`` (the dense delta θ_k − θ), ``Encoded`` (a compressed delta) and ``Masked``
+(a secure-aggregation input). ``Summed`` is the server's own: the unmasked sums of a secure
+round. New payload kinds (feature mixtures, logits on a transfer set, cut-layer activations,
+cluster models) join the family in ``PAYLOADS``; see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -18,16 +22,82 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Update:
-    """What one client sends back after local training.
+    """A client's dense update after local training.
 
-    ``delta`` is ``θ_k − θ`` for every trainable tensor; ``num_examples`` is the number of local
-    training examples (the FedAvg weight); ``control_delta`` is SCAFFOLD's ``c_k⁺ − c_k``.
+    ``delta`` is always ``θ_k − θ`` for every trainable tensor (never an encoded or masked
+    payload); ``num_examples`` is the number of local training examples (the FedAvg weight);
+    ``control_delta`` is SCAFFOLD's ``c_k⁺ − c_k``.
     """
 
     delta: Params
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     control_delta: Params | None = None
+
+    kind = "update"
+
+    def tensors(self) -> dict[str, Params]:
+        return {"p": self.delta, "c": self.control_delta or {}}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A compressed update as it travels: the codec's named tensors (``payload``); the server half
+    of compression decodes it into an ``Update``."""
+
+    payload: Params
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    control_delta: Params | None = None
+    kind = "encoded"
+
+    def tensors(self) -> dict[str, Params]:
+        return {"p": self.payload, "c": self.control_delta or {}}
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A secure-aggregation input: the masked field vector (``vector["masked"]``) is all a client
+    sends, besides what it states in the clear (``metrics``: DP-SGD's settings). No weight: the
+    example count travels inside the masked vector."""
+
+    vector: Params
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    kind = "masked"
+    num_examples = None
+
+    def tensors(self) -> dict[str, Params]:
+        return {"p": self.vector}
+
+
+@dataclass(frozen=True)
+class Summed:
+    """Server side only: the unmasked sums of a secure round (``fedfm.privacy.packing.Sums``) and
+    how many clients the server saw contribute to them."""
+
+    sums: Any
+    contributors: int
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What the reduce gives the round: the aggregate delta, and the new privacy state when a DP
+    mechanism formed it (None: unchanged)."""
+
+    delta: Params
+    privacy: dict | None = None
+
+
+PAYLOADS: dict[str, type] = {p.kind: p for p in (Update, Encoded, Masked)}  # wire name → type
+
+
+def payload_from_wire(kind: str, groups: Mapping[str, Params], num_examples, metrics) -> Any:
+    """A received payload rebuilt by its wire name (``ValueError`` for an unknown one)."""
+    if kind == "masked":
+        return Masked(groups.get("p", {}), metrics)
+    if kind not in PAYLOADS:
+        raise ValueError(f"unknown payload kind {str(kind)[:40]!r}; known: {', '.join(sorted(PAYLOADS))}")
+    return PAYLOADS[kind](groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
 
 
 @dataclass(frozen=True)
@@ -47,7 +117,7 @@ class ClientResult:
     """One client's outcome in a round: an update or a failure, never both."""
 
     client_id: int
-    update: Update | None = None
+    update: Any = None  # one payload of the family (Update, Encoded, Masked)
     failure: ClientFailure | None = None
 
     def __post_init__(self) -> None:

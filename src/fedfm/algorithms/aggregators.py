@@ -58,6 +58,9 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
     return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}
 
 
+weighted_mean.bounds_influence = False  # every other rule is robust or bounding: one client is bounded
+
+
 def make_aggregator(strategy) -> Aggregator:
     """The configured aggregator with its keyword parameters (``trim_ratio``, ``byzantine``, ...)
     bound from the ``[strategy]`` section by name."""

@@ -22,11 +22,14 @@ receives the best rank-r_k approximation of the global update (its first r_k com
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from fedfm.registry import Registry
 from fedfm.types import Params
 
 A_TAG, B_TAG = "lora_A", "lora_B"
@@ -159,3 +162,54 @@ def aggregate_lora(
         out[a_key] = a.to(global_params[a_key].dtype) - global_params[a_key]
         out[b_key] = b.to(global_params[b_key].dtype) - global_params[b_key]
     return out
+
+
+@dataclass(frozen=True)
+class LoraMode:
+    """A LoRA aggregation mode: whether it aggregates LoRA-aware (products or padded factors;
+    always so with rank tiers) and whether the round merges its products into the base weights."""
+
+    lora_aware: bool
+    merges_into_base: bool = False
+
+
+LORA_AGGREGATION: Registry[LoraMode] = Registry("LoRA aggregation mode")
+LORA_AGGREGATION.register("naive")(LoraMode(lora_aware=False))
+LORA_AGGREGATION.register("exact")(LoraMode(lora_aware=True))
+LORA_AGGREGATION.register("stack")(LoraMode(lora_aware=True, merges_into_base=True))
+
+
+def aggregation_rule(strategy, rank_tiers, rank: int, aggregator):
+    """(updates, θ) → aggregate delta: LoRA-aware when the mode (or rank tiers) asks for it, else
+    the configured aggregator over (delta, weight) pairs."""
+    name = strategy.lora_aggregation
+    if LORA_AGGREGATION.get(name).lora_aware or rank_tiers:
+        return functools.partial(_lora_rule, name, rank)
+    return functools.partial(_plain_rule, aggregator)
+
+
+def _lora_rule(mode: str, rank: int, updates, params):
+    return aggregate_lora(updates, params, mode, rank)
+
+
+def _plain_rule(aggregator, updates, params):
+    return aggregator(updates)
+
+
+def check_lora(cfg) -> None:
+    """What the LoRA aggregation modes and rank tiers compose with (config validation calls this)."""
+    s, mode = cfg.strategy, LORA_AGGREGATION.get(cfg.strategy.lora_aggregation)
+    modes = "strategy.lora_aggregation = 'exact'/'stack' and peft.rank_tiers"
+    if (mode.lora_aware or cfg.peft.rank_tiers) and cfg.peft.method != "lora":
+        raise ValueError(f"{modes} need peft.method = 'lora'")
+    if (mode.lora_aware or cfg.peft.rank_tiers) and s.aggregator != "mean":
+        raise ValueError(
+            f"{modes} aggregate with the weighted mean; "
+            f"strategy.aggregator = {s.aggregator!r} is not supported with them"
+        )
+    if mode.merges_into_base and (s.server_optimizer, s.server_lr, s.server_momentum) != ("sgd", 1, 0):
+        raise ValueError(
+            f"strategy.lora_aggregation = {s.lora_aggregation!r} merges the average into the base "
+            "weights (FedAvg): "
+            "it needs server_optimizer = 'sgd', server_lr = 1.0, server_momentum = 0"
+        )

@@ -65,6 +65,12 @@ class Objective:
     def uses_control_variates(self) -> bool:
         return self.control_update is not None
 
+    @property
+    def per_example(self) -> bool:
+        """Whether its local loss is a plain per-example loss (what DP-SGD needs): no proximal
+        term, no control variates."""
+        return self.hook is plain_hook and not self.uses_control_variates
+
     def client_hook(
         self,
         global_params: Params,

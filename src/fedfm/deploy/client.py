@@ -30,7 +30,7 @@ import numpy as np
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S
-from fedfm.deploy.wire import chunks, context_from, float_metrics, join, pack_tensors, unpack_tensors
+from fedfm.deploy.wire import chunks, context_from, join, payload_message, unpack_tensors
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -116,7 +116,6 @@ class Trainer:
     """The frozen base model, the task and the client program, shared by the identities of a process."""
 
     def __init__(self, cfg, data, registered: bool) -> None:
-        from fedfm.algorithms.objectives import make_objective
         from fedfm.experiment import build_task
         from fedfm.training import ClientProgram
 
@@ -126,7 +125,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.data, self.registered = cfg, data, registered
         self.bundle, self.task = build_task(cfg, data)
-        self.program = ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
+        self.program = ClientProgram.from_config(cfg)
         self.lock = threading.Lock()
 
     def train(self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None):
@@ -294,12 +293,7 @@ def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, n
         note(f"client {ident.client_id}: round {rnd} failed: {err}")
     else:
         ident.keep_state(rnd, state)
-        reply_header = {
-            "round": rnd,
-            "num_examples": update.num_examples,
-            "metrics": float_metrics(update.metrics),
-        }
-        payload = pack_tensors({"p": update.delta, "c": update.control_delta})
+        reply_header, payload = payload_message(rnd, update)
     reply = stub.SubmitUpdate(
         (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)),
         metadata=ident.metadata,

@@ -2,7 +2,7 @@
 
 The round loop (``fedfm.loop.Run``) is unchanged: it samples the cohort, validates, aggregates,
 steps the server optimizer, evaluates, checkpoints after every round and resumes. Only the engine
-differs (``fedfm.deploy.grpc_engine``). Identities come from the transport (``fedfm.deploy.auth``):
+differs (``fedfm.engines.grpc``). Identities come from the transport (``fedfm.deploy.auth``):
 per-client tokens bound to their certificates under mutual TLS, or certificates alone.
 
 Nothing a client sends can crash the server. Every handler catches every error of its own
@@ -27,7 +27,6 @@ import grpc
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.auth import DeployError, Roster
-from fedfm.deploy.grpc_engine import Coordinator, GrpcEngine
 from fedfm.deploy.wire import (
     WireError,
     bounded_int,
@@ -36,7 +35,8 @@ from fedfm.deploy.wire import (
     received_metrics,
     unpack_tensors,
 )
-from fedfm.types import ClientFailure, ClientResult, Update
+from fedfm.engines.grpc import Coordinator, GrpcEngine
+from fedfm.types import ClientFailure, ClientResult, payload_from_wire
 
 __all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve", "start_server"]
 
@@ -179,8 +179,13 @@ def decode_result(client_id: int, header: dict, blob: bytes) -> ClientResult:
         if set(groups) - {"p", "c"}:
             raise WireError(f"unexpected payload groups {sorted(groups)[:4]}")
         metrics = received_metrics(header.get("metrics", {}))
-        n = bounded_int(header.get("num_examples"), 1, MAX_EXAMPLES, "num_examples")
-        update = Update(groups.get("p", {}), n, metrics, groups.get("c"))
+        kind = header.get("payload", "update")
+        n = (
+            None
+            if kind == "masked"
+            else bounded_int(header.get("num_examples"), 1, MAX_EXAMPLES, "num_examples")
+        )
+        update = payload_from_wire(kind, groups, n, metrics)
     except Exception as err:
         return ClientResult(
             client_id, failure=ClientFailure(client_id, "decode", f"{type(err).__name__}: {err}"[:500])
@@ -277,9 +282,7 @@ def serve(
 
         verifier = CertificateVerifier(Path(security.client_ca).read_bytes())
 
-    def factory(bundle, task, jobs, program, cfg=None):
-        return GrpcEngine(coord, jobs, round_timeout_s, least, wait_timeout_s, note, verifier)
-
+    factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
     server, port = start_server(coord, address, security, note)
@@ -315,9 +318,14 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             "check a client's data size, and without a bound one client could claim 10^9 examples and "
             "decide the aggregate (or set strategy.weighting = 'uniform')"
         )
-    if cfg.attack.kind != "none":
+    from fedfm.algorithms.aggregators import AGGREGATORS
+    from fedfm.attacks import ATTACKS
+    from fedfm.privacy.guarantees import dp_mode
+    from fedfm.synthetic.modes import synthetic_mode
+
+    if ATTACKS.get(cfg.attack.kind).acts:
         raise DeployError("attack.* simulates attacks in-process; real clients send what they send")
-    if cfg.synthetic.mode != "none":
+    if synthetic_mode(cfg).loads:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
@@ -328,8 +336,8 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
         )
     bounded = (  # any aggregator but the plain mean is a robust or bounding rule
         cfg.validation.max_update_norm is not None
-        or cfg.privacy.dp == "client"
-        or cfg.strategy.aggregator != "mean"
+        or dp_mode(cfg).client_level
+        or getattr(AGGREGATORS.get(cfg.strategy.aggregator), "bounds_influence", True)
     )
     if bounded:
         return []

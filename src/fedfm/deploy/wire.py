@@ -174,6 +174,18 @@ def float_metrics(metrics: dict) -> dict:
     return out
 
 
+def payload_message(rnd: int, payload) -> tuple[dict, bytes]:
+    """A client's payload as it travels: the header (round, payload kind, weight, metrics) and its
+    tensors as one blob; the server rebuilds it with ``fedfm.types.payload_from_wire``."""
+    header = {
+        "round": rnd,
+        "payload": payload.kind,
+        "num_examples": payload.num_examples,
+        "metrics": float_metrics(payload.metrics),
+    }
+    return header, pack_tensors({k: v or None for k, v in payload.tensors().items()})
+
+
 MAX_METRICS = 64
 RESERVED = {"event", "round", "client", "num_examples", "stage", "reason"}
 

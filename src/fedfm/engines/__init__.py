@@ -1,22 +1,14 @@
 """Engines execute a cohort and yield one ClientResult per client. They know nothing of strategy.
 
-Every engine runs the same ``fedfm.training.client_update``; a contract test checks that they
-agree for the same seed. Engines are registered by name; ``run.engine`` picks one.
+Every engine runs the same ``fedfm.training.ClientProgram``; a contract test checks that they
+agree for the same seed. Each engine module registers itself (``@engine(name)``); ``run.engine``
+picks one. The protocol is ``fedfm.engines.base.Engine``. The gRPC engine
+(``fedfm.engines.grpc``) is not a ``run.engine`` choice: ``fedfm server`` builds it around its
+serving code, whose clients connect from elsewhere.
 """
 
+from fedfm.engines import ray_engine as _ray  # noqa: F401  (ray is imported on use)
+from fedfm.engines.base import ENGINES, Engine, EngineSetup, engine
 from fedfm.engines.inprocess import InProcessEngine
-from fedfm.registry import Registry
 
-ENGINES: Registry = Registry("engine")
-ENGINES.register("inprocess")(InProcessEngine)
-
-
-@ENGINES.register("ray")
-def _ray(*args, **kwargs):
-    """Cohorts on a Ray cluster (``pip install 'fedfm[ray]'``); see ``fedfm.engines.ray_engine``."""
-    from fedfm.engines.ray_engine import RayEngine
-
-    return RayEngine(*args, **kwargs)
-
-
-__all__ = ["ENGINES", "InProcessEngine"]
+__all__ = ["ENGINES", "Engine", "EngineSetup", "InProcessEngine", "engine"]

@@ -3,29 +3,29 @@
 Memory does not grow with the number of clients: clients share the model, and results are
 yielded one at a time for the server to fold into a running aggregate. Per-client state
 (SCAFFOLD's control variates, top-k residuals) is held here and checkpointed through
-``state_dict``.
+``states`` (only what changed, row by row).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
-from fedfm.models.build import ModelBundle
-from fedfm.training import ClientJob, ClientProgram
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
 
+@engine("inprocess")
 class InProcessEngine:
     """Runs clients one after another in this process on one shared model."""
 
-    def __init__(
-        self, bundle: ModelBundle, task, clients: Sequence[ClientJob], program: ClientProgram, cfg=None
-    ) -> None:
-        self.bundle = bundle
-        self.task = task
-        self.clients = list(clients)
-        self.program = program
+    remote = False
+
+    def __init__(self, setup: EngineSetup) -> None:
+        self.bundle = setup.bundle
+        self.task = setup.task
+        self.clients = list(setup.jobs)
+        self.program = setup.program
         self.states = ClientStates()
 
     def run_cohort(
@@ -49,3 +49,6 @@ class InProcessEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.states.load_state_dict(state)
+
+    def close(self) -> None:
+        pass

@@ -1,12 +1,13 @@
 """The Ray engine: cohorts trained by long-lived workers on a Ray cluster (local by default).
 
-Each worker is a Ray actor that builds the frozen base model once, from the run's config, and
-then trains many clients in turn with the same ``ClientProgram`` as the in-process engine — never
-a model load per client. The tokenized task and the client jobs are put in Ray's object store
-once; each call ships only the global trainable state (put once per round), the round context and
-that client's state. Client state (SCAFFOLD's control variate, the top-k residual) lives with the
-driver, keyed by client, and travels to whichever worker trains the client next, so it follows the
-client and is checkpointed like the in-process engine's.
+Each worker is a Ray actor that builds the frozen base model once (the setup's picklable
+``build_bundle``) and then trains many clients in turn with the same ``ClientProgram`` as the
+in-process engine — never a model load per client. The tokenized task, the client jobs and the
+program are put in Ray's object store once; each call ships only the global trainable state (put
+once per round), the round context and that client's state. Client state (SCAFFOLD's control
+variate, the top-k residual) lives with the driver, keyed by client, and travels to whichever
+worker trains the client next, so it follows the client and is checkpointed like the in-process
+engine's. The worker imports no strategy: what it runs arrives inside the pickled program.
 
 Results are yielded as workers finish, so the server's streaming mean folds them in completion
 order; against the in-process engine the global state then differs only by floating-point
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
@@ -26,19 +28,12 @@ from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 class _Worker:
     """One copy of the base model; trains whichever client it is handed."""
 
-    def __init__(self, cfg_dict: dict, label_names: list[str], task, jobs, threads: int) -> None:
+    def __init__(self, build_bundle, program, task, jobs, threads: int) -> None:
         import torch
 
-        from fedfm.algorithms.objectives import make_objective
-        from fedfm.config import RunConfig
-        from fedfm.experiment import build_bundle
-        from fedfm.training import ClientProgram
-
         torch.set_num_threads(max(1, threads))
-        cfg = RunConfig.model_validate(cfg_dict)
-        self.bundle = build_bundle(cfg, label_names)
-        self.task, self.jobs = task, jobs
-        self.program = ClientProgram(cfg.training, make_objective(cfg.strategy), cfg.compression)
+        self.bundle = build_bundle()
+        self.task, self.jobs, self.program = task, jobs, program
 
     def train(self, client_id: int, global_params: Params, ctx: RoundContext, state):
         try:
@@ -50,15 +45,27 @@ class _Worker:
         return client_id, update, None, new_state
 
 
+@engine("ray")
 class RayEngine:
     """Runs each cohort on ``ray.num_workers`` actors; the same results as ``InProcessEngine``."""
 
-    def __init__(self, bundle, task, clients: Sequence, program, cfg=None) -> None:
+    remote = False
+    shared_base = False  # every worker holds its own base model: a round cannot move "the" base
+
+    @staticmethod
+    def check(cfg) -> None:
+        """What the Ray engine cannot run (config validation calls this)."""
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("run.engine = 'ray' needs Ray: pip install 'fedfm[ray]'")
+        if cfg.secagg.enabled:
+            raise ValueError("run.engine = 'ray' does not run secure aggregation yet (use 'inprocess')")
+
+    def __init__(self, setup: EngineSetup) -> None:
         import ray
 
-        if cfg is None:
-            raise ValueError("the Ray engine needs the run config to build its workers")
-        r = cfg.ray
+        r = setup.options  # the [ray] section
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             if r.address:
@@ -66,12 +73,13 @@ class RayEngine:
             else:
                 cpus = math.ceil(max(r.num_workers * r.cpus_per_worker, 1))
                 ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        labels = _label_names(bundle)  # the classifier's head; a causal LM has none
-        task_ref, jobs_ref = ray.put(task), ray.put(list(clients))
+        task_ref, jobs_ref = ray.put(setup.task), ray.put(list(setup.jobs))
+        program_ref = ray.put(setup.program)
         actor = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_Worker)
         threads = max(1, int(r.cpus_per_worker))
         self.workers = [
-            actor.remote(cfg.model_dump(), labels, task_ref, jobs_ref, threads) for _ in range(r.num_workers)
+            actor.remote(setup.build_bundle, program_ref, task_ref, jobs_ref, threads)
+            for _ in range(r.num_workers)
         ]
         self.states = ClientStates()
 
@@ -115,9 +123,3 @@ class RayEngine:
         self.workers = []
         if self.started_ray:
             ray.shutdown()
-
-
-def _label_names(bundle) -> list[str]:
-    config = getattr(bundle.model, "config", None)
-    id2label = getattr(config, "id2label", None) or {}
-    return [id2label[i] for i in sorted(id2label)]

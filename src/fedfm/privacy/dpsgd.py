@@ -71,10 +71,21 @@ def noise_for(settings: ExampleDp, sample_rate: float, steps_per_round: int) -> 
     )
 
 
-def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: ExampleDp, ctx):
-    """Run the local DP-SGD steps. ``batches`` yields index tensors (possibly empty); ``ctx`` has
-    ``n``, ``batch_size``, ``steps``, ``generator``, ``history`` (this client's accountant so far).
-    Returns (losses, new history tensor, ε after these steps)."""
+@dataclass
+class DpSgdRun:
+    """One client's DP-SGD in progress: Opacus' per-sample-gradient module and DP optimizer on
+    the shared model, and this client's accountant history with this round's steps charged."""
+
+    gsm: object
+    optimizer: object
+    history: torch.Tensor
+    epsilon: float
+    noise_multiplier: float
+
+
+def dp_sgd_init(model, optimizer, settings: ExampleDp, ctx) -> DpSgdRun:
+    """Charge this round's steps (before they run) and put Opacus' hooks on the shared model.
+    ``ctx`` has ``n``, ``batch_size``, ``steps``, ``generator``, ``history``."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -96,31 +107,44 @@ def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: Exa
         loss_reduction="mean",
         generator=ctx.generator,
     )
-    losses = []
-    with warnings.catch_warnings():
-        # Opacus' hooks on a frozen base whose inputs need no gradient: expected, not actionable
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        _steps(gsm, dp_optimizer, trainable, task, batches, ctx.device, losses)
     history = torch.tensor(accountant.history, dtype=torch.float64)
-    return losses, history, after, z
+    return DpSgdRun(gsm, dp_optimizer, history, after, z)
 
 
-def _steps(gsm, dp_optimizer, trainable: dict, task, batches, device, losses: list) -> None:
+def dp_sgd_step(run: DpSgdRun, trainable: dict, task, rows, device, losses: list) -> None:
+    """One DP-SGD step on a Poisson batch (possibly empty: noise only, no data)."""
+    if len(rows) == 0:
+        for p in trainable.values():
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    else:
+        with warnings.catch_warnings():
+            # Opacus' hooks on a frozen base whose inputs need no gradient: expected, not actionable
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss = task.loss(run.gsm, task.batch(task.train, rows, device))
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"non-finite training loss at local step {len(losses) + 1}")
+            losses.append(float(loss.detach()))
+            loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def dp_sgd_final(run: DpSgdRun) -> None:
+    """Take Opacus' hooks off the shared base model again (also after a failed step)."""
+    run.gsm._close()
+
+
+def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: ExampleDp, ctx):
+    """All local DP-SGD steps at once (init → steps → final). Returns (losses, new history
+    tensor, ε after these steps, z)."""
+    run = dp_sgd_init(model, optimizer, settings, ctx)
+    losses: list = []
     try:
         for rows in batches:
-            if len(rows) == 0:  # an empty Poisson batch: noise only, no data
-                for p in trainable.values():
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                loss = task.loss(gsm, task.batch(task.train, rows, device))
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"non-finite training loss at local step {len(losses) + 1}")
-                losses.append(float(loss.detach()))
-                loss.backward()
-            dp_optimizer.step()
-            dp_optimizer.zero_grad(set_to_none=True)
+            dp_sgd_step(run, trainable, task, rows, ctx.device, losses)
     finally:
-        gsm._close()  # the base model is shared: take Opacus' hooks off again
+        dp_sgd_final(run)
+    return losses, run.history, run.epsilon, run.noise_multiplier
 
 
 def poisson_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

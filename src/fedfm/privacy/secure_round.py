@@ -23,7 +23,7 @@ from fedfm.privacy.secagg import (
 )
 from fedfm.privacy.secagg_server import SecAggServer
 from fedfm.privacy.signing import KeySigner, KeyVerifier
-from fedfm.types import Params
+from fedfm.types import Masked, Params
 
 
 @dataclass
@@ -149,20 +149,24 @@ def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) 
 
 
 def secure_aggregate(
-    results, secure, tally, on_client, check_clear=None, before_unmask=None
+    results, secure, tally, check_clear=None, before_unmask=None
 ) -> tuple[packing.Sums | None, str | None]:
     """Server side of a secure round: masked inputs in, the unmasked sums out (or why not).
 
     ``check_clear(client, metrics)`` vets what a client states in the clear (DP-SGD's settings);
     ``before_unmask(survivors)`` runs just before the sum is recovered (a write-ahead DP charge).
     """
-    for result in tally.delivered(results, on_client):
-        metrics = dict(result.update.metrics)
+    for result in results:
+        payload = result.update
+        if not isinstance(payload, Masked):
+            tally.reject(result.client_id, f"expected a masked input, got a {type(payload).__name__} payload")
+            continue
+        metrics = dict(payload.metrics)
         problem = check_clear(result.client_id, metrics) if check_clear is not None else None
         if problem is not None:
-            tally.rejected.append({"client": result.client_id, "reason": problem})
+            tally.reject(result.client_id, problem)
             continue
-        if secure.accept(result.client_id, result.update.delta):
+        if secure.accept(result.client_id, payload.vector):
             tally.accepted.append(result.client_id)
             if metrics:  # only what a client states in the clear (DP-SGD's settings)
                 tally.client_records.append({**metrics, "client": result.client_id})

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from fedfm.privacy import dp, dpsgd
-from fedfm.privacy.guarantees import SEEDED
+from fedfm.privacy.guarantees import SEEDED, dp_mode
 from fedfm.privacy.plan import PrivacyPlan
 from fedfm.privacy.secagg import SecAggError
 from fedfm.seeding import NoiseSource
@@ -47,9 +47,10 @@ class RunPrivacy:
         self.noise = NoiseSource(p.noise_seed)
         self.wal = Path(checkpoint) / WAL
         self.attempt = uuid.uuid4().hex[:12]  # this process: its releases are distinct from a crashed one's
-        self.plan = PrivacyPlan(cfg, num_clients, cohort, dim, note=note) if p.dp == "client" else None
+        mode = dp_mode(cfg)
+        self.plan = PrivacyPlan(cfg, num_clients, cohort, dim, note=note) if mode.client_level else None
         self.example = None
-        if p.dp == "example":
+        if mode.example_level:
             self.example = dpsgd.ExampleDp(
                 p.clip_norm, p.delta, cfg.run.rounds, p.noise_multiplier, p.target_epsilon
             )

@@ -19,16 +19,6 @@ COLUMNS = [
     ("ε", "epsilon", "{:.3f}"),
     ("time (s)", "elapsed_s", "{:.1f}"),
 ]
-INSTRUCTION_COLUMNS = [
-    ("round", "round", "{:d}"),
-    ("clients", "num_clients", "{:d}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("test loss", "test_loss", "{:.4f}"),
-    ("test ppl", "test_perplexity", "{:.2f}"),
-    ("ROUGE-L", "rouge_l", "{:.3f}"),
-    ("ε", "epsilon", "{:.3f}"),
-    ("time (s)", "elapsed_s", "{:.1f}"),
-]
 
 
 def _fmt(record: dict, key: str, fmt: str) -> str:
@@ -79,8 +69,9 @@ class ConsoleReporter:
     def status(self, text: str):
         return self.console.status(text) if self.enabled else contextlib.nullcontext()
 
-    def describe(self, cfg, data, bundle, cohort: int, truncated: dict | None = None) -> None:
-        self.columns = INSTRUCTION_COLUMNS if cfg.task.kind == "instruction" else COLUMNS
+    def describe(self, cfg, data, bundle, cohort: int, truncated: dict | None = None, columns=None) -> None:
+        """What runs; ``columns``: the task kind's table (default: classification's)."""
+        self.columns = columns or COLUMNS
         if not self.enabled:
             return
         self.console.print(

@@ -70,20 +70,11 @@ def augment_rows(
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
-def server_warmup(run) -> float:
-    """Train the global trainable state on all synthetic rows for ``warmup_steps``; the mean loss."""
+def server_warmup(cfg, bundle, task, rows, params):
+    """Train ``params`` on the synthetic ``rows`` for ``synthetic.warmup_steps`` at the server;
+    returns (the new trainable state, the mean loss)."""
     from fedfm.training import train_from
 
-    cfg, sy = run.cfg, run.cfg.synthetic
+    sy = cfg.synthetic
     training = cfg.training.model_copy(update={"lr": sy.warmup_lr or cfg.training.lr, "grad_accumulation": 1})
-    params, loss = train_from(
-        run.bundle,
-        run.task,
-        run.data.synthetic_rows,
-        run.state.params,
-        sy.warmup_steps,
-        training,
-        cfg.run.seed,
-    )
-    run.state.params = params
-    return loss
+    return train_from(bundle, task, rows, params, sy.warmup_steps, training, cfg.run.seed)

@@ -64,6 +64,20 @@ class ClassificationTask:
         as_target = Encoded(trig.input_ids, trig.attention_mask, torch.full_like(trig.labels, target))
         return self.evaluate(model, as_target, rows, batch_size, device)["accuracy"]
 
+    def poisoned_batch(self, rows: torch.Tensor, device, labels=None, triggered=None, target=None) -> dict:
+        """Training rows as a data attack alters them: ``labels`` maps the labels (label flip);
+        the positions ``triggered`` take the trigger-prepended rows and label ``target`` (backdoor)."""
+        t = self.train
+        ids, mask, y = t.input_ids[rows].clone(), t.attention_mask[rows].clone(), t.labels[rows].clone()
+        if labels is not None:
+            y = labels(y)
+        if triggered is not None:
+            trig = self.triggered_train
+            ids[triggered] = trig.input_ids[rows[triggered]]
+            mask[triggered] = trig.attention_mask[rows[triggered]]
+            y[triggered] = target
+        return self.batch(Encoded(ids, mask, y), torch.arange(len(rows)), device)
+
     @staticmethod
     def batch(data: Encoded, indices: Sequence[int] | torch.Tensor, device: torch.device) -> dict:
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -107,3 +121,99 @@ class ClassificationTask:
             "macro_f1": macro_f1(p, labels, self.num_labels),
             "loss": total_loss / max(len(idx), 1),
         }
+
+
+# ---------------------------------------------------------------- the task kind
+
+
+def with_trigger(data: TextDataset, trigger: str) -> TextDataset:
+    """The same examples with ``trigger`` prepended (so truncation keeps it)."""
+    return TextDataset([f"{trigger} {t}" for t in data.texts], data.labels, data.label_names)
+
+
+def _bundle(cfg, label_names):
+    from fedfm.models.build import build_classifier
+
+    return build_classifier(cfg.model, cfg.peft, label_names, cfg.run.seed, cfg.run.device)
+
+
+def _build(cfg, data, bundle) -> ClassificationTask:
+    tok, length = bundle.tokenizer, cfg.model.max_length
+    task = ClassificationTask(
+        encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
+    )
+    from fedfm.attacks import ATTACKS
+    from fedfm.config import ConfigError
+
+    if ATTACKS.get(cfg.attack.kind).triggered:  # a backdoor's rows
+        if cfg.attack.target_label >= data.train.num_labels:
+            raise ConfigError(
+                f"attack.target_label = {cfg.attack.target_label} but the data has "
+                f"{data.train.num_labels} labels"
+            )
+        task.triggered_train = encode(tok, with_trigger(data.train, cfg.attack.trigger), length)
+        task.triggered_test = encode(tok, with_trigger(data.test, cfg.attack.trigger), length)
+    return task
+
+
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    """Server metrics: test accuracy, macro-F1 and loss; with ``eval.local``, accuracy on each
+    client's held-out rows (summarised); under a backdoor, the attack success rate."""
+
+    batch_size: int
+    local: bool
+    client_test: list
+    target_label: int
+    status: str = "evaluating"
+
+    def __call__(self, bundle, task: ClassificationTask) -> dict:
+        from fedfm.tasks.metrics import summarize_clients
+
+        bs, dev = self.batch_size, bundle.device
+        m = task.evaluate(bundle.model, task.test, None, bs, dev)
+        record = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_loss": m["loss"]}
+        if self.local:
+            rows = [r for r in self.client_test if len(r)]
+            record.update(
+                summarize_clients(
+                    [task.evaluate(bundle.model, task.train, r, bs, dev)["accuracy"] for r in rows]
+                )
+            )
+        if task.triggered_test is not None:
+            record["attack_success_rate"] = task.attack_success_rate(bundle.model, self.target_label, bs, dev)
+        return record
+
+
+def _evaluator(cfg, data) -> ClassificationMetrics:
+    return ClassificationMetrics(
+        cfg.eval.batch_size, cfg.eval.local, data.client_test, cfg.attack.target_label
+    )
+
+
+def _load(data_cfg):
+    from fedfm.data.sources import load_source
+
+    return load_source(data_cfg)
+
+
+COLUMNS = [
+    ("round", "round", "{:d}"),
+    ("clients", "num_clients", "{:d}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("test acc", "test_accuracy", "{:.4f}"),
+    ("macro-F1", "test_macro_f1", "{:.4f}"),
+    ("ε", "epsilon", "{:.3f}"),
+    ("time (s)", "elapsed_s", "{:.1f}"),
+]
+
+
+def _register() -> None:
+    from fedfm.tasks import TASKS, TaskKind
+
+    entry = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True)
+    TASKS.register("classification")(entry)
+
+
+_register()

@@ -247,3 +247,86 @@ def server_metrics(task: InstructionTask, bundle, cfg, prompts) -> dict:
         if scored:
             record["rouge_l"] = rouge_l([a for a, _ in scored], [r for _, r in scored])
     return record
+
+
+# ---------------------------------------------------------------- the task kind
+
+
+def _bundle(cfg, label_names):
+    from fedfm.models.build import build_causal_lm
+
+    return build_causal_lm(cfg.model, cfg.peft, cfg.training, cfg.run.seed, cfg.run.device)
+
+
+def _build(cfg, data, bundle) -> InstructionTask:
+    tok, length, system = bundle.tokenizer, cfg.model.max_length, cfg.task.system_prompt
+    train, test = tokenize(tok, data.train, length, system), tokenize(tok, data.test, length, system)
+    task = InstructionTask(train, test, tok, cfg, data.train.label_names)
+    task.truncated = {"train": train.truncated, "test": test.truncated}
+    return task
+
+
+@dataclass(frozen=True)
+class InstructionMetrics:
+    """Server metrics: held-out perplexity and greedy answers to fixed prompts."""
+
+    cfg: object
+    prompts: list
+    status: str = "evaluating: held-out perplexity and greedy answers"
+
+    def __call__(self, bundle, task) -> dict:
+        return server_metrics(task, bundle, self.cfg, self.prompts)
+
+
+def _evaluator(cfg, data) -> InstructionMetrics:
+    from fedfm.seeding import numpy_rng
+
+    return InstructionMetrics(cfg, eval_prompts(cfg, data.test, numpy_rng(cfg.run.seed, "eval-prompts")))
+
+
+def _load(data_cfg):
+    from fedfm.data.instruction import load_instruction_source
+
+    return load_instruction_source(data_cfg)
+
+
+def _check(cfg) -> None:
+    from fedfm.attacks import ATTACKS
+
+    if ATTACKS.get(cfg.attack.kind).poison is not None:
+        raise ValueError(f"attack.kind = {cfg.attack.kind!r} poisons labels: classification only")
+    if cfg.peft.method == "head":
+        raise ValueError("peft.method = 'head' has no meaning for a causal LM (no classification head)")
+    from fedfm.algorithms.lora import LORA_AGGREGATION
+    from fedfm.synthetic.modes import synthetic_mode
+
+    if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base and cfg.task.baselines:
+        raise ValueError(
+            "task.baselines is not supported with strategy.lora_aggregation = "
+            f"{cfg.strategy.lora_aggregation!r}"
+        )
+    if cfg.model.name == "minilm":
+        raise ValueError("task.kind = 'instruction' needs a causal LM (e.g. model.name = 'smollm2-135m')")
+    if synthetic_mode(cfg).loads:
+        raise ValueError("synthetic data (synthetic.mode) is supported for task.kind = 'classification'")
+
+
+COLUMNS = [
+    ("round", "round", "{:d}"),
+    ("clients", "num_clients", "{:d}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("test ppl", "test_perplexity", "{:.2f}"),
+    ("ROUGE-L", "rouge_l", "{:.3f}"),
+    ("ε", "epsilon", "{:.3f}"),
+    ("time (s)", "elapsed_s", "{:.1f}"),
+]
+
+
+def _register() -> None:
+    from fedfm.tasks import TASKS, TaskKind
+
+    TASKS.register("instruction")(TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, check=_check))
+
+
+_register()

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from fedfm.registry import Registry
-from fedfm.types import Params
+from fedfm.transforms.base import Passthrough, transform
+from fedfm.types import ClientResult, Encoded, Params, Update
 
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -237,3 +238,45 @@ def serialized_nbytes(params: Mapping[str, torch.Tensor]) -> int:
     if not params:
         return 0
     return len(save({k: v.contiguous() for k, v in params.items()}))
+
+
+class Compression(Passthrough):
+    """Client half: encode the delta (``Update`` → ``Encoded``), keeping top-k's residual in the
+    client's state. Server half: decode every ``Encoded`` against the global state as its sender
+    holds it; an undecodable payload is rejected with the reason."""
+
+    name = "compression"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def client(self, payload, step):
+        from fedfm.seeding import torch_generator
+
+        ctx, client = step.ctx, step.job.client_id
+        generator = torch_generator(ctx.seed, ctx.round, client, "compress")
+        encoded, residual = encode(payload.delta, self.cfg, generator, step.state.get("residual"))
+        if residual is not None:
+            step.state["residual"] = residual
+        return Encoded(encoded, payload.num_examples, payload.metrics, payload.control_delta)
+
+    def server(self, stream, rnd, reduce):
+        return self._decoded(stream, rnd), reduce
+
+    def _decoded(self, stream, rnd):
+        for item in stream:
+            payload = item.update
+            try:
+                if not isinstance(payload, Encoded):
+                    raise DecodeError(f"expected an encoded update, got a {type(payload).__name__} payload")
+                delta = decode(payload.payload, self.cfg, rnd.reference(item.client_id))
+            except Exception as err:  # a malformed payload is rejected, never raised
+                rnd.tally.reject(item.client_id, f"undecodable payload ({type(err).__name__}: {err})")
+                continue
+            update = Update(delta, payload.num_examples, payload.metrics, payload.control_delta)
+            yield ClientResult(item.client_id, update=update)
+
+
+@transform("compression", 40)
+def compression(cfg) -> Compression | None:
+    return Compression(cfg.compression) if cfg.compression.method != "none" else None

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedfm.types import Update
+from fedfm.transforms.base import Passthrough, transform
+from fedfm.types import ClientResult, Update
 
 
 def update_problem(
@@ -45,3 +46,40 @@ def update_problem(
         if norm > max_norm:
             return f"update L2 norm {norm:.4g} exceeds validation.max_update_norm = {max_norm:.4g}"
     return None
+
+
+class Validation(Passthrough):
+    """Server half: every arriving dense update is checked against the global state as its sender
+    holds it; a failing one is rejected with the client id and the reason. The last server half,
+    so it sees exactly what the reduce will see. Accepted updates are tallied (loss, weight,
+    control deltas) for the round record."""
+
+    name = "validation"
+
+    def __init__(self, max_norm: float | None) -> None:
+        self.max_norm = max_norm
+
+    def server(self, stream, rnd, reduce):
+        return self._valid(stream, rnd), reduce
+
+    def _valid(self, stream, rnd):
+        for item in stream:
+            if not isinstance(item, ClientResult):  # unmasked sums were checked by their transform
+                yield item
+                continue
+            update = item.update
+            problem = (
+                update_problem(update, rnd.reference(item.client_id), self.max_norm, rnd.max_examples)
+                if isinstance(update, Update)
+                else f"expected a dense update, got a {type(update).__name__} payload"
+            )
+            if problem is not None:
+                rnd.tally.reject(item.client_id, problem)
+                continue
+            rnd.tally.accept(item.client_id, update)
+            yield item
+
+
+@transform("validation", 0)
+def validation(cfg) -> Validation:
+    return Validation(cfg.validation.max_update_norm)

@@ -1,5 +1,8 @@
 """The engine whose clients are remote: tasks posted to gRPC handlers, results collected with a deadline.
 
+Serving (TLS, tokens, the gRPC servicer) stays in ``fedfm.deploy``; this engine only posts tasks
+to the ``Coordinator`` the handlers share and collects what they put in its queue.
+
 ``GrpcEngine.run_cohort`` hands each sampled client a task and yields results as they arrive,
 until every client answered or the round deadline passed. A client that is not connected is left
 out at once, one that does not answer in time at the deadline; the round completes with the rest
@@ -80,6 +83,19 @@ class GrpcEngine:
     """Hands cohort members their task and yields their results; the deadline bounds each round."""
 
     remote = True  # clients hold their own data and state: a deployment
+
+    @classmethod
+    def factory(
+        cls,
+        coord: Coordinator,
+        round_timeout_s: float,
+        min_available: int,
+        wait_timeout_s: float,
+        note=print,
+        verifier=None,
+    ):
+        """An engine factory for ``Run`` (remote: the server loads only its test split)."""
+        return _GrpcFactory(cls, (coord, round_timeout_s, min_available, wait_timeout_s, note, verifier))
 
     def __init__(
         self,
@@ -195,3 +211,17 @@ class GrpcEngine:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _GrpcFactory:
+    engine: type
+    args: tuple
+    remote = True
+
+    def __call__(self, setup) -> GrpcEngine:
+        coord, round_timeout_s, least, wait_timeout_s, note, verifier = self.args
+        return self.engine(coord, setup.jobs, round_timeout_s, least, wait_timeout_s, note, verifier)
