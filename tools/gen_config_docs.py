@@ -17,11 +17,17 @@ def _type(annotation) -> str:
     return text.replace("|", "\\|") if "`" not in text else text
 
 
-def _registry_kind(field) -> str | None:
+def _registry_kind(field) -> tuple[str, str] | None:
+    """(registry kind, shown type) of a field that names registered components, else None."""
     for meta in field.metadata:
         schema = getattr(meta, "json_schema", None)
         if isinstance(schema, dict) and "registry" in schema:
-            return schema["registry"]
+            return schema["registry"], "str (registered name)"
+    for arg in typing.get_args(field.annotation):  # list[Registered(kind)]
+        for meta in getattr(arg, "__metadata__", ()):
+            schema = getattr(meta, "json_schema", None)
+            if isinstance(schema, dict) and "registry" in schema:
+                return schema["registry"], "list of registered names"
     return None
 
 
@@ -48,10 +54,11 @@ def render() -> str:
         ]
         for name, f in model.model_fields.items():
             default = f.default if f.default_factory is None else f.default_factory()
-            kind, text = _registry_kind(f), f.description or ""
-            if kind is not None:
+            named, text = _registry_kind(f), f.description or ""
+            if named is not None:
+                kind, shown = named
                 names = ", ".join(f"`{n}`" for n in registry_for(kind).names())
-                text, shown = f"{text} Registered {kind}s: {names}.", "str (registered name)"
+                text = f"{text} Registered {kind}s: {names}."
             else:
                 shown = _type(f.annotation)
             lines.append(f"| `{name}` | {shown} | `{default!r}` | {text} |")

@@ -7,329 +7,40 @@ rejected before any work starts, with the dotted field name and the allowed valu
 
 from __future__ import annotations
 
-import functools
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import tomli_w
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-    model_validator,
+from pydantic import Field, ValidationError, model_validator
+
+from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections are part of the config API)
+    AttackSection,
+    CompressionSection,
+    DataSection,
+    EvalSection,
+    ModelSection,
+    PartitionSection,
+    PeftSection,
+    PipelineSection,
+    PrivacySection,
+    RaySection,
+    Registered,
+    RunSection,
+    SamplingSection,
+    SecAggSection,
+    StrategySection,
+    SyntheticSection,
+    TaskSection,
+    TrainingSection,
+    ValidationSection,
+    _Section,
 )
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names each bad field."""
-
-
-class _Section(BaseModel):
-    # NaN and ±inf are refused in every float field (an lr of inf would train to NaN silently)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def Registered(kind: str):  # noqa: N802  (a type, read as one: `engine: Registered("engine")`)
-    """A name that must be registered in ``kind``'s registry; the error lists the registered ones,
-    and the configuration reference lists them too (``json_schema_extra``)."""
-    return Annotated[
-        str, AfterValidator(functools.partial(_registered, kind)), WithJsonSchema({"registry": kind})
-    ]
-
-
-def _registered(kind: str, name: str) -> str:
-    from fedfm import components
-
-    registry = components.registry_for(kind)
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(registry.names())}")
-    return name
-
-
-class RunSection(_Section):
-    name: str = Field("fedfm", description="A label for this experiment; part of the run folder name.")
-    rounds: int = Field(7, ge=1, description="Number of federated rounds.")
-    seed: int = Field(0, description="Root seed; every random draw is derived from it.")
-    engine: Registered("engine") = Field("inprocess", description="Execution engine (registered name).")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
-    output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
-
-
-class ModelSection(_Section):
-    name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
-    init: Literal["pretrained", "random"] = Field(
-        "pretrained", description="Pretrained weights, or the same architecture freshly initialised."
-    )
-    max_length: int = Field(32, ge=4, le=32768, description="Tokens per example (truncation).")
-    quantization: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="Quantized frozen base weights (QLoRA; bitsandbytes on a CUDA GPU)."
-    )
-
-
-class PeftSection(_Section):
-    method: Literal["lora", "ia3", "prompt_tuning", "head", "full"] = Field(
-        "lora", description="What trains and travels: an adapter (+ head), the head only, or every weight."
-    )
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | None = Field(
-        None, description="Modules to adapt; default: PEFT's per-architecture choice."
-    )
-    num_virtual_tokens: int = Field(8, ge=1, description="Prompt tuning: soft prompt length.")
-    rank_tiers: list[int] | None = Field(
-        None, description="Heterogeneous LoRA ranks, e.g. [4, 8, 16]; the largest must equal peft.r."
-    )
-    rank_assignment: Literal["round_robin", "by_size", "per_client"] = Field(
-        "round_robin",
-        description="Tier per client: id mod tiers; more data → larger rank; or rank_tiers[k] for client k.",
-    )
-
-
-class DataSection(_Section):
-    name: str = Field("bbc-news", description="Registered dataset, 'csv', 'jsonl', or a HF dataset id.")
-    path: str | None = Field(None, description="File for 'csv'/'jsonl' sources.")
-    test_path: str | None = Field(None, description="Optional test file for 'csv'/'jsonl'.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    label_column: str = Field("label", description="Column holding the class label.")
-    test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Held-out server test share when the source has no test split."
-    )
-    client_test_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Share of each client's data kept as its local test split."
-    )
-    deduplicate: bool = Field(
-        True,
-        description="Drop exact duplicate texts (and test texts seen in training) before splitting.",
-    )
-    max_examples: int | None = Field(
-        None, ge=2, description="Stratified subsample of the training set (quick experiments)."
-    )
-    max_test_examples: int | None = Field(None, ge=1, description="Stratified subsample of the test set.")
-    hf_config: str | None = Field(None, description="Hugging Face dataset configuration name.")
-    hf_train_split: str = Field("train", description="Hugging Face split used for training.")
-    hf_test_split: str | None = Field("test", description="Hugging Face split used as the server test set.")
-
-
-class PartitionSection(_Section):
-    method: Registered("partitioner") = Field("dirichlet", description="Partitioner (registered name).")
-    num_clients: int = Field(10, ge=1, description="Number of clients the training data is split among.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
-    min_size: int = Field(10, ge=0, description="Dirichlet: minimum examples per client.")
-    classes_per_client: int = Field(2, ge=1, description="Shards: label shards per client.")
-    column: str | None = Field(None, description="Natural: the column whose values are clients.")
-    sigma: float = Field(1.0, ge=0, description="Quantity: log-normal spread of client sizes.")
-
-
-class SamplingSection(_Section):
-    method: Literal["fixed", "poisson"] = Field(
-        "fixed",
-        description="fixed: a cohort of exactly m clients; poisson: each client joins with probability q.",
-    )
-    clients_per_round: int | None = Field(None, ge=1, description="Cohort size; overrides fraction.")
-    fraction: float = Field(0.5, gt=0, le=1, description="Share of clients sampled each round.")
-    min_clients: int = Field(1, ge=1, description="Fewer successful clients than this skips the round.")
-
-
-class TrainingSection(_Section):
-    local_epochs: float = Field(1.0, gt=0, description="Passes over local data per round.")
-    local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
-    batch_size: int = Field(16, ge=1, description="Local mini-batch size.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
-    lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
-    grad_accumulation: int = Field(1, ge=1, description="Micro-batches of batch_size per local step.")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast forward passes where the device supports bfloat16."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations (less memory).")
-
-
-class StrategySection(_Section):
-    aggregator: Registered("aggregator") = Field("mean", description="Aggregator (registered name).")
-    weighting: Literal["examples", "uniform"] = Field(
-        "examples", description="Aggregation weight per client: its example count, or 1."
-    )
-    server_optimizer: Registered("server optimizer") = Field(
-        "sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad."
-    )
-    server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
-    server_momentum: float = Field(0.0, ge=0, lt=1, description="sgd server momentum (FedAvgM).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay.")
-    beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
-    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
-    objective: Registered("objective") = Field(
-        "plain", description="Client objective: plain, fedprox, scaffold."
-    )
-    lora_aggregation: Registered("LoRA aggregation mode") = Field(
-        "naive",
-        description="LoRA pairs: average A and B; average B·A, SVD to rank r; or merge B·A into the base.",
-    )
-    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share β cut from each end.")
-    byzantine: int = Field(1, ge=0, description="krum/multi_krum/bulyan: Byzantine clients f tolerated.")
-    krum_m: int | None = Field(None, ge=1, description="multi_krum: updates averaged (default n − f).")
-    norm_bound: float = Field(1.0, gt=0, description="norm_bound: L2 bound each update is scaled to.")
-    gm_iters: int = Field(10, ge=1, description="geometric_median: smoothed Weiszfeld iterations.")
-    mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
-
-
-class PipelineSection(_Section):
-    extra: list[Registered("transform")] = Field(
-        default_factory=list,
-        description="Update transforms to add by registered name (plug-ins; each sits at its registered "
-        "position). Built-in transforms are switched on by their own sections.",
-    )
-
-
-class ValidationSection(_Section):
-    max_update_norm: float | None = Field(
-        None, gt=0, description="Reject updates whose L2 norm exceeds this; null: no bound."
-    )
-    max_num_examples: int | None = Field(
-        None, ge=1, description="Reject reported example counts above this; default: the training set size."
-    )
-
-
-class AttackSection(_Section):
-    kind: Registered("attack") = Field("none", description="Simulated attack (see fedfm.attacks).")
-    fraction: float = Field(0.2, ge=0, le=1, description="Share of each cohort that is malicious.")
-    scale: float = Field(10.0, description="sign_flip / scale: factor applied to the update.")
-    noise_std: float = Field(1.0, ge=0, description="gaussian: standard deviation of the sent noise.")
-    target_label: int = Field(0, ge=0, description="backdoor: the label the trigger should produce.")
-    trigger: str = Field("cf mn bb", min_length=1, description="backdoor: phrase prepended to the text.")
-    poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of poisoned rows per batch.")
-
-
-class CompressionSection(_Section):
-    method: Registered("compression method") = Field(
-        "none",
-        description="Upload compression (registered name): none, fp16, bf16, q8, q4, topk, randk "
-        "(see fedfm.transforms.compression).",
-    )
-    block_size: int = Field(0, ge=0, description="q8/q4: values per scale block; 0: one scale per tensor.")
-    ratio: float = Field(0.01, gt=0, le=1, description="topk/randk: share of entries sent.")
-    error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
-
-
-class TaskSection(_Section):
-    kind: Registered("task") = Field(
-        "classification",
-        description="classification (encoder or decoder + head), or instruction tuning of a causal LM.",
-    )
-    packing: bool = Field(False, description="instruction: pack each batch's examples into full rows.")
-    system_prompt: str | None = Field(
-        None, description="instruction: a system message put before every conversation."
-    )
-    eval_prompts: list[str] | None = Field(
-        None, description="instruction: prompts answered greedily each eval; default: held-out ones."
-    )
-    num_eval_prompts: int = Field(8, ge=0, description="instruction: held-out prompts generated each eval.")
-    max_new_tokens: int = Field(32, ge=1, description="instruction: generation length for eval prompts.")
-    baselines: bool = Field(
-        False, description="Also train local-only and centralized baselines after the run (or --baselines)."
-    )
-
-
-class PrivacySection(_Section):
-    dp: Registered("DP mode") = Field(
-        "none",
-        description="Differential privacy: client-level DP-FedAvg, or example-level DP-SGD (Opacus).",
-    )
-    noise: Literal["central", "distributed"] = Field(
-        "central",
-        description="client DP: the server adds Gaussian noise, or each client adds a Skellam share "
-        "(integer noise that survives secure aggregation; needs secagg).",
-    )
-    clip_norm: float = Field(1.0, gt=0, description="L2 clip norm C (initial C when adaptive).")
-    adaptive_clipping: bool = Field(False, description="client DP: track a quantile of update norms.")
-    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target quantile γ.")
-    clip_lr: float = Field(0.2, gt=0, le=10, description="Adaptive clipping: geometric learning rate η_C.")
-    clipped_count_stddev: float | None = Field(
-        None, gt=0, description="Adaptive clipping: σ_b of the clipped-count sum; default max(m / 20, z)."
-    )
-    noise_multiplier: float | None = Field(
-        None, ge=0, description="z: noise std / C. Default: calibrated from target_epsilon."
-    )
-    target_epsilon: float | None = Field(
-        None, gt=0, description="Budget ε: calibrates z when unset; the run stops before exceeding it."
-    )
-    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
-    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting accountant (pld: poisson).")
-    noise_seed: int | None = Field(
-        None,
-        description="Reproducible privacy noise and DP cohorts from this seed. Default (unset): the OS "
-        "CSPRNG. With a seed the guarantee does not hold against anyone who knows it.",
-    )
-    distributed_bits: int = Field(
-        32, ge=16, le=48, description="Distributed noise: modulus bits of the secure sum (Skellam)."
-    )
-    wrap_stddevs: float = Field(
-        8.0,
-        ge=2,
-        le=64,
-        description="Distributed noise: standard deviations of a summed entry the field holds.",
-    )
-
-
-class SecAggSection(_Section):
-    enabled: bool = Field(False, description="Secure aggregation: the server learns only the sum.")
-    neighbors: int | None = Field(
-        None, ge=2, description="SecAgg+ graph degree k; default: every pair (SecAgg)."
-    )
-    threshold: float = Field(
-        0.67, gt=0.5, le=1, description="Share of a client's share holders needed to unmask it."
-    )
-    clip_range: float = Field(1.0, gt=0, description="Each entry is clipped to [−c, c] before encoding.")
-    quantization_bits: int = Field(24, ge=4, le=40, description="Fixed-point bits per entry (signed).")
-    signatures: bool = Field(
-        False,
-        description="Signed key adverts and the consistency check (Bonawitz et al. 2017) against a server "
-        "that lies about who dropped; deployments need provisioned client certificates.",
-    )
-
-
-class RaySection(_Section):
-    address: str | None = Field(
-        None, description="Ray cluster to join (ray.init(address)); default: start a local one."
-    )
-    num_workers: int = Field(2, ge=1, description="Long-lived workers, each with one copy of the base model.")
-    cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
-    )
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU).")
-
-
-class SyntheticSection(_Section):
-    mode: Registered("synthetic mode") = Field(
-        "none",
-        description="FM-generated data (`fedfm synth`): server warm-up before round 1, client augmentation, "
-        "both, or only synthetic data (the synthetic-only baseline).",
-    )
-    path: str | None = Field(None, description="JSONL written by `fedfm synth` (text, label, provenance).")
-    warmup_steps: int = Field(
-        30, ge=1, description="Server optimizer steps on synthetic data before round 1."
-    )
-    warmup_lr: float | None = Field(None, gt=0, description="Warm-up learning rate; default training.lr.")
-    augment_per_client: int = Field(20, ge=1, description="Synthetic examples added to each client.")
-    augment_classes: Literal["all", "missing"] = Field(
-        "all", description="Augment with every class, or only the classes a client has no example of."
-    )
-    max_examples: int | None = Field(None, ge=1, description="Use at most this many synthetic examples.")
-
-
-class EvalSection(_Section):
-    every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
-    at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
-    batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
-    local: bool = Field(False, description="Also evaluate on every client's local test split.")
 
 
 class RunConfig(_Section):

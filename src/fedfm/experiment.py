@@ -155,13 +155,19 @@ def build_bundle(cfg: RunConfig, label_names: list[str]) -> ModelBundle:
 
 @dataclass(frozen=True)
 class BundleBuilder:
-    """A picklable way to build the run's model bundle again (a Ray worker builds its own)."""
+    """A picklable way to build the run's model bundle again (a Ray worker builds its own): the
+    sections a model is built from, and the label names — not the run's whole config."""
 
-    config: dict  # RunConfig.model_dump()
+    sections: dict  # task, model, peft, training and run, as RunConfig.model_dump() gives them
     label_names: list[str]
 
+    @classmethod
+    def of(cls, cfg: RunConfig, label_names) -> BundleBuilder:
+        dumped = cfg.model_dump()
+        return cls({k: dumped[k] for k in ("task", "model", "peft", "training", "run")}, list(label_names))
+
     def __call__(self) -> ModelBundle:
-        return build_bundle(RunConfig.model_validate(self.config), self.label_names)
+        return build_bundle(RunConfig.model_validate(self.sections), self.label_names)
 
 
 def build_task(cfg: RunConfig, data: FederatedData):

@@ -93,7 +93,7 @@ class Run:
         self.objective, self.pipeline = program.objective, program.pipeline
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.jobs = client_jobs(self.data, cfg.peft)
-        builder = BundleBuilder(cfg.model_dump(), list(self.data.train.label_names))
+        builder = BundleBuilder.of(cfg, self.data.train.label_names)
         options = getattr(cfg, cfg.run.engine, None)
         self.engine = make_engine(EngineSetup(self.bundle, self.task, self.jobs, program, builder, options))
         self.cohort = cohort_size(
