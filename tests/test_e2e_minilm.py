@@ -46,3 +46,10 @@ def test_minilm_bbc_news_round_and_adapter_round_trip(tmp_path):
     assert F.cross_entropy(logits, labels).item() == pytest.approx(
         result.final_metrics["test_loss"], rel=1e-4
     )
+    # the export records its labels: the auto class needs no num_labels and gives the same model
+    from peft import AutoPeftModelForSequenceClassification
+
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(str(result.run_dir / "adapter")).eval()
+    assert auto.config.id2label == {i: n for i, n in enumerate(test.label_names)}
+    with torch.no_grad():
+        assert torch.allclose(auto(**enc).logits, logits, atol=1e-5)

@@ -94,3 +94,25 @@ def test_engine_keeps_scaffold_state_per_client(setup, tmp_path):
     kept, original = restored.states.get(2)["scaffold"], engine.states.get(2)["scaffold"]
     assert all(torch.equal(kept[k], original[k]) for k in theta)
     assert restored.states.get(1) is None and ClientStore(folder).written_in(1) == [0, 2]
+
+
+def test_init_step_final_is_client_update(setup):
+    """Driving the steps by hand (as a batched engine would) gives client_update's result, with
+    the step variants on: FedProx's penalty and gradient accumulation."""
+    from fedfm.training import client_final, client_init, client_step, local_batches
+
+    cfg, data, bundle, task = setup
+    theta = get_trainable_state(bundle.trainable)
+    job = ClientJob(1, data.client_train[1])
+    obj = make_objective(StrategySection(objective="fedprox", mu=0.5))
+    training = cfg.training.model_copy(update={"grad_accumulation": 2})
+    want, _ = client_update(bundle, task, job, theta, RoundContext(1, 0), training, obj)
+    run = client_init(bundle, task, job, theta, RoundContext(1, 0), training, obj)
+    steps = 0
+    for positions in local_batches(run):
+        client_step(run, positions)
+        steps += 1
+    got, _ = client_final(run)
+    assert steps == 2 * want.metrics["steps"]  # micro-batches: steps × grad_accumulation
+    assert all(torch.equal(got.delta[k], want.delta[k]) for k in theta)
+    assert got.metrics == want.metrics
