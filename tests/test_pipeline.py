@@ -12,7 +12,7 @@ from fedfm.types import ClientFailure, ClientResult, Encoded, Masked, RoundConte
 
 
 def _rnd(params, cohort=(0, 1, 2)):
-    return ServerRound(1, list(cohort), 0, params, None, lambda c: params, 10**6, lambda *a: None)
+    return ServerRound(1, list(cohort), 0, params, None, lambda c: params, 10**6)
 
 
 def test_the_pipeline_is_built_in_its_declared_order(tiny_config):
@@ -76,3 +76,14 @@ def test_the_round_returns_a_new_state_and_leaves_the_given_one_alone(tiny_confi
     assert all(torch.equal(before.params[k], theta[k]) for k in theta)  # untouched
     assert any(not torch.equal(after.params[k], theta[k]) for k in theta)
     assert record["num_clients"] == 4 and record["bytes_up"] > 0
+
+
+def test_pipeline_extra_takes_only_transforms_registered_by_name(tiny_config):
+    import pytest
+
+    from fedfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pipeline.extra.*'dp'.*own config section"):
+        make_config(tiny_config(pipeline={"extra": ["dp"]}))
+    with pytest.raises(ConfigError, match=r"pipeline.extra.*unknown transform 'nope'.*registered|allowed"):
+        make_config(tiny_config(pipeline={"extra": ["nope"]}))

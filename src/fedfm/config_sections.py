@@ -168,8 +168,8 @@ class StrategySection(_Section):
 class PipelineSection(_Section):
     extra: list[Registered("transform")] = Field(
         default_factory=list,
-        description="Update transforms to add by registered name (plug-ins; each sits at its registered "
-        "position). Built-in transforms are switched on by their own sections.",
+        description="Update transforms to add by registered name (plug-ins registered with named=True; "
+        "each sits at its registered position). Built-in transforms are switched on by their own sections.",
     )
 
 

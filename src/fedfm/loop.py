@@ -114,7 +114,6 @@ class Run:
             self.privacy = RunPrivacy(cfg, n, self.cohort, dim, folder, note=note)
             if self.privacy.noise.reproducible:
                 self.console.warn(SEEDED_WARNING)
-        self.current_round = 0
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
         self.state = self._initial_state()
@@ -236,11 +235,11 @@ class Run:
         s = self.state
         return ServerRound(
             t, cohort, self.cfg.run.seed, s.params, s.server_control, self.reference, self.max_examples,
-            self.check_clear, self.privacy, s.privacy, self.engine, on_client,
+            self.privacy, s.privacy, self.engine, on_client,
         )  # fmt: skip
 
     def run_round(self, t: int, bar) -> dict:
-        start, self.current_round = time.perf_counter(), t
+        start = time.perf_counter()
         cohort = self.sample(t)
         rnd = self.server_round(t, cohort, bar.start_round(t, len(cohort)))
         ctx = round_context(rnd, self.pipeline)
@@ -270,18 +269,6 @@ class Run:
         """The global state as this client holds it (its own LoRA rank, when ranks differ)."""
         rank = self.jobs[client_id].rank
         return self.state.params if rank is None else truncate_rank(self.state.params, rank)
-
-    def check_clear(self, client_id: int, metrics, num_examples: int | None = None) -> str | None:
-        """DP-SGD: the mechanism a client states it ran must be the configured one; a matching
-        statement is charged to that client in the server's own accountant (a release happened)."""
-        if self.privacy is None or self.privacy.example is None:
-            return None
-        if num_examples is not None and (not isinstance(num_examples, int) or num_examples <= 0):
-            return None  # validation names that
-        problem = self.privacy.example_problem(metrics, num_examples, self.cfg.training)
-        if problem is None:
-            self.privacy.charge_example(self.state.privacy, self.current_round, client_id, metrics)
-        return problem
 
     def evaluate(self, params: Params) -> dict:
         set_trainable_state(self.bundle.trainable, params)

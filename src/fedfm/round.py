@@ -37,7 +37,6 @@ class ServerRound:
     server_control: Params | None
     reference: Callable[[int], Params]  # θ as this client holds it (its LoRA rank)
     max_examples: int
-    check_clear: Callable  # DP-SGD: (client, metrics, n) → problem or None (charges a match)
     privacy: Any = None  # fedfm.privacy.server.RunPrivacy in DP runs
     privacy_state: dict = field(default_factory=dict)
     engine: Any = None
@@ -45,6 +44,13 @@ class ServerRound:
     tally: RoundTally = field(default_factory=RoundTally)
     secure: Any = None
     attack: Any = None
+
+    def vet_and_charge(self, client_id: int, metrics, num_examples: int | None = None) -> str | None:
+        """DP-SGD: why the mechanism a client states it ran is not the configured one, or None;
+        a matching statement is charged to that client (a release happened). No DP-SGD: None."""
+        if self.privacy is None or self.privacy.example is None:
+            return None
+        return self.privacy.vet_and_charge(self.privacy_state, self.t, client_id, metrics, num_examples)
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,11 @@ def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) 
 
 
 def secure_aggregate(
-    results, secure, tally, check_clear=None, before_unmask=None
+    results, secure, tally, vet_and_charge=None, before_unmask=None
 ) -> tuple[packing.Sums | None, str | None]:
     """Server side of a secure round: masked inputs in, the unmasked sums out (or why not).
 
-    ``check_clear(client, metrics)`` vets what a client states in the clear (DP-SGD's settings);
+    ``vet_and_charge(client, metrics)`` vets what a client states in the clear (DP-SGD's settings);
     ``before_unmask(survivors)`` runs just before the sum is recovered (a write-ahead DP charge).
     """
     for result in results:
@@ -162,7 +162,7 @@ def secure_aggregate(
             tally.reject(result.client_id, f"expected a masked input, got a {type(payload).__name__} payload")
             continue
         metrics = dict(payload.metrics)
-        problem = check_clear(result.client_id, metrics) if check_clear is not None else None
+        problem = vet_and_charge(result.client_id, metrics) if vet_and_charge is not None else None
         if problem is not None:
             tally.reject(result.client_id, problem)
             continue

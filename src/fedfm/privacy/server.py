@@ -169,6 +169,16 @@ class RunPrivacy:
 
         return dpsgd.report_problem(self.example, metrics, num_examples, training.batch_size, steps_for)
 
+    def vet_and_charge(self, state: dict, t: int, client_id: int, metrics, num_examples=None) -> str | None:
+        """DP-SGD: the mechanism a client states it ran must be the configured one; a matching
+        statement is charged to that client in the server's own accountant (a release happened)."""
+        if num_examples is not None and (not isinstance(num_examples, int) or num_examples <= 0):
+            return None  # validation names that
+        problem = self.example_problem(metrics, num_examples, self.cfg.training)
+        if problem is None:
+            self.charge_example(state, t, client_id, metrics)
+        return problem
+
     def charge_example(self, state: dict, t: int, client_id: int, metrics) -> None:
         """Record one accepted DP-SGD update in the server's own accountant for that client."""
         run = [

@@ -79,20 +79,21 @@ class TransformEntry:
     position: float
     build: Callable[[Any], Any]
     check: Callable[[Any], None] | None = None
+    named: bool = False  # active only when the run names it in ``pipeline.extra`` (plug-ins)
 
 
 TRANSFORMS: Registry[TransformEntry] = Registry("transform")
 
 
-def transform(name: str, position: float, check: Callable[[Any], None] | None = None):
+def transform(name: str, position: float, check: Callable[[Any], None] | None = None, named: bool = False):
     """Register ``build(cfg) -> Transform | None`` as the transform ``name`` at ``position``.
 
-    ``build`` decides from the config whether the transform is active (None: not this run). A
-    plug-in transform with no config section of its own is active when the run names it in
-    ``pipeline.extra``: ``build = lambda cfg: MyTransform() if "mine" in cfg.pipeline.extra else None``."""
+    ``build`` decides from the config whether the transform is active (None: not this run). With
+    ``named`` (a plug-in with no config section of its own) it is built only when the run names
+    it in ``pipeline.extra``."""
 
     def decorator(build):
-        TRANSFORMS.register(name)(TransformEntry(position, build, check))
+        TRANSFORMS.register(name)(TransformEntry(position, build, check, named))
         return build
 
     return decorator
@@ -100,6 +101,12 @@ def transform(name: str, position: float, check: Callable[[Any], None] | None = 
 
 def check_transforms(cfg) -> None:
     """Every registered transform's compatibility rules (config validation calls this)."""
+    for name in cfg.pipeline.extra:
+        if not TRANSFORMS.get(name).named:
+            raise ValueError(
+                f"pipeline.extra names {name!r}, a transform switched on by its own config section, "
+                "not by name"
+            )
     for name in TRANSFORMS.names():
         entry = TRANSFORMS.get(name)
         if entry.check is not None:
@@ -116,7 +123,8 @@ class Pipeline:
     @classmethod
     def build(cls, cfg) -> Pipeline:
         entries = sorted((TRANSFORMS.get(n).position, n) for n in TRANSFORMS.names())
-        built = (TRANSFORMS.get(n).build(cfg) for _, n in entries)
+        wanted = [n for _, n in entries if not TRANSFORMS.get(n).named or n in cfg.pipeline.extra]
+        built = (TRANSFORMS.get(n).build(cfg) for n in wanted)
         return cls(tuple(t for t in built if t is not None))
 
     def names(self) -> list[str]:

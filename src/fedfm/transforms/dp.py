@@ -41,7 +41,7 @@ class ClientDp(Passthrough):
 def _stated(stream, rnd):
     for item in stream:
         if isinstance(item, ClientResult) and isinstance(item.update, Update):
-            problem = rnd.check_clear(item.client_id, item.update.metrics, item.update.num_examples)
+            problem = rnd.vet_and_charge(item.client_id, item.update.metrics, item.update.num_examples)
             if problem is not None:
                 rnd.tally.reject(item.client_id, problem)
                 continue

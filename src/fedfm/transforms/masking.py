@@ -83,7 +83,7 @@ class SecureMasking(Passthrough):
             def before(survivors):
                 rnd.privacy.before_release(rnd.privacy_state, rnd.t, survivors, skellam)
 
-        sums, skipped = secure_aggregate(stream, rnd.secure, rnd.tally, rnd.check_clear, before)
+        sums, skipped = secure_aggregate(stream, rnd.secure, rnd.tally, rnd.vet_and_charge, before)
         if sums is None:
             raise RoundSkipped(skipped)
         yield Summed(sums, len(rnd.tally.accepted))

@@ -79,7 +79,7 @@ class Tag(Passthrough):
         return refuse_one(stream), reduce
 
 
-transform("plugin-tag", 45)(lambda cfg: Tag() if "plugin-tag" in cfg.pipeline.extra else None)
+transform("plugin-tag", 45, named=True)(lambda cfg: Tag())
 
 
 @PARTITIONERS.register("plugin-heavy")
