@@ -156,3 +156,31 @@ os._exit(9)  # dies holding the transaction
     kept = load_checkpoint(folder)
     assert kept.round == 1 and torch.equal(kept.params["w"], torch.zeros(3))
     assert torch.equal(ClientStore(folder).get(0)["s"]["w"], torch.ones(3))
+
+
+def test_a_crash_after_round_1_is_recorded_but_before_its_checkpoint_resumes(tiny_config, tmp_path):
+    """The window between a round's record and its checkpoint: round 0's checkpoint is there, so
+    the resumed run redoes round 1 and ends where an uninterrupted run ends (found by a deployed
+    server killed right after the round-1 line appeared)."""
+    from fedfm.api import prepare_run
+    from fedfm.loop import Run
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_1(record):
+        if record["round"] == 1:
+            raise Crash  # after the metrics line is written, before the checkpoint
+
+    cfg, run_dir = prepare_run(tiny_config(), output=tmp_path / "r")
+    with pytest.raises(Crash):
+        Run(cfg, run_dir, progress=False, callbacks=[crash_after_round_1]).execute()
+    assert load_checkpoint(run_dir / "checkpoint").round == 0
+    resumed = fedfm.run(resume=run_dir, progress=False)
+    whole = fedfm.run(tiny_config(), output=tmp_path / "whole", progress=False)
+    assert [r["round"] for r in resumed.history] == [r["round"] for r in whole.history] == [0, 1, 2]
+    a, b = (
+        load_checkpoint(run_dir / "checkpoint").params,
+        load_checkpoint(whole.run_dir / "checkpoint").params,
+    )
+    assert all(torch.equal(a[k], b[k]) for k in b)

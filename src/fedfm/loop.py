@@ -116,9 +116,14 @@ class Run:
                 self.console.warn(SEEDED_WARNING)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.elapsed_offset = 0.0
+        self.fresh = False  # set by _initial_state: no checkpoint to resume from
         self.state = self._initial_state()
-        if synthetic_mode(cfg).warmup and self.state.round == 0:
-            self._warmup()
+        if self.fresh:
+            if synthetic_mode(cfg).warmup:
+                self._warmup()
+            # round 0 is checkpointed too: a kill after round 1's record is written but before its
+            # checkpoint resumes from here, and a checkpoint that is missing later was deleted
+            self._checkpoint()
         self.evaluator = kind.evaluator(cfg, self.data)
         truncated = getattr(self.task, "truncated", None)
         self.console.describe(cfg, self.data, self.bundle, self.cohort, truncated, kind.columns)
@@ -167,7 +172,8 @@ class Run:
                 "holds no checkpoint (deleted?); nothing was changed. Start a new run in another folder"
             )
         repeatable = not self.remote  # remote clients' updates differ on a rerun
-        if saved is None:  # a new run, or one that never finished its first round
+        if saved is None:  # a new run, or one killed before its round-0 checkpoint
+            self.fresh = True
             self.metrics.reset()
             params = get_trainable_state(self.bundle.trainable)
             state = ServerState(
