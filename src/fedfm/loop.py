@@ -136,7 +136,7 @@ class Run:
         count = functools.partial(traffic, ranks=ranks, num_total=self.bundle.num_total())
         return Strategy(
             self.pipeline, rule, cfg.strategy.weighting == "uniform", self.server_optimizer, self.objective,
-            cfg.sampling.min_clients, self.data.num_clients, fold, self.remote, count,
+            cfg.sampling.min_clients, self.data.num_clients, count, fold, self.remote,
         )  # fmt: skip
 
     def _fold(self, aggregate: Params, state: ServerState, t: int, senders: int):

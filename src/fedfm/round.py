@@ -64,9 +64,9 @@ class Strategy:
     objective: Any
     min_clients: int
     num_clients: int
+    traffic: Callable  # (state, rnd, stacked bytes) → (bytes record, new comm totals)
     fold: Callable | None = None  # stack mode: (aggregate, state, t, senders) → (delta, merged, bytes)
     remote: bool = False  # clients in other processes: a failing round is skipped, never raised
-    traffic: Callable | None = None  # (state, rnd, stacked bytes) → (bytes record, new comm totals)
 
 
 def round_context(rnd: ServerRound, pipeline) -> RoundContext:

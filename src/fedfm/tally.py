@@ -62,5 +62,4 @@ class RoundTally:
 
 def payload_nbytes(payload) -> int:
     """Bytes of a payload's tensors as they travel (safetensors blobs)."""
-    tensors = payload.tensors() if hasattr(payload, "tensors") else {}
-    return sum(serialized_nbytes(group or {}) for group in tensors.values())
+    return sum(serialized_nbytes(group or {}) for group in payload.tensors().values())

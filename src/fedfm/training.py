@@ -114,19 +114,19 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
     optimizer = make_optimizer(list(trainable.values()), cfg)
     rows = torch.as_tensor(job.indices, dtype=torch.long)
     bundle.model.train()
-    run = LocalTraining(
-        bundle, task, job, global_params, ctx, cfg, hook, optimizer, num_local_steps(n, cfg), rows, generator
-    )
-    run.rank_mask, run.client_state = rank_mask, client_state
+    steps, dp_sgd = num_local_steps(n, cfg), None
     if isinstance(ctx.dp, ExampleDp):
         # Poisson batches and Opacus' noise are privacy randomness: from the round's noise source
-        run.generator = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp-sgd")
+        generator = (ctx.noise or NoiseSource()).generator(ctx.round, job.client_id, "dp-sgd")
         settings = SimpleNamespace(
-            n=n, batch_size=cfg.batch_size, steps=run.steps, generator=run.generator,
+            n=n, batch_size=cfg.batch_size, steps=steps, generator=generator,
             history=(client_state or {}).get("history"), device=device,
         )  # fmt: skip
-        run.dp_sgd = dp_sgd_init(bundle.model, optimizer, ctx.dp, settings)
-    return run
+        dp_sgd = dp_sgd_init(bundle.model, optimizer, ctx.dp, settings)
+    return LocalTraining(
+        bundle, task, job, global_params, ctx, cfg, hook, optimizer, steps, rows, generator,
+        rank_mask=rank_mask, dp_sgd=dp_sgd, client_state=client_state,
+    )  # fmt: skip
 
 
 def local_batches(run: LocalTraining):

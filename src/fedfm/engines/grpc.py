@@ -13,11 +13,12 @@ round loop share: what each client may receive and send this round, and how larg
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fedfm.deploy.auth import Roster
@@ -85,17 +86,10 @@ class GrpcEngine:
     remote = True  # clients hold their own data and state: a deployment
 
     @classmethod
-    def factory(
-        cls,
-        coord: Coordinator,
-        round_timeout_s: float,
-        min_available: int,
-        wait_timeout_s: float,
-        note=print,
-        verifier=None,
-    ):
-        """An engine factory for ``Run`` (remote: the server loads only its test split)."""
-        return _GrpcFactory(cls, (coord, round_timeout_s, min_available, wait_timeout_s, note, verifier))
+    def factory(cls, coord: Coordinator, *args, **kwargs):
+        """An engine factory for ``Run``: the jobs come from the run's setup, the other arguments
+        are ``__init__``'s after them (remote: the server loads only its test split)."""
+        return _GrpcFactory(functools.partial(cls, coord), args, kwargs)
 
     def __init__(
         self,
@@ -218,10 +212,10 @@ class GrpcEngine:
 
 @dataclass(frozen=True)
 class _GrpcFactory:
-    engine: type
+    make: Callable
     args: tuple
+    kwargs: dict
     remote = True
 
     def __call__(self, setup) -> GrpcEngine:
-        coord, round_timeout_s, least, wait_timeout_s, note, verifier = self.args
-        return self.engine(coord, setup.jobs, round_timeout_s, least, wait_timeout_s, note, verifier)
+        return self.make(setup.jobs, *self.args, **self.kwargs)

@@ -197,19 +197,8 @@ def _load(data_cfg):
     return load_source(data_cfg)
 
 
-COLUMNS = [
-    ("round", "round", "{:d}"),
-    ("clients", "num_clients", "{:d}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("test loss", "test_loss", "{:.4f}"),
-    ("test acc", "test_accuracy", "{:.4f}"),
-    ("macro-F1", "test_macro_f1", "{:.4f}"),
-    ("ε", "epsilon", "{:.3f}"),
-    ("time (s)", "elapsed_s", "{:.1f}"),
-]
-
-
 def _register() -> None:
+    from fedfm.reporting.console import COLUMNS  # the console's default table is classification's
     from fedfm.tasks import TASKS, TaskKind
 
     entry = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fedfm.registry import Registry
+from fedfm.seeding import torch_generator
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import ClientResult, Encoded, Params, Update
 
@@ -251,8 +252,6 @@ class Compression(Passthrough):
         self.cfg = cfg
 
     def client(self, payload, step):
-        from fedfm.seeding import torch_generator
-
         ctx, client = step.ctx, step.job.client_id
         generator = torch_generator(ctx.seed, ctx.round, client, "compress")
         encoded, residual = encode(payload.delta, self.cfg, generator, step.state.get("residual"))
