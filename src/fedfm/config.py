@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections are part of the config API)
     AttackSection,
+    BatchedSection,
     CompressionSection,
     DataSection,
     EvalSection,
@@ -64,6 +65,7 @@ class RunConfig(_Section):
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
     ray: RaySection = Field(default_factory=RaySection)
+    batched: BatchedSection = Field(default_factory=BatchedSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -129,12 +131,42 @@ def _component_checks(cfg: RunConfig) -> None:
     check = getattr(engine, "check", None)
     if check is not None:
         check(cfg)
+    grouped = getattr(engine, "trains_in_groups", None)
+    if grouped is not None and grouped(cfg):
+        check_batchable(cfg, grouped(cfg))
     if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base and not getattr(
         engine, "shared_base", True
     ):
         raise ValueError(
             f"run.engine = {cfg.run.engine!r} does not support strategy.lora_aggregation = "
             f"{cfg.strategy.lora_aggregation!r} (it moves the base)"
+        )
+
+
+BATCHABLE_PEFT = ("lora", "head")
+
+
+def check_batchable(cfg, who: str) -> None:
+    """Raise ``ValueError`` naming the field that the batched training of groups cannot run with."""
+    from fedfm.privacy.guarantees import dp_mode
+    from fedfm.tasks import task_kind
+
+    if cfg.peft.method not in BATCHABLE_PEFT:
+        raise ValueError(
+            f"{who} batches LoRA and heads; peft.method = {cfg.peft.method!r} does not batch "
+            "(use run.engine = 'inprocess')"
+        )
+    if dp_mode(cfg).example_level:
+        raise ValueError(
+            f"{who} cannot run DP-SGD (privacy.dp = 'example'): Opacus clips per example on one "
+            "client's model at a time (use run.engine = 'inprocess')"
+        )
+    if not task_kind(cfg).batchable:
+        raise ValueError(f"{who}: task.kind = {cfg.task.kind!r} has no batched loss")
+    if cfg.training.gradient_checkpointing and cfg.peft.dropout > 0:
+        raise ValueError(
+            f"{who} with training.gradient_checkpointing needs peft.dropout = 0 (the recomputed "
+            "forward would draw other LoRA dropout masks)"
         )
 
 

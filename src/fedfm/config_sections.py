@@ -289,6 +289,29 @@ class RaySection(_Section):
         1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
     )
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU).")
+    batched: bool = Field(
+        False,
+        description="Each worker trains its share of the cohort in groups, as the batched engine does "
+        "([batched] settings).",
+    )
+
+
+class BatchedSection(_Section):
+    clients_per_group: int | None = Field(
+        None,
+        ge=1,
+        description="Clients trained together in one pass over the base model (the batched engine, and "
+        "Ray workers with ray.batched); default: as many as batched.memory_gb holds.",
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory for one group's adapters, optimizer state and activations (GiB); default: "
+        "80% of the free GPU memory, or half of the host's available memory.",
+    )
+    max_clients_per_group: int = Field(
+        32, ge=1, description="Upper limit of the group size chosen from the memory budget."
+    )
 
 
 class SyntheticSection(_Section):

@@ -95,7 +95,10 @@ class Run:
         self.jobs = client_jobs(self.data, cfg.peft)
         builder = BundleBuilder.of(cfg, self.data.train.label_names)
         options = getattr(cfg, cfg.run.engine, None)
-        self.engine = make_engine(EngineSetup(self.bundle, self.task, self.jobs, program, builder, options))
+        setup = EngineSetup(self.bundle, self.task, self.jobs, program, builder, options, cfg.batched)
+        self.engine = make_engine(setup)
+        if getattr(self.engine, "summary", None):
+            self.console.note(f"{cfg.run.engine} engine: {self.engine.summary}")
         self.cohort = cohort_size(
             self.data.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction
         )

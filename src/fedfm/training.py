@@ -138,6 +138,13 @@ def local_batches(run: LocalTraining):
     return batch_order(n, cfg.batch_size, run.steps * cfg.grad_accumulation, run.generator)
 
 
+def client_batch(task, ctx: RoundContext, job: ClientJob, rows: torch.Tensor, generator, device) -> dict:
+    """The client's batch of training ``rows``, as a data attack alters it for a poisoning client."""
+    if ctx.attack is not None and ctx.attack.poisons_data(job.client_id):
+        return poison_batch(ctx.attack, task, rows, generator, device)
+    return task.batch(task.train, rows, device)
+
+
 def client_step(run: LocalTraining, positions: torch.Tensor) -> None:
     """One micro-batch: forward, the objective's penalty, backward; every ``grad_accumulation``
     micro-batches the objective's gradient adjustment, rank masks, clipping and the optimizer step.
@@ -149,10 +156,7 @@ def client_step(run: LocalTraining, positions: torch.Tensor) -> None:
         return
     cfg, ctx, task, hook, trainable = run.cfg, run.ctx, run.task, run.hook, run.bundle.trainable
     device, accum = run.bundle.device, cfg.grad_accumulation
-    if ctx.attack is not None and ctx.attack.poisons_data(run.job.client_id):
-        batch = poison_batch(ctx.attack, task, run.rows[positions], run.generator, device)
-    else:
-        batch = task.batch(task.train, run.rows[positions], device)
+    batch = client_batch(task, ctx, run.job, run.rows[positions], run.generator, device)
     with autocast_context(cfg.precision, device):
         loss = task.loss(run.bundle.model, batch)
     run.losses.append(float(loss.detach()))
@@ -176,9 +180,10 @@ def client_step(run: LocalTraining, positions: torch.Tensor) -> None:
 def client_final(run: LocalTraining) -> tuple[Update, Params | None]:
     """The update θ_k − θ with its metrics, and the client's new state (SCAFFOLD's control
     variate; DP-SGD's accountant history)."""
-    final, delta = trained_delta(run.bundle.trainable, run.global_params)
+    final = get_trainable_state(run.bundle.trainable)
     n, steps = len(run.rows), run.steps
     if run.dp_sgd is not None:
+        delta = {k: final[k] - run.global_params[k] for k in run.global_params}
         dp_sgd_final(run.dp_sgd)
         metrics = {
             "train_loss": float(np.mean(run.losses)) if run.losses else float("nan"),
@@ -189,10 +194,17 @@ def client_final(run: LocalTraining) -> tuple[Update, Params | None]:
             "dp_steps": float(steps),
         }
         return Update(delta, n, metrics), {"history": run.dp_sgd.history}
-    control_delta, new_state = None, run.client_state
-    if run.hook.finish is not None:
-        control_delta, new_state = run.hook.finish(final, steps, run.cfg.lr)
-    metrics = {"train_loss": float(np.mean(run.losses)), "steps": float(steps)}
+    return finish_update(run.hook, final, run.global_params, n, steps, run.losses, run.cfg, run.client_state)
+
+
+def finish_update(hook, final: Params, global_params: Params, n: int, steps: int, losses, cfg, client_state):
+    """The update θ_k − θ of a client whose training ended at ``final``, its metrics, and the
+    objective's finish (SCAFFOLD's control delta and new control variate)."""
+    delta = {k: final[k] - global_params[k] for k in global_params}
+    control_delta, new_state = None, client_state
+    if hook.finish is not None:
+        control_delta, new_state = hook.finish(final, steps, cfg.lr)
+    metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state
 
 
@@ -227,12 +239,6 @@ def train_from(
     ctx = RoundContext(round=0, seed=seed)
     update, _ = client_update(bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain"))
     return {k: start[k] + update.delta[k] for k in start}, update.metrics["train_loss"]
-
-
-def trained_delta(trainable: dict, global_params: Params) -> tuple[Params, Params]:
-    """The state after local training and the update θ_k − θ."""
-    final = get_trainable_state(trainable)
-    return final, {k: final[k] - global_params[k] for k in global_params}
 
 
 def _rank_masks(trainable: dict, rank: int | None) -> dict[str, tuple[slice, ...]]:
@@ -288,6 +294,21 @@ class ClientProgram:
         update, own = client_update(
             bundle, task, job, global_params, ctx, self.training, self.objective, state.get(key)
         )
+        return self.finish(update, own, job, ctx, state, key)
+
+    def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):
+        """After local training: keep the objective's new state, then the client transforms."""
         if own is not None:
             state[key] = own
         return self.pipeline.client(update, ClientStep(job, ctx, state)), state
+
+    def local_steps(self, job: ClientJob) -> int:
+        return num_local_steps(len(job.indices), self.training)
+
+    def group(self, bundle, task, jobs, global_params: Params, ctx: RoundContext, states) -> list:
+        """Train ``jobs`` together in one pass per step over the shared base model
+        (``fedfm.group_training``); ``states`` holds each client's state (or None). Returns
+        ``(ClientResult, state)`` per client, in ``jobs`` order."""
+        from fedfm.group_training import train_group
+
+        return train_group(self, bundle, task, jobs, global_params, ctx, states)

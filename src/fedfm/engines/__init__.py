@@ -7,6 +7,7 @@ picks one. The protocol is ``fedfm.engines.base.Engine``. The gRPC engine
 serving code, whose clients connect from elsewhere.
 """
 
+from fedfm.engines import batched as _batched  # noqa: F401
 from fedfm.engines import ray_engine as _ray  # noqa: F401  (ray is imported on use)
 from fedfm.engines.base import ENGINES, Engine, EngineSetup, engine
 from fedfm.engines.inprocess import InProcessEngine

@@ -43,7 +43,8 @@ class Engine(Protocol):
 class EngineSetup:
     """What an engine is built from: this process's model bundle and task, every client's job,
     the client program, a picklable way to build the bundle again (a worker process builds its
-    own), and the engine's own config section (``ray`` for the Ray engine; None if it has none)."""
+    own), the engine's own config section (``ray`` for the Ray engine; None if it has none), and
+    the ``batched`` section for engines that train clients in groups."""
 
     bundle: Any
     task: Any
@@ -51,6 +52,7 @@ class EngineSetup:
     program: Any
     build_bundle: Callable[[], Any]
     options: Any = None
+    group: Any = None
 
 
 ENGINES: Registry[Callable[[EngineSetup], Engine]] = Registry("engine")

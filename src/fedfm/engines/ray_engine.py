@@ -13,6 +13,12 @@ Results are yielded as workers finish, so the server's streaming mean folds them
 order; against the in-process engine the global state then differs only by floating-point
 summation order (the contract test checks two rounds to 1e-6). On a real cluster every node must
 be able to load the model (``model.name``: a registered packaged model, a shared folder or a hub id).
+
+With ``ray.batched`` each worker trains groups of clients as the batched engine does
+(``ClientProgram.group``): the driver splits the cohort into groups of the size the workers'
+memory allows (``[batched]``) and hands each idle worker the next group. A worker whose process or
+node dies fails the clients it was training (with the node and the reason) and is dropped; the
+round goes on, and later rounds run on the workers that remain.
 """
 
 from __future__ import annotations
@@ -26,23 +32,47 @@ from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
 
 class _Worker:
-    """One copy of the base model; trains whichever client it is handed."""
+    """One copy of the base model; trains whichever clients it is handed (one, or a group)."""
 
-    def __init__(self, build_bundle, program, task, jobs, threads: int) -> None:
+    def __init__(self, build_bundle, program, task, jobs, threads: int, group) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.bundle = build_bundle()
-        self.task, self.jobs, self.program = task, jobs, program
+        self.task, self.jobs, self.program, self.group = task, jobs, program, group
 
-    def train(self, client_id: int, global_params: Params, ctx: RoundContext, state):
-        try:
-            update, new_state = self.program(
-                self.bundle, self.task, self.jobs[client_id], global_params, ctx, state
-            )
-        except Exception as err:  # one broken client must not stop the round
-            return client_id, None, f"{type(err).__name__}: {err}", state
-        return client_id, update, None, new_state
+    def describe(self) -> tuple[str, int]:
+        """This worker's node id and, when it trains groups, the group size its memory allows."""
+        import ray
+
+        from fedfm.engines.batched import _max_length, group_size
+
+        node = ray.get_runtime_context().get_node_id()
+        if self.group is None:
+            return node, 1
+        size, _ = group_size(self.group, self.bundle, self.program.training, _max_length(self.task))
+        return node, size
+
+    def train(self, client_ids: list[int], global_params: Params, ctx: RoundContext, states: list):
+        """Per client: (client id, payload, failure reason, state)."""
+        if self.group is not None:
+            jobs = [self.jobs[c] for c in client_ids]
+            outcomes = self.program.group(self.bundle, self.task, jobs, global_params, ctx, states)
+            return [
+                (r.client_id, r.update, r.failure.reason if r.failure else None, state)
+                for r, state in outcomes
+            ]
+        out = []
+        for client_id, state in zip(client_ids, states, strict=True):
+            try:
+                update, new_state = self.program(
+                    self.bundle, self.task, self.jobs[client_id], global_params, ctx, state
+                )
+            except Exception as err:  # one broken client must not stop the round
+                out.append((client_id, None, f"{type(err).__name__}: {err}", state))
+                continue
+            out.append((client_id, update, None, new_state))
+        return out
 
 
 @engine("ray")
@@ -51,6 +81,10 @@ class RayEngine:
 
     remote = False
     shared_base = False  # every worker holds its own base model: a round cannot move "the" base
+
+    @staticmethod
+    def trains_in_groups(cfg) -> str | None:
+        return "ray.batched" if cfg.ray.batched else None
 
     @staticmethod
     def check(cfg) -> None:
@@ -77,37 +111,64 @@ class RayEngine:
         program_ref = ray.put(setup.program)
         actor = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_Worker)
         threads = max(1, int(r.cpus_per_worker))
+        group = setup.group if r.batched else None
         self.workers = [
-            actor.remote(setup.build_bundle, program_ref, task_ref, jobs_ref, threads)
+            actor.remote(setup.build_bundle, program_ref, task_ref, jobs_ref, threads, group)
             for _ in range(r.num_workers)
         ]
+        described = ray.get([w.describe.remote() for w in self.workers])
+        self.nodes = {w: node for w, (node, _) in zip(self.workers, described, strict=True)}
+        self.size = min(size for _, size in described)
+        self.steps = lambda c: setup.program.local_steps(setup.jobs[c])
+        self.running: dict[int, str] = {}  # client id → the node training it now
         self.states = ClientStates()
+        if r.batched:
+            self.summary = f"{r.num_workers} workers, each training groups of up to {self.size} clients"
+
+    def node_of(self, client_id: int) -> str | None:
+        """The Ray node training ``client_id`` right now (None if it is not running)."""
+        return self.running.get(client_id)
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
     ) -> Iterator[ClientResult]:
         import ray
 
+        from fedfm.engines.batched import groups
+
         params_ref, ctx_ref = ray.put(global_params), ray.put(ctx)
-        queue, idle, running = list(cohort), list(self.workers), {}
+        queue = groups(cohort, self.size, self.steps) if self.size > 1 else [[k] for k in cohort]
+        idle, running = list(self.workers), {}
         while queue or running:
+            if not idle and not running:
+                raise RuntimeError("every Ray worker has died; no client of this round can train")
             while queue and idle:
-                worker, k = idle.pop(), queue.pop(0)
-                ref = worker.train.remote(k, params_ref, ctx_ref, self.states.get(k))
-                running[ref] = (worker, k)
+                worker, unit = idle.pop(), queue.pop(0)
+                ref = worker.train.remote(unit, params_ref, ctx_ref, [self.states.get(k) for k in unit])
+                running[ref] = (worker, unit)
+                self.running.update({k: self.nodes[worker] for k in unit})
             done, _ = ray.wait(list(running), num_returns=1)
-            worker, k = running.pop(done[0])
-            idle.append(worker)
+            worker, unit = running.pop(done[0])
+            for k in unit:
+                self.running.pop(k, None)
             try:
-                client_id, update, failure, state = ray.get(done[0])
-            except Exception as err:  # a worker that died: the client fails, the round goes on
-                yield ClientResult(k, failure=ClientFailure(k, "train", f"Ray worker failed: {err}"))
+                outcomes = ray.get(done[0])
+            except Exception as err:  # a worker or its node died: its clients fail, the round goes on
+                if isinstance(err, ray.exceptions.RayActorError):
+                    self.workers.remove(worker)  # dead: later rounds run on the others
+                else:
+                    idle.append(worker)
+                reason = f"Ray worker on node {self.nodes[worker]} failed: {type(err).__name__}: {err}"
+                for k in unit:
+                    yield ClientResult(k, failure=ClientFailure(k, "train", reason[:2000]))
                 continue
-            if failure is not None:
-                yield ClientResult(client_id, failure=ClientFailure(client_id, "train", failure))
-                continue
-            self.states.keep(client_id, state)
-            yield ClientResult(client_id, update=update)
+            idle.append(worker)
+            for client_id, update, failure, state in outcomes:
+                if failure is not None:
+                    yield ClientResult(client_id, failure=ClientFailure(client_id, "train", failure))
+                    continue
+                self.states.keep(client_id, state)
+                yield ClientResult(client_id, update=update)
 
     def state_dict(self) -> dict:
         return self.states.state_dict()

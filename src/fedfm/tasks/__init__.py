@@ -33,6 +33,7 @@ class TaskKind:
     columns: list = field(default_factory=list)
     labels_in_export: bool = False
     check: Callable | None = None
+    batchable: bool = False
 
 
 TASKS: Registry[TaskKind] = Registry("task")

@@ -49,10 +49,11 @@ class ClassificationTask:
 
     name = "classification"
 
-    def __init__(self, train: Encoded, test: Encoded, num_labels: int) -> None:
+    def __init__(self, train: Encoded, test: Encoded, num_labels: int, pad_id: int = 0) -> None:
         self.train = train
         self.test = test
         self.num_labels = num_labels
+        self.pad = {"input_ids": pad_id, "attention_mask": 0}  # how a combined batch pads its rows
         # Backdoor simulation only: the same rows with the trigger phrase prepended.
         self.triggered_train: Encoded | None = None
         self.triggered_test: Encoded | None = None
@@ -93,6 +94,13 @@ class ClassificationTask:
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits, batch["labels"])
+
+    @staticmethod
+    def segment_losses(model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
+        """One forward over a combined batch; each segment's mean loss (``loss`` per client)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_row = F.cross_entropy(logits, batch["labels"], reduction="none")
+        return torch.stack([part.mean() for part in per_row.split(list(sizes))])
 
     @torch.no_grad()
     def evaluate(
@@ -140,8 +148,9 @@ def _bundle(cfg, label_names):
 def _build(cfg, data, bundle) -> ClassificationTask:
     tok, length = bundle.tokenizer, cfg.model.max_length
     task = ClassificationTask(
-        encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels
-    )
+        encode(tok, data.train, length), encode(tok, data.test, length), data.train.num_labels,
+        tok.pad_token_id,
+    )  # fmt: skip
     from fedfm.attacks import ATTACKS
     from fedfm.config import ConfigError
 
@@ -201,7 +210,7 @@ def _register() -> None:
     from fedfm.reporting.console import COLUMNS  # the console's default table is classification's
     from fedfm.tasks import TASKS, TaskKind
 
-    entry = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True)
+    entry = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True, batchable=True)
     TASKS.register("classification")(entry)
 
 

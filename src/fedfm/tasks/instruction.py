@@ -142,6 +142,7 @@ class InstructionTask:
         self.max_length = cfg.model.max_length
         self.group_names = group_names
         self.pad_id = tokenizer.pad_token_id
+        self.pad = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE}
 
     def batch(self, data: Tokenized, rows, device) -> dict:
         rows = [int(r) for r in rows]
@@ -154,6 +155,12 @@ class InstructionTask:
         """Mean NLL over the batch's reply tokens (prompt and padding carry no loss)."""
         nll, count = token_nll(model, batch)
         return nll.sum() / count.sum().clamp(min=1)
+
+    def segment_losses(self, model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
+        """One forward over a combined batch; each segment's token-mean NLL (``loss`` per client)."""
+        nll, count = token_nll(model, batch)
+        parts = zip(nll.split(list(sizes)), count.split(list(sizes)), strict=True)
+        return torch.stack([n.sum() / c.sum().clamp(min=1) for n, c in parts])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Tokenized, rows, batch_size: int, device) -> dict:
@@ -326,7 +333,8 @@ COLUMNS = [
 def _register() -> None:
     from fedfm.tasks import TASKS, TaskKind
 
-    TASKS.register("instruction")(TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, check=_check))
+    kind = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True)
+    TASKS.register("instruction")(kind)
 
 
 _register()
