@@ -24,6 +24,17 @@ def test_ray_matches_inprocess_after_two_rounds_with_client_state(tmp_path, tiny
     cfg["run"]["engine"] = "ray"
     cfg["ray"] = {"num_workers": 2, "cpus_per_worker": 1}
     remote = fedfm.run(cfg, output=tmp_path / "ray", progress=False)
+    assert_same_run(local, remote)
+    # Each worker trains groups of two clients as the batched engine does: the same run as that
+    # engine's (the tiny model's own dropout draws over each group's combined batch, so a grouped
+    # run equals another grouped run, not the one-client-at-a-time run).
+    cfg["ray"]["batched"], cfg["batched"] = True, {"clients_per_group": 2}
+    grouped_remote = fedfm.run(cfg, output=tmp_path / "ray-batched", progress=False)
+    cfg["run"]["engine"] = "batched"
+    assert_same_run(fedfm.run(cfg, output=tmp_path / "batched", progress=False), grouped_remote)
+
+
+def assert_same_run(local, remote):
     a, b = load_checkpoint(local.run_dir / "checkpoint"), load_checkpoint(remote.run_dir / "checkpoint")
     for k in a.params:
         torch.testing.assert_close(b.params[k], a.params[k], atol=1e-6, rtol=1e-5)
