@@ -49,6 +49,10 @@ def test_bad_override_is_rejected_before_any_work(tmp_path):
     assert res.returncode == 2
     assert "partition.alpha" in res.stdout + res.stderr and "'lora'" in res.stdout + res.stderr
     assert not (tmp_path / "r").exists()
+    res = fedfm_cmd(
+        "run", "--set", "run.engine=batched", "--set", "peft.method=ia3", "--output", str(tmp_path / "r")
+    )
+    assert res.returncode == 2 and "batches LoRA and heads; peft.method = 'ia3'" in res.stdout + res.stderr
 
 
 def test_config_command_prints_the_resolved_config():
@@ -83,11 +87,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
 
 
 def test_report_rebuilds_the_page(tiny_config, tmp_path):
+    # the run trains on the batched engine, which says how it grouped the clients
     path = write_config(tmp_path / "exp.toml", tiny_config(run={"rounds": 1}))
     run_dir = tmp_path / "r"
-    res = fedfm_cmd("run", str(path), "--output", str(run_dir))
+    res = fedfm_cmd("run", str(path), "--output", str(run_dir), "--set", "run.engine=batched")
     assert res.returncode == 0, res.stderr
     assert "outputs in" in res.stdout and "test acc" in res.stdout
+    assert "batched engine: " in res.stdout and "clients per group" in res.stdout
     (run_dir / "report.html").unlink()
     res = fedfm_cmd("report", str(run_dir))
     assert res.returncode == 0 and (run_dir / "report.html").is_file()

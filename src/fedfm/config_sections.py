@@ -312,6 +312,12 @@ class BatchedSection(_Section):
     max_clients_per_group: int = Field(
         32, ge=1, description="Upper limit of the group size chosen from the memory budget."
     )
+    cpu_tokens_per_pass: int = Field(
+        2048,
+        ge=1,
+        description="On a CPU, the chosen group also keeps batch_size × max_length × clients within this "
+        "many tokens per pass (beyond it the base's element-wise work leaves the cache and gets slower).",
+    )
 
 
 class SyntheticSection(_Section):

@@ -130,6 +130,25 @@ def test_each_client_gets_the_delta_it_computes_alone(contract_config, name, sec
                 assert rel_err(c, grouped.update.control_delta[k]) < tol
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_instruction_tuning_clients_get_their_own_delta(instruction_config, packing):
+    # the tiny Llama has no dropout; rows of different lengths pad to the group's widest
+    cfg = instruction_config(
+        peft={"dropout": 0.1},
+        training={**SGD, "local_steps": None, "local_epochs": 1, "batch_size": 3},
+        task={"packing": packing},
+    )
+    jobs, out = per_client(cfg)
+    for job in jobs:
+        alone, grouped = out["inprocess"][job.client_id], out["batched"][job.client_id]
+        assert alone.failure is None and grouped.failure is None
+        assert grouped.update.metrics["train_loss"] == pytest.approx(
+            alone.update.metrics["train_loss"], rel=1e-5
+        )
+        for k, d in alone.update.delta.items():
+            assert rel_err(d, grouped.update.delta[k]) < 1e-5, (job.client_id, k)
+
+
 def test_a_client_with_no_rows_fails_alone_and_the_group_trains(contract_config):
     cfg = RunConfig.model_validate(contract_config(training=SGD))
     data = prepare_data(cfg)

@@ -5,7 +5,9 @@ Memory: one base model; per group, k clients' adapters, gradients and optimizer 
 combined batch's activations. A group's results are yielded as soon as the group ends, so peak
 memory depends on the group size, not on the number of clients. The group size is
 ``batched.clients_per_group``, or as many clients as ``batched.memory_gb`` holds by the estimate
-in ``client_bytes`` (at most ``batched.max_clients_per_group``).
+in ``client_bytes`` (at most ``batched.max_clients_per_group``); on a CPU also no more than
+``batched.cpu_tokens_per_pass`` tokens per pass, the point beyond which a bigger combined batch
+runs slower there (its element-wise work leaves the cache: ``docs/performance.md``).
 
 Clients are grouped by step count (most steps first, ties in cohort order) so that a group's
 batches stay full; every client's result is the one it computes alone, whatever its group
@@ -62,10 +64,16 @@ def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
         bundle.model.config, bundle.num_trainable(), training.batch_size, max_length, training.optimizer
     )
     k = max(1, min(options.max_clients_per_group, budget // per))
-    return k, (
-        f"{k} clients per group (about {per / 2**20:.0f} MiB each within a {budget / 2**30:.1f} GiB "
-        f"budget, at most {options.max_clients_per_group})"
+    why = (
+        f"about {per / 2**20:.0f} MiB each within a {budget / 2**30:.1f} GiB budget, at most "
+        f"{options.max_clients_per_group}"
     )
+    if bundle.device.type == "cpu":
+        tokens = training.batch_size * max_length
+        cache = max(1, options.cpu_tokens_per_pass // tokens)
+        if cache < k:
+            k, why = cache, f"{tokens} tokens each, {options.cpu_tokens_per_pass} tokens per pass on a CPU"
+    return k, f"{k} clients per group ({why})"
 
 
 def groups(cohort: Sequence[int], size: int, steps) -> list[list[int]]:
