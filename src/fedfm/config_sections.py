@@ -307,16 +307,16 @@ class BatchedSection(_Section):
         None,
         gt=0,
         description="Memory for one group's adapters, optimizer state and activations (GiB); default: "
-        "80% of the free GPU memory, or half of the host's available memory.",
+        "80% of the free GPU memory, or on a CPU half of the available memory up to cpu_memory_gb.",
     )
     max_clients_per_group: int = Field(
         32, ge=1, description="Upper limit of the group size chosen from the memory budget."
     )
-    cpu_tokens_per_pass: int = Field(
-        2048,
-        ge=1,
-        description="On a CPU, the chosen group also keeps batch_size × max_length × clients within this "
-        "many tokens per pass (beyond it the base's element-wise work leaves the cache and gets slower).",
+    cpu_memory_gb: float = Field(
+        2.0,
+        gt=0,
+        description="On a CPU, the default budget is at most this (GiB): a bigger combined batch runs "
+        "slower there (docs/performance.md).",
     )
 
 

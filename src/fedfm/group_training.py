@@ -24,7 +24,7 @@ import torch
 from fedfm.algorithms.lora import lora_pairs
 from fedfm.algorithms.stacked_optim import clip_grad_norm, stacked_optimizer
 from fedfm.models.multilora import MultiAdapter, Segments, collate, stack_params
-from fedfm.seeding import seed_torch, torch_generator
+from fedfm.seeding import derive_seed, seed_torch, torch_generator
 from fedfm.training import (
     ClientJob,
     autocast_context,
@@ -80,7 +80,6 @@ class GroupTraining:
     masks: dict[str, torch.Tensor]
     optimizer: object
     adapter: MultiAdapter
-    dropout: float = 0.0
 
 
 def group_init(bundle, task, jobs, global_params, ctx, cfg, objective, states, adapter) -> GroupTraining:
@@ -96,7 +95,7 @@ def group_init(bundle, task, jobs, global_params, ctx, cfg, objective, states, a
                 job, slot, torch.as_tensor(job.indices, dtype=torch.long),
                 objective.client_hook(global_params, ctx, state, device), steps,
                 steps * cfg.grad_accumulation, batches, generator,
-                torch_generator(ctx.seed, ctx.round, job.client_id, "dropout"), state,
+                dropout_generator(ctx, job.client_id, device), state,
             )
         )  # fmt: skip
     # the base model's own dropout draws from torch's default generator, over the combined batch
@@ -107,11 +106,17 @@ def group_init(bundle, task, jobs, global_params, ctx, cfg, objective, states, a
         for key, mask in masks.items():
             stacks[key].mul_(mask)
     adapter.stacks = stacks
-    drop = max((spec.dropout for spec in adapter.plan.values() if hasattr(spec, "dropout")), default=0.0)
     return GroupTraining(
-        bundle, task, cfg, ctx, global_params, members, stacks, masks, stacked_optimizer(stacks, cfg),
-        adapter, drop,
-    )  # fmt: skip
+        bundle, task, cfg, ctx, global_params, members, stacks, masks, stacked_optimizer(stacks, cfg), adapter
+    )
+
+
+def dropout_generator(ctx: RoundContext, client_id: int, device) -> torch.Generator:
+    """The client's LoRA-dropout generator: seeded as ``client_init`` seeds torch's default
+    generator, so on the CPU it draws the masks the client draws alone; on a GPU it lives on the
+    device (masks drawn there, in distribution only: CUDA's fused dropout draws differently)."""
+    seed = derive_seed(ctx.seed, ctx.round, client_id, "dropout")
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def rank_masks(stacks: dict[str, torch.Tensor], ranks: list[int | None]) -> dict[str, torch.Tensor]:

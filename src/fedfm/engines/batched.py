@@ -5,9 +5,9 @@ Memory: one base model; per group, k clients' adapters, gradients and optimizer 
 combined batch's activations. A group's results are yielded as soon as the group ends, so peak
 memory depends on the group size, not on the number of clients. The group size is
 ``batched.clients_per_group``, or as many clients as ``batched.memory_gb`` holds by the estimate
-in ``client_bytes`` (at most ``batched.max_clients_per_group``); on a CPU also no more than
-``batched.cpu_tokens_per_pass`` tokens per pass, the point beyond which a bigger combined batch
-runs slower there (its element-wise work leaves the cache: ``docs/performance.md``).
+in ``client_bytes`` (at most ``batched.max_clients_per_group``); on a CPU the default budget is
+at most ``batched.cpu_memory_gb``, about where a bigger combined batch starts to run slower there
+(its element-wise work is bound by memory bandwidth: ``docs/performance.md``).
 
 Clients are grouped by step count (most steps first, ties in cohort order) so that a group's
 batches stay full; every client's result is the one it computes alone, whatever its group
@@ -59,21 +59,21 @@ def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
     """Clients per group and how it was chosen (for the run's log)."""
     if options.clients_per_group:
         return options.clients_per_group, f"{options.clients_per_group} clients per group (set)"
-    budget = int(options.memory_gb * 2**30) if options.memory_gb else available_bytes(bundle.device)
+    if options.memory_gb:
+        budget, source = int(options.memory_gb * 2**30), "batched.memory_gb"
+    elif bundle.device.type == "cpu":  # beyond a few GiB per pass a CPU gets slower, not faster
+        budget = min(available_bytes(bundle.device), int(options.cpu_memory_gb * 2**30))
+        source = "on a CPU: batched.cpu_memory_gb or half the available memory"
+    else:
+        budget, source = available_bytes(bundle.device), "80% of the free GPU memory"
     per = client_bytes(
         bundle.model.config, bundle.num_trainable(), training.batch_size, max_length, training.optimizer
     )
     k = max(1, min(options.max_clients_per_group, budget // per))
-    why = (
-        f"about {per / 2**20:.0f} MiB each within a {budget / 2**30:.1f} GiB budget, at most "
-        f"{options.max_clients_per_group}"
+    return k, (
+        f"{k} clients per group: about {per / 2**20:.0f} MiB each within {budget / 2**30:.1f} GiB "
+        f"({source}), at most {options.max_clients_per_group}"
     )
-    if bundle.device.type == "cpu":
-        tokens = training.batch_size * max_length
-        cache = max(1, options.cpu_tokens_per_pass // tokens)
-        if cache < k:
-            k, why = cache, f"{tokens} tokens each, {options.cpu_tokens_per_pass} tokens per pass on a CPU"
-    return k, f"{k} clients per group ({why})"
 
 
 def groups(cohort: Sequence[int], size: int, steps) -> list[list[int]]:

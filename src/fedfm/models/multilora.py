@@ -81,8 +81,8 @@ def segment_dropout(x: torch.Tensor, p: float, seg: Segments) -> torch.Tensor:
     outs = []
     for part, width, gen in zip(x.split(list(seg.sizes)), seg.widths, seg.dropout, strict=True):
         own = (part.shape[0], width, *part.shape[2:]) if part.dim() >= 3 else part.shape
-        noise = torch.empty(own, dtype=part.dtype).bernoulli_(1 - p, generator=gen).div_(1 - p)
-        noise = noise.to(part.device)
+        noise = torch.empty(own, dtype=part.dtype, device=gen.device).bernoulli_(1 - p, generator=gen)
+        noise = noise.div_(1 - p).to(part.device)
         if part.dim() >= 3 and width < part.shape[1]:
             noise = F.pad(noise, (0, 0) * (part.dim() - 2) + (0, part.shape[1] - width), value=1.0)
         outs.append(part * noise)
