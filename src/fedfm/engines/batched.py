@@ -24,18 +24,30 @@ from fedfm.engines.state import ClientStates
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 
 
-def client_bytes(model_config, trainable: int, batch_size: int, max_length: int, optimizer: str) -> int:
+def client_bytes(
+    model_config, trainable: int, batch_size: int, max_length: int, optimizer: str, vocab: int = 0
+) -> int:
     """Estimated bytes one more client adds to a group: its trainable tensors, their gradients and
     optimizer state (AdamW: two moments; SGD: a momentum buffer) in fp32, plus its batch's
     activations kept for the backward pass — per layer and token about (34·h + 5·a·s)·2 bytes in
     16-bit (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer
-    Models"), doubled for fp32."""
+    Models"), doubled for fp32 — plus, for a language-model head over ``vocab`` tokens, its logits,
+    their fp32 copy and their gradient (3 · 4 bytes per token and vocabulary entry)."""
     copies = 4 if optimizer == "adamw" else 3
     h = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 768)
     layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
     heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", 12)
-    per_token = layers * (34 * h + 5 * heads * max_length) * 4
+    per_token = layers * (34 * h + 5 * heads * max_length) * 4 + 12 * vocab
     return copies * 4 * trainable + batch_size * max_length * per_token
+
+
+def lm_vocab(model) -> int:
+    """The output vocabulary of a language-model head (0 for a classifier)."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return 0
+    return int(head.weight.shape[0]) if head is not None else 0
 
 
 def available_bytes(device) -> int:
@@ -67,8 +79,9 @@ def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
     else:
         budget, source = available_bytes(bundle.device), "80% of the free GPU memory"
     per = client_bytes(
-        bundle.model.config, bundle.num_trainable(), training.batch_size, max_length, training.optimizer
-    )
+        bundle.model.config, bundle.num_trainable(), training.batch_size, max_length, training.optimizer,
+        lm_vocab(bundle.model),
+    )  # fmt: skip
     k = max(1, min(options.max_clients_per_group, budget // per))
     return k, (
         f"{k} clients per group: about {per / 2**20:.0f} MiB each within {budget / 2**30:.1f} GiB "
