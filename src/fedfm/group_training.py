@@ -139,10 +139,20 @@ def group_step(g: GroupTraining) -> None:
     ``grad_accumulation`` micro-batches the objectives' gradient adjustments, rank masks,
     per-client clipping and the stacked optimizer step of the clients that stepped."""
     cfg, device, task = g.cfg, g.bundle.device, g.task
-    running = [m for m in g.members if m.active]
-    batches = [
-        client_batch(task, g.ctx, m.job, m.rows[next(m.batches)], m.generator, device) for m in running
+    built = [
+        (
+            m,
+            _own(
+                m, lambda m=m: client_batch(task, g.ctx, m.job, m.rows[next(m.batches)], m.generator, device)
+            ),
+        )
+        for m in g.members
+        if m.active
     ]
+    running = [m for m, b in built if m.failure is None]
+    batches = [b for m, b in built if m.failure is None]
+    if not running:
+        return
     sizes = tuple(len(b["input_ids"]) for b in batches)
     g.adapter.segments = Segments(
         torch.tensor([m.slot for m in running], device=device), sizes,
@@ -152,7 +162,7 @@ def group_step(g: GroupTraining) -> None:
     with autocast_context(cfg.precision, device):
         losses = task.segment_losses(g.bundle.model, collate(batches, task.pad), sizes)
     penalties = [
-        m.hook.penalty({k: s[m.slot] for k, s in g.stacks.items()}) if m.hook.penalty is not None else None
+        _own(m, m.hook.penalty, {k: s[m.slot] for k, s in g.stacks.items()}) if m.hook.penalty else None
         for m in running
     ]
     seen = losses.detach().float().cpu().tolist()
@@ -161,6 +171,8 @@ def group_step(g: GroupTraining) -> None:
     stepping, total = [], None
     for m, value, ok, t in zip(running, seen, finite, totals, strict=True):
         m.losses.append(value)
+        if m.failure is not None:  # its penalty raised
+            continue
         if not ok:
             step = m.micro // cfg.grad_accumulation + 1
             m.failure = f"FloatingPointError: non-finite training loss at local step {step}"
@@ -175,7 +187,8 @@ def group_step(g: GroupTraining) -> None:
         return
     for m in stepping:
         if m.hook.adjust_gradients is not None:
-            m.hook.adjust_gradients({k: _GradSlot(s.grad[m.slot]) for k, s in g.stacks.items()})
+            _own(m, m.hook.adjust_gradients, {k: _GradSlot(s.grad[m.slot]) for k, s in g.stacks.items()})
+    stepping = [m for m in stepping if m.failure is None]
     with torch.no_grad():
         for key, mask in g.masks.items():
             if g.stacks[key].grad is not None:
@@ -198,8 +211,21 @@ def group_final(g: GroupTraining) -> list[tuple[object, Params | None]]:
             continue
         final = {k: s[m.slot].detach().to("cpu", torch.float32, copy=True) for k, s in g.stacks.items()}
         n = len(m.job.indices)
-        out.append(finish_update(m.hook, final, g.global_params, n, m.steps, m.losses, g.cfg, m.client_state))
+        done = _own(
+            m, finish_update, m.hook, final, g.global_params, n, m.steps, m.losses, g.cfg, m.client_state
+        )
+        out.append((m.failure, m.client_state) if m.failure is not None else done)
     return out
+
+
+def _own(m: Member, fn, *args):
+    """One client's own part of the group's work (its batch, its objective's hooks, its finish):
+    an error there fails that client alone, with the reason."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        m.failure = f"{type(err).__name__}: {err}"
+        return None
 
 
 def train_group(program, bundle, task, jobs, global_params, ctx, states) -> list[tuple[ClientResult, dict]]:
@@ -244,7 +270,7 @@ def _train(program, bundle, task, ready, global_params, ctx):
         except Exception as err:
             reason = f"{type(err).__name__}: {err} (in the group's batched pass)"
             for m in g.members:
-                if m.failure is None:
+                if m.active:  # clients that had finished keep their results
                     m.failure = reason
         return group_final(g)
 

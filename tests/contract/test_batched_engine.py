@@ -222,3 +222,58 @@ def test_unbatchable_settings_are_refused_at_config_time(tiny_config):
         cfg = {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
         with pytest.raises(ValueError, match=field):
             RunConfig.model_validate(cfg)
+
+
+def _engine_parts(cfg_dict):
+    cfg = RunConfig.model_validate(cfg_dict)
+    data = prepare_data(cfg)
+    bundle, task = build_task(cfg, data)
+    return cfg, bundle, task, client_jobs(data, cfg.peft), ClientProgram.from_config(cfg)
+
+
+def test_one_clients_own_error_fails_it_alone_and_a_pass_error_spares_finished_clients(contract_config):
+    cfg, bundle, task, jobs, program = _engine_parts(contract_config(training=SGD))
+    params = get_trainable_state(bundle.trainable)
+    alone = {
+        r.client_id: r
+        for r in ENGINES.get("inprocess")(
+            EngineSetup(bundle, task, jobs, program, None, None, cfg.batched)
+        ).run_cohort(params, range(5), RoundContext(1, 0))
+    }
+    broken = list(jobs)
+    broken[1] = type(jobs[1])(1, np.array([10**6]))  # its own batch raises (a row it does not have)
+    engine = ENGINES.get("batched")(EngineSetup(bundle, task, broken, program, None, None, cfg.batched))
+    results = {r.client_id: r for r in engine.run_cohort(params, range(5), RoundContext(1, 0))}
+    assert "IndexError" in results[1].failure.reason
+    for c in (0, 2, 3, 4):
+        for k, d in alone[c].update.delta.items():
+            assert rel_err(d, results[c].update.delta[k]) < 1e-5
+    # the shared pass fails at its second step: one-step clients had finished and keep their results
+    calls, real = [], task.segment_losses
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args)
+
+    task.segment_losses = failing
+    try:
+        engine = ENGINES.get("batched")(EngineSetup(bundle, task, jobs, program, None, None, cfg.batched))
+        results = {r.client_id: r for r in engine.run_cohort(params, range(5), RoundContext(1, 0))}
+    finally:
+        task.segment_losses = real
+    for c, r in results.items():
+        if alone[c].update.metrics["steps"] == 1:
+            assert r.update is not None, c
+        else:
+            assert "in the group's batched pass" in r.failure.reason, c
+    assert any(r.update is not None for r in results.values()) and any(r.failure for r in results.values())
+
+
+def test_a_model_whose_trainable_tensors_do_not_stack_is_refused_at_set_up(contract_config):
+    cfg, bundle, task, jobs, program = _engine_parts(
+        contract_config(peft={"target_modules": ["word_embeddings"]})
+    )
+    with pytest.raises(ValueError, match="run.engine = 'batched': the batched engine cannot stack"):
+        ENGINES.get("batched")(EngineSetup(bundle, task, jobs, program, None, None, cfg.batched))

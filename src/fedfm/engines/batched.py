@@ -7,11 +7,16 @@ memory depends on the group size, not on the number of clients. The group size i
 ``batched.clients_per_group``, or as many clients as ``batched.memory_gb`` holds by the estimate
 in ``client_bytes`` (at most ``batched.max_clients_per_group``); on a CPU the default budget is
 at most ``batched.cpu_memory_gb``, about where a bigger combined batch starts to run slower there
-(its element-wise work is bound by memory bandwidth: ``docs/performance.md``).
+(its element-wise work is bound by memory bandwidth: ``docs/performance.md``). The size is
+measured from the memory free at start, so pin ``clients_per_group`` where runs must repeat
+exactly on another machine or after a resume: with dropout inside the base model, the groups
+decide its masks.
 
 Clients are grouped by step count (most steps first, ties in cohort order) so that a group's
 batches stay full; every client's result is the one it computes alone, whatever its group
-(``fedfm.group_training``). Per-client state lives here as in the in-process engine.
+(``fedfm.group_training``), as long as the base model has no dropout of its own (its dropout
+masks are drawn over each group's combined batch: ``docs/performance.md``). Per-client state
+lives here as in the in-process engine.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ def client_bytes(
 ) -> int:
     """Estimated bytes one more client adds to a group: its trainable tensors, their gradients and
     optimizer state (AdamW: two moments; SGD: a momentum buffer) in fp32, plus its batch's
-    activations kept for the backward pass — per layer and token about (34·h + 5·a·s)·2 bytes in
-    16-bit (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer
-    Models"), doubled for fp32 — plus, for a language-model head over ``vocab`` tokens, its logits,
-    their fp32 copy and their gradient (3 · 4 bytes per token and vocabulary entry)."""
+    activations kept for the backward pass — per layer and token (34·h + 5·a·s)·4 bytes, twice
+    the fp32 figure of Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
+    Transformer Models"; their s·b·h·(34 + 5as/h) is bytes in 16-bit), which matches the peak RSS
+    measured for MiniLM (178 MiB estimated, ~160 MiB measured per client at batch 16) — plus, for a
+    language-model head over ``vocab`` tokens, its logits, their fp32 copy and their gradient
+    (3 · 4 bytes per token and vocabulary entry)."""
     copies = 4 if optimizer == "adamw" else 3
     h = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 768)
     layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
@@ -67,8 +74,9 @@ def available_bytes(device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
-    """Clients per group and how it was chosen (for the run's log)."""
+def group_size(options, bundle, training, max_length: int, gpu_share: float = 1.0) -> tuple[int, str]:
+    """Clients per group and how it was chosen (for the run's log). ``gpu_share``: the fraction
+    of the GPU this process may use (Ray workers that share one GPU)."""
     if options.clients_per_group:
         return options.clients_per_group, f"{options.clients_per_group} clients per group (set)"
     if options.memory_gb:
@@ -77,7 +85,10 @@ def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
         budget = min(available_bytes(bundle.device), int(options.cpu_memory_gb * 2**30))
         source = "on a CPU: batched.cpu_memory_gb or half the available memory"
     else:
-        budget, source = available_bytes(bundle.device), "80% of the free GPU memory"
+        budget = int(available_bytes(bundle.device) * min(1.0, gpu_share))
+        source = "80% of the free GPU memory" + (
+            f" × {gpu_share:g} (this worker's share)" if gpu_share < 1 else ""
+        )
     per = client_bytes(
         bundle.model.config, bundle.num_trainable(), training.batch_size, max_length, training.optimizer,
         lm_vocab(bundle.model),
@@ -87,6 +98,17 @@ def group_size(options, bundle, training, max_length: int) -> tuple[int, str]:
         f"{k} clients per group: about {per / 2**20:.0f} MiB each within {budget / 2**30:.1f} GiB "
         f"({source}), at most {options.max_clients_per_group}"
     )
+
+
+def check_stackable(bundle, who: str) -> None:
+    """Refuse at set-up, not in every round, a model whose trainable tensors do not stack
+    (LoRA on an embedding, a head with trainable non-linear parts)."""
+    from fedfm.models.multilora import stack_plan
+
+    try:
+        stack_plan(bundle.model, bundle.trainable)
+    except ValueError as err:
+        raise ValueError(f"{who}: {err} (use run.engine = 'inprocess')") from None
 
 
 def groups(cohort: Sequence[int], size: int, steps) -> list[list[int]]:
@@ -104,13 +126,14 @@ class BatchedEngine:
     @staticmethod
     def trains_in_groups(cfg) -> str | None:
         """The setting that makes this engine train clients in groups (config validation then
-        refuses what groups cannot run: ``fedfm.group_training.check_batchable``)."""
+        refuses what groups cannot run: ``fedfm.config.check_batchable``)."""
         return "run.engine = 'batched'"
 
     def __init__(self, setup: EngineSetup) -> None:
         self.bundle, self.task, self.program = setup.bundle, setup.task, setup.program
         self.clients = list(setup.jobs)
         self.states = ClientStates()
+        check_stackable(setup.bundle, "run.engine = 'batched'")
         self.size, self.summary = group_size(
             setup.group, setup.bundle, setup.program.training, _max_length(setup.task)
         )

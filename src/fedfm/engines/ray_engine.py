@@ -34,23 +34,28 @@ from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
 class _Worker:
     """One copy of the base model; trains whichever clients it is handed (one, or a group)."""
 
-    def __init__(self, build_bundle, program, task, jobs, threads: int, group) -> None:
+    def __init__(
+        self, build_bundle, program, task, jobs, threads: int, group, gpu_share: float = 1.0
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.bundle = build_bundle()
         self.task, self.jobs, self.program, self.group = task, jobs, program, group
+        self.gpu_share = gpu_share
 
     def describe(self) -> tuple[str, int]:
         """This worker's node id and, when it trains groups, the group size its memory allows."""
         import ray
 
-        from fedfm.engines.batched import _max_length, group_size
+        from fedfm.engines.batched import _max_length, check_stackable, group_size
 
         node = ray.get_runtime_context().get_node_id()
         if self.group is None:
             return node, 1
-        size, _ = group_size(self.group, self.bundle, self.program.training, _max_length(self.task))
+        check_stackable(self.bundle, "ray.batched")
+        training, length = self.program.training, _max_length(self.task)
+        size, _ = group_size(self.group, self.bundle, training, length, self.gpu_share)
         return node, size
 
     def train(self, client_ids: list[int], global_params: Params, ctx: RoundContext, states: list):
@@ -112,8 +117,9 @@ class RayEngine:
         actor = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(_Worker)
         threads = max(1, int(r.cpus_per_worker))
         group = setup.group if r.batched else None
+        share = r.gpus_per_worker if 0 < r.gpus_per_worker < 1 else 1.0  # workers sharing one GPU
         self.workers = [
-            actor.remote(setup.build_bundle, program_ref, task_ref, jobs_ref, threads, group)
+            actor.remote(setup.build_bundle, program_ref, task_ref, jobs_ref, threads, group, share)
             for _ in range(r.num_workers)
         ]
         described = ray.get([w.describe.remote() for w in self.workers])
@@ -124,6 +130,14 @@ class RayEngine:
         self.states = ClientStates()
         if r.batched:
             self.summary = f"{r.num_workers} workers, each training groups of up to {self.size} clients"
+
+    def _drop_dead_nodes(self) -> list:
+        """Forget the workers on nodes Ray no longer lists as alive; the workers left."""
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        self.workers = [w for w in self.workers if self.nodes[w] in alive]
+        return self.workers
 
     def node_of(self, client_id: int) -> str | None:
         """The Ray node training ``client_id`` right now (None if it is not running)."""
@@ -138,6 +152,7 @@ class RayEngine:
 
         params_ref, ctx_ref = ray.put(global_params), ray.put(ctx)
         queue = groups(cohort, self.size, self.steps) if self.size > 1 else [[k] for k in cohort]
+        self._drop_dead_nodes()  # an idle worker whose node died since the last round
         idle, running = list(self.workers), {}
         while queue or running:
             if not idle and not running:
@@ -154,8 +169,12 @@ class RayEngine:
             try:
                 outcomes = ray.get(done[0])
             except Exception as err:  # a worker or its node died: its clients fail, the round goes on
-                if isinstance(err, ray.exceptions.RayActorError):
-                    self.workers.remove(worker)  # dead: later rounds run on the others
+                lost = isinstance(err, ray.exceptions.RayError) and not isinstance(
+                    err, ray.exceptions.RayTaskError
+                )  # the actor died, or its result went with its node
+                if lost:
+                    self.workers.remove(worker)  # later rounds run on the others
+                    idle = [w for w in idle if w in self._drop_dead_nodes()]
                 else:
                     idle.append(worker)
                 reason = f"Ray worker on node {self.nodes[worker]} failed: {type(err).__name__}: {err}"

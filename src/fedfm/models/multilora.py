@@ -161,15 +161,23 @@ class MultiAdapter:
         self.plan = stack_plan(model, trainable)
         self.stacks: dict[str, torch.Tensor] = {}
         self.segments: Segments | None = None
+        self.saved: dict[nn.Module, object] = {}
 
     def __enter__(self) -> MultiAdapter:
-        for module, spec in self.plan.items():
-            module.forward = self._forward(module, spec)  # an instance attribute shadows the class's
+        self.saved = {m: m.__dict__["forward"] for m in self.plan if "forward" in m.__dict__}
+        try:
+            for module, spec in self.plan.items():
+                module.forward = self._forward(module, spec)  # an instance attribute shadows the class's
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for module in self.plan:
+        for module in self.plan:  # back to the class's forward, or a hook's that was there before
             module.__dict__.pop("forward", None)
+            if module in self.saved:
+                module.forward = self.saved[module]
         self.stacks, self.segments = {}, None
 
     def _forward(self, module: nn.Module, spec):
