@@ -33,7 +33,7 @@ from fedfm.training import (
     finish_update,
     num_local_steps,
 )
-from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, Params, RoundContext
 
 
 @dataclass
@@ -237,19 +237,27 @@ def train_group(program, bundle, task, jobs, global_params, ctx, states) -> list
     ready = []
     for job, state in zip(jobs, states, strict=True):
         if len(job.indices) == 0:
-            results[job.client_id] = (_failed(job, "ValueError: the client has no training examples"), state)
+            results[job.client_id] = (
+                ClientResult.failed(
+                    job.client_id, "train", "ValueError: the client has no training examples"
+                ),
+                state,
+            )
         else:
             ready.append((job, state))
     if ready:
         outcomes = _train(program, bundle, task, ready, global_params, ctx)
         for (job, state), (outcome, own) in zip(ready, outcomes, strict=True):
             if isinstance(outcome, str):
-                results[job.client_id] = (_failed(job, outcome), state)
+                results[job.client_id] = (ClientResult.failed(job.client_id, "train", outcome), state)
                 continue
             try:
                 payload, state = program.finish(outcome, own, job, ctx, state)
             except Exception as err:  # one broken client must not stop the round
-                results[job.client_id] = (_failed(job, f"{type(err).__name__}: {err}"), state)
+                results[job.client_id] = (
+                    ClientResult.failed(job.client_id, "train", f"{type(err).__name__}: {err}"),
+                    state,
+                )
                 continue
             results[job.client_id] = (ClientResult(job.client_id, update=payload), state)
     return [results[job.client_id] for job in jobs]
@@ -273,7 +281,3 @@ def _train(program, bundle, task, ready, global_params, ctx):
                 if m.active:  # clients that had finished keep their results
                     m.failure = reason
         return group_final(g)
-
-
-def _failed(job: ClientJob, reason: str) -> ClientResult:
-    return ClientResult(job.client_id, failure=ClientFailure(job.client_id, "train", reason))

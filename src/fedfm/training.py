@@ -28,7 +28,7 @@ from fedfm.privacy.dpsgd import ExampleDp, dp_sgd_final, dp_sgd_init, dp_sgd_ste
 from fedfm.seeding import NoiseSource, seed_torch, torch_generator
 from fedfm.transforms import Pipeline
 from fedfm.transforms.base import ClientStep
-from fedfm.types import Params, RoundContext, Update
+from fedfm.types import ClientResult, Params, RoundContext, Update
 
 
 @dataclass(frozen=True)
@@ -301,6 +301,15 @@ class ClientProgram:
         if own is not None:
             state[key] = own
         return self.pipeline.client(update, ClientStep(job, ctx, state)), state
+
+    def one(self, bundle, task, job: ClientJob, global_params: Params, ctx: RoundContext, state):
+        """Train one client: ``(ClientResult, state)`` as ``group`` returns per client; an error
+        fails that client with the reason (one broken client must not stop the round)."""
+        try:
+            payload, state = self(bundle, task, job, global_params, ctx, state)
+        except Exception as err:
+            return ClientResult.failed(job.client_id, "train", f"{type(err).__name__}: {err}"), state
+        return ClientResult(job.client_id, update=payload), state
 
     def local_steps(self, job: ClientJob) -> int:
         return num_local_steps(len(job.indices), self.training)

@@ -124,6 +124,10 @@ class ClientResult:
         if (self.update is None) == (self.failure is None):
             raise ValueError("ClientResult needs exactly one of update or failure")
 
+    @classmethod
+    def failed(cls, client_id: int, stage: str, reason: str) -> ClientResult:
+        return cls(client_id, failure=ClientFailure(client_id, stage, reason))
+
 
 @dataclass(frozen=True)
 class RoundContext:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
-from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, Params, RoundContext
 
 
 def client_bytes(
@@ -150,13 +150,9 @@ class BatchedEngine:
                 )
             except Exception as err:  # the group cannot even start: its clients fail, the round goes on
                 reason = f"{type(err).__name__}: {err}"
-                for c in group:
-                    yield ClientResult(c, failure=ClientFailure(c, "train", reason))
+                yield from (ClientResult.failed(c, "train", reason) for c in group)
                 continue
-            for result, state in outcomes:
-                if result.failure is None:
-                    self.states.keep(result.client_id, state)
-                yield result
+            yield from self.states.delivered(outcomes)
 
     def state_dict(self) -> dict:
         return self.states.state_dict()

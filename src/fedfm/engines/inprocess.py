@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
-from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, Params, RoundContext
 
 
 @engine("inprocess")
@@ -31,18 +31,11 @@ class InProcessEngine:
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
     ) -> Iterator[ClientResult]:
-        for client_id in cohort:
-            job = self.clients[client_id]
-            try:
-                update, state = self.program(
-                    self.bundle, self.task, job, global_params, ctx, self.states.get(client_id)
-                )
-            except Exception as err:  # one broken client must not stop the round
-                reason = f"{type(err).__name__}: {err}"
-                yield ClientResult(client_id, failure=ClientFailure(client_id, "train", reason))
-                continue
-            self.states.keep(client_id, state)
-            yield ClientResult(client_id, update=update)
+        one = self.program.one
+        yield from self.states.delivered(
+            one(self.bundle, self.task, self.clients[c], global_params, ctx, self.states.get(c))
+            for c in cohort
+        )
 
     def state_dict(self) -> dict:
         return self.states.state_dict()

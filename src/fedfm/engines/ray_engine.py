@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
-from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, Params, RoundContext
 
 
 class _Worker:
@@ -59,25 +59,14 @@ class _Worker:
         return node, size
 
     def train(self, client_ids: list[int], global_params: Params, ctx: RoundContext, states: list):
-        """Per client: (client id, payload, failure reason, state)."""
+        """Per client: (ClientResult, state), as ``ClientProgram.one`` and ``.group`` return them."""
+        jobs = [self.jobs[c] for c in client_ids]
         if self.group is not None:
-            jobs = [self.jobs[c] for c in client_ids]
-            outcomes = self.program.group(self.bundle, self.task, jobs, global_params, ctx, states)
-            return [
-                (r.client_id, r.update, r.failure.reason if r.failure else None, state)
-                for r, state in outcomes
-            ]
-        out = []
-        for client_id, state in zip(client_ids, states, strict=True):
-            try:
-                update, new_state = self.program(
-                    self.bundle, self.task, self.jobs[client_id], global_params, ctx, state
-                )
-            except Exception as err:  # one broken client must not stop the round
-                out.append((client_id, None, f"{type(err).__name__}: {err}", state))
-                continue
-            out.append((client_id, update, None, new_state))
-        return out
+            return self.program.group(self.bundle, self.task, jobs, global_params, ctx, states)
+        one = self.program.one
+        return [
+            one(self.bundle, self.task, j, global_params, ctx, s) for j, s in zip(jobs, states, strict=True)
+        ]
 
 
 @engine("ray")
@@ -178,16 +167,10 @@ class RayEngine:
                 else:
                     idle.append(worker)
                 reason = f"Ray worker on node {self.nodes[worker]} failed: {type(err).__name__}: {err}"
-                for k in unit:
-                    yield ClientResult(k, failure=ClientFailure(k, "train", reason[:2000]))
+                yield from (ClientResult.failed(k, "train", reason[:2000]) for k in unit)
                 continue
             idle.append(worker)
-            for client_id, update, failure, state in outcomes:
-                if failure is not None:
-                    yield ClientResult(client_id, failure=ClientFailure(client_id, "train", failure))
-                    continue
-                self.states.keep(client_id, state)
-                yield ClientResult(client_id, update=update)
+            yield from self.states.delivered(outcomes)
 
     def state_dict(self) -> dict:
         return self.states.state_dict()

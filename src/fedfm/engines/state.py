@@ -29,6 +29,14 @@ class ClientStates:
         if state:
             self.by_client[client_id] = state
 
+    def delivered(self, outcomes):
+        """Each ``(ClientResult, state)``'s result, keeping the state of the clients that delivered
+        (a failed client keeps the state it had)."""
+        for result, state in outcomes:
+            if result.failure is None:
+                self.keep(result.client_id, state)
+            yield result
+
     def take_changed(self) -> dict[int, dict[str, Params]]:
         """The states to commit with this round's checkpoint."""
         return dict(self.by_client)
