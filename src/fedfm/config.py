@@ -67,6 +67,28 @@ class RunConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     batched: BatchedSection = Field(default_factory=BatchedSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """The task kind's defaults for fields the config leaves out (``TaskKind.defaults``)."""
+        if not isinstance(data, Mapping):
+            return data
+        kind = data.get("task", {}).get("kind") if isinstance(data.get("task"), Mapping) else None
+        from fedfm.tasks import TASKS
+
+        if kind is None or kind not in TASKS:
+            return data
+        defaults = TASKS.get(kind).defaults
+        if not defaults:
+            return data
+        out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+        for dotted, value in defaults.items():
+            section, name = dotted.split(".")
+            node = out.setdefault(section, {})
+            if isinstance(node, dict):
+                node.setdefault(name, value)
+        return out
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         from fedfm.algorithms.robust import min_cohort
@@ -161,8 +183,11 @@ def check_batchable(cfg, who: str) -> None:
             f"{who} cannot run DP-SGD (privacy.dp = 'example'): Opacus clips per example on one "
             "client's model at a time (use run.engine = 'inprocess')"
         )
-    if not task_kind(cfg).batchable:
+    kind = task_kind(cfg)
+    if not kind.batchable:
         raise ValueError(f"{who}: task.kind = {cfg.task.kind!r} has no batched loss")
+    if kind.check_batched is not None:
+        kind.check_batched(cfg, who)
     if cfg.training.gradient_checkpointing and cfg.peft.dropout > 0:
         raise ValueError(
             f"{who} with training.gradient_checkpointing needs peft.dropout = 0 (the recomputed "

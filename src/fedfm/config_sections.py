@@ -54,6 +54,14 @@ class ModelSection(_Section):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Quantized frozen base weights (QLoRA; bitsandbytes on a CUDA GPU)."
     )
+    image_size: int | None = Field(
+        None, ge=8, description="image_classification: input side in pixels; default: the backbone's own."
+    )
+    batch_norm: Literal["frozen", "aggregated", "local"] = Field(
+        "frozen",
+        description="image_classification: BatchNorm statistics stay as loaded, are averaged with the "
+        "payload, or stay with each client (FedBN).",
+    )
 
 
 class PeftSection(_Section):
@@ -96,6 +104,11 @@ class DataSection(_Section):
         None, ge=2, description="Stratified subsample of the training set (quick experiments)."
     )
     max_test_examples: int | None = Field(None, ge=1, description="Stratified subsample of the test set.")
+    image_column: str = Field("image", description="Hugging Face image datasets: the column holding the image.")
+    image_size: int | None = Field(
+        None, ge=1, description="Image folders / HF image datasets: resize to this side when loading."
+    )
+    augment: bool = Field(False, description="image_classification: random crop and flip of training images.")
     hf_config: str | None = Field(None, description="Hugging Face dataset configuration name.")
     hf_train_split: str = Field("train", description="Hugging Face split used for training.")
     hf_test_split: str | None = Field("test", description="Hugging Face split used as the server test set.")
@@ -190,6 +203,9 @@ class AttackSection(_Section):
     target_label: int = Field(0, ge=0, description="backdoor: the label the trigger should produce.")
     trigger: str = Field("cf mn bb", min_length=1, description="backdoor: phrase prepended to the text.")
     poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of poisoned rows per batch.")
+    patch_size: int = Field(
+        3, ge=1, description="backdoor on images: side of the white square stamped bottom-right (pixels)."
+    )
 
 
 class CompressionSection(_Section):

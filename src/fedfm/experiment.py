@@ -71,9 +71,10 @@ def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     seed, d = cfg.run.seed, cfg.data
     train, test = task_kind(cfg).load_source(d)
     if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
-        train = train.subset(first_occurrences(train.texts))
+        seen = train.identities()
+        train = train.subset(first_occurrences(seen))
         if test is not None:
-            test = test.subset(first_occurrences(test.texts, exclude=train.texts))
+            test = test.subset(first_occurrences(test.identities(), exclude=seen))
     if test is None:
         rest, held = stratified_split(train.labels, d.test_fraction, numpy_rng(seed, "test-split"))
         train, test = train.subset(rest), train.subset(held)

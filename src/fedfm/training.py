@@ -70,6 +70,7 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]  # statistics travel but are not optimised
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -261,6 +262,24 @@ def _apply_masks(trainable: dict, masks: dict, params: bool) -> None:
             target[index] = 0
 
 
+@contextlib.contextmanager
+def own_statistics(bundle: ModelBundle, state: dict):
+    """``model.batch_norm = "local"`` (FedBN's statistics): the client trains with its own
+    BatchNorm statistics (the loaded ones on its first round) and keeps what training made of
+    them in ``state["batch_norm"]``; the shared model gets the loaded ones back after. Other
+    modes: nothing to do."""
+    live = bundle.local_statistics
+    if not live:
+        yield
+        return
+    set_trainable_state(live, state.get("batch_norm") or bundle.initial_statistics)
+    try:
+        yield
+        state["batch_norm"] = get_trainable_state(live)
+    finally:
+        set_trainable_state(live, bundle.initial_statistics)
+
+
 @dataclass(frozen=True)
 class ClientProgram:
     """What a client runs each round: local training (init → step → final), then the client
@@ -269,7 +288,7 @@ class ClientProgram:
     Picklable: engines receive it and call it unchanged, in this process, on a Ray worker or in
     a deployed client. Client state is a dict of named ``Params`` that the engine keeps per client
     and checkpoints: ``"scaffold"`` (control variate), ``"dp_sgd"`` (DP-SGD's accountant),
-    ``"residual"`` (top-k error feedback).
+    ``"residual"`` (top-k error feedback), ``"batch_norm"`` (FedBN: its own statistics).
     """
 
     training: object
@@ -291,9 +310,10 @@ class ClientProgram:
     ) -> tuple[object, dict[str, Params]]:
         state = dict(state or {})
         key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
-        update, own = client_update(
-            bundle, task, job, global_params, ctx, self.training, self.objective, state.get(key)
-        )
+        with own_statistics(bundle, state):
+            update, own = client_update(
+                bundle, task, job, global_params, ctx, self.training, self.objective, state.get(key)
+            )
         return self.finish(update, own, job, ctx, state, key)
 
     def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):

@@ -19,6 +19,14 @@ import torch
 
 Params = dict[str, torch.Tensor]
 
+# Payload keys that are statistics, not weights (BatchNorm's running mean and variance under
+# ``model.batch_norm = "aggregated"``): the server averages them and never steps an optimizer on them.
+STATISTIC_SUFFIXES = (".running_mean", ".running_var")
+
+
+def is_statistic(key: str) -> bool:
+    return key.endswith(STATISTIC_SUFFIXES)
+
 
 @dataclass(frozen=True)
 class Update:

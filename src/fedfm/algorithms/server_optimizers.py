@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fedfm.registry import Registry
-from fedfm.types import Params
+from fedfm.types import Params, is_statistic
 
 ServerState = dict[str, Params]
 
@@ -56,6 +56,11 @@ class ServerOptimizer:
         for k, p in params.items():
             d = delta[k].to(p.dtype)
             m_prev = state["m"][k]
+            if is_statistic(k):  # BatchNorm statistics: the clients' weighted mean, as it is
+                new_params[k], new_m[k] = p + d, m_prev
+                if self.second_moment is not None:
+                    new_v[k] = state["v"][k]
+                continue
             if self.second_moment is None:
                 m = self.beta1 * m_prev + d
                 new_params[k] = p + self.lr * m

@@ -28,6 +28,10 @@ class TextDataset:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def identities(self) -> list[str]:
+        """What makes two examples the same (for de-duplication): the text."""
+        return self.texts
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         idx = np.asarray(indices, dtype=np.int64)
         return TextDataset(

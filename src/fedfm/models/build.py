@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,10 @@ class ModelBundle:
     trainable: dict[str, nn.Parameter]
     source: str
     device: torch.device
+    # model.batch_norm = "local": the live BatchNorm statistics each client keeps for itself, and
+    # their values as loaded (a client's start before it first trains)
+    local_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    initial_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
@@ -177,7 +181,7 @@ def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = 
     return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
 
 
-def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str = "SEQ_CLS") -> nn.Module:
+def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str | None = "SEQ_CLS") -> nn.Module:
     """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full."""
     method = peft_cfg.method
     if method == "full":
@@ -201,7 +205,7 @@ def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str = "SEQ_CLS"
         ) from None
 
 
-def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str = "SEQ_CLS"):
+def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str | None = "SEQ_CLS"):
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 
     if peft_cfg.method == "lora":
@@ -211,6 +215,8 @@ def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str = "SEQ_
             lora_alpha=peft_cfg.alpha,
             lora_dropout=peft_cfg.dropout,
             target_modules=peft_cfg.target_modules,
+            # no task type (image models): PEFT does not know the head, so it is named here
+            modules_to_save=None if task_type else [n for n in HEAD_MODULES if hasattr(model, n)] or None,
         )
     if peft_cfg.method == "ia3":
         targets = peft_cfg.target_modules

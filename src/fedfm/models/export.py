@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import set_trainable_state
-from fedfm.types import Params
+from fedfm.types import Params, is_statistic
 
 
 def export_adapter(
@@ -31,7 +31,17 @@ def export_adapter(
     bundle.tokenizer.save_pretrained(str(folder))
     if labels and (folder / "adapter_config.json").is_file():
         with_labelled_base(bundle, folder)
+    stats = {k: v for k, v in params.items() if is_statistic(k)}
+    if stats and (folder / "adapter_config.json").is_file():  # an adapter file holds no buffers
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in stats.items()}, str(folder / STATISTICS_FILE))
     return folder
+
+
+# model.batch_norm = "aggregated" with an adapter: the run's BatchNorm statistics, keyed as the
+# base model's buffers (load with ``model.load_state_dict(load_file(...), strict=False)``)
+STATISTICS_FILE = "batch_norm_statistics.safetensors"
 
 
 WEIGHT_FILES = (

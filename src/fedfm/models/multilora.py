@@ -124,6 +124,12 @@ def stack_plan(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> dict[
         inside_lora.update(id(m) for m in (layer.lora_A["default"], layer.lora_B["default"]))
         if id(a) not in key_of or id(b) not in key_of:
             continue
+        if not isinstance(layer.get_base_layer(), nn.Linear):
+            kind = type(layer.get_base_layer()).__name__
+            raise ValueError(
+                f"the batched engine batches LoRA on linear layers; this model has LoRA on a {kind} "
+                "(use run.engine = 'inprocess', or peft.method = 'head')"
+            )
         if layer.use_dora.get("default") or getattr(layer, "lora_variant", {}).get("default"):
             raise ValueError("the batched engine batches plain LoRA (not DoRA or another LoRA variant)")
         drop = layer.lora_dropout["default"]
@@ -215,7 +221,7 @@ def collate(batches: Sequence[dict], pad: Mapping[str, int]) -> dict:
     out = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if parts[0].dim() >= 2:
+        if parts[0].dim() >= 2 and key in pad:  # token rows; images share one size
             width = max(p.shape[1] for p in parts)
             parts = [F.pad(p, (0, width - p.shape[1]), value=pad[key]) for p in parts]
         out[key] = torch.cat(parts)

@@ -23,7 +23,10 @@ class TaskKind:
     ``loss``, ``evaluate``; the task's data); ``evaluator(cfg, data)`` → ``evaluate(bundle,
     task) → dict`` of server metrics (with a ``status`` text); ``columns``: the console's table;
     ``labels_in_export``: whether the exported model records ``num_labels`` / ``id2label`` /
-    ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a field the kind cannot run with.
+    ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a field the kind cannot run with;
+    ``batchable``: it has ``segment_losses`` for the batched engine, and ``check_batched(cfg,
+    who)`` refuses what a group cannot train; ``defaults``: dotted config fields the kind sets
+    when the user's config leaves them out (an image task's model and dataset).
     """
 
     load_source: Callable
@@ -34,6 +37,8 @@ class TaskKind:
     labels_in_export: bool = False
     check: Callable | None = None
     batchable: bool = False
+    check_batched: Callable | None = None
+    defaults: dict = field(default_factory=dict)
 
 
 TASKS: Registry[TaskKind] = Registry("task")
@@ -44,6 +49,7 @@ def task_kind(cfg) -> TaskKind:
 
 
 from fedfm.tasks import classification as _classification  # noqa: E402,F401  (registration)
+from fedfm.tasks import image as _image  # noqa: E402,F401
 from fedfm.tasks import instruction as _instruction  # noqa: E402,F401
 
 __all__ = ["TASKS", "TaskKind", "task_kind"]

@@ -90,45 +90,67 @@ class ClassificationTask:
             "labels": data.labels[idx].to(device),
         }
 
-    @staticmethod
-    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits, batch["labels"])
+    @property
+    def backdoor(self) -> bool:
+        return self.triggered_test is not None
 
     @staticmethod
-    def segment_losses(model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
+    def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return classify_loss(self.logits(model, batch), batch["labels"])
+
+    def segment_losses(self, model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
         """One forward over a combined batch; each segment's mean loss (``loss`` per client)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_row = F.cross_entropy(logits, batch["labels"], reduction="none")
+        per_row = F.cross_entropy(self.logits(model, batch), batch["labels"], reduction="none")
         return torch.stack([part.mean() for part in per_row.split(list(sizes))])
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        data: Encoded,
-        indices: Sequence[int] | None,
-        batch_size: int,
-        device,
-    ) -> dict[str, float]:
+    def eval_batch(self, data: Encoded, indices, device) -> dict:
+        return self.batch(data, indices, device)
+
+    def evaluate(self, model: nn.Module, data: Encoded, indices, batch_size: int, device) -> dict[str, float]:
         """Accuracy, macro-F1 and mean loss of ``model`` on ``data[indices]`` (all rows if None)."""
-        idx = np.arange(len(data)) if indices is None else np.asarray(indices)
-        was_training = model.training
-        model.eval()
-        preds, total_loss = [], 0.0
+        return evaluate_classifier(self, model, data, indices, batch_size, device)
+
+    @torch.no_grad()
+    def features(self, model: nn.Module, data: Encoded, indices, batch_size: int, device) -> torch.Tensor:
+        """The frozen encoder's pooled features (the head's input) of ``data[indices]`` (FedPFT)."""
+        from fedfm.tasks.features import backbone_features
+
+        idx = np.asarray(indices)
+        out = []
         for start in range(0, len(idx), batch_size):
             b = self.batch(data, idx[start : start + batch_size], device)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            total_loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
-            preds.append(logits.argmax(dim=-1).cpu().numpy())
-        model.train(was_training)
-        labels = data.labels[torch.as_tensor(idx, dtype=torch.long)].numpy()
-        p = np.concatenate(preds) if preds else np.array([], dtype=np.int64)
-        return {
-            "accuracy": accuracy(p, labels),
-            "macro_f1": macro_f1(p, labels, self.num_labels),
-            "loss": total_loss / max(len(idx), 1),
-        }
+            out.append(backbone_features(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"]))
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def classify_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def evaluate_classifier(task, model: nn.Module, data, indices, batch_size: int, device) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss of ``model`` on ``data[indices]`` (all rows if None), in
+    eval mode, through the task's ``eval_batch`` and ``logits``."""
+    idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+    was_training = model.training
+    model.eval()
+    preds, total_loss = [], 0.0
+    for start in range(0, len(idx), batch_size):
+        b = task.eval_batch(data, idx[start : start + batch_size], device)
+        logits = task.logits(model, b).float()
+        total_loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+        preds.append(logits.argmax(dim=-1).cpu().numpy())
+    model.train(was_training)
+    labels = data.labels[torch.as_tensor(idx, dtype=torch.long)].numpy()
+    p = np.concatenate(preds) if preds else np.array([], dtype=np.int64)
+    return {
+        "accuracy": accuracy(p, labels),
+        "macro_f1": macro_f1(p, labels, task.num_labels),
+        "loss": total_loss / max(len(idx), 1),
+    }
 
 
 # ---------------------------------------------------------------- the task kind
@@ -189,7 +211,7 @@ class ClassificationMetrics:
                     [task.evaluate(bundle.model, task.train, r, bs, dev)["accuracy"] for r in rows]
                 )
             )
-        if task.triggered_test is not None:
+        if task.backdoor:
             record["attack_success_rate"] = task.attack_success_rate(bundle.model, self.target_label, bs, dev)
         return record
 
