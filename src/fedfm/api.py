@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfm.config import ConfigError, RunConfig, load_config, make_config
-from fedfm.loop import Run, RunResult
+from fedfm.loop import RunResult
 
 
 def _coerce(config: RunConfig | str | Path | Mapping[str, Any] | None, overrides: Iterable[str]) -> RunConfig:
@@ -36,8 +36,11 @@ def run(
     that folder from its last finished round, with the config saved there. ``callbacks`` are called
     with each round's metrics record.
     """
+    from fedfm.protocols import PROTOCOLS
+
     cfg, run_dir = prepare_run(config, output=output, resume=resume, overrides=overrides)
-    return Run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None).execute()
+    protocol = PROTOCOLS.get(cfg.run.protocol)
+    return protocol.run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None)
 
 
 def prepare_run(

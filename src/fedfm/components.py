@@ -25,6 +25,7 @@ _KINDS = {
     "LoRA aggregation mode": ("fedfm.algorithms.lora", "LORA_AGGREGATION"),
     "synthetic mode": ("fedfm.synthetic.modes", "SYNTHETIC_MODES"),
     "transform": ("fedfm.transforms", "TRANSFORMS"),
+    "protocol": ("fedfm.protocols", "PROTOCOLS"),
 }
 
 

@@ -21,6 +21,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     CompressionSection,
     DataSection,
     EvalSection,
+    FedPftSection,
     ModelSection,
     PartitionSection,
     PeftSection,
@@ -66,6 +67,7 @@ class RunConfig(_Section):
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
     ray: RaySection = Field(default_factory=RaySection)
     batched: BatchedSection = Field(default_factory=BatchedSection)
+    fedpft: FedPftSection = Field(default_factory=FedPftSection)
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +151,11 @@ def _component_checks(cfg: RunConfig) -> None:
     kind = task_kind(cfg)
     if kind.check is not None:
         kind.check(cfg)
+    from fedfm.protocols import PROTOCOLS
+
+    protocol = PROTOCOLS.get(cfg.run.protocol)
+    if protocol.check is not None:
+        protocol.check(cfg)
     engine = ENGINES.get(cfg.run.engine)
     check = getattr(engine, "check", None)
     if check is not None:

@@ -40,6 +40,9 @@ class RunSection(_Section):
     rounds: int = Field(7, ge=1, description="Number of federated rounds.")
     seed: int = Field(0, description="Root seed; every random draw is derived from it.")
     engine: Registered("engine") = Field("inprocess", description="Execution engine (registered name).")
+    protocol: Registered("protocol") = Field(
+        "rounds", description="rounds (federated training), or fedpft (one-shot FL from FM features)."
+    )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
@@ -104,7 +107,9 @@ class DataSection(_Section):
         None, ge=2, description="Stratified subsample of the training set (quick experiments)."
     )
     max_test_examples: int | None = Field(None, ge=1, description="Stratified subsample of the test set.")
-    image_column: str = Field("image", description="Hugging Face image datasets: the column holding the image.")
+    image_column: str = Field(
+        "image", description="Hugging Face image datasets: the column holding the image."
+    )
     image_size: int | None = Field(
         None, ge=1, description="Image folders / HF image datasets: resize to this side when loading."
     )
@@ -352,6 +357,23 @@ class SyntheticSection(_Section):
         "all", description="Augment with every class, or only the classes a client has no example of."
     )
     max_examples: int | None = Field(None, ge=1, description="Use at most this many synthetic examples.")
+
+
+class FedPftSection(_Section):
+    """run.protocol = "fedpft": per-class Gaussian mixtures of frozen FM features (Beitollahi et al.)."""
+
+    components: int = Field(4, ge=1, description="Mixture components per class per client.")
+    covariance: Literal["diag", "full", "spherical"] = Field(
+        "diag", description="Covariance of each component (full sends d² values per component)."
+    )
+    reg_covar: float = Field(1e-4, gt=0, description="Added to every variance (EM's regulariser).")
+    samples_per_example: float = Field(
+        1.0, gt=0, description="Server draws this many features per client example of each class."
+    )
+    head_epochs: int = Field(30, ge=1, description="Passes of the server's head training over the samples.")
+    head_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of the server's head training.")
+    head_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the head training.")
+    head_batch_size: int = Field(256, ge=1, description="Mini-batch of the server's head training.")
 
 
 class EvalSection(_Section):

@@ -42,7 +42,9 @@ class ImageDataset:
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [N, H, W, C]; got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, C]; got {self.images.dtype} {self.images.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,7 +131,9 @@ def digits(cfg) -> tuple[ImageDataset, None]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return ImageDataset(as_uint8(d.images, 16.0), d.target.astype(np.int64), [str(i) for i in range(10)]), None
+    return ImageDataset(
+        as_uint8(d.images, 16.0), d.target.astype(np.int64), [str(i) for i in range(10)]
+    ), None
 
 
 @IMAGE_DATASETS.register("mnist-5k")
@@ -171,7 +175,9 @@ def read_image_folder(root: Path, size: int | None, label_names: list[str] | Non
         raise DataError(f"image folder {root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise DataError(f"image folder {root}: images differ in size {sorted(shapes)[:3]}; set model.image_size")
+        raise DataError(
+            f"image folder {root}: images differ in size {sorted(shapes)[:3]}; set model.image_size"
+        )
     if label_names is None:
         labels, label_names = encode_labels(raw)
     else:

@@ -49,7 +49,9 @@ class EfficientNetLiteForImageClassification(PreTrainedModel):
         super().__init__(config)
         from efficientnet_lite_pytorch import EfficientNet
 
-        net = EfficientNet.from_name(config.variant, num_classes=config.num_labels, image_size=config.image_size)
+        net = EfficientNet.from_name(
+            config.variant, num_classes=config.num_labels, image_size=config.image_size
+        )
         self.classifier = net._fc
         net._fc = nn.Identity()  # the network's forward then ends at pooled, dropped-out features
         _plain_pointwise(net)
@@ -103,7 +105,9 @@ def efficientnet_lite0(label_names, image_size: int = 224, pretrained: bool = Tr
         head = {k: state.pop(k) for k in list(state) if k.startswith("_fc.")}
         missing, unexpected = model.efficientnet.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ModelError(f"EfficientNet-Lite0 weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ModelError(
+                f"EfficientNet-Lite0 weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         if len(label_names) == head["_fc.weight"].shape[0]:
             model.classifier.load_state_dict({k.removeprefix("_fc."): v for k, v in head.items()})
     return model

@@ -61,7 +61,9 @@ class ImageTask:
         stamps the backdoor trigger, a white square in the bottom-right corner."""
         x = images.float() / 255.0
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.clamp(0.0, 1.0)
@@ -200,7 +202,9 @@ def _load(data_cfg):
 
 
 def _evaluator(cfg, data) -> ClassificationMetrics:
-    return ClassificationMetrics(cfg.eval.batch_size, cfg.eval.local, data.client_test, cfg.attack.target_label)
+    return ClassificationMetrics(
+        cfg.eval.batch_size, cfg.eval.local, data.client_test, cfg.attack.target_label
+    )
 
 
 IMAGE_PEFT = ("lora", "head", "full")
@@ -228,7 +232,8 @@ def _check_batched(cfg, who: str) -> None:
     if cfg.model.batch_norm != "frozen":
         raise ValueError(
             f"{who} trains clients in one batch: with model.batch_norm = {cfg.model.batch_norm!r} "
-            "BatchNorm would mix their statistics. Use model.batch_norm = 'frozen' or run.engine = 'inprocess'"
+            "BatchNorm would mix their statistics. Use model.batch_norm = 'frozen' or "
+            "run.engine = 'inprocess'"
         )
 
 
