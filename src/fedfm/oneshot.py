@@ -67,6 +67,7 @@ def run_fedpft(cfg, run_dir: Path, *, progress: bool = True, callbacks=(), resum
         data = prepare_data(cfg)
         bundle, task = build_task(cfg, data)
     outputs.write_partition(run_dir, data.partition_summary(cfg.partition.method))
+    outputs.write_client_samples(run_dir, data)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     metrics.reset()
     evaluate = task_kind(cfg).evaluator(cfg, data)

@@ -87,9 +87,11 @@ class ClientSecurity:
 
 
 def is_registered(source: str) -> bool:
+    from fedfm.data.images import IMAGE_DATASETS
     from fedfm.data.sources import DATASETS
 
-    return source == "config" or (source in DATASETS and source not in ("csv", "jsonl"))
+    named = (source in DATASETS or source in IMAGE_DATASETS) and source not in ("csv", "jsonl", "image-folder")
+    return source == "config" or named
 
 
 def local_data(cfg, source: str, label_names: list[str]):
@@ -103,11 +105,18 @@ def local_data(cfg, source: str, label_names: list[str]):
         return prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": source})}))
     path = Path(source)
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
-    if fmt is None:
-        raise ClientError(f"--data {source!r} is neither a registered dataset nor a .csv/.jsonl file")
-    data = rows_to_dataset(
-        _read_rows(path, fmt), cfg.data.text_column, cfg.data.label_column, source, label_names
-    )
+    if path.is_dir():  # an image folder: <class>/<image>, classes named as the server's labels
+        from fedfm.data.images import read_image_folder
+
+        data = read_image_folder(path, cfg.data.image_size, label_names)
+    elif fmt is None:
+        raise ClientError(
+            f"--data {source!r} is neither a registered dataset, a .csv/.jsonl file nor an image folder"
+        )
+    else:
+        data = rows_to_dataset(
+            _read_rows(path, fmt), cfg.data.text_column, cfg.data.label_column, source, label_names
+        )
     rows = np.arange(len(data))
     return FederatedData(data, data.subset(rows[:1]), [rows], [rows[:0]])
 

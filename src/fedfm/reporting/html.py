@@ -193,7 +193,7 @@ SECTIONS.append(generations_section)
 
 
 def render_report(
-    title: str, config_text: str, history: list[dict], partition: dict | None, plots, extra=()
+    title: str, config_text: str, history: list[dict], partition: dict | None, plots, extra=(), samples=None
 ) -> str:
     final = next((r for r in reversed(history) if r.get("test_accuracy") is not None), None)
     headline = (
@@ -219,5 +219,7 @@ def render_report(
             f"{partition['num_train']} training and {partition['num_test']} server test examples.</p>",
             _partition_table(partition),
         ]
+        if samples is not None:  # image tasks: a few training images of each client
+            parts += ["<h3>Sample images per client</h3>", _img(samples)]
     parts += [f"<h2>Configuration</h2><pre>{html.escape(config_text)}</pre></body></html>"]
     return "\n".join(parts)

@@ -22,6 +22,26 @@ PLOTS = {
 }
 
 
+SAMPLES_FILE = "client-samples.png"
+
+
+def write_client_samples(run_dir: Path, data, per_client: int = 6, max_clients: int = 12) -> Path | None:
+    """Image data: the first ``per_client`` training images of the first ``max_clients`` clients
+    as ``client-samples.png`` (the report's partition section shows it); text data: nothing."""
+    images = getattr(data.train, "images", None)
+    if images is None:
+        return None
+    from fedfm.reporting.plots import plot_client_samples
+
+    names = data.train.label_names
+    samples = [
+        (k, images[rows[:per_client]], [names[int(y)] for y in data.train.labels[rows[:per_client]]])
+        for k, rows in enumerate(data.client_train[:max_clients])
+        if len(rows)
+    ]
+    return plot_client_samples(samples, Path(run_dir) / SAMPLES_FILE) if samples else None
+
+
 def write_partition(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / "partition.json"
     path.write_text(json.dumps(summary, indent=1))
@@ -67,7 +87,10 @@ def write_outputs(run_dir: str | Path) -> Path:
 
         baselines = json.loads((run_dir / "baselines.json").read_text())
         extra.append(baselines_html(baselines, markdown(baselines)))
-    html = render_report(run_dir.name, config_text, history, partition, plots, extra)
+    samples = run_dir / SAMPLES_FILE
+    html = render_report(
+        run_dir.name, config_text, history, partition, plots, extra, samples if samples.is_file() else None
+    )
     path = run_dir / "report.html"
     path.write_text(html)
     return path

@@ -49,3 +49,26 @@ def plot_partition(partition: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_client_samples(samples: list[tuple[int, np.ndarray, list[str]]], path: Path) -> Path:
+    """A row per client: its first few training images ``[n, H, W, C]`` uint8, titled by label."""
+    cols = max((len(images) for _, images, _ in samples), default=1) or 1
+    fig, axes = plt.subplots(len(samples), cols, figsize=(1.1 * cols, 1.2 * len(samples)), dpi=100,
+                             squeeze=False)  # fmt: skip
+    for row, (client, images, labels) in enumerate(samples):
+        for col in range(cols):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(images):
+                img = images[col]
+                ax.imshow(
+                    img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None
+                )
+                ax.set_title(labels[col][:10], fontsize=6)
+        axes[row][0].text(-0.15, 0.5, f"client {client}", transform=axes[row][0].transAxes, ha="right",
+                          va="center", fontsize=7)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

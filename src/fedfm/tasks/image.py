@@ -220,6 +220,12 @@ def _check(cfg) -> None:
 
     if synthetic_mode(cfg).loads:
         raise ValueError("synthetic.mode: synthetic data is text; image_classification has none")
+    if cfg.model.batch_norm == "aggregated" and cfg.privacy.dp != "none":
+        raise ValueError(
+            f"model.batch_norm = 'aggregated' with privacy.dp = {cfg.privacy.dp!r}: the statistics would "
+            "be clipped and noised with the weights (noise can make a variance negative) and their "
+            "sensitivity is not accounted. Use model.batch_norm = 'frozen' under DP."
+        )
     if cfg.model.batch_norm != "frozen" and cfg.privacy.dp == "example":
         raise ValueError(
             f"model.batch_norm = {cfg.model.batch_norm!r} with privacy.dp = 'example': DP-SGD clips "
