@@ -76,3 +76,25 @@ def test_a_registered_server_optimizer_decides_the_step():
     opt = make_server_optimizer(StrategySection(server_optimizer="test-sign", server_lr=0.5))
     new, _ = opt.step({"w": torch.zeros(3)}, {"w": torch.tensor([2.0, -0.1, 0.0])}, opt.init({}))
     assert new["w"].tolist() == [0.5, -0.5, 0.0]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "yogi", "adagrad"])
+def test_statistics_keys_take_the_aggregate_as_it_is(name):
+    """BatchNorm statistics (model.batch_norm = "aggregated") are the clients' mean: θ + Δ, never
+    an optimizer step; weights beside them still step."""
+    from fedfm.algorithms.server_optimizers import SERVER_OPTIMIZERS
+
+    opt = SERVER_OPTIMIZERS.get(name)(lr=0.1, momentum=0.9)
+    params = {
+        "bn.running_mean": torch.tensor([1.0, 2.0]),
+        "bn.running_var": torch.ones(2),
+        "w": torch.zeros(2),
+    }
+    delta = {"bn.running_mean": torch.tensor([0.5, -1.0]), "bn.running_var": torch.tensor([2.0, 0.0]),
+             "w": torch.ones(2)}  # fmt: skip
+    state = opt.init(params)
+    for _ in range(2):
+        new, state = opt.step(params, delta, state)
+        assert torch.equal(new["bn.running_mean"], params["bn.running_mean"] + delta["bn.running_mean"])
+        assert torch.equal(new["bn.running_var"], params["bn.running_var"] + delta["bn.running_var"])
+        assert not torch.equal(new["w"], params["w"])

@@ -153,10 +153,11 @@ def group_step(g: GroupTraining) -> None:
     batches = [b for m, b in built if m.failure is None]
     if not running:
         return
-    sizes = tuple(len(b["input_ids"]) for b in batches)
+    sizes = tuple(len(next(iter(b.values()))) for b in batches)
+    widths = tuple(b["input_ids"].shape[1] if "input_ids" in b else None for b in batches)  # images: None
     g.adapter.segments = Segments(
-        torch.tensor([m.slot for m in running], device=device), sizes,
-        tuple(b["input_ids"].shape[1] for b in batches), tuple(m.dropout for m in running),
+        torch.tensor([m.slot for m in running], device=device), sizes, widths,
+        tuple(m.dropout for m in running),
         every_slot=len(running) == len(g.members),
     )  # fmt: skip
     with autocast_context(cfg.precision, device):

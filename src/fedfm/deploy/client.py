@@ -90,7 +90,11 @@ def is_registered(source: str) -> bool:
     from fedfm.data.images import IMAGE_DATASETS
     from fedfm.data.sources import DATASETS
 
-    named = (source in DATASETS or source in IMAGE_DATASETS) and source not in ("csv", "jsonl", "image-folder")
+    named = (source in DATASETS or source in IMAGE_DATASETS) and source not in (
+        "csv",
+        "jsonl",
+        "image-folder",
+    )
     return source == "config" or named
 
 

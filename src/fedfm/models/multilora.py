@@ -33,7 +33,8 @@ class Segments:
     """How the rows of the combined batch split among clients.
 
     ``slots``: each segment's client slot in the stacks (a long tensor, on the model's device);
-    ``sizes``: rows per segment; ``widths``: the sequence length of each client's own batch;
+    ``sizes``: rows per segment; ``widths``: the sequence length of each client's own batch
+    (None: rows of one fixed size, as images are);
     ``dropout``: each segment's generator for LoRA dropout (None where no LoRA dropout runs).
     """
 
@@ -80,6 +81,7 @@ def segment_dropout(x: torch.Tensor, p: float, seg: Segments) -> torch.Tensor:
         return x
     outs = []
     for part, width, gen in zip(x.split(list(seg.sizes)), seg.widths, seg.dropout, strict=True):
+        width = part.shape[1] if width is None and part.dim() >= 3 else width  # fixed-size rows (images)
         own = (part.shape[0], width, *part.shape[2:]) if part.dim() >= 3 else part.shape
         noise = torch.empty(own, dtype=part.dtype, device=gen.device).bernoulli_(1 - p, generator=gen)
         noise = noise.div_(1 - p).to(part.device)
