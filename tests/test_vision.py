@@ -435,3 +435,42 @@ def test_fashion_mnist_example_runs(tmp_path):
     assert (
         result.history[-1]["test_accuracy"] > 0.2
     )  # near-IID, pretrained: well above chance (0.1) in a round
+
+
+def test_images_with_compression_and_a_robust_aggregator(tiny_vit_dir):
+    cfg = digits_config(
+        tiny_vit_dir, compression={"method": "q8"}, strategy={"aggregator": "median"}, run={"rounds": 2}
+    )
+    result = fedfm.run(cfg, progress=False)
+    assert [r["round"] for r in result.history] == [0, 1, 2] and result.history[-1]["num_clients"] == 4
+    assert result.history[-1]["bytes_up"] < result.history[-1]["bytes_down"]  # 8-bit uploads
+
+
+def test_images_deployed_with_secure_aggregation_match_the_simulation(tmp_path, tiny_vit_dir):
+    """Real server and client processes over mutual TLS, each client with its digits partition."""
+    import tomli_w
+    from tests.deploy_tools import client_args, free_port, make_certificates, server_args, start, write_tokens
+
+    pytest.importorskip("grpc")
+    cfg = digits_config(
+        tiny_vit_dir, run={"rounds": 1, "seed": 0, "threads": 1},
+        partition={"method": "iid", "num_clients": 3},
+        secagg={"enabled": True}, strategy={"weighting": "uniform"}, validation={"max_num_examples": 1000},
+    )  # fmt: skip
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    certs = make_certificates(tmp_path / "certs", sites=3)
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    out = tmp_path / "deployed"
+    server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
+    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()
+    for c in clients:
+        assert c.wait(timeout=60) == 0
+    simulated = fedfm.run(cfg, output=tmp_path / "simulated", progress=False)
+    deployed, local = (
+        load_checkpoint(out / "checkpoint").params,
+        load_checkpoint(simulated.run_dir / "checkpoint").params,
+    )
+    for k in local:
+        torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)

@@ -218,13 +218,23 @@ def run_sweep(
         except RunFailedError as err:  # recorded like any cell; the sweep goes on
             note(f"[{i}/{len(cells)}] {cell.name}: {err}")
             result = err.result
-        extra = {"trainable": result.num_trainable, "wall_s": round(_wall(result.history), 1)}
+        extra = {
+            "trainable": result.num_trainable,
+            "wall_s": round(_wall(result.history), 1),
+            "bytes": _bytes_moved(result.history),
+        }
         row = cell_summary(cell, result.config, result.history, spec, extra)
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
     write_summary(out, spec, rows)
     note(f"summary: {out / 'summary.md'}")
     return rows
+
+
+def _bytes_moved(history: list[dict]) -> int | None:
+    """Upload + download over the whole run (the last round's running totals)."""
+    last = next((r for r in reversed(history) if "bytes_up_total" in r), None)
+    return None if last is None else int(last["bytes_up_total"] + last.get("bytes_down_total", 0))
 
 
 def _wall(history: list[dict]) -> float:
@@ -263,8 +273,53 @@ def markdown_table(spec: SweepSpec, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(values: list[float]) -> str:
+    import statistics
+
+    if not values:
+        return "—"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def seed_table(spec: SweepSpec, rows: list[dict], out: Path | None = None) -> str:
+    """Cells that differ only in ``run.seed``, summarised: mean ± sample std of the final and
+    best metric, rounds to target (mean over the seeds that reached it, and how many did), and
+    bytes moved (read from the cell's metrics.jsonl when its row predates the field)."""
+    axes = [a for a in spec.axes if a != "run.seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(a)) for a in axes), []).append(r)
+    target = f"rounds to {spec.target:g}" if spec.target is not None else None
+    head = [*axes, "seeds", f"final {spec.metric}", "best", *([target] if target else []), "MB moved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, group in groups.items():
+        cols = [*key, str(len(group)), _mean_std([r["final"] for r in group if r["final"] is not None])]
+        cols.append(_mean_std([r["best"] for r in group if r["best"] is not None]))
+        if target:
+            reached = [r["rounds_to_target"] for r in group if r["rounds_to_target"] is not None]
+            mean = f"{sum(reached) / len(reached):.1f}" if reached else "—"
+            cols.append(f"{mean} ({len(reached)}/{len(group)} reached)")
+        moved = [b for b in (_row_bytes(r, out) for r in group) if b is not None]
+        cols.append(f"{sum(moved) / len(moved) / 1e6:.2f}" if moved else "—")
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _row_bytes(row: dict, out: Path | None) -> int | None:
+    if row.get("bytes") is not None or out is None:
+        return row.get("bytes")
+    path = out / row["cell"] / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    from fedfm.reporting.metrics import read_jsonl
+
+    return _bytes_moved([r for r in read_jsonl(path) if r.get("event") == "round"])
+
+
 def write_summary(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
-    """summary.csv (one row per cell, no curves), summary.md and the two plots."""
+    """summary.csv (one row per cell, no curves), summary.md, the two plots, and with several
+    ``run.seed`` values summary-seeds.md (mean ± std over seeds)."""
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     keys = list(dict.fromkeys(k for r in flat for k in r))
     with (out / "summary.csv").open("w", newline="") as fh:
@@ -272,6 +327,10 @@ def write_summary(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(flat)
     (out / "summary.md").write_text(f"# sweep {spec.name}\n\n{markdown_table(spec, rows)}\n")
+    if len(spec.grid.get("run.seed", [])) > 1:
+        (out / "summary-seeds.md").write_text(
+            f"# sweep {spec.name}: over seeds\n\n{seed_table(spec, rows, out)}\n"
+        )
     plot_curves(spec, rows, out / "curves.png")
     numeric = [a for a in spec.grid if all(isinstance(v, (int, float)) for v in spec.grid[a])]
     if numeric:
