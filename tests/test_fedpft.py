@@ -150,3 +150,29 @@ def test_fedpft_refuses_what_it_cannot_run(sections, match):
     cfg["run"] = {"protocol": "fedpft", **sections.get("run", {})}
     with pytest.raises(ConfigError, match=match):
         make_config(cfg)
+
+
+def test_fedpft_folder_exports_and_resumes_as_finished(tiny_config, tmp_path):
+    from fedfm.models.export import export_run
+
+    cfg = tiny_config(run={"protocol": "fedpft"}, peft={"method": "head"})
+    result = fedfm.run(cfg, output=tmp_path / "run", progress=False)
+    again = fedfm.run(resume=result.run_dir, progress=False)
+    assert again.history == result.history
+    assert (export_run(result.run_dir, tmp_path / "export") / "config.json").is_file()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fedfm.run(cfg, output=tmp_path / "run", progress=False)
+
+
+def test_a_head_that_reads_token_states_is_refused():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from fedfm.tasks.features import backbone_features
+
+    model = RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20
+        )
+    )
+    with pytest.raises(ValueError, match="token states"):
+        backbone_features(model, input_ids=torch.ones(2, 5, dtype=torch.long))

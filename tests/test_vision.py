@@ -474,3 +474,68 @@ def test_images_deployed_with_secure_aggregation_match_the_simulation(tmp_path, 
     )
     for k in local:
         torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
+
+
+def test_aggregated_statistics_need_the_plain_mean_and_stack_is_refused():
+    image = {"task": {"kind": "image_classification"}, "model": {"batch_norm": "aggregated"}}
+    for sections, match in [
+        ({"secagg": {"enabled": True}, "strategy": {"weighting": "uniform"}}, "fixed-point"),
+        ({"compression": {"method": "q8"}}, "quantise"),
+        ({"strategy": {"aggregator": "median"}}, "select or rescale"),
+        ({"strategy": {"objective": "scaffold"}, "training": {"optimizer": "sgd"}}, "control variates"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            make_config({**image, **sections})
+    with pytest.raises(ConfigError, match="convolutions too"):
+        make_config({"task": {"kind": "image_classification"}, "strategy": {"lora_aggregation": "stack"}})
+
+
+def test_a_training_batch_of_one_passes_training_mode_batch_norm(tiny_resnet_dir):
+    """At 8 px the tiny ResNet's last feature map is 1×1: one image gives one value per channel."""
+    cfg, bundle, task, jobs = _setup(
+        digits_config(tiny_resnet_dir, model={"batch_norm": "aggregated", "image_size": 8})
+    )
+    bundle.model.train()
+    before = _bn_stats(bundle.model)
+    loss = task.loss(bundle.model, task.batch(task.train, [0], bundle.device))
+    loss.backward()
+    after = _bn_stats(bundle.model)
+    deepest = [n for n in before if "encoder.stages.1" in n and n.endswith("running_mean")]
+    assert deepest and all(
+        torch.equal(before[n], after[n]) for n in deepest
+    )  # that batch used them as they are
+    assert any(not torch.equal(before[n], after[n]) for n in before if "embedder" in n)  # 8×8 maps: trained
+    assert all(m.training for m in bundle.model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_frozen_model_pickles_and_stays_in_eval(tiny_resnet_dir):
+    import pickle
+
+    _, bundle, _, _ = _setup(digits_config(tiny_resnet_dir))
+    model = pickle.loads(pickle.dumps(bundle.model.train()))
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+
+
+def test_exact_lora_aggregation_of_convolution_factors(tiny_resnet_dir):
+    cfg = digits_config(tiny_resnet_dir, strategy={"lora_aggregation": "exact"})
+    result = fedfm.run(cfg, progress=False)
+    params = load_checkpoint(result.run_dir / "checkpoint").params
+    conv = [k for k in params if "lora_A" in k and params[k].dim() == 4]
+    assert conv and all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_baselines_leave_the_loaded_statistics_in_place(tiny_resnet_dir):
+    from fedfm.training import train_from
+
+    cfg, bundle, task, jobs = _setup(digits_config(tiny_resnet_dir, model={"batch_norm": "local"}))
+    initial = _bn_stats(bundle.model)
+    train_from(bundle, task, jobs[0].indices, get_trainable_state(bundle.trainable), 2, cfg.training, 0)
+    assert all(torch.equal(b, initial[n]) for n, b in _bn_stats(bundle.model).items())
+
+
+def test_task_defaults_come_in_groups():
+    cfg = make_config(
+        {"task": {"kind": "image_classification"}, "model": {"name": "google/vit-base-patch16-224"}}
+    )
+    assert cfg.model.image_size is None and cfg.data.name == "fashion-mnist"  # the backbone's own size

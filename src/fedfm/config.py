@@ -84,11 +84,13 @@ class RunConfig(_Section):
         if not defaults:
             return data
         out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-        for dotted, value in defaults.items():
-            section, name = dotted.split(".")
-            node = out.setdefault(section, {})
-            if isinstance(node, dict):
-                node.setdefault(name, value)
+        for group in defaults:
+            first_section, first = next(iter(group)).split(".")
+            if not isinstance(out.get(first_section, {}), dict) or first in out.get(first_section, {}):
+                continue  # the user chose this group's first field: the rest is theirs too
+            for dotted, value in group.items():
+                section, name = dotted.split(".")
+                out.setdefault(section, {}).setdefault(name, value)
         return out
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfm.algorithms.fedpft import fit_class_mixtures, message_nbytes, sample_features
+from fedfm.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedfm.experiment import build_task, prepare_data
 from fedfm.loop import RunResult
 from fedfm.models.export import export_adapter
@@ -58,11 +59,18 @@ def train_head(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, gen
 
 
 def run_fedpft(cfg, run_dir: Path, *, progress: bool = True, callbacks=(), resume: bool = False) -> RunResult:
+    """The one-shot run; its checkpoint (round 1, the head) lets ``fedfm export`` read the folder,
+    and a resumed folder whose checkpoint holds round 1 is finished: its records are returned."""
     started = time.perf_counter()
     console = ConsoleReporter(enabled=progress)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     console.note(f"run folder: {run_dir} (one-shot FedPFT)")
+    finished = load_checkpoint(run_dir / "checkpoint") if resume else None
+    if finished is not None and finished.round >= 1:
+        history = MetricsLog(run_dir / "metrics.jsonl").rounds()
+        console.note("finished earlier: nothing to resume")
+        return RunResult(run_dir, history, history[-1] if history else {}, cfg, None)
     with console.status("loading data and model"):
         data = prepare_data(cfg)
         bundle, task = build_task(cfg, data)
@@ -108,6 +116,10 @@ def run_fedpft(cfg, run_dir: Path, *, progress: bool = True, callbacks=(), resum
         "bytes_down_total": 0, "full_finetune_bytes": full,
     })  # fmt: skip
     params = get_trainable_state(bundle.trainable)
+    comm = {"bytes_up": up, "bytes_down": 0}
+    save_checkpoint(
+        run_dir / "checkpoint", ServerState(1, params, {}, comm=comm, elapsed_s=time.perf_counter() - started)
+    )
     with console.status("writing the model, plots and report"):
         labels = task_kind(cfg).labels_in_export and cfg.model.init == "pretrained"
         export_adapter(bundle, params, run_dir / "adapter", labels=labels)

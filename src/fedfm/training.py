@@ -238,7 +238,10 @@ def train_from(
     (a baseline, or the server's synthetic warm-up); returns the new state and the mean loss."""
     training = cfg.model_copy(update={"local_steps": steps})
     ctx = RoundContext(round=0, seed=seed)
-    update, _ = client_update(bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain"))
+    with own_statistics(bundle, {}):  # FedBN: a party of its own, from the loaded statistics
+        update, _ = client_update(
+            bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain")
+        )
     return {k: start[k] + update.delta[k] for k in start}, update.metrics["train_loss"]
 
 

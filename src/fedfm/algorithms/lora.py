@@ -136,7 +136,8 @@ def aggregate_lora(
                 sums[k] = sums.get(k, 0) + w * delta[k].double()
         for prefix, (a_key, b_key) in pairs.items():
             if mode in ("exact", "stack"):
-                prod = factors[b_key].double() @ factors[a_key].double()
+                # LoRA on a convolution: A [r, in, k, k] and B [out, r, 1, 1] multiply as matrices
+                prod = factors[b_key].double().flatten(1) @ factors[a_key].double().flatten(1)
                 sums[prefix] = sums.get(prefix, 0) + w * prod
                 rms_row = float(factors[a_key][:r].norm()) / math.sqrt(r)
                 a_norms[prefix] = a_norms.get(prefix, 0.0) + w * rms_row
@@ -157,6 +158,7 @@ def aggregate_lora(
             continue
         if mode == "exact":
             b, a = svd_factors(sums[prefix] / total, rank, a_norms[prefix] / total)
+            a, b = a.reshape(global_params[a_key].shape), b.reshape(global_params[b_key].shape)
         else:
             a, b = sums[a_key] / total, sums[b_key] / total
         out[a_key] = a.to(global_params[a_key].dtype) - global_params[a_key]

@@ -176,7 +176,8 @@ def read_image_folder(root: Path, size: int | None, label_names: list[str] | Non
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataError(
-            f"image folder {root}: images differ in size {sorted(shapes)[:3]}; set model.image_size"
+            f"image folder {root}: images differ in size {sorted(shapes)[:3]}; set data.image_size "
+            "to resize them when loading"
         )
     if label_names is None:
         labels, label_names = encode_labels(raw)

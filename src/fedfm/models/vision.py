@@ -175,19 +175,63 @@ def configure_batch_norm(model: nn.Module, mode: str) -> dict[str, torch.Tensor]
     """
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if mode == "frozen":
-        for _, m in norms:
+        for name, m in norms:
+            frozen = FROZEN.get(type(m))
+            if frozen is None:
+                raise ModelError(f"model.batch_norm = 'frozen': cannot freeze {name} ({type(m).__name__})")
+            m.__class__ = frozen  # picklable: a class, not a patched method
             m.eval()
-            m.train = _stay_in_eval.__get__(m)  # nn.Module.train recurses into children: this stops it
         return {}
     stats = {}
     for name, m in norms:
+        m.register_forward_pre_hook(_single_value_pre_hook)
+        m.register_forward_hook(_single_value_hook)
         for buf in BATCH_NORM_STATISTICS:
             stats[f"{name}.{buf}"] = getattr(m, buf)
     return stats
 
 
-def _stay_in_eval(self, mode: bool = True):
-    return self
+class _Frozen:
+    """A BatchNorm layer that stays in eval mode whatever ``train()`` asks (``nn.Module.train``
+    recurses into children, and here it stops)."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class FrozenBatchNorm1d(_Frozen, nn.BatchNorm1d):
+    pass
+
+
+class FrozenBatchNorm2d(_Frozen, nn.BatchNorm2d):
+    pass
+
+
+class FrozenBatchNorm3d(_Frozen, nn.BatchNorm3d):
+    pass
+
+
+FROZEN = {
+    nn.BatchNorm1d: FrozenBatchNorm1d,
+    nn.BatchNorm2d: FrozenBatchNorm2d,
+    nn.BatchNorm3d: FrozenBatchNorm3d,
+}
+
+
+def _single_value_pre_hook(module, args):
+    """Training-mode BatchNorm cannot normalise one value per channel (a batch of one image whose
+    feature map is 1×1, as EfficientNet's last ones are at 32 px): that batch uses the running
+    statistics and leaves them as they are."""
+    x = args[0]
+    if module.training and x.numel() // x.shape[1] == 1:
+        module.training = False
+        module._fedfm_single = True
+
+
+def _single_value_hook(module, args, output):
+    if getattr(module, "_fedfm_single", False):
+        module.training = True
+        module._fedfm_single = False
 
 
 def has_batch_norm(model: nn.Module) -> bool:

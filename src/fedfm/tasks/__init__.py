@@ -25,8 +25,9 @@ class TaskKind:
     ``labels_in_export``: whether the exported model records ``num_labels`` / ``id2label`` /
     ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a field the kind cannot run with;
     ``batchable``: it has ``segment_losses`` for the batched engine, and ``check_batched(cfg,
-    who)`` refuses what a group cannot train; ``defaults``: dotted config fields the kind sets
-    when the user's config leaves them out (an image task's model and dataset).
+    who)`` refuses what a group cannot train; ``defaults``: groups of dotted config fields the
+    kind sets when the user's config leaves out a group's first field (an image task's model,
+    with its input size, and its dataset).
     """
 
     load_source: Callable
@@ -38,7 +39,7 @@ class TaskKind:
     check: Callable | None = None
     batchable: bool = False
     check_batched: Callable | None = None
-    defaults: dict = field(default_factory=dict)
+    defaults: list = field(default_factory=list)
 
 
 TASKS: Registry[TaskKind] = Registry("task")

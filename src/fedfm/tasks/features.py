@@ -30,4 +30,9 @@ def backbone_features(model: nn.Module, **inputs) -> torch.Tensor:
         hook.remove()
         model.train(was_training)
     x = captured[0]
+    if x.dim() > 2 and x[0, 0].numel() != 1:  # [B, C, 1, 1] is one vector; [B, T, d] is not
+        raise ValueError(
+            f"the head reads {tuple(x.shape[1:])} per example (token states, as RoBERTa's does); "
+            "FedPFT fits one feature vector per example"
+        )
     return x.reshape(len(x), -1).float().cpu()

@@ -56,9 +56,8 @@ class ImageTask:
         self.pad: dict = {}  # fixed-size rows: a combined batch needs no padding
 
     # ------------------------------------------------------------ pixels
-    def pixels(self, images: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 ``[B, C, H, W]`` → [0, 1] float ``[B, 3, size, size]``; ``patch`` (bool per row)
-        stamps the backdoor trigger, a white square in the bottom-right corner."""
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` → [0, 1] float ``[B, 3, size, size]``."""
         x = images.float() / 255.0
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(
@@ -66,10 +65,13 @@ class ImageTask:
             )
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = x.clamp(0.0, 1.0)
-        if patch is not None and bool(patch.any()):
-            x = x.clone()
-            x[patch, :, -self.patch_size :, -self.patch_size :] = 1.0
+        return x.clamp(0.0, 1.0)
+
+    def stamped(self, x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        """The backdoor trigger on the rows ``patch`` (bool per row): a white square in the
+        bottom-right corner, after any augmentation, so it is where the test looks for it."""
+        x = x.clone()
+        x[patch, :, -self.patch_size :, -self.patch_size :] = 1.0
         return x
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +91,11 @@ class ImageTask:
         return torch.stack(rows)
 
     def _batch(self, data: Pixels, idx, device, patch=None, labels=None, train=False) -> dict:
-        x = self.pixels(data.images[idx], patch)
+        x = self.pixels(data.images[idx])
         if train and self.augment:
             x = self.augmented(x)
+        if patch is not None and bool(patch.any()):
+            x = self.stamped(x, patch)
         y = data.labels[idx] if labels is None else labels
         return {"pixel_values": self.normalise(x).to(device), "labels": y.to(device)}
 
@@ -226,12 +230,39 @@ def _check(cfg) -> None:
             "be clipped and noised with the weights (noise can make a variance negative) and their "
             "sensitivity is not accounted. Use model.batch_norm = 'frozen' under DP."
         )
+    if cfg.model.batch_norm == "aggregated":
+        _check_aggregated_statistics(cfg)
+    if cfg.peft.method == "lora" and cfg.strategy.lora_aggregation == "stack":
+        raise ValueError(
+            "strategy.lora_aggregation = 'stack' merges LoRA products into linear base weights; an "
+            "image backbone's LoRA adapts convolutions too (use 'naive' or 'exact')"
+        )
     if cfg.model.batch_norm != "frozen" and cfg.privacy.dp == "example":
         raise ValueError(
             f"model.batch_norm = {cfg.model.batch_norm!r} with privacy.dp = 'example': DP-SGD clips "
             "each example's gradient, and BatchNorm in training mode mixes the examples of a batch "
             "(Opacus rejects it). Use model.batch_norm = 'frozen' (an affine map per example)."
         )
+
+
+def _check_aggregated_statistics(cfg) -> None:
+    """BatchNorm statistics averaged with the payload need the plain weighted mean: every other
+    transform or rule would treat them as weights (clip, quantise, sparsify, select)."""
+    s, why = (
+        cfg.strategy,
+        "model.batch_norm = 'aggregated' averages BatchNorm statistics with the weighted mean",
+    )
+    if cfg.secagg.enabled:
+        raise ValueError(f"{why}; secure aggregation's fixed-point range would clip them (secagg.enabled)")
+    if cfg.compression.method != "none":
+        raise ValueError(
+            f"{why}; compression.method = {cfg.compression.method!r} would quantise or drop them "
+            "(a variance could turn negative)"
+        )
+    if s.aggregator != "mean":
+        raise ValueError(f"{why}; strategy.aggregator = {s.aggregator!r} would select or rescale them")
+    if s.objective == "scaffold":
+        raise ValueError(f"{why}; strategy.objective = 'scaffold' would build control variates for them")
 
 
 def _check_batched(cfg, who: str) -> None:
@@ -250,7 +281,10 @@ def _register() -> None:
     entry = TaskKind(
         _load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True, check=_check, batchable=True,
         check_batched=_check_batched,
-        defaults={"model.name": "efficientnet-lite0", "data.name": "fashion-mnist", "model.image_size": 32},
+        # each group applies when its first field is left out: the packaged backbone at 32×32
+        defaults=[
+            {"model.name": "efficientnet-lite0", "model.image_size": 32}, {"data.name": "fashion-mnist"},
+        ],
     )  # fmt: skip
     TASKS.register("image_classification")(entry)
 
