@@ -104,9 +104,9 @@ def _check_run(result, num_clients: int):
     return final
 
 
-def test_fedpft_one_shot_on_text(tiny_config):
+def test_fedpft_one_shot_on_text(tiny_config, tmp_path):
     cfg = tiny_config(run={"protocol": "fedpft", "rounds": 1}, peft={"method": "head"})
-    _check_run(fedfm.run(cfg, progress=False), 4)
+    _check_run(fedfm.run(cfg, output=tmp_path / "run", progress=False), 4)
 
 
 def test_fedpft_one_shot_on_images_learns_from_sampled_features(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -62,7 +63,12 @@ def tiny_resnet_dir(tmp_path_factory):
 
 def digits_config(model_dir, **sections) -> dict:
     cfg = {
-        "run": {"rounds": 1, "seed": 0, "threads": 1},
+        "run": {
+            "rounds": 1,
+            "seed": 0,
+            "threads": 1,
+            "output_root": tempfile.mkdtemp(prefix="fedfm-vision-"),
+        },
         "task": {"kind": "image_classification"},
         "model": {"name": str(model_dir), "image_size": 16},
         "peft": {"method": "lora", "r": 4, "alpha": 8},

@@ -223,7 +223,7 @@ def collate(batches: Sequence[dict], pad: Mapping[str, int]) -> dict:
     out = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if parts[0].dim() >= 2 and key in pad:  # token rows; images share one size
+        if parts[0].dim() >= 2 and len({p.shape[1] for p in parts}) > 1:  # images share one size
             width = max(p.shape[1] for p in parts)
             parts = [F.pad(p, (0, width - p.shape[1]), value=pad[key]) for p in parts]
         out[key] = torch.cat(parts)
