@@ -545,3 +545,30 @@ def test_task_defaults_come_in_groups():
         {"task": {"kind": "image_classification"}, "model": {"name": "google/vit-base-patch16-224"}}
     )
     assert cfg.model.image_size is None and cfg.data.name == "fashion-mnist"  # the backbone's own size
+
+
+def test_hugging_face_image_rows_become_an_image_dataset():
+    """The conversion ``huggingface_images`` applies to each split (``datasets`` itself needs
+    network access): PIL images of any mode and size, labels by name, the server's label order."""
+    from PIL import Image
+
+    from fedfm.data.images import hf_rows
+
+    class Split(dict):  # what fedfm reads of a datasets.Dataset: columns by name and a length
+        column_names = property(lambda self: list(self))
+
+        def __len__(self):
+            return len(self["label"])
+
+    rows = Split(
+        image=[Image.new("L", (5, 7), 30), Image.new("RGB", (9, 9), (1, 2, 3))], label=["dog", "cat"]
+    )
+    data = hf_rows(rows, "image", "label", "demo", size=4)
+    assert (
+        data.images.shape == (2, 4, 4, 3)
+        and data.label_names == ["cat", "dog"]
+        and list(data.labels) == [1, 0]
+    )
+    assert hf_rows(rows, "image", "label", "demo", 4, ["dog", "cat"]).labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match="data.image_column"):
+        hf_rows(rows, "img", "label", "demo", 4)
