@@ -572,3 +572,11 @@ def test_hugging_face_image_rows_become_an_image_dataset():
     assert hf_rows(rows, "image", "label", "demo", 4, ["dog", "cat"]).labels.tolist() == [0, 1]
     with pytest.raises(DataError, match="data.image_column"):
         hf_rows(rows, "img", "label", "demo", 4)
+
+
+def test_batch_norm_momentum_override(tiny_resnet_dir):
+    _, bundle, _, _ = _setup(
+        digits_config(tiny_resnet_dir, model={"batch_norm": "aggregated", "batch_norm_momentum": 0.25})
+    )
+    norms = [m for m in bundle.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.25 for m in norms)

@@ -65,6 +65,13 @@ class ModelSection(_Section):
         description="image_classification: BatchNorm statistics stay as loaded, are averaged with the "
         "payload, or stay with each client (FedBN).",
     )
+    batch_norm_momentum: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="image_classification: BatchNorm's running-average momentum (PyTorch's convention); "
+        "default: the model's own (EfficientNet-Lite's is 0.01).",
+    )
 
 
 class PeftSection(_Section):

@@ -272,6 +272,10 @@ def build_image_classifier(model_cfg, peft_cfg, label_names: list[str], seed: in
         except Exception as err:
             raise load_error(model_cfg.name, err) from None
         preprocessing = _hf_preprocessing(source, model_cfg.image_size, model)
+    if model_cfg.batch_norm_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = model_cfg.batch_norm_momentum
     statistics = configure_batch_norm(model, model_cfg.batch_norm)
     if peft_cfg.method == "lora":
         targets = peft_cfg.target_modules or vision_lora_targets(model, HEAD_MODULES)
