@@ -77,6 +77,16 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([*FEDFM, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
 
 
+def run_federation(path: Path, folder: Path, certs: dict, tokens: list[str], out: Path, port: int) -> None:
+    """A server for config ``path`` and one client per token on ``port``, run to the end;
+    asserts both exit cleanly (the server's log in the message)."""
+    server = start(server_args(path, port, folder / "tokens.txt", certs, out), folder / "server.log")
+    clients = [start(client_args(port, t, certs), folder / f"c{k}.log") for k, t in enumerate(tokens)]
+    assert server.wait(timeout=240) == 0, (folder / "server.log").read_text()
+    for c in clients:
+        assert c.wait(timeout=60) == 0
+
+
 def wait_for_file_text(path: Path, text: str, timeout: float = 120.0) -> None:
     stop = time.monotonic() + timeout
     while time.monotonic() < stop:

@@ -12,6 +12,7 @@ from tests.deploy_tools import (
     client_args,
     free_port,
     make_certificates,
+    run_federation,
     server_args,
     start,
     wait_for_file_text,
@@ -59,11 +60,7 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     cfg, path = deploy_config(tiny_config, tmp_path, **extra)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "deployed"
-    server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
-    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
-    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()
-    for c in clients:
-        assert c.wait(timeout=60) == 0
+    run_federation(path, tmp_path, certs, tokens, out, port)
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["num_clients"] == 3 for r in rounds[1:])

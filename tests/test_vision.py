@@ -455,7 +455,7 @@ def test_images_with_compression_and_a_robust_aggregator(tiny_vit_dir):
 def test_images_deployed_with_secure_aggregation_match_the_simulation(tmp_path, tiny_vit_dir):
     """Real server and client processes over mutual TLS, each client with its digits partition."""
     import tomli_w
-    from tests.deploy_tools import client_args, free_port, make_certificates, server_args, start, write_tokens
+    from tests.deploy_tools import free_port, make_certificates, run_federation, write_tokens
 
     pytest.importorskip("grpc")
     cfg = digits_config(
@@ -468,11 +468,7 @@ def test_images_deployed_with_secure_aggregation_match_the_simulation(tmp_path, 
     certs = make_certificates(tmp_path / "certs", sites=3)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "deployed"
-    server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
-    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
-    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()
-    for c in clients:
-        assert c.wait(timeout=60) == 0
+    run_federation(path, tmp_path, certs, tokens, out, port)
     simulated = fedfm.run(cfg, output=tmp_path / "simulated", progress=False)
     deployed, local = (
         load_checkpoint(out / "checkpoint").params,

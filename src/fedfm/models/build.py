@@ -82,32 +82,42 @@ def load_tokenizer(source: str, name: str):
     return tokenizer
 
 
+def label_fields(label_names: list[str]) -> dict:
+    """The config fields that give a classifier the run's labels."""
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+
+
+def load_labelled(auto_class, source: str, model_cfg, label_names: list[str]) -> nn.Module:
+    """``auto_class`` (a transformers Auto class) for ``source`` with the run's labels: pretrained
+    (a checkpoint whose head has another label count gets a fresh head) or freshly initialised."""
+    from transformers import AutoConfig
+
+    labels = label_fields(label_names)
+    try:
+        if model_cfg.init == "pretrained":
+            return auto_class.from_pretrained(
+                source, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
+            )
+        return auto_class.from_config(AutoConfig.from_pretrained(source, **labels), dtype=torch.float32)
+    except Exception as err:
+        raise load_error(model_cfg.name, err) from None
+
+
 def build_classifier(
     model_cfg, peft_cfg, label_names: list[str], seed: int, device: str = "auto"
 ) -> ModelBundle:
     """A sequence classifier (encoder or decoder) with the PEFT method applied, seeded by ``seed``."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     source = resolve_model(model_cfg.name)
     tokenizer = load_tokenizer(source, model_cfg.name)
-    labels = {
-        "num_labels": len(label_names),
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {n: i for i, n in enumerate(label_names)},
-    }
     seed_torch(seed, "model-init")
-    try:
-        if model_cfg.init == "pretrained":
-            # A checkpoint whose head has another label count gets a fresh head.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
-            )
-        else:
-            config = AutoConfig.from_pretrained(source, **labels)
-            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    except Exception as err:
-        raise load_error(model_cfg.name, err) from None
+    model = load_labelled(AutoModelForSequenceClassification, source, model_cfg, label_names)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = apply_peft(model, peft_cfg, model_cfg.name)

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, Pretrained
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from fedfm.data.sources import package_folder
-from fedfm.models.resolve import MODELS, ModelError, load_error, resolve_model
+from fedfm.models.resolve import MODELS, ModelError, resolve_model
 from fedfm.seeding import seed_torch
 
 BATCH_NORM_STATISTICS = ("running_mean", "running_var")
@@ -97,8 +97,9 @@ _efficientnet_weights.__doc__ = "EfficientNet-Lite0 (4.65M params, ImageNet-pret
 def efficientnet_lite0(label_names, image_size: int = 224, pretrained: bool = True):
     """EfficientNet-Lite0 with a fresh head for ``label_names``; ImageNet weights unless
     ``pretrained`` is False (then every weight is freshly initialised)."""
-    labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
-    config = EfficientNetLiteConfig(image_size=image_size, num_labels=len(label_names), **labels)
+    from fedfm.models.build import label_fields
+
+    config = EfficientNetLiteConfig(image_size=image_size, **label_fields(label_names))
     model = EfficientNetLiteForImageClassification(config)
     if pretrained:
         state = torch.load(_efficientnet_weights(), map_location="cpu", weights_only=True)
@@ -240,7 +241,14 @@ def has_batch_norm(model: nn.Module) -> bool:
 
 def build_image_classifier(model_cfg, peft_cfg, label_names: list[str], seed: int, device: str = "auto"):
     """An image classifier with the PEFT method applied and ``model.batch_norm`` configured."""
-    from fedfm.models.build import HEAD_MODULES, ModelBundle, _quiet_transformers, apply_peft, pick_device
+    from fedfm.models.build import (
+        HEAD_MODULES,
+        ModelBundle,
+        _quiet_transformers,
+        apply_peft,
+        load_labelled,
+        pick_device,
+    )  # fmt: skip
     from fedfm.models.state import trainable_parameters
 
     _quiet_transformers()
@@ -256,21 +264,7 @@ def build_image_classifier(model_cfg, peft_cfg, label_names: list[str], seed: in
         preprocessing = ImagePreprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     else:
         source = resolve_model(model_cfg.name)
-        labels = {
-            "num_labels": len(label_names),
-            "id2label": dict(enumerate(label_names)),
-            "label2id": {n: i for i, n in enumerate(label_names)},
-        }
-        try:
-            if pretrained:
-                model = AutoModelForImageClassification.from_pretrained(
-                    source, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
-                )
-            else:
-                config = AutoConfig.from_pretrained(source, **labels)
-                model = AutoModelForImageClassification.from_config(config, dtype=torch.float32)
-        except Exception as err:
-            raise load_error(model_cfg.name, err) from None
+        model = load_labelled(AutoModelForImageClassification, source, model_cfg, label_names)
         preprocessing = _hf_preprocessing(source, model_cfg.image_size, model)
     if model_cfg.batch_norm_momentum is not None:
         for m in model.modules():

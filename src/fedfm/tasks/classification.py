@@ -103,8 +103,7 @@ class ClassificationTask:
 
     def segment_losses(self, model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
         """One forward over a combined batch; each segment's mean loss (``loss`` per client)."""
-        per_row = F.cross_entropy(self.logits(model, batch), batch["labels"], reduction="none")
-        return torch.stack([part.mean() for part in per_row.split(list(sizes))])
+        return segment_classify_losses(self.logits(model, batch), batch["labels"], sizes)
 
     def eval_batch(self, data: Encoded, indices, device) -> dict:
         return self.batch(data, indices, device)
@@ -128,6 +127,12 @@ class ClassificationTask:
 
 def classify_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
+
+
+def segment_classify_losses(logits: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Each segment's mean cross-entropy over a combined batch (the batched engine's loss)."""
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    return torch.stack([part.mean() for part in per_row.split(list(sizes))])
 
 
 @torch.no_grad()

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedfm.data.images import ImageDataset
-from fedfm.tasks.classification import ClassificationMetrics, classify_loss, evaluate_classifier
+from fedfm.tasks.classification import (
+    ClassificationMetrics,
+    classify_loss,
+    evaluate_classifier,
+    segment_classify_losses,
+)
 
 
 @dataclass(frozen=True)
@@ -140,8 +145,7 @@ class ImageTask:
         return classify_loss(self.logits(model, batch), batch["labels"])
 
     def segment_losses(self, model: nn.Module, batch: dict, sizes: Sequence[int]) -> torch.Tensor:
-        per_row = F.cross_entropy(self.logits(model, batch), batch["labels"], reduction="none")
-        return torch.stack([part.mean() for part in per_row.split(list(sizes))])
+        return segment_classify_losses(self.logits(model, batch), batch["labels"], sizes)
 
     def eval_batch(self, data: Pixels, indices, device) -> dict:
         return self._batch(data, torch.as_tensor(indices, dtype=torch.long), device)
