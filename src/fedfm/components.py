@@ -26,6 +26,7 @@ _KINDS = {
     "synthetic mode": ("fedfm.synthetic.modes", "SYNTHETIC_MODES"),
     "transform": ("fedfm.transforms", "TRANSFORMS"),
     "protocol": ("fedfm.protocols", "PROTOCOLS"),
+    "sharing mode": ("fedfm.sharing", "SHARING_MODES"),
 }
 
 

@@ -23,6 +23,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     EvalSection,
     FedPftSection,
     ModelSection,
+    OffsiteSection,
     PartitionSection,
     PeftSection,
     PipelineSection,
@@ -32,6 +33,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     RunSection,
     SamplingSection,
     SecAggSection,
+    SharingSection,
     StrategySection,
     SyntheticSection,
     TaskSection,
@@ -68,6 +70,8 @@ class RunConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     batched: BatchedSection = Field(default_factory=BatchedSection)
     fedpft: FedPftSection = Field(default_factory=FedPftSection)
+    sharing: SharingSection = Field(default_factory=SharingSection)
+    offsite: OffsiteSection = Field(default_factory=OffsiteSection)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +154,11 @@ def _component_checks(cfg: RunConfig) -> None:
     check_lora(cfg)
     check_transforms(cfg)
     check_synthetic(cfg)
+    from fedfm.sharing import SHARING_MODES
+
+    sharing = SHARING_MODES.get(cfg.sharing.mode)
+    if sharing.check is not None:
+        sharing.check(cfg)
     kind = task_kind(cfg)
     if kind.check is not None:
         kind.check(cfg)

@@ -72,6 +72,11 @@ class ModelSection(_Section):
         description="image_classification: BatchNorm's running-average momentum (PyTorch's convention); "
         "default: the model's own (EfficientNet-Lite's is 0.01).",
     )
+    layers: list[int] | None = Field(
+        None,
+        description="Keep only these layers of the transformer's stack (FM indices, increasing); "
+        "the rest are dropped. Default: all.",
+    )
 
 
 class PeftSection(_Section):
@@ -85,6 +90,11 @@ class PeftSection(_Section):
         None, description="Modules to adapt; default: PEFT's per-architecture choice."
     )
     num_virtual_tokens: int = Field(8, ge=1, description="Prompt tuning: soft prompt length.")
+    layers: list[int] | None = Field(
+        None,
+        description="Adapt (lora, ia3) or, with method = 'full', train only these layers (FM indices) "
+        "besides the head. Default: every layer.",
+    )
     rank_tiers: list[int] | None = Field(
         None, description="Heterogeneous LoRA ranks, e.g. [4, 8, 16]; the largest must equal peft.r."
     )
@@ -381,6 +391,28 @@ class FedPftSection(_Section):
     head_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of the server's head training.")
     head_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the head training.")
     head_batch_size: int = Field(256, ge=1, description="Mini-batch of the server's head training.")
+
+
+class SharingSection(_Section):
+    """Computation sharing: clients too small for the FM still take part (docs/computation-sharing.md)."""
+
+    mode: Registered("sharing mode") = Field(
+        "none", description="none (every client runs the whole FM), or offsite (clients tune an emulator)."
+    )
+
+
+class OffsiteSection(_Section):
+    """sharing.mode = "offsite": offsite tuning (Xiao et al. 2023) on an emulator of the FM."""
+
+    adapter_layers: int = Field(
+        1, ge=1, description="Layers at the bottom and at the top (each) that clients tune: the adapter."
+    )
+    emulator_layers: int | None = Field(
+        None,
+        ge=0,
+        description="Middle layers the emulator keeps, evenly spaced (uniform layer drop); default: half "
+        "of the middle, rounded up. All of them: the emulator is the FM.",
+    )
 
 
 class EvalSection(_Section):

@@ -40,6 +40,7 @@ from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
 from fedfm.round import ServerRound, Strategy, apply_round, round_context, traffic
 from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
+from fedfm.sharing import SHARING_MODES
 from fedfm.synthetic.modes import synthetic_mode
 from fedfm.tasks import task_kind
 from fedfm.training import ClientProgram
@@ -84,9 +85,13 @@ class Run:
         make_engine = engine_factory or ENGINES.get(cfg.run.engine)
         self.remote = bool(getattr(make_engine, "remote", False))
         kind = task_kind(cfg)
+        sharing = SHARING_MODES.get(cfg.sharing.mode)
         with self.console.status("loading data and model"):
             self.data: FederatedData = server_only_data(cfg) if self.remote else prepare_data(cfg)
-            self.bundle, self.task = build_task(cfg, self.data)
+            client_cfg = sharing.client_view(cfg)  # the model clients hold (an emulator, say)
+            self.bundle, self.task = build_task(client_cfg, self.data)
+            # the model the server evaluates and exports, when it is not the clients' (the FM)
+            self.server_model = sharing.server_model(cfg, self.data.train.label_names)
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
         outputs.write_client_samples(run_dir, self.data)
@@ -94,7 +99,7 @@ class Run:
         self.objective, self.pipeline = program.objective, program.pipeline
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.jobs = client_jobs(self.data, cfg.peft)
-        builder = BundleBuilder.of(cfg, self.data.train.label_names)
+        builder = BundleBuilder.of(client_cfg, self.data.train.label_names)
         options = getattr(cfg, cfg.run.engine, None)
         setup = EngineSetup(self.bundle, self.task, self.jobs, program, builder, options, cfg.batched)
         self.engine = make_engine(setup)
@@ -123,6 +128,8 @@ class Run:
         self.fresh = False  # set by _initial_state: no checkpoint to resume from
         self.state = self._initial_state()
         if self.fresh:
+            if sharing.describe is not None:
+                self._describe_sharing(sharing.describe(cfg))
             if synthetic_mode(cfg).warmup:
                 self._warmup()
             # round 0 is checkpointed too: a kill after round 1's record is written but before its
@@ -147,6 +154,17 @@ class Run:
         return fold_stacked(
             self.bundle, state.params, state.merged, aggregate, self.cfg.peft.r, self.cfg.run.seed, t, senders
         )
+
+    def _describe_sharing(self, record: dict) -> None:
+        record = {**record, "client_params": self.bundle.num_total()}
+        if self.server_model is not None:
+            record["server_params"] = self.server_model.bundle.num_total()
+            share = record["client_params"] / record["server_params"]
+            self.console.note(
+                f"{record['mode']}: clients hold {record['client_params'] / 1e6:.1f}M parameters "
+                f"({share:.0%} of the FM's {record['server_params'] / 1e6:.1f}M)"
+            )
+        self.metrics.write({"event": "sharing", **record})
 
     def _warmup(self) -> None:
         from fedfm.synthetic.mix import server_warmup
@@ -283,7 +301,14 @@ class Run:
     def evaluate(self, params: Params) -> dict:
         set_trainable_state(self.bundle.trainable, params)
         with self.console.status(self.evaluator.status):
-            return self.evaluator(self.bundle, self.task)
+            metrics = self.evaluator(self.bundle, self.task)
+        server = self.server_model
+        if server is None:
+            return metrics
+        set_trainable_state(server.bundle.trainable, server.params(params))  # plugged into the FM
+        with self.console.status(f"{self.evaluator.status} (the FM with the clients' adapter)"):
+            plugged = self.evaluator(server.bundle, self.task)
+        return {**plugged, **{f"emulator_{k}": v for k, v in metrics.items() if k.startswith("test_")}}
 
     def _finish_round(self, record: dict) -> None:
         record = {"event": "round", **record, "elapsed_s": self.elapsed()}
@@ -303,9 +328,10 @@ class Run:
         with self.console.status("writing adapter, plots and report"):
             merged = self.lora_mode.merges_into_base
             labels = task_kind(self.cfg).labels_in_export and self.cfg.model.init == "pretrained"
-            export_adapter(
-                self.bundle, self.state.params, self.run_dir / "adapter", merged=merged, labels=labels
-            )
+            bundle, params = self.bundle, self.state.params
+            if self.server_model is not None:  # the adapter plugged into the FM
+                bundle, params = self.server_model.bundle, self.server_model.params(params)
+            export_adapter(bundle, params, self.run_dir / "adapter", merged=merged, labels=labels)
             outputs.write_outputs(self.run_dir)
         self.engine.close()
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})

@@ -306,8 +306,11 @@ def serve(
 def client_config(cfg) -> str:
     """The resolved config a joining client receives: never the privacy noise seed (per-client
     seeds travel with each task, and only in reproducible-noise runs)."""
+    from fedfm.sharing import SHARING_MODES
+
     privacy = cfg.privacy.model_copy(update={"noise_seed": None})
-    return cfg.model_copy(update={"privacy": privacy}).to_toml()
+    view = SHARING_MODES.get(cfg.sharing.mode).client_view(cfg)  # offsite: the emulator's layers
+    return view.model_copy(update={"privacy": privacy}).to_toml()
 
 
 def check_deployable(cfg, security: Security | None = None) -> list[str]:

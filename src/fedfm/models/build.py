@@ -120,7 +120,8 @@ def build_classifier(
     model = load_labelled(AutoModelForSequenceClassification, source, model_cfg, label_names)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_peft(model, peft_cfg, model_cfg.name)
+    adapted = select_layers(model, model_cfg, peft_cfg)
+    model = apply_peft(model, peft_cfg, model_cfg.name, layers=adapted)
     dev = pick_device(device)
     model.to(dev)
     return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
@@ -182,19 +183,52 @@ def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = 
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    adapted = select_layers(model, model_cfg, peft_cfg)
     if training_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = apply_peft(model, peft_cfg, model_cfg.name, task_type="CAUSAL_LM")
+    model = apply_peft(model, peft_cfg, model_cfg.name, task_type="CAUSAL_LM", layers=adapted)
     if quant is None:
         model.to(dev)
     return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
 
 
-def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str | None = "SEQ_CLS") -> nn.Module:
-    """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full."""
+def select_layers(model: nn.Module, model_cfg, peft_cfg) -> tuple[str, list[int]] | None:
+    """Keep only ``model.layers`` of the model's layer stack; return (the stack's name, the
+    positions of ``peft.layers`` in what is kept), or None when every layer is adapted."""
+    from fedfm.models.layers import check_layers, keep_layers, layer_list, positions
+
+    kept, adapt = getattr(model_cfg, "layers", None), getattr(peft_cfg, "layers", None)
+    if kept is None and adapt is None:
+        return None
+    path, stack = layer_list(model)
+    n = len(stack)
+    kept = check_layers(kept, n, "model.layers") if kept is not None else list(range(n))
+    if len(kept) < n:
+        keep_layers(model, kept)
+    if adapt is None:
+        return None
+    return path, positions(kept, check_layers(adapt, n, "peft.layers"), "peft.layers")
+
+
+def apply_peft(
+    model: nn.Module,
+    peft_cfg,
+    name: str,
+    task_type: str | None = "SEQ_CLS",
+    layers: tuple[str, list[int]] | None = None,
+) -> nn.Module:
+    """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full. ``layers``
+    (the layer stack's name, positions): adapt, or with ``full`` train, only those layers."""
     method = peft_cfg.method
+    if layers is not None and method in ("head", "prompt_tuning"):
+        raise ModelError(f"peft.layers does not apply to peft.method = {method!r}; leave it unset")
     if method == "full":
+        if layers is not None:
+            from fedfm.models.layers import train_only_layers
+
+            train_only_layers(model, layers[1], HEAD_MODULES)
+            return model
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -207,7 +241,7 @@ def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str | None = "S
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config(peft_cfg, model, task_type))
+        return get_peft_model(model, peft_config(peft_cfg, model, task_type, layers))
     except ValueError as err:
         raise ModelError(
             f"peft.method = {method!r} on model {name!r}: {err}. Set peft.target_modules to the "
@@ -215,9 +249,18 @@ def apply_peft(model: nn.Module, peft_cfg, name: str, task_type: str | None = "S
         ) from None
 
 
-def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str | None = "SEQ_CLS"):
+def peft_config(
+    peft_cfg,
+    model: nn.Module | None = None,
+    task_type: str | None = "SEQ_CLS",
+    layers: tuple[str, list[int]] | None = None,
+):
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 
+    # PEFT finds a module's layer index after the stack's last name ("layer", "layers", "h")
+    where = (
+        {"layers_to_transform": layers[1], "layers_pattern": layers[0].rsplit(".", 1)[-1]} if layers else {}
+    )
     if peft_cfg.method == "lora":
         return LoraConfig(
             task_type=task_type,
@@ -227,11 +270,12 @@ def peft_config(peft_cfg, model: nn.Module | None = None, task_type: str | None 
             target_modules=peft_cfg.target_modules,
             # no task type (image models): PEFT does not know the head, so it is named here
             modules_to_save=None if task_type else [n for n in HEAD_MODULES if hasattr(model, n)] or None,
+            **where,
         )
     if peft_cfg.method == "ia3":
         targets = peft_cfg.target_modules
         return IA3Config(
-            task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None
+            task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None, **where
         )
     if peft_cfg.method == "prompt_tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)

@@ -127,10 +127,18 @@ def export_run(run_dir: str | Path, output: str | Path, merge: bool = False) -> 
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "cpu"})})
     labels = json.loads((run_dir / "partition.json").read_text())["label_names"]
     kind = task_kind(cfg)
-    bundle = kind.build_bundle(cfg, labels)
+    from fedfm.sharing import SHARING_MODES
+
+    sharing = SHARING_MODES.get(cfg.sharing.mode)
+    params = state.params
+    server = sharing.server_model(cfg, labels)  # offsite tuning: the adapter plugged into the FM
+    if server is not None:
+        bundle, params = server.bundle, server.params(params)
+    else:
+        bundle = kind.build_bundle(cfg, labels)
     merge_into_base(bundle.model, state.merged)
     stacked = LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base
     can_merge = hasattr(bundle.model, "merge_and_unload")
     merged = (merge or stacked) and can_merge
     record = kind.labels_in_export and cfg.model.init == "pretrained"  # a random base has no files
-    return export_adapter(bundle, state.params, output, merged=merged, labels=record)
+    return export_adapter(bundle, params, output, merged=merged, labels=record)

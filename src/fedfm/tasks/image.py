@@ -228,6 +228,11 @@ def _check(cfg) -> None:
 
     if synthetic_mode(cfg).loads:
         raise ValueError("synthetic.mode: synthetic data is text; image_classification has none")
+    for field, value in (("model.layers", cfg.model.layers), ("peft.layers", cfg.peft.layers)):
+        if value is not None:
+            raise ValueError(
+                f"{field} chooses layers of a transformer's stack; image_classification has none"
+            )
     if cfg.model.batch_norm == "aggregated" and cfg.privacy.dp != "none":
         raise ValueError(
             f"model.batch_norm = 'aggregated' with privacy.dp = {cfg.privacy.dp!r}: the statistics would "

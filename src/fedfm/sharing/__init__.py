@@ -1,0 +1,32 @@
+"""Computation sharing: what a client runs when it cannot run the whole foundation model.
+
+A sharing mode, looked up by ``sharing.mode``, says what clients train (``client_view(cfg)``: the
+config of the model they hold, an ordinary run's config) and which model the server evaluates and
+exports (``server_model(cfg, label_names)``: a ``ServerModel`` with the FM and how a payload's
+keys map onto it, or None when it is the clients' model). ``none``: every client runs the FM.
+``offsite``: offsite tuning on an emulator (``fedfm.sharing.offsite``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedfm.registry import Registry
+
+
+@dataclass(frozen=True)
+class SharingMode:
+    client_view: Callable  # (cfg) → the config of the model clients train
+    server_model: Callable  # (cfg, label_names) → ServerModel | None
+    check: Callable | None = None  # (cfg) → raises ValueError naming a field
+    describe: Callable | None = None  # (cfg) → dict recorded in metrics.jsonl ("sharing" event)
+
+
+SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")
+
+SHARING_MODES.register("none")(SharingMode(lambda cfg: cfg, lambda cfg, labels: None))
+
+from fedfm.sharing import offsite as _offsite  # noqa: E402,F401  (registration)
+
+__all__ = ["SHARING_MODES", "SharingMode"]

@@ -1,0 +1,170 @@
+"""Offsite tuning (Xiao et al. 2023): clients tune adapters on an emulator, never the full FM.
+
+The server keeps the foundation model. The **emulator** is the FM with its bottom and top
+``offsite.adapter_layers`` layers kept as the trainable *adapter* and its middle thinned by
+uniform layer drop to ``offsite.emulator_layers`` evenly spaced layers (frozen). Clients fine-tune
+the adapter (LoRA on it, or every weight of it with ``peft.method = "full"``) and the head on the
+emulator; the server aggregates the adapter as usual and **plugs it into the full FM** (the same
+layers at their FM indices) to evaluate and export it. The emulator's own accuracy is recorded
+beside the plug-in's (``emulator_test_*``).
+
+The emulator here is not distilled: its middle layers are the FM's own (a subset), so it costs no
+server training and uses no data; see docs/computation-sharing.md for what that costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedfm.models.build import ModelBundle
+from fedfm.models.resolve import ModelError
+from fedfm.sharing import SHARING_MODES, SharingMode
+from fedfm.types import Params
+
+OFFSITE_TASKS = ("classification", "instruction")
+
+
+@dataclass(frozen=True)
+class EmulatorPlan:
+    """Which FM layers the emulator keeps (in order) and which of them are the adapter."""
+
+    num_layers: int
+    kept: tuple[int, ...]
+    adapter: tuple[int, ...]
+
+    @property
+    def positions(self) -> dict[int, int]:
+        """Emulator position → FM layer index."""
+        return dict(enumerate(self.kept))
+
+
+def emulator_plan(num_layers: int, adapter_layers: int, emulator_layers: int | None) -> EmulatorPlan:
+    """Bottom and top ``adapter_layers`` layers, and ``emulator_layers`` of the middle ones evenly
+    spaced, first and last middle layers included (default: half of the middle, rounded up)."""
+    k = adapter_layers
+    if 2 * k > num_layers:
+        raise ModelError(
+            f"offsite.adapter_layers = {k} takes {2 * k} layers (bottom and top); the FM has {num_layers}"
+        )
+    middle = list(range(k, num_layers - k))
+    m = len(middle)
+    keep = (m + 1) // 2 if emulator_layers is None else emulator_layers
+    if keep > m:
+        raise ModelError(f"offsite.emulator_layers = {keep}: the FM has {m} middle layers")
+    if keep == 1:
+        chosen = [middle[(m - 1) // 2]]
+    else:
+        chosen = [middle[round(i * (m - 1) / (keep - 1))] for i in range(keep)] if keep else []
+    bottom, top = list(range(k)), list(range(num_layers - k, num_layers))
+    return EmulatorPlan(num_layers, tuple(bottom + chosen + top), tuple(bottom + top))
+
+
+def fm_num_layers(model_cfg) -> int:
+    """The number of layers of the FM named by ``model_cfg`` (from its config file, no weights)."""
+    from transformers import AutoConfig
+
+    from fedfm.models.resolve import load_error, resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model_cfg.name))
+    except Exception as err:
+        raise load_error(model_cfg.name, err) from None
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ModelError(f"model {model_cfg.name!r}: its config gives no num_hidden_layers")
+    return n
+
+
+def plan_of(cfg) -> EmulatorPlan:
+    o = cfg.offsite
+    return emulator_plan(fm_num_layers(cfg.model), o.adapter_layers, o.emulator_layers)
+
+
+def _with(cfg, model_layers, peft_layers):
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"layers": model_layers}),
+            "peft": cfg.peft.model_copy(update={"layers": peft_layers}),
+            "sharing": cfg.sharing.model_copy(update={"mode": "none"}),
+        }
+    )
+
+
+def emulator_config(cfg):
+    """What clients train: the emulator's layers, with the adapter's adapted."""
+    plan = plan_of(cfg)
+    return _with(cfg, list(plan.kept), list(plan.adapter))
+
+
+def plugin_config(cfg):
+    """What the server evaluates: the full FM with the adapter's layers adapted."""
+    return _with(cfg, None, list(plan_of(cfg).adapter))
+
+
+@dataclass
+class ServerModel:
+    """The model the server evaluates and exports, and how a client payload's keys map onto it."""
+
+    bundle: ModelBundle
+    stack: str  # the layer stack's name in payload keys
+    positions: dict[int, int]  # the clients' model's layer position → the FM's layer index
+    plan: EmulatorPlan
+
+    def params(self, state: Params) -> Params:
+        from fedfm.models.layers import rename_layers
+
+        return rename_layers(state, self.stack, self.positions)
+
+
+def server_model(cfg, label_names) -> ServerModel:
+    from fedfm.experiment import build_bundle
+    from fedfm.models.layers import layer_list
+
+    bundle = build_bundle(plugin_config(cfg), label_names)
+    stack, _ = layer_list(bundle.model)
+    plan = plan_of(cfg)
+    return ServerModel(bundle, stack, plan.positions, plan)
+
+
+def describe(cfg) -> dict:
+    plan = plan_of(cfg)
+    return {
+        "mode": "offsite",
+        "fm_layers": plan.num_layers,
+        "emulator_layers": list(plan.kept),
+        "adapter_layers": list(plan.adapter),
+    }
+
+
+def check_offsite(cfg) -> None:
+    from fedfm.algorithms.lora import LORA_AGGREGATION
+
+    who = "sharing.mode = 'offsite'"
+    if cfg.task.kind not in OFFSITE_TASKS:
+        raise ValueError(
+            f"{who} thins a transformer's layer stack; task.kind = {cfg.task.kind!r} is not one of "
+            f"{', '.join(OFFSITE_TASKS)}"
+        )
+    if cfg.peft.method not in ("lora", "ia3", "full"):
+        raise ValueError(
+            f"{who} tunes the adapter layers with LoRA (or ia3), or every weight of them with 'full'; "
+            f"peft.method = {cfg.peft.method!r} does not"
+        )
+    for field, value in (("model.layers", cfg.model.layers), ("peft.layers", cfg.peft.layers)):
+        if value is not None:
+            raise ValueError(f"{who} chooses the layers itself (offsite.*); leave {field} unset")
+    if cfg.task.baselines:
+        raise ValueError(
+            f"{who}: the baselines would train and score the emulator, not the plug-in; "
+            "set task.baselines = false"
+        )
+    if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base:
+        raise ValueError(
+            f"{who}: strategy.lora_aggregation = {cfg.strategy.lora_aggregation!r} merges updates into "
+            "the clients' base, the emulator, which the server's FM does not share"
+        )
+    if cfg.run.protocol != "rounds":
+        raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
+
+
+SHARING_MODES.register("offsite")(SharingMode(emulator_config, server_model, check_offsite, describe))

@@ -1,0 +1,253 @@
+"""Offsite tuning (sharing.mode = "offsite") and the layer selection it is built from."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.conftest import config_factory
+
+import fedfm
+from fedfm.config import ConfigError, make_config
+from fedfm.experiment import build_bundle, prepare_data
+from fedfm.models.layers import keep_layers, layer_list, rename_layers
+from fedfm.models.resolve import ModelError
+from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.sharing import SHARING_MODES
+from fedfm.sharing.offsite import emulator_plan
+
+
+@pytest.fixture(scope="module")
+def bert4_dir(tmp_path_factory):
+    """A 4-layer BERT (hidden 32), randomly initialised, with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedfm.models.resolve import resolve_model
+
+    folder = tmp_path_factory.mktemp("bert4")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def offsite_config(bert4_dir, csv_path):
+    return config_factory(
+        {
+            "run": {"rounds": 2, "seed": 0, "threads": 1},
+            "model": {"name": str(bert4_dir), "max_length": 16},
+            "peft": {"method": "lora", "r": 4, "alpha": 8},
+            "data": {"name": "csv", "path": str(csv_path), "test_fraction": 0.25},
+            "partition": {"method": "iid", "num_clients": 4, "min_size": 1},
+            "sampling": {"fraction": 1.0},
+            "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
+            "eval": {"batch_size": 32},
+            "sharing": {"mode": "offsite"},
+        }
+    )
+
+
+LABELS = ["money", "music", "sport"]
+
+
+def test_emulator_plans_by_hand():
+    assert emulator_plan(6, 1, 2).kept == (0, 1, 4, 5)  # middle 1..4, first and last kept
+    assert emulator_plan(6, 1, None).kept == (0, 1, 4, 5)  # half of the middle, rounded up
+    assert emulator_plan(6, 1, 1).kept == (0, 2, 5)
+    assert emulator_plan(6, 1, 0).kept == (0, 5)
+    assert emulator_plan(6, 1, 4).kept == tuple(range(6))  # nothing dropped
+    assert emulator_plan(12, 2, 3).kept == (0, 1, 2, 6, 9, 10, 11)  # middle 2..9: 0, 3.5→4, 7 steps in
+    assert emulator_plan(12, 2, 3).adapter == (0, 1, 10, 11)
+    assert emulator_plan(7, 1, None).kept == (0, 1, 3, 5, 6)  # 5 middle layers → 3
+    with pytest.raises(ModelError, match="adapter_layers = 4"):
+        emulator_plan(6, 4, 0)
+    with pytest.raises(ModelError, match="emulator_layers = 5"):
+        emulator_plan(6, 1, 5)
+
+
+@given(st.integers(2, 40), st.integers(1, 20), st.integers(0, 40) | st.none())
+def test_emulator_plans_keep_the_adapter_and_thin_only_the_middle(n, k, keep):
+    if 2 * k > n or (keep is not None and keep > n - 2 * k):
+        with pytest.raises(ModelError):
+            emulator_plan(n, k, keep)
+        return
+    plan = emulator_plan(n, k, keep)
+    middle = n - 2 * k
+    expected = (middle + 1) // 2 if keep is None else keep
+    assert list(plan.kept) == sorted(set(plan.kept)) and len(plan.kept) == 2 * k + expected
+    assert plan.adapter == tuple(range(k)) + tuple(range(n - k, n))
+    assert set(plan.adapter) <= set(plan.kept) and all(0 <= i < n for i in plan.kept)
+    if expected >= 2:  # the first and the last middle layer stay: the thinning is uniform over the middle
+        assert plan.kept[k] == k and plan.kept[-k - 1] == n - k - 1
+
+
+def test_rename_layers_maps_positions_to_fm_indices_and_nothing_else():
+    state = {
+        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight": 1,
+        "base_model.model.bert.encoder.layer.0.output.dense.lora_B.weight": 2,
+        "classifier.weight": 3,
+        "bert.embeddings.layer.1.x": 4,  # another stack's layer 1: untouched
+    }
+    out = rename_layers(state, "base_model.model.bert.encoder.layer", {0: 0, 1: 3})
+    assert out == {
+        "base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.weight": 1,
+        "base_model.model.bert.encoder.layer.0.output.dense.lora_B.weight": 2,
+        "classifier.weight": 3,
+        "bert.embeddings.layer.1.x": 4,
+    }
+
+
+def _randomise(bundle, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=g) * 0.1 for k, v in get_trainable_state(bundle.trainable).items()
+    }
+
+
+def _logits(bundle, texts):
+    enc = bundle.tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    bundle.model.eval()
+    with torch.no_grad():
+        return bundle.model(**enc).logits
+
+
+TEXTS = ["match goal team player", "bank market shares profit", "album band song"]
+
+
+def test_an_emulator_that_drops_no_layer_is_the_full_model(offsite_config):
+    cfg = make_config(offsite_config(offsite={"emulator_layers": 2}))  # 4 layers: 1 + 2 + 1, none dropped
+    mode = SHARING_MODES.get("offsite")
+    emulator = build_bundle(mode.client_view(cfg), LABELS)
+    server = mode.server_model(cfg, LABELS)
+    assert len(layer_list(emulator.model)[1]) == 4
+    state = _randomise(emulator, 1)
+    set_trainable_state(emulator.trainable, state)
+    set_trainable_state(server.bundle.trainable, server.params(state))
+    torch.testing.assert_close(_logits(emulator, TEXTS), _logits(server.bundle, TEXTS))
+    # only the adapter layers (0 and 3) carry LoRA, in both
+    layers = {int(k.split("layer.")[1].split(".")[0]) for k in state if "lora" in k}
+    assert layers == {0, 3}
+
+
+def test_the_adapter_plugs_into_the_fm_at_its_own_layers(offsite_config):
+    cfg = make_config(offsite_config(offsite={"emulator_layers": 0}))  # layers 0 and 3 only
+    mode = SHARING_MODES.get("offsite")
+    emulator = build_bundle(mode.client_view(cfg), LABELS)
+    server = mode.server_model(cfg, LABELS)
+    assert len(layer_list(emulator.model)[1]) == 2 and emulator.model.config.num_hidden_layers == 2
+    assert emulator.num_total() < server.bundle.num_total()
+    state = _randomise(emulator, 2)
+    plugged = server.params(state)
+    set_trainable_state(server.bundle.trainable, plugged)  # every key the FM's adapter has: no KeyError
+    assert set(plugged) == set(server.bundle.trainable)
+    top = [k for k in state if ".layer.1." in k]
+    assert top and all(torch.equal(plugged[k.replace(".layer.1.", ".layer.3.")], state[k]) for k in top)
+    # the middle layers matter: the emulator's predictions are not the FM's
+    set_trainable_state(emulator.trainable, state)
+    assert not torch.allclose(_logits(emulator, TEXTS), _logits(server.bundle, TEXTS))
+
+
+def test_keeping_layers_of_a_causal_lm_renumbers_its_cache(tiny_llama_dir, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    keep_layers(model, [1])
+    assert model.config.num_hidden_layers == 1 and model.model.layers[0].self_attn.layer_idx == 0
+    enc = smollm2_tokenizer(["hello there"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)  # the key-value cache works
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_peft_layers_adapt_or_train_only_those_layers(tiny_config):
+    lora = build_bundle(make_config(tiny_config(peft={"method": "lora", "r": 4, "layers": [1]})), LABELS)
+    assert {k for k in lora.trainable if "lora" in k} and all(
+        ".layer.1." in k for k in lora.trainable if "lora" in k
+    )
+    full = build_bundle(make_config(tiny_config(peft={"method": "full", "layers": [0]})), LABELS)
+    trained = [k for k in full.trainable]
+    assert all(k.startswith(("bert.encoder.layer.0.", "classifier.")) for k in trained)
+    assert any(k.startswith("classifier.") for k in trained)
+    with pytest.raises(ModelError, match=r"model.layers = \[0, 5\]: the model has layers 0..1"):
+        build_bundle(make_config(tiny_config(model={"layers": [0, 5]})), LABELS)
+    with pytest.raises(ModelError, match="peft.layers names layers"):
+        build_bundle(make_config(tiny_config(model={"layers": [0]}, peft={"layers": [1]})), LABELS)
+    with pytest.raises(ModelError, match="strictly increasing"):
+        build_bundle(make_config(tiny_config(model={"layers": [1, 0]})), LABELS)
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"peft": {"method": "head"}}, "peft.method"),
+        ({"model": {"layers": [0, 1]}}, "model.layers"),
+        ({"task": {"baselines": True}}, "task.baselines"),
+        ({"strategy": {"lora_aggregation": "stack"}}, "lora_aggregation"),
+        ({"task": {"kind": "image_classification"}, "data": {"name": "digits"}, "model": {}}, "task.kind"),
+    ],
+)
+def test_offsite_refuses_what_it_cannot_run(offsite_config, sections, field):
+    raw = offsite_config(**sections)
+    if "model" in sections and not sections["model"]:
+        raw.pop("model")
+    with pytest.raises(ConfigError, match=field):
+        make_config(raw)
+
+
+def test_an_offsite_run_records_both_accuracies_and_exports_the_plugged_in_adapter(
+    offsite_config, bert4_dir, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedfm.models.export import export_run
+
+    cfg = make_config(offsite_config(offsite={"emulator_layers": 0}))
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    sharing = next(r for r in records if r.get("event") == "sharing")
+    assert sharing["emulator_layers"] == [0, 3] and sharing["adapter_layers"] == [0, 3]
+    assert sharing["client_params"] < sharing["server_params"]
+    final = result.final_metrics
+    assert 0 <= final["test_accuracy"] <= 1 and 0 <= final["emulator_test_accuracy"] <= 1
+    # the exported adapter loads with plain peft onto the FM and gives the plug-in's numbers
+    base = AutoModelForSequenceClassification.from_pretrained(
+        bert4_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    model = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
+    test = prepare_data(cfg).test
+    tok = AutoTokenizer.from_pretrained(result.run_dir / "adapter")
+    enc = tok(test.texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    labels = torch.as_tensor(test.labels)
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(final["test_loss"], rel=1e-4)
+    # `fedfm export` from the run folder writes the same plugged-in adapter
+    export_run(result.run_dir, tmp_path / "exported")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        bert4_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    again = PeftModel.from_pretrained(base, tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc).logits, logits)
+
+
+def test_deployed_clients_are_sent_the_emulator(offsite_config):
+    pytest.importorskip("grpc")
+    from fedfm.deploy.server import client_config
+
+    cfg = make_config(offsite_config(offsite={"emulator_layers": 0}))
+    sent = tomllib.loads(client_config(cfg))
+    assert sent["model"]["layers"] == [0, 3] and sent["peft"]["layers"] == [0, 3]
+    assert sent["sharing"]["mode"] == "none"
+    assert make_config(sent).model.layers == [0, 3]  # a valid config the client builds its model from
