@@ -220,6 +220,10 @@ def test_an_offsite_run_records_both_accuracies_and_exports_the_plugged_in_adapt
     assert sharing["client_params"] < sharing["server_params"]
     final = result.final_metrics
     assert 0 <= final["test_accuracy"] <= 1 and 0 <= final["emulator_test_accuracy"] <= 1
+    report = (result.run_dir / "report.html").read_text()
+    assert (
+        "<h2>Computation</h2>" in report and "<b>offsite</b>" in report and "emulator the clients" in report
+    )
     # the exported adapter loads with plain peft onto the FM and gives the plug-in's numbers
     base = AutoModelForSequenceClassification.from_pretrained(
         bert4_dir, num_labels=3, ignore_mismatched_sizes=True
@@ -251,3 +255,23 @@ def test_deployed_clients_are_sent_the_emulator(offsite_config):
     assert sent["model"]["layers"] == [0, 3] and sent["peft"]["layers"] == [0, 3]
     assert sent["sharing"]["mode"] == "none"
     assert make_config(sent).model.layers == [0, 3]  # a valid config the client builds its model from
+
+
+def test_clients_of_an_emulator_count_fewer_flops_and_bytes_than_clients_of_the_fm(offsite_config, tmp_path):
+    costs = {}
+    for mode in ("none", "offsite"):
+        raw = offsite_config(run={"rounds": 1}, sharing={"mode": mode}, training={"count_costs": True})
+        raw["offsite"] = {"emulator_layers": 0}
+        result = fedfm.run(make_config(raw), output=tmp_path / mode, progress=False)
+        lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        clients = [r for r in lines if r.get("event") == "client"]
+        rnd = next(r for r in lines if r.get("event") == "round" and r["round"] == 1)
+        assert len(clients) == 4 and all(r["flops"] > 0 and r["peak_memory_bytes"] > 0 for r in clients)
+        assert rnd["client_flops_mean"] == pytest.approx(sum(r["flops"] for r in clients) / 4)
+        costs[mode] = clients[0]
+    full, emulator = costs["none"], costs["offsite"]
+    # same client, same batches: two of four layers run, and the adapter trains in both
+    assert emulator["flops"] < full["flops"]
+    assert emulator["memory_weights_bytes"] < full["memory_weights_bytes"]
+    assert emulator["memory_activations_bytes"] < full["memory_activations_bytes"]
+    assert "FLOPs per client" in (tmp_path / "offsite" / "report.html").read_text()

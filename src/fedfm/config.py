@@ -201,6 +201,11 @@ def check_batchable(cfg, who: str) -> None:
             f"{who} cannot run DP-SGD (privacy.dp = 'example'): Opacus clips per example on one "
             "client's model at a time (use run.engine = 'inprocess')"
         )
+    if cfg.training.count_costs:
+        raise ValueError(
+            f"{who} trains clients together in one pass: training.count_costs counts one client's "
+            "training at a time (use run.engine = 'inprocess')"
+        )
     kind = task_kind(cfg)
     if not kind.batchable:
         raise ValueError(f"{who}: task.kind = {cfg.task.kind!r} has no batched loss")

@@ -163,6 +163,11 @@ class TrainingSection(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
     lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
+    count_costs: bool = Field(
+        False,
+        description="Count each client's training FLOPs and peak memory (torch's FLOP counter, live "
+        "tensors) into its record; a few percent slower.",
+    )
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches of batch_size per local step.")

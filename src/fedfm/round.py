@@ -19,6 +19,7 @@ from typing import Any
 
 from fedfm.algorithms.aggregators import EmptyCohortError
 from fedfm.checkpoint import ServerState
+from fedfm.costs import round_costs
 from fedfm.tally import RoundTally
 from fedfm.transforms.compression import serialized_nbytes
 from fedfm.transforms.masking import RoundSkipped
@@ -107,6 +108,7 @@ def apply_round(state: ServerState, results, rnd: ServerRound, s: Strategy) -> t
         "failed": tally.failed,
         "rejected": tally.rejected,
         **traffic,
+        **round_costs(tally.client_records),
     }
     if skipped:
         record["skipped"] = skipped

@@ -22,6 +22,7 @@ import torch
 from fedfm.algorithms.lora import lora_pairs
 from fedfm.algorithms.objectives import Objective, make_objective
 from fedfm.attacks import poison_batch
+from fedfm.costs import CostMeter
 from fedfm.models.build import ModelBundle
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy.dpsgd import ExampleDp, dp_sgd_final, dp_sgd_init, dp_sgd_step, poisson_batches
@@ -221,14 +222,21 @@ def client_update(
 ) -> tuple[Update, Params | None]:
     """Train one client from ``global_params``: init → step per batch → final."""
     run = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
+    meter = CostMeter(bundle.model, bundle.trainable) if cfg.count_costs else None
     try:
-        for positions in local_batches(run):
-            client_step(run, positions)
+        with meter.counting() if meter else contextlib.nullcontext():
+            for positions in local_batches(run):
+                client_step(run, positions)
+                if meter:
+                    meter.step()
     except BaseException:
         if run.dp_sgd is not None:
             dp_sgd_final(run.dp_sgd)  # the base model is shared: take Opacus' hooks off again
         raise
-    return client_final(run)
+    update, state = client_final(run)
+    if meter:
+        update.metrics.update(meter.record(run.optimizer))
+    return update, state
 
 
 def train_from(

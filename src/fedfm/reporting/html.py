@@ -192,6 +192,56 @@ def generations_section(history: list[dict]) -> str:
 SECTIONS.append(generations_section)
 
 
+def _count(n: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:,.2f} {prefix}{unit}"
+    return f"{n:,.0f} {unit}"
+
+
+def computation_section(history: list[dict], sharing: dict | None) -> str:
+    """What clients hold and spend: the sharing mode's model sizes, and counted costs per round."""
+    parts = []
+    if sharing:
+        parts.append(
+            f"<p>Computation sharing: <b>{html.escape(str(sharing.get('mode')))}</b>. Clients hold "
+            f"{sharing['client_params']:,} parameters"
+            + (
+                f", the server's FM {sharing['server_params']:,} "
+                f"({sharing['client_params'] / sharing['server_params']:.0%})"
+                if sharing.get("server_params")
+                else ""
+            )
+            + "."
+            + (
+                f" Emulator layers {sharing['emulator_layers']} of the FM's {sharing['fm_layers']}; "
+                f"clients tune layers {sharing['adapter_layers']}.</p>"
+                if "emulator_layers" in sharing
+                else "</p>"
+            )
+        )
+    counted = [r for r in history if r.get("client_flops_mean") is not None]
+    if counted:
+        rows = "".join(
+            f"<tr><td>{r['round']}</td><td>{_count(r['client_flops_mean'], 'FLOP')}</td>"
+            f"<td>{_count(r['client_peak_memory_bytes'], 'B')}</td></tr>"
+            for r in counted
+        )
+        parts.append(
+            "<p>Counted during local training (training.count_costs): FLOPs per client (mean over the "
+            "cohort) and the largest client's peak memory.</p><table><tr><th>round</th><th>FLOPs per "
+            f"client</th><th>peak memory</th></tr>{rows}</table>"
+        )
+    final = next((r for r in reversed(history) if "emulator_test_accuracy" in r), None)
+    if final:
+        parts.append(
+            f"<p>Round {final['round']}: the FM with the clients' adapter plugged in scores "
+            f"{final['test_accuracy']:.4f}; the emulator the clients trained on, "
+            f"{final['emulator_test_accuracy']:.4f}.</p>"
+        )
+    return "<h2>Computation</h2>" + "".join(parts) if parts else ""
+
+
 def render_report(
     title: str, config_text: str, history: list[dict], partition: dict | None, plots, extra=(), samples=None
 ) -> str:

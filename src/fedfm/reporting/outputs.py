@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedfm.reporting.html import render_report
-from fedfm.reporting.metrics import MetricsLog
+from fedfm.reporting.html import computation_section, render_report
+from fedfm.reporting.metrics import MetricsLog, read_jsonl
 from fedfm.reporting.plots import plot_curves, plot_partition
 
 PLOTS = {
     "accuracy.png": (
-        [("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")],
+        [
+            ("test_accuracy", "test accuracy"),
+            ("test_macro_f1", "test macro-F1"),
+            ("emulator_test_accuracy", "emulator's test accuracy (offsite)"),
+        ],
         "score",
     ),
     "loss.png": ([("train_loss", "train loss"), ("test_loss", "test loss")], "loss"),
@@ -82,6 +86,10 @@ def write_outputs(run_dir: str | Path) -> Path:
         plots.append(plot_partition(partition, run_dir / "partition.png"))
     config_text = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").is_file() else ""
     extra = []
+    sharing = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "sharing"]
+    computation = computation_section(history, sharing[-1] if sharing else None)
+    if computation:
+        extra.append(computation)
     if (run_dir / "baselines.json").is_file():
         from fedfm.baselines import markdown
 
