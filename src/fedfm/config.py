@@ -34,6 +34,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     SamplingSection,
     SecAggSection,
     SharingSection,
+    SplitSection,
     StrategySection,
     SyntheticSection,
     TaskSection,
@@ -72,6 +73,7 @@ class RunConfig(_Section):
     fedpft: FedPftSection = Field(default_factory=FedPftSection)
     sharing: SharingSection = Field(default_factory=SharingSection)
     offsite: OffsiteSection = Field(default_factory=OffsiteSection)
+    split: SplitSection = Field(default_factory=SplitSection)
 
     @model_validator(mode="before")
     @classmethod

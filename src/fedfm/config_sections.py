@@ -402,7 +402,9 @@ class SharingSection(_Section):
     """Computation sharing: clients too small for the FM still take part (docs/computation-sharing.md)."""
 
     mode: Registered("sharing mode") = Field(
-        "none", description="none (every client runs the whole FM), or offsite (clients tune an emulator)."
+        "none",
+        description="none (every client runs the whole FM), offsite (clients tune an emulator), or split "
+        "(clients run the bottom layers, the server the rest).",
     )
 
 
@@ -417,6 +419,26 @@ class OffsiteSection(_Section):
         ge=0,
         description="Middle layers the emulator keeps, evenly spaced (uniform layer drop); default: half "
         "of the middle, rounded up. All of them: the emulator is the FM.",
+    )
+
+
+class SplitSection(_Section):
+    """sharing.mode = "split": split fine-tuning (SplitFed-v1 rounds, docs/computation-sharing.md)."""
+
+    cut_layer: int = Field(
+        2, ge=1, description="The client runs the embeddings and layers 0..cut_layer-1; the server the rest."
+    )
+    u_shaped: bool = Field(
+        False, description="The head runs on the client too (labels never leave it): two cuts per batch."
+    )
+    activation_bits: Literal[32, 16, 8] = Field(
+        32, description="Bits per value of what crosses the cut (16: bfloat16; 8: int8, a scale per row)."
+    )
+    activation_noise: float = Field(
+        0.0, ge=0, description="Std of Gaussian noise the client adds to the cut activations it sends."
+    )
+    max_cut_grad_norm: float | None = Field(
+        None, gt=0, description="A client refuses a gradient at the cut with a larger L2 norm (per batch)."
     )
 
 

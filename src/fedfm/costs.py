@@ -37,18 +37,31 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+def optimizer_bytes(optimizer: torch.optim.Optimizer, exclude=frozenset(), only=None) -> int:
+    """The optimizer state's bytes, of the parameters not in ``exclude`` (or only of those in
+    ``only``), parameters given by ``id``."""
+    return tensor_bytes(
+        v
+        for p, state in optimizer.state.items()
+        if id(p) not in exclude and (only is None or id(p) in only)
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
 
 
 class CostMeter:
     """Counts one party's training: ``with meter.counting():`` around the steps, ``meter.step()``
     after each micro-batch's backward, then ``meter.record(optimizer)``."""
 
-    def __init__(self, model: nn.Module, trainable) -> None:
-        self.model, self.trainable = model, trainable
+    def __init__(self, model: nn.Module, trainable, parts=None) -> None:
+        """``parts`` (split fine-tuning): an object with ``side`` ("client" or "server": whose part
+        the forward pass is in) and ``server_modules``; the record then gives the client's costs and
+        the server's apart (``server_*``)."""
+        self.model, self.trainable, self.parts = model, trainable, parts
         self.flops = 0
+        self.server_flops = 0
         self.peak_activations = 0
+        self.peak_server_activations = 0
         self._saved: dict = {}
         # weights autograd saves (a linear layer's, for the gradient of its input) are counted as weights
         self._weights = {_key(t) for t in [*model.parameters(), *model.buffers()]}
@@ -58,12 +71,16 @@ class CostMeter:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             key = _key(t)
             if key not in self._weights:
-                self._saved[key] = t.untyped_storage().nbytes()
+                side = self.parts.side if self.parts is not None else "client"
+                self._saved[key] = (side, t.untyped_storage().nbytes())
         return t
 
     def step(self) -> None:
         """A micro-batch's backward is done: its saved activations are freed."""
-        self.peak_activations = max(self.peak_activations, sum(self._saved.values()))
+        mine = sum(n for side, n in self._saved.values() if side == "client")
+        theirs = sum(n for side, n in self._saved.values() if side == "server")
+        self.peak_activations = max(self.peak_activations, mine)
+        self.peak_server_activations = max(self.peak_server_activations, theirs)
         self._saved.clear()
 
     @contextlib.contextmanager
@@ -75,13 +92,24 @@ class CostMeter:
         counter = FlopCounterMode(display=False)
         with counter, torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
-        self.flops += counter.get_total_flops()
+        total = counter.get_total_flops()
+        server = 0
+        if self.parts is not None:  # FLOPs per module, forward and backward, as torch attributes them
+            counts = counter.get_flop_counts()
+            root = type(self.model).__name__
+            names = {id(m): f"{root}.{n}" for n, m in self.model.named_modules() if n}
+            server = sum(sum(counts.get(names[id(m)], {}).values()) for m in self.parts.server_modules)
+        self.flops += total - server
+        self.server_flops += server
         self.step()
 
     def record(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        weights = model_bytes(self.model)
-        grads = tensor_bytes(p for p in self.trainable.values() if p.requires_grad)
-        state = optimizer_bytes(optimizer) if optimizer is not None else 0
+        theirs = self.parts.server_parameters() if self.parts is not None else set()
+        server_weights = tensor_bytes(p for p in self.model.parameters() if id(p) in theirs)
+        weights = model_bytes(self.model) - server_weights
+        trained = [p for p in self.trainable.values() if p.requires_grad]
+        grads = tensor_bytes(p for p in trained if id(p) not in theirs)
+        state = optimizer_bytes(optimizer, exclude=theirs) if optimizer is not None else 0
         record = {
             "flops": float(self.flops),
             "memory_weights_bytes": float(weights),
@@ -89,6 +117,14 @@ class CostMeter:
             "memory_optimizer_bytes": float(grads + state),  # gradients and the optimizer's moments
             "peak_memory_bytes": float(weights + grads + state + self.peak_activations),
         }
+        if self.parts is not None:  # what the server spends on this client's part
+            server = server_weights + tensor_bytes(p for p in trained if id(p) in theirs)
+            server += optimizer_bytes(optimizer, only=theirs) if optimizer is not None else 0
+            record.update(
+                server_flops=float(self.server_flops),
+                server_memory_activations_bytes=float(self.peak_server_activations),
+                server_peak_memory_bytes=float(server + self.peak_server_activations),
+            )
         if self._device.type == "cuda":
             record["cuda_peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self._device))
         return record

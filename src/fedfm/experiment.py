@@ -150,8 +150,15 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
 
 
 def build_bundle(cfg: RunConfig, label_names: list[str]) -> ModelBundle:
-    """The task kind's model with its PEFT method applied, seeded."""
-    return task_kind(cfg).build_bundle(cfg, label_names)
+    """The task kind's model with its PEFT method applied, seeded; the sharing mode's additions
+    (split fine-tuning's cut) on it."""
+    from fedfm.sharing import SHARING_MODES
+
+    bundle = task_kind(cfg).build_bundle(cfg, label_names)
+    prepare = SHARING_MODES.get(cfg.sharing.mode).prepare_bundle
+    if prepare is not None:
+        prepare(bundle, cfg)
+    return bundle
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,12 @@ class Run:
         rule = aggregation_rule(cfg.strategy, cfg.peft.rank_tiers, cfg.peft.r, make_aggregator(cfg.strategy))
         fold = self._fold if self.lora_mode.merges_into_base else None
         ranks = [job.rank for job in self.jobs]
-        count = functools.partial(traffic, ranks=ranks, num_total=self.bundle.num_total())
+        sent = None
+        if cfg.sharing.mode == "split":  # a split client holds, and is sent, only its bottom part
+            from fedfm.transforms.split import client_part
+
+            sent = functools.partial(client_part, cut_layer=cfg.split.cut_layer, u_shaped=cfg.split.u_shaped)
+        count = functools.partial(traffic, ranks=ranks, num_total=self.bundle.num_total(), sent=sent)
         return Strategy(
             self.pipeline, rule, cfg.strategy.weighting == "uniform", self.server_optimizer, self.objective,
             cfg.sampling.min_clients, self.data.num_clients, count, fold, self.remote,

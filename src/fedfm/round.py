@@ -162,21 +162,34 @@ def privacy_after(rnd: ServerRound, aggregate: Aggregate | None, skipped: str | 
     return rnd.privacy_state
 
 
-def traffic(state: ServerState, rnd: ServerRound, stacked_bytes: int, ranks, num_total: int):
+DIRECTIONS = ("up", "down")
+
+
+def traffic(state: ServerState, rnd: ServerRound, stacked_bytes: int, ranks, num_total: int, sent=None):
     """This round's and the run's bytes, next to what full fine-tuning would move → (record, totals).
 
-    Down, per cohort member: θ at its rank, SCAFFOLD's c, and in stack mode the stacked factors;
-    under secure aggregation, every protocol message in both directions."""
+    Down, per cohort member: θ at its rank (``sent(θ)``: the part a client holds, split fine-tuning's
+    bottom layers), SCAFFOLD's c, and in stack mode the stacked factors; under secure aggregation,
+    every protocol message in both directions; with split fine-tuning, the cut's activations and
+    gradients of the clients that delivered (also recorded apart as ``cut_bytes_*``)."""
     control = serialized_nbytes(rnd.server_control or {})
     by_rank: dict[int | None, int] = {}
     for c in rnd.cohort:
         if ranks[c] not in by_rank:
-            by_rank[ranks[c]] = serialized_nbytes(rnd.reference(c))
+            held = rnd.reference(c)
+            by_rank[ranks[c]] = serialized_nbytes(sent(held) if sent else held)
     up, down = rnd.tally.bytes_up, sum(by_rank[ranks[c]] + control + stacked_bytes for c in rnd.cohort)
     if rnd.secure is not None:
         up, down = rnd.secure.bytes_up, down + rnd.secure.bytes_down
+    cut = {}
+    records = rnd.tally.client_records
+    if any("cut_bytes_up" in r for r in records):
+        cut = {
+            f"cut_bytes_{d}": int(sum(r.get(f"cut_bytes_{d}", 0) for r in records)) for d in ("up", "down")
+        }
+        up, down = up + cut["cut_bytes_up"], down + cut["cut_bytes_down"]
     comm = dict(state.comm)
     comm["bytes_up_total"] = comm.get("bytes_up_total", 0) + up
     comm["bytes_down_total"] = comm.get("bytes_down_total", 0) + down
     full = 2 * len(rnd.cohort) * 4 * num_total
-    return {"bytes_up": up, "bytes_down": down, **comm, "full_finetune_bytes": full}, comm
+    return {"bytes_up": up, "bytes_down": down, **cut, **comm, "full_finetune_bytes": full}, comm

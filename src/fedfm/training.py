@@ -222,9 +222,10 @@ def client_update(
 ) -> tuple[Update, Params | None]:
     """Train one client from ``global_params``: init → step per batch → final."""
     run = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
-    meter = CostMeter(bundle.model, bundle.trainable) if cfg.count_costs else None
+    meter = CostMeter(bundle.model, bundle.trainable, bundle.parts) if cfg.count_costs else None
+    around = bundle.training_context(job, ctx) if bundle.training_context else contextlib.nullcontext({})
     try:
-        with meter.counting() if meter else contextlib.nullcontext():
+        with around as extra, meter.counting() if meter else contextlib.nullcontext():
             for positions in local_batches(run):
                 client_step(run, positions)
                 if meter:
@@ -234,6 +235,7 @@ def client_update(
             dp_sgd_final(run.dp_sgd)  # the base model is shared: take Opacus' hooks off again
         raise
     update, state = client_final(run)
+    update.metrics.update(extra)
     if meter:
         update.metrics.update(meter.record(run.optimizer))
     return update, state

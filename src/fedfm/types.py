@@ -96,6 +96,27 @@ class Aggregate:
     privacy: dict | None = None
 
 
+@dataclass(frozen=True)
+class SplitUpdate:
+    """Split fine-tuning's round result (``fedfm.sharing.split``): the client's bottom part's delta
+    travels; the top part's delta, which the server trained on this client's activations, stays
+    with the server. In-process only for now: not a wire kind."""
+
+    client_delta: Params
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    server_delta: Params = field(default_factory=dict)
+    control_delta: Params | None = None
+    kind = "split"
+
+    def tensors(self) -> dict[str, Params]:
+        return {"p": self.client_delta}
+
+    def merged(self) -> Update:
+        delta = {**self.client_delta, **self.server_delta}
+        return Update(delta, self.num_examples, self.metrics, self.control_delta)
+
+
 PAYLOADS: dict[str, type] = {p.kind: p for p in (Update, Encoded, Masked)}  # wire name → type
 
 

@@ -41,6 +41,10 @@ class ModelBundle:
     # their values as loaded (a client's start before it first trains)
     local_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     initial_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (job, ctx) → a context manager around one client's local training, yielding a dict of metrics
+    # it fills at the end (split fine-tuning's cut exchange); None: nothing around it
+    training_context: Any = None
+    parts: Any = None  # split fine-tuning: which modules are the server's (fedfm.sharing.split.SplitCuts)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())

@@ -4,7 +4,8 @@ A sharing mode, looked up by ``sharing.mode``, says what clients train (``client
 config of the model they hold, an ordinary run's config) and which model the server evaluates and
 exports (``server_model(cfg, label_names)``: a ``ServerModel`` with the FM and how a payload's
 keys map onto it, or None when it is the clients' model). ``none``: every client runs the FM.
-``offsite``: offsite tuning on an emulator (``fedfm.sharing.offsite``).
+``offsite``: offsite tuning on an emulator (``fedfm.sharing.offsite``); ``split``: split
+fine-tuning, the client running the bottom layers (``fedfm.sharing.split``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class SharingMode:
     server_model: Callable  # (cfg, label_names) → ServerModel | None
     check: Callable | None = None  # (cfg) → raises ValueError naming a field
     describe: Callable | None = None  # (cfg) → dict recorded in metrics.jsonl ("sharing" event)
+    prepare_bundle: Callable | None = None  # (bundle, cfg): after the clients' model is built
 
 
 SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")
@@ -28,5 +30,6 @@ SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")
 SHARING_MODES.register("none")(SharingMode(lambda cfg: cfg, lambda cfg, labels: None))
 
 from fedfm.sharing import offsite as _offsite  # noqa: E402,F401  (registration)
+from fedfm.sharing import split as _split  # noqa: E402,F401
 
 __all__ = ["SHARING_MODES", "SharingMode"]

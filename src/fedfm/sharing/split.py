@@ -1,0 +1,245 @@
+"""Split fine-tuning (SplitFed / SplitLoRA style): a client runs only the bottom of the FM.
+
+The client runs the embeddings and the first ``split.cut_layer`` layers (with its LoRA), sends
+the **cut-layer activations** (compressed to ``split.activation_bits``, optionally with Gaussian
+noise of std ``split.activation_noise``), the server runs the rest of the model and the loss, and
+returns the **gradient at the cut**, which the client validates (finite, norm within
+``split.max_cut_grad_norm``) before its backward pass. ``split.u_shaped``: the head runs on the
+client too (the server sends the last layer's hidden states and gets their gradient back), so
+labels never leave the client.
+
+Rounds are SplitFed-v1: each client's bottom part trains from the global state; the server
+trains a copy of the top part on that client's activations; at the end of the round the client
+sends its bottom update (the ``split`` payload: only the client-side tensors travel) and the
+server averages the bottom updates and its top copies as one FedAvg update.
+
+In this simulation both parts run in one process and one autograd pass; the cut is an autograd
+function whose forward is the client → server message and whose backward is the server → client
+message, so the compression, the noise, the bytes and the validation are those of a real
+exchange. A split with no compression and no noise computes exactly the unsplit model's gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from fedfm.models.resolve import ModelError
+from fedfm.seeding import NoiseSource
+from fedfm.sharing import SHARING_MODES, SharingMode
+
+
+class CutError(ValueError):
+    """What arrived at the cut cannot be used (non-finite, too large)."""
+
+
+def roundtrip(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``t`` as the other side receives it after encoding to ``bits`` per value, and the bytes sent.
+    32: as is; 16: bfloat16; 8: int8 with one absmax scale (float32) per row of the last axis."""
+    if bits == 32:
+        return t, t.numel() * 4
+    if bits == 16:
+        return t.to(torch.bfloat16).to(t.dtype), t.numel() * 2
+    scale = t.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    q = torch.clamp(torch.round(t / scale), -127, 127)
+    rows = t.numel() // max(t.shape[-1], 1)
+    return q * scale, t.numel() + 4 * rows
+
+
+@dataclass
+class Exchange:
+    """One client's cut traffic in one round: the bytes each way, the settings, the noise draws."""
+
+    bits: int
+    noise: float
+    max_grad_norm: float | None
+    generator: torch.Generator | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages: int = 0
+
+    def client_to_server(self, h: torch.Tensor) -> torch.Tensor:
+        out, n = roundtrip(h, self.bits)
+        if self.noise > 0:  # privacy noise on the activations: unpredictable unless seeded
+            out = out + self.noise * torch.randn(out.shape, generator=self.generator).to(out)
+        self.bytes_up += n
+        self.messages += 1
+        return out
+
+    def server_to_client(self, h: torch.Tensor) -> torch.Tensor:
+        out, n = roundtrip(h, self.bits)
+        self.bytes_down += n
+        return out
+
+    def gradient_to_client(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient the server returns at the cut, as the client checks and receives it."""
+        check_cut_gradient(g, self.max_grad_norm, "the server's gradient at the cut")
+        out, n = roundtrip(g, self.bits)
+        self.bytes_down += n
+        return out
+
+    def gradient_to_server(self, g: torch.Tensor) -> torch.Tensor:
+        check_cut_gradient(g, self.max_grad_norm, "the client's gradient at the head's input")
+        out, n = roundtrip(g, self.bits)
+        self.bytes_up += n
+        return out
+
+    def metrics(self) -> dict:
+        return {
+            "cut_bytes_up": float(self.bytes_up),
+            "cut_bytes_down": float(self.bytes_down),
+            "cut_messages": float(self.messages),
+        }
+
+
+def check_cut_gradient(g: torch.Tensor, max_norm: float | None, what: str) -> None:
+    if not torch.isfinite(g).all():
+        raise CutError(f"{what} is not finite")
+    if max_norm is not None:
+        norm = float(g.norm())
+        if norm > max_norm:
+            raise CutError(f"{what} has norm {norm:.3g} > split.max_cut_grad_norm = {max_norm:g}")
+
+
+class _Cut(torch.autograd.Function):
+    """Identity up to the exchange: forward is one message, backward the reply."""
+
+    @staticmethod
+    def forward(ctx, h, exchange: Exchange, upward: bool):
+        ctx.exchange, ctx.upward = exchange, upward
+        return exchange.client_to_server(h) if upward else exchange.server_to_client(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        e = ctx.exchange
+        return (e.gradient_to_client(g) if ctx.upward else e.gradient_to_server(g)), None, None
+
+
+@dataclass
+class SplitCuts:
+    """The cut hooks on a model: active only while a client trains (``exchange`` is set), so the
+    server's evaluation runs the model whole."""
+
+    cut_layer: int
+    u_shaped: bool
+    exchange: Exchange | None = None
+    handles: list = field(default_factory=list)
+    side: str = "client"  # whose part the forward pass is in (the cost meter's activations)
+    server_modules: list = field(default_factory=list)  # the largest modules of the server's part
+
+    def install(self, model: torch.nn.Module) -> None:
+        from fedfm.models.layers import layer_list
+
+        path, stack = layer_list(model)
+        if not 1 <= self.cut_layer < len(stack):
+            raise ModelError(
+                f"split.cut_layer = {self.cut_layer}: the model has {len(stack)} layers; the cut must "
+                f"leave at least one on each side (1..{len(stack) - 1})"
+            )
+        self.server_modules = server_part(model, path, self.cut_layer, self.u_shaped)
+        self.handles.append(model.register_forward_pre_hook(self._start))
+        self.handles.append(stack[self.cut_layer - 1].register_forward_hook(self._hook(upward=True)))
+        if self.u_shaped:
+            self.handles.append(stack[len(stack) - 1].register_forward_hook(self._hook(upward=False)))
+
+    def _start(self, module, args):
+        self.side = "client"
+
+    def _hook(self, upward: bool):
+        def hook(module, args, output):
+            self.side = "server" if upward else "client"
+            if self.exchange is None or not torch.is_grad_enabled():
+                return output
+            if isinstance(output, tuple):
+                return (_Cut.apply(output[0], self.exchange, upward), *output[1:])
+            return _Cut.apply(output, self.exchange, upward)
+
+        return hook
+
+    def server_parameters(self) -> set[int]:
+        return {id(p) for m in self.server_modules for p in m.parameters()}
+
+    @contextlib.contextmanager
+    def training(self, exchange: Exchange):
+        self.exchange = exchange
+        try:
+            yield exchange
+        finally:
+            self.exchange = None
+
+
+def server_part(model: torch.nn.Module, stack_path: str, cut_layer: int, u_shaped: bool) -> list:
+    """The largest modules that run on the server: the stack's layers from the cut up, and
+    (unless U-shaped) every module after the stack that contains no part of it (pooler, head)."""
+    stack = model.get_submodule(stack_path)
+    chosen = list(stack[cut_layer:])
+    if u_shaped:
+        return chosen
+    order = [m for _, m in model.named_modules()]
+    last = max(order.index(m) for m in stack.modules())
+    inside = {id(m) for m in stack.modules()}
+    taken: set[int] = set()
+    for m in order[last + 1 :]:
+        if id(m) in inside or id(m) in taken:
+            continue
+        chosen.append(m)
+        taken.update(id(x) for x in m.modules())
+    return chosen
+
+
+def exchange_for(cfg, ctx, client_id: int) -> Exchange:
+    s = cfg.split
+    generator = None
+    if s.activation_noise > 0:
+        generator = (ctx.noise or NoiseSource()).generator(ctx.round, client_id, "split-noise")
+    return Exchange(s.activation_bits, s.activation_noise, s.max_cut_grad_norm, generator)
+
+
+def prepare_bundle(bundle, cfg) -> None:
+    """Put the cut hooks on the clients' model."""
+    cuts = SplitCuts(cfg.split.cut_layer, cfg.split.u_shaped)
+    cuts.install(bundle.model)
+
+    @contextlib.contextmanager
+    def training(job, ctx):
+        exchange = exchange_for(cfg, ctx, job.client_id)
+        with cuts.training(exchange):
+            metrics: dict = {}
+            yield metrics
+            metrics.update(exchange.metrics())
+
+    bundle.training_context = training
+    bundle.parts = cuts  # the cost meter tells the client's part from the server's
+
+
+def check_split(cfg) -> None:
+    from fedfm.privacy.guarantees import dp_mode
+
+    who = "sharing.mode = 'split'"
+    if cfg.task.kind not in ("classification", "instruction"):
+        raise ValueError(f"{who} cuts a transformer's layer stack; task.kind = {cfg.task.kind!r} has none")
+    if cfg.peft.method not in ("lora", "full", "head"):
+        raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
+    if cfg.run.engine != "inprocess":
+        raise ValueError(
+            f"{who} runs in-process in this version (its per-batch exchange is simulated there; "
+            "over gRPC it is not built yet): run.engine = 'inprocess'"
+        )
+    if dp_mode(cfg).active or cfg.secagg.enabled:
+        raise ValueError(
+            f"{who}: the server's part trains on each client's activations every batch, which "
+            "neither client-level DP of the round's update nor secure aggregation covers; turn "
+            "privacy.dp and secagg.enabled off (split.activation_noise noises the activations)"
+        )
+    if cfg.compression.method != "none" or cfg.attack.kind != "none":
+        raise ValueError(
+            f"{who}: compression.method and attack.kind act on a whole-model update; the cut has its "
+            "own compression (split.activation_bits). Set them to 'none'"
+        )
+
+
+SHARING_MODES.register("split")(
+    SharingMode(lambda cfg: cfg, lambda cfg, labels: None, check_split, prepare_bundle=prepare_bundle)
+)
