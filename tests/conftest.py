@@ -55,6 +55,44 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert4_dir(tmp_path_factory):
+    """A 4-layer BERT (hidden 32), randomly initialised, with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedfm.models.resolve import resolve_model
+
+    folder = tmp_path_factory.mktemp("bert4")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def offsite_config(bert4_dir, csv_path):
+    """The tiny experiment on the 4-layer BERT with offsite tuning on; returns a dict to tweak."""
+    return config_factory(
+        {
+            "run": {"rounds": 2, "seed": 0, "threads": 1},
+            "model": {"name": str(bert4_dir), "max_length": 16},
+            "peft": {"method": "lora", "r": 4, "alpha": 8},
+            "data": {"name": "csv", "path": str(csv_path), "test_fraction": 0.25},
+            "partition": {"method": "iid", "num_clients": 4, "min_size": 1},
+            "sampling": {"fraction": 1.0},
+            "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
+            "eval": {"batch_size": 32},
+            "sharing": {"mode": "offsite"},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
 def csv_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "toy.csv"
     rows = make_rows()
