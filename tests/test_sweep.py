@@ -132,3 +132,19 @@ def test_markdown_says_when_cells_train_different_parts():
 
 def test_default_config_is_a_valid_base():
     assert RunConfig().model.init == "pretrained"
+
+
+def test_markdown_shows_counted_costs_when_cells_have_them():
+    from fedfm.sweep import SweepSpec, _counted_costs
+
+    history = [
+        {"round": 0},
+        {"round": 1, "client_flops_mean": 2e9, "client_peak_memory_bytes": 5e6},
+        {"round": 2, "client_flops_mean": 4e9, "client_peak_memory_bytes": 7e6},
+    ]
+    assert _counted_costs(history) == {"client_flops": 3e9, "client_memory": 7e6}
+    assert _counted_costs([{"round": 1}]) == {}
+    spec = SweepSpec(name="s", base=None, grid={}, variants={"a": {}})
+    row = {"variant": "a", "model.init": "pretrained", "peft.method": "lora", "final": 0.5, "best": 0.6}
+    md = markdown_table(spec, [{**row, **_counted_costs(history), "bytes": 12_300_000, "wall_s": 3.0}])
+    assert "client GFLOPs / round" in md and "| 3.0 | 7.0 | 12.3 |" in md

@@ -222,6 +222,7 @@ def run_sweep(
             "trainable": result.num_trainable,
             "wall_s": round(_wall(result.history), 1),
             "bytes": _bytes_moved(result.history),
+            **_counted_costs(result.history),
         }
         row = cell_summary(cell, result.config, result.history, spec, extra)
         done.write_text(json.dumps(row, indent=1))
@@ -235,6 +236,17 @@ def _bytes_moved(history: list[dict]) -> int | None:
     """Upload + download over the whole run (the last round's running totals)."""
     last = next((r for r in reversed(history) if "bytes_up_total" in r), None)
     return None if last is None else int(last["bytes_up_total"] + last.get("bytes_down_total", 0))
+
+
+def _counted_costs(history: list[dict]) -> dict:
+    """With ``training.count_costs``: a client's mean FLOPs per round and the largest peak memory."""
+    rounds = [r for r in history if r.get("client_flops_mean") is not None]
+    if not rounds:
+        return {}
+    return {
+        "client_flops": sum(r["client_flops_mean"] for r in rounds) / len(rounds),
+        "client_memory": max(r["client_peak_memory_bytes"] for r in rounds),
+    }
 
 
 def _wall(history: list[dict]) -> float:
@@ -254,6 +266,9 @@ def markdown_table(spec: SweepSpec, rows: list[dict]) -> str:
     target = f"rounds to {spec.target:g}" if spec.target is not None else None
     head = [*spec.axes, "init", "trains", "trainable", f"final {spec.metric}", "best"]
     head += [*([target] if target else []), "wall s"]
+    costs = any(r.get("client_flops") is not None for r in rows)
+    if costs:
+        head += ["client GFLOPs / round", "client peak MB", "MB moved"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cols = [str(r.get(a)) for a in spec.axes] + [r["model.init"], r["peft.method"]]
@@ -262,6 +277,11 @@ def markdown_table(spec: SweepSpec, rows: list[dict]) -> str:
         if target:
             cols.append(_fmt(r["rounds_to_target"]) if r["rounds_to_target"] is not None else "not reached")
         cols.append(f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "—")
+        if costs:
+            flops, memory, moved = r.get("client_flops"), r.get("client_memory"), r.get("bytes")
+            cols.append(f"{flops / 1e9:,.1f}" if flops is not None else "—")
+            cols.append(f"{memory / 1e6:,.1f}" if memory is not None else "—")
+            cols.append(f"{moved / 1e6:,.1f}" if moved is not None else "—")
         lines.append("| " + " | ".join(cols) + " |")
     methods = sorted({(r["model.init"], r["peft.method"]) for r in rows})
     if len(methods) > 1:
