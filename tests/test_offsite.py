@@ -237,3 +237,12 @@ def test_clients_of_an_emulator_count_fewer_flops_and_bytes_than_clients_of_the_
     assert emulator["memory_weights_bytes"] < full["memory_weights_bytes"]
     assert emulator["memory_activations_bytes"] < full["memory_activations_bytes"]
     assert "FLOPs per client" in (tmp_path / "offsite" / "report.html").read_text()
+
+
+def test_offsite_tuning_of_a_causal_lm(instruction_config, tmp_path):
+    raw = instruction_config(sharing={"mode": "offsite"}, model={"layers": None})
+    raw["offsite"] = {"emulator_layers": 0}
+    raw["model"].pop("layers")
+    result = fedfm.run(make_config(raw), output=tmp_path / "r", progress=False)
+    final = result.final_metrics
+    assert "test_perplexity" in final and "emulator_test_perplexity" in final

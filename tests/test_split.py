@@ -179,3 +179,14 @@ def test_a_cut_that_leaves_one_side_empty_is_refused(split_config):
 
     with pytest.raises(ModelError, match="split.cut_layer = 4"):
         build_bundle(make_config(split_config(cut_layer=4)), LABELS)
+
+
+@pytest.mark.parametrize("u_shaped", [False, True])
+def test_split_fine_tuning_of_a_causal_lm(instruction_config, tmp_path, u_shaped):
+    raw = instruction_config(sharing={"mode": "split"}, training={"count_costs": True})
+    raw["split"] = {"cut_layer": 1, "u_shaped": u_shaped, "activation_bits": 16}
+    result = fedfm.run(make_config(raw), output=tmp_path / "r", progress=False)
+    clients, rounds = _records(result.run_dir)
+    assert rounds[-1]["num_clients"] == 3 and rounds[-1]["cut_bytes_up"] > 0
+    assert all(r["server_flops"] > 0 and r["flops"] > 0 for r in clients)
+    assert "test_perplexity" in result.final_metrics
