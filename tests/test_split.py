@@ -124,6 +124,15 @@ def test_a_split_run_moves_only_the_bottom_and_the_cut(split_config, tmp_path):
     clients, rounds = _records(result.run_dir)
     last = rounds[-1]
     assert 0 <= result.final_metrics["test_accuracy"] <= 1
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    sharing = next(r for r in lines if r.get("event") == "sharing")
+    held_params = sum(
+        p.numel()
+        for n, p in build_bundle(cfg, LABELS).model.named_parameters()
+        if "embeddings" in n or ".layer.0." in n or ".layer.1." in n
+    )  # the embeddings and layers 0-1, LoRA included; the rest (layers 2-3, pooler, head) is the server's
+    assert sharing["cut_layer"] == 2 and sharing["client_params"] == held_params
+    assert "The cut is after layer 1" in (result.run_dir / "report.html").read_text()
     # what a client holds: LoRA of layers 0-1 only; the server part (layers 2-3, the head) stays
     bundle = build_bundle(cfg, LABELS)
     held = client_part(get_trainable_state(bundle.trainable), 2, False)

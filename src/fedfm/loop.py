@@ -161,13 +161,22 @@ class Run:
         )
 
     def _describe_sharing(self, record: dict) -> None:
-        record = {**record, "client_params": self.bundle.num_total()}
-        if self.server_model is not None:
+        total = self.bundle.num_total()
+        record = {**record, "client_params": total}
+        if self.server_model is not None:  # offsite: the clients' emulator, the server's FM
             record["server_params"] = self.server_model.bundle.num_total()
-            share = record["client_params"] / record["server_params"]
+            whole = record["server_params"]
+        if self.bundle.parts is not None:  # split: one model, its top part the server's
+            theirs = self.bundle.parts.server_parameters()
+            record["server_params"] = sum(
+                p.numel() for p in self.bundle.model.parameters() if id(p) in theirs
+            )
+            record["client_params"] = total - record["server_params"]
+            whole = total
+        if "server_params" in record:
             self.console.note(
                 f"{record['mode']}: clients hold {record['client_params'] / 1e6:.1f}M parameters "
-                f"({share:.0%} of the FM's {record['server_params'] / 1e6:.1f}M)"
+                f"({record['client_params'] / whole:.0%} of the FM's {whole / 1e6:.1f}M)"
             )
         self.metrics.write({"event": "sharing", **record})
 

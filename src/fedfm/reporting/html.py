@@ -217,6 +217,10 @@ def computation_section(history: list[dict], sharing: dict | None) -> str:
                 f" Emulator layers {sharing['emulator_layers']} of the FM's {sharing['fm_layers']}; "
                 f"clients tune layers {sharing['adapter_layers']}.</p>"
                 if "emulator_layers" in sharing
+                else f" The cut is after layer {sharing['cut_layer'] - 1}"
+                + (" and before the head (U-shaped)" if sharing.get("u_shaped") else "")
+                + f"; {sharing['activation_bits']}-bit messages.</p>"
+                if "cut_layer" in sharing
                 else "</p>"
             )
         )

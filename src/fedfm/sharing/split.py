@@ -240,6 +240,17 @@ def check_split(cfg) -> None:
         )
 
 
+def describe(cfg) -> dict:
+    s = cfg.split
+    return {
+        "mode": "split",
+        "cut_layer": s.cut_layer,
+        "u_shaped": s.u_shaped,
+        "activation_bits": s.activation_bits,
+        "activation_noise": s.activation_noise,
+    }
+
+
 SHARING_MODES.register("split")(
-    SharingMode(lambda cfg: cfg, lambda cfg, labels: None, check_split, prepare_bundle=prepare_bundle)
+    SharingMode(lambda cfg: cfg, lambda cfg, labels: None, check_split, describe, prepare_bundle)
 )
