@@ -144,6 +144,8 @@ def test_peft_layers_adapt_or_train_only_those_layers(tiny_config):
         build_bundle(make_config(tiny_config(model={"layers": [0, 5]})), LABELS)
     with pytest.raises(ModelError, match="peft.layers names layers"):
         build_bundle(make_config(tiny_config(model={"layers": [0]}, peft={"layers": [1]})), LABELS)
+    with pytest.raises(ConfigError, match="peft.layers does not apply"):
+        make_config(tiny_config(peft={"method": "ia3", "layers": [0]}))
     with pytest.raises(ModelError, match="strictly increasing"):
         build_bundle(make_config(tiny_config(model={"layers": [1, 0]})), LABELS)
 
@@ -155,6 +157,9 @@ def test_peft_layers_adapt_or_train_only_those_layers(tiny_config):
         ({"model": {"layers": [0, 1]}}, "model.layers"),
         ({"task": {"baselines": True}}, "task.baselines"),
         ({"strategy": {"lora_aggregation": "stack"}}, "lora_aggregation"),
+        ({"peft": {"method": "ia3"}}, "peft.method"),
+        ({"offsite": {"adapter_layers": 3}}, "offsite.adapter_layers = 3"),
+        ({"offsite": {"emulator_layers": 3}}, "offsite.emulator_layers = 3"),
         ({"task": {"kind": "image_classification"}, "data": {"name": "digits"}, "model": {}}, "task.kind"),
     ],
 )

@@ -173,6 +173,8 @@ def test_activation_noise_changes_what_the_server_sees(split_config):
         ({"run": {"engine": "batched"}}, "run.engine"),
         ({"compression": {"method": "topk"}}, "compression.method"),
         ({"peft": {"method": "ia3"}}, "peft.method"),
+        ({"run": {"protocol": "fedpft"}, "peft": {"method": "head"}}, "run.protocol"),
+        ({"split": {"cut_layer": 4}}, "split.cut_layer = 4"),
     ],
 )
 def test_split_refuses_what_it_cannot_run(split_config, sections, field):
@@ -181,13 +183,6 @@ def test_split_refuses_what_it_cannot_run(split_config, sections, field):
         raw.setdefault(name, {}).update(values)
     with pytest.raises(ConfigError, match=field):
         make_config(raw)
-
-
-def test_a_cut_that_leaves_one_side_empty_is_refused(split_config):
-    from fedfm.models.resolve import ModelError
-
-    with pytest.raises(ModelError, match="split.cut_layer = 4"):
-        build_bundle(make_config(split_config(cut_layer=4)), LABELS)
 
 
 @pytest.mark.parametrize("u_shaped", [False, True])
@@ -199,3 +194,51 @@ def test_split_fine_tuning_of_a_causal_lm(instruction_config, tmp_path, u_shaped
     assert rounds[-1]["num_clients"] == 3 and rounds[-1]["cut_bytes_up"] > 0
     assert all(r["server_flops"] > 0 and r["flops"] > 0 for r in clients)
     assert "test_perplexity" in result.final_metrics
+
+
+def test_a_tied_head_is_the_clients_embedding_too(instruction_config):
+    """SmolLM2-style tied embeddings: the head the server runs is the matrix the client embeds
+    with, so it counts as the client's weights, not only the server's."""
+    cfg = make_config({**instruction_config(sharing={"mode": "split"}), "split": {"cut_layer": 1}})
+    bundle = build_bundle(cfg, ["a"])
+    model = bundle.model
+    embed = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embed  # the tiny Llama ties them
+    theirs = bundle.parts.server_parameters()
+    assert id(embed) not in theirs
+    assert theirs  # the top layer and the final norm are the server's
+    assert all(id(p) in theirs for p in model.base_model.model.model.layers[1].parameters())
+
+
+def test_a_client_that_fails_mid_step_leaves_no_gradient_for_the_next(split_config):
+    from fedfm.training import ClientJob, client_init
+
+    cfg = make_config(split_config())
+    bundle = build_bundle(cfg, LABELS)
+    for p in bundle.trainable.values():
+        p.grad = torch.ones_like(p)  # what a refused backward pass leaves behind
+    from fedfm.algorithms.objectives import Objective
+    from fedfm.types import RoundContext
+
+    state = get_trainable_state(bundle.trainable)
+    client_init(
+        bundle,
+        None,
+        ClientJob(0, [0, 1]),
+        state,
+        RoundContext(round=1, seed=0),
+        cfg.training,
+        Objective("plain"),
+    )
+    assert all(p.grad is None for p in bundle.trainable.values())
+
+
+def test_a_deployment_refuses_split_fine_tuning(split_config):
+    pytest.importorskip("grpc")
+    from fedfm.deploy.auth import DeployError
+    from fedfm.deploy.server import check_deployable
+
+    raw = split_config()
+    raw["strategy"] = {"weighting": "uniform"}
+    with pytest.raises(DeployError, match="sharing.mode = 'split'"):
+        check_deployable(make_config(raw))

@@ -135,6 +135,11 @@ class RunConfig(_Section):
                 f"peft.rank_assignment = 'per_client' needs one rank per client: {len(tiers)} given for "
                 f"partition.num_clients = {self.partition.num_clients}"
             )
+        if self.peft.layers is not None and self.peft.method in ("head", "prompt_tuning", "ia3"):
+            raise ValueError(
+                f"peft.layers does not apply to peft.method = {self.peft.method!r} (only to lora and full); "
+                "leave it unset"
+            )
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
         _component_checks(self)

@@ -107,6 +107,8 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
     if n == 0:
         raise ValueError("the client has no training examples")
     trainable, device = bundle.trainable, bundle.device
+    for p in trainable.values():  # nothing left over from a client that failed mid-step
+        p.grad = None
     set_trainable_state(trainable, global_params)
     rank_mask = _rank_masks(trainable, job.rank)
     _apply_masks(trainable, rank_mask, params=True)
@@ -219,11 +221,15 @@ def client_update(
     cfg,
     objective: Objective,
     client_state: Params | None = None,
+    party: bool = True,
 ) -> tuple[Update, Params | None]:
-    """Train one client from ``global_params``: init → step per batch → final."""
+    """Train one client from ``global_params``: init → step per batch → final. ``party``: a
+    client (the bundle's ``training_context`` wraps it: split's cut); false: the server's own
+    training (a baseline, the synthetic warm-up), which crosses no cut."""
     run = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
     meter = CostMeter(bundle.model, bundle.trainable, bundle.parts) if cfg.count_costs else None
-    around = bundle.training_context(job, ctx) if bundle.training_context else contextlib.nullcontext({})
+    wrap = bundle.training_context if party else None
+    around = wrap(job, ctx) if wrap else contextlib.nullcontext({})
     try:
         with around as extra, meter.counting() if meter else contextlib.nullcontext():
             for positions in local_batches(run):
@@ -250,7 +256,7 @@ def train_from(
     ctx = RoundContext(round=0, seed=seed)
     with own_statistics(bundle, {}):  # FedBN: a party of its own, from the loaded statistics
         update, _ = client_update(
-            bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain")
+            bundle, task, ClientJob(key, rows), start, ctx, training, Objective("plain"), party=False
         )
     return {k: start[k] + update.delta[k] for k in start}, update.metrics["train_loss"]
 

@@ -110,7 +110,7 @@ class SplitUpdate:
     kind = "split"
 
     def tensors(self) -> dict[str, Params]:
-        return {"p": self.client_delta}
+        return {"p": self.client_delta, "c": self.control_delta or {}}
 
     def merged(self) -> Update:
         delta = {**self.client_delta, **self.server_delta}

@@ -332,6 +332,11 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
+    if cfg.sharing.mode == "split":
+        raise DeployError(
+            "sharing.mode = 'split' exchanges activations and gradients every batch; over gRPC that "
+            "exchange is not built yet (simulation only)"
+        )
     if cfg.secagg.signatures and (security is None or not security.client_ca):
         raise DeployError(
             "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "

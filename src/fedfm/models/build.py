@@ -225,7 +225,7 @@ def apply_peft(
     """Wrap with PEFT (lora, ia3, prompt_tuning) or set requires_grad for head / full. ``layers``
     (the layer stack's name, positions): adapt, or with ``full`` train, only those layers."""
     method = peft_cfg.method
-    if layers is not None and method in ("head", "prompt_tuning"):
+    if layers is not None and method in ("head", "prompt_tuning", "ia3"):
         raise ModelError(f"peft.layers does not apply to peft.method = {method!r}; leave it unset")
     if method == "full":
         if layers is not None:
@@ -279,7 +279,7 @@ def peft_config(
     if peft_cfg.method == "ia3":
         targets = peft_cfg.target_modules
         return IA3Config(
-            task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None, **where
+            task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None
         )
     if peft_cfg.method == "prompt_tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)

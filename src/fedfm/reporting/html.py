@@ -199,6 +199,15 @@ def _count(n: float, unit: str) -> str:
     return f"{n:,.0f} {unit}"
 
 
+def _held(sharing: dict) -> str:
+    client, server = sharing["client_params"], sharing["server_params"]
+    if "cut_layer" in sharing:  # split: the server holds the rest of one model
+        return (
+            f", the server the other {server:,} ({client / (client + server):.0%} of the model on the client)"
+        )
+    return f", the server's FM {server:,} ({client / server:.0%})"
+
+
 def computation_section(history: list[dict], sharing: dict | None) -> str:
     """What clients hold and spend: the sharing mode's model sizes, and counted costs per round."""
     parts = []
@@ -206,12 +215,7 @@ def computation_section(history: list[dict], sharing: dict | None) -> str:
         parts.append(
             f"<p>Computation sharing: <b>{html.escape(str(sharing.get('mode')))}</b>. Clients hold "
             f"{sharing['client_params']:,} parameters"
-            + (
-                f", the server's FM {sharing['server_params']:,} "
-                f"({sharing['client_params'] / sharing['server_params']:.0%})"
-                if sharing.get("server_params")
-                else ""
-            )
+            + (_held(sharing) if sharing.get("server_params") else "")
             + "."
             + (
                 f" Emulator layers {sharing['emulator_layers']} of the FM's {sharing['fm_layers']}; "

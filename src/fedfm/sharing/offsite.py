@@ -145,9 +145,9 @@ def check_offsite(cfg) -> None:
             f"{who} thins a transformer's layer stack; task.kind = {cfg.task.kind!r} is not one of "
             f"{', '.join(OFFSITE_TASKS)}"
         )
-    if cfg.peft.method not in ("lora", "ia3", "full"):
+    if cfg.peft.method not in ("lora", "full"):
         raise ValueError(
-            f"{who} tunes the adapter layers with LoRA (or ia3), or every weight of them with 'full'; "
+            f"{who} tunes the adapter layers with LoRA, or every weight of them with 'full'; "
             f"peft.method = {cfg.peft.method!r} does not"
         )
     for field, value in (("model.layers", cfg.model.layers), ("peft.layers", cfg.peft.layers)):
@@ -165,6 +165,11 @@ def check_offsite(cfg) -> None:
         )
     if cfg.run.protocol != "rounds":
         raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
+    try:
+        num_layers = fm_num_layers(cfg.model)
+    except ModelError:
+        return  # a model that cannot be read is reported when it is built
+    emulator_plan(num_layers, cfg.offsite.adapter_layers, cfg.offsite.emulator_layers)  # names the field
 
 
 SHARING_MODES.register("offsite")(SharingMode(emulator_config, server_model, check_offsite, describe))

@@ -62,7 +62,7 @@ class Exchange:
 
     def client_to_server(self, h: torch.Tensor) -> torch.Tensor:
         out, n = roundtrip(h, self.bits)
-        if self.noise > 0:  # privacy noise on the activations: unpredictable unless seeded
+        if self.noise > 0:  # noise on the activations: a CSPRNG-seeded generator per client and round
             out = out + self.noise * torch.randn(out.shape, generator=self.generator).to(out)
         self.bytes_up += n
         self.messages += 1
@@ -128,6 +128,7 @@ class SplitCuts:
     handles: list = field(default_factory=list)
     side: str = "client"  # whose part the forward pass is in (the cost meter's activations)
     server_modules: list = field(default_factory=list)  # the largest modules of the server's part
+    model_modules: list = field(default_factory=list)
 
     def install(self, model: torch.nn.Module) -> None:
         from fedfm.models.layers import layer_list
@@ -139,6 +140,7 @@ class SplitCuts:
                 f"leave at least one on each side (1..{len(stack) - 1})"
             )
         self.server_modules = server_part(model, path, self.cut_layer, self.u_shaped)
+        self.model_modules = list(model.modules())
         self.handles.append(model.register_forward_pre_hook(self._start))
         self.handles.append(stack[self.cut_layer - 1].register_forward_hook(self._hook(upward=True)))
         if self.u_shaped:
@@ -159,7 +161,12 @@ class SplitCuts:
         return hook
 
     def server_parameters(self) -> set[int]:
-        return {id(p) for m in self.server_modules for p in m.parameters()}
+        """Ids of the parameters only the server's part holds (a head tied to the embeddings the
+        client runs is the client's too, so it is not counted here)."""
+        inside = {id(m) for part in self.server_modules for m in part.modules()}
+        theirs = {id(p) for m in self.server_modules for p in m.parameters()}
+        mine = {id(p) for m in self.model_modules if id(m) not in inside for p in m.parameters(recurse=False)}
+        return theirs - mine
 
     @contextlib.contextmanager
     def training(self, exchange: Exchange):
@@ -232,6 +239,19 @@ def check_split(cfg) -> None:
             f"{who}: the server's part trains on each client's activations every batch, which "
             "neither client-level DP of the round's update nor secure aggregation covers; turn "
             "privacy.dp and secagg.enabled off (split.activation_noise noises the activations)"
+        )
+    if cfg.run.protocol != "rounds":
+        raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
+    from fedfm.sharing.offsite import fm_num_layers
+
+    try:
+        num_layers = fm_num_layers(cfg.model)
+    except ModelError:
+        num_layers = None  # reported when the model is built
+    if num_layers is not None and not 1 <= cfg.split.cut_layer < num_layers:
+        raise ValueError(
+            f"split.cut_layer = {cfg.split.cut_layer}: the model has {num_layers} layers; the cut must "
+            f"leave at least one on each side (1..{num_layers - 1})"
         )
     if cfg.compression.method != "none" or cfg.attack.kind != "none":
         raise ValueError(
