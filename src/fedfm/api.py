@@ -39,7 +39,10 @@ def run(
     from fedfm.protocols import PROTOCOLS
 
     cfg, run_dir = prepare_run(config, output=output, resume=resume, overrides=overrides)
-    protocol = PROTOCOLS.get(cfg.run.protocol)
+    from fedfm.sharing import SHARING_MODES
+
+    # a sharing mode with its own loop (knowledge transfer) runs as that protocol
+    protocol = PROTOCOLS.get(SHARING_MODES.get(cfg.sharing.mode).protocol or cfg.run.protocol)
     return protocol.run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None)
 
 

@@ -39,6 +39,8 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     SyntheticSection,
     TaskSection,
     TrainingSection,
+    TransferModelSection,
+    TransferSection,
     ValidationSection,
     _Section,
 )
@@ -74,6 +76,7 @@ class RunConfig(_Section):
     sharing: SharingSection = Field(default_factory=SharingSection)
     offsite: OffsiteSection = Field(default_factory=OffsiteSection)
     split: SplitSection = Field(default_factory=SplitSection)
+    transfer: TransferSection = Field(default_factory=TransferSection)
 
     @model_validator(mode="before")
     @classmethod

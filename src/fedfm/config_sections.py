@@ -442,6 +442,42 @@ class SplitSection(_Section):
     )
 
 
+class TransferModelSection(_Section):
+    """One client architecture of knowledge transfer (client k gets entry k mod the list's length)."""
+
+    name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
+    layers: list[int] | None = Field(
+        None, description="Keep only these layers of its stack (as model.layers)."
+    )
+    init: Literal["pretrained", "random"] = Field("pretrained", description="Pretrained or fresh weights.")
+
+
+class TransferSection(_Section):
+    """sharing.mode = "transfer": knowledge transfer between the FM and small client models through
+    logits on a public or FM-synthetic transfer set (docs/computation-sharing.md)."""
+
+    client_models: list[TransferModelSection] = Field(
+        default_factory=lambda: [TransferModelSection(layers=[0, 1])],
+        description="The clients' small models (default: MiniLM's first two layers), with peft.* applied.",
+    )
+    path: str | None = Field(
+        None,
+        description="Transfer set: JSONL or CSV with a 'text' column (public or `fedfm synth`); "
+        "default: synthetic.path. Never client data.",
+    )
+    max_examples: int | None = Field(500, ge=1, description="Use at most this many transfer texts.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of both distillations.")
+    client_weight: float = Field(
+        1.0, ge=0, description="Weight of the FM's teaching (KL to its logits) in a client's local loss."
+    )
+    server_steps: int = Field(
+        30, ge=0, description="Server steps distilling the clients' ensemble into the FM."
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="The FM's distillation learning rate; default training.lr."
+    )
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and last).")
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")

@@ -1,9 +1,10 @@
 """Run protocols: how an experiment reaches its model, looked up by ``run.protocol``.
 
 ``rounds`` is federated training round after round (``fedfm.loop``); ``fedpft`` is one-shot FL
-from FM features (``fedfm.oneshot``). A protocol is ``run(cfg, run_dir, progress=, callbacks=,
-resume=) → RunResult`` and an optional ``check(cfg)`` that raises ``ValueError`` naming a field
-the protocol cannot run with.
+from FM features (``fedfm.oneshot``); ``transfer`` is knowledge transfer between the FM and small
+client models (``fedfm.transfer``), which ``sharing.mode = "transfer"`` selects. A protocol is
+``run(cfg, run_dir, progress=, callbacks=, resume=) → RunResult`` and an optional ``check(cfg)``
+that raises ``ValueError`` naming a field the protocol cannot run with.
 """
 
 from __future__ import annotations
@@ -61,5 +62,17 @@ def check_fedpft(cfg) -> None:
         raise ValueError(f"{who} has no attack simulation: attack.kind = 'none'")
 
 
+def _transfer(cfg, run_dir, **options):
+    from fedfm.transfer import run_transfer
+
+    return run_transfer(cfg, run_dir, **options)
+
+
+def check_transfer_protocol(cfg) -> None:
+    if cfg.sharing.mode != "transfer":
+        raise ValueError("run.protocol = 'transfer' is set by sharing.mode = 'transfer'; set that instead")
+
+
 PROTOCOLS.register("rounds")(Protocol(_rounds))
+PROTOCOLS.register("transfer")(Protocol(_transfer, check_transfer_protocol))
 PROTOCOLS.register("fedpft")(Protocol(_fedpft, check_fedpft))

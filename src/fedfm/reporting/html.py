@@ -208,26 +208,39 @@ def _held(sharing: dict) -> str:
     return f", the server's FM {server:,} ({client / server:.0%})"
 
 
+def _sharing_text(sharing: dict) -> str:
+    mode = html.escape(str(sharing.get("mode")))
+    if mode == "transfer":
+        models = ", ".join(
+            f"{html.escape(str(m['name']))}"
+            + (f" (layers {m['layers']})" if m.get("layers") else "")
+            + f": {m['params']:,}"
+            for m in sharing["client_models"]
+        )
+        return (
+            f"<p>Computation sharing: <b>transfer</b>. Client models {models} parameters; the FM "
+            f"{sharing['server_params']:,}. Only logits on {sharing['transfer_examples']} transfer texts "
+            "travel, each way.</p>"
+        )
+    text = f"<p>Computation sharing: <b>{mode}</b>. Clients hold {sharing['client_params']:,} parameters"
+    if sharing.get("server_params"):
+        text += _held(sharing)
+    text += "."
+    if "emulator_layers" in sharing:
+        text += (
+            f" Emulator layers {sharing['emulator_layers']} of the FM's {sharing['fm_layers']}; "
+            f"clients tune layers {sharing['adapter_layers']}."
+        )
+    if "cut_layer" in sharing:
+        text += f" The cut is after layer {sharing['cut_layer'] - 1}"
+        text += " and before the head (U-shaped)" if sharing.get("u_shaped") else ""
+        text += f"; {sharing['activation_bits']}-bit messages."
+    return text + "</p>"
+
+
 def computation_section(history: list[dict], sharing: dict | None) -> str:
     """What clients hold and spend: the sharing mode's model sizes, and counted costs per round."""
-    parts = []
-    if sharing:
-        parts.append(
-            f"<p>Computation sharing: <b>{html.escape(str(sharing.get('mode')))}</b>. Clients hold "
-            f"{sharing['client_params']:,} parameters"
-            + (_held(sharing) if sharing.get("server_params") else "")
-            + "."
-            + (
-                f" Emulator layers {sharing['emulator_layers']} of the FM's {sharing['fm_layers']}; "
-                f"clients tune layers {sharing['adapter_layers']}.</p>"
-                if "emulator_layers" in sharing
-                else f" The cut is after layer {sharing['cut_layer'] - 1}"
-                + (" and before the head (U-shaped)" if sharing.get("u_shaped") else "")
-                + f"; {sharing['activation_bits']}-bit messages.</p>"
-                if "cut_layer" in sharing
-                else "</p>"
-            )
-        )
+    parts = [_sharing_text(sharing)] if sharing else []
     counted = [r for r in history if r.get("client_flops_mean") is not None]
     if counted:
         rows = "".join(
@@ -246,6 +259,13 @@ def computation_section(history: list[dict], sharing: dict | None) -> str:
             f"<p>Round {final['round']}: the FM with the clients' adapter plugged in scores "
             f"{final['test_accuracy']:.4f}; the emulator the clients trained on, "
             f"{final['emulator_test_accuracy']:.4f}.</p>"
+        )
+    clients = next((r for r in reversed(history) if "client_test_accuracy_mean" in r), None)
+    if clients:
+        parts.append(
+            f"<p>Round {clients['round']}: the FM scores {clients['test_accuracy']:.4f}; the clients' own "
+            f"models {clients['client_test_accuracy_mean']:.4f} on average (worst "
+            f"{clients['client_test_accuracy_min']:.4f}).</p>"
         )
     return "<h2>Computation</h2>" + "".join(parts) if parts else ""
 

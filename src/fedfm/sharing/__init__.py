@@ -23,6 +23,7 @@ class SharingMode:
     check: Callable | None = None  # (cfg) → raises ValueError naming a field
     describe: Callable | None = None  # (cfg) → dict recorded in metrics.jsonl ("sharing" event)
     prepare_bundle: Callable | None = None  # (bundle, cfg): after the clients' model is built
+    protocol: str | None = None  # the run protocol this mode runs as (transfer: its own loop)
 
 
 SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")
@@ -31,5 +32,6 @@ SHARING_MODES.register("none")(SharingMode(lambda cfg: cfg, lambda cfg, labels: 
 
 from fedfm.sharing import offsite as _offsite  # noqa: E402,F401  (registration)
 from fedfm.sharing import split as _split  # noqa: E402,F401
+from fedfm.sharing import transfer as _transfer  # noqa: E402,F401
 
 __all__ = ["SHARING_MODES", "SharingMode"]
