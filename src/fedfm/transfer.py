@@ -39,9 +39,11 @@ from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, sample_cohort
 from fedfm.seeding import seed_torch, torch_generator
+from fedfm.tally import payload_nbytes
 from fedfm.tasks import task_kind
 from fedfm.tasks.classification import encode
 from fedfm.training import batch_order, make_optimizer, num_local_steps
+from fedfm.types import Logits
 
 
 def read_transfer_texts(path: str | Path, column: str = "text") -> list[str]:
@@ -247,7 +249,7 @@ def run_transfer(
             cohort = sample_cohort(n, budget, cfg.run.seed, t)
             tick = bar.start_round(t, len(cohort))
             teacher = fm.logits(bs)
-            zs, weights, changed, client_records, failed = [], [], {}, [], []
+            sent, changed, client_records, failed = [], {}, [], []
             for k in cohort:
                 tick()
                 rows = data.client_train[k]
@@ -266,25 +268,30 @@ def run_transfer(
                 except Exception as err:  # one broken client must not stop the round
                     failed.append({"client": k, "stage": "train", "reason": f"{type(err).__name__}: {err}"})
                     continue
-                rec = {"client": k, "num_examples": int(len(rows)), "train_loss": loss, "model": arch[k]}
+                rec = {"train_loss": loss, "model": float(arch[k])}
                 if meter is not None:
                     rec.update(meter.record(optimizer))
-                client_records.append(rec)
-                metrics.write({**rec, "event": "client", "round": t})
-                zs.append(z)
-                weights.append(len(rows))
+                sent.append(Logits(z, int(len(rows)), rec))
+                client_records.append({**rec, "client": k, "num_examples": int(len(rows))})
+                metrics.write({**client_records[-1], "event": "client", "round": t})
                 changed[k] = {"model": get_trainable_state(party.bundle.trainable)}
-            record = {"round": t, "num_clients": len(zs), "cohort": cohort, "failed": failed, "rejected": []}
-            if zs:
-                ensemble = ensemble_logits(zs, weights)
+            record = {
+                "round": t,
+                "num_clients": len(sent),
+                "cohort": cohort,
+                "failed": failed,
+                "rejected": [],
+            }
+            if sent:
+                weights = [p.num_examples for p in sent]
+                ensemble = ensemble_logits([p.values for p in sent], weights)
                 record["server_distill_loss"] = distill_server(fm, ensemble, cfg, t)
-                record["train_loss"] = float(
-                    np.average([r["train_loss"] for r in client_records], weights=weights)
-                )
+                losses = [p.metrics["train_loss"] for p in sent]
+                record["train_loss"] = float(np.average(losses, weights=weights))
             else:
                 record["skipped"] = "no client delivered logits; the FM is unchanged"
-            message = teacher.numel() * 4  # float32 logits, one per class per transfer text
-            up, down = message * len(zs), message * len(cohort)
+            up = sum(payload_nbytes(p) for p in sent)  # the logits as they travel, each way
+            down = payload_nbytes(Logits(teacher, 0)) * len(cohort)
             comm = {
                 "bytes_up_total": state.comm.get("bytes_up_total", 0) + up,
                 "bytes_down_total": state.comm.get("bytes_down_total", 0) + down,

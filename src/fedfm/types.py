@@ -117,6 +117,20 @@ class SplitUpdate:
         return Update(delta, self.num_examples, self.metrics, self.control_delta)
 
 
+@dataclass(frozen=True)
+class Logits:
+    """Knowledge transfer's payload (``fedfm.transfer``): a client's logits on the transfer set,
+    one row per transfer text, and its example count (the ensemble's weight). In-process only."""
+
+    values: torch.Tensor
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    kind = "logits"
+
+    def tensors(self) -> dict[str, Params]:
+        return {"p": {"logits": self.values}}
+
+
 PAYLOADS: dict[str, type] = {p.kind: p for p in (Update, Encoded, Masked)}  # wire name → type
 
 
