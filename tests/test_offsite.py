@@ -251,3 +251,25 @@ def test_offsite_tuning_of_a_causal_lm(instruction_config, tmp_path):
     result = fedfm.run(make_config(raw), output=tmp_path / "r", progress=False)
     final = result.final_metrics
     assert "test_perplexity" in final and "emulator_test_perplexity" in final
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {
+            "privacy": {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 1.0},
+            "strategy": {"weighting": "uniform"},
+        },
+        {"strategy": {"server_optimizer": "adam", "server_lr": 1e-2, "objective": "fedprox", "mu": 0.1}},
+        {"strategy": {"aggregator": "trimmed_mean", "byzantine": 1}},
+    ],
+    ids=["client-dp", "fedadam-fedprox", "trimmed-mean"],
+)
+def test_offsite_tuning_composes_with_dp_and_the_strategies(offsite_config, tmp_path, sections):
+    raw = offsite_config(run={"rounds": 1}, **sections)
+    raw["offsite"] = {"emulator_layers": 0}
+    result = fedfm.run(make_config(raw), output=tmp_path / "r", progress=False)
+    final = result.final_metrics
+    assert final["num_clients"] == 4 and "emulator_test_accuracy" in final
+    if "privacy" in sections:  # the accounted release is the emulator's adapter update, as in any run
+        assert final["epsilon"] > 0
