@@ -273,3 +273,31 @@ def test_offsite_tuning_composes_with_dp_and_the_strategies(offsite_config, tmp_
     assert final["num_clients"] == 4 and "emulator_test_accuracy" in final
     if "privacy" in sections:  # the accounted release is the emulator's adapter update, as in any run
         assert final["epsilon"] > 0
+
+
+def test_a_distilled_emulator_is_closer_to_the_fm_and_distils_the_same_on_resume(offsite_config, tmp_path):
+    import json as _json
+
+    from tests.conftest import make_rows
+
+    public = tmp_path / "public.jsonl"  # public texts, never a client's
+    public.write_text("\n".join(_json.dumps({"text": r["text"]}) for r in make_rows(6, seed=9)))
+    raw = offsite_config(run={"rounds": 1})
+    raw["offsite"] = {
+        "emulator_layers": 1,
+        "distill_steps": 25,
+        "distill_path": str(public),
+        "distill_lr": 1e-3,
+    }
+    result = fedfm.run(make_config(raw), output=tmp_path / "r", progress=False)
+    lines = [_json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    distill = next(r for r in lines if r.get("event") == "distill")
+    assert distill["steps"] == 25 and distill["texts"] == 18
+    assert distill["loss_last"] < 0.5 * distill["loss_first"]  # the thinned middle learnt the FM's
+    again = fedfm.run(resume=result.run_dir, overrides=["run.rounds=2"], progress=False)
+    whole = fedfm.run(
+        make_config({**raw, "run": {**raw["run"], "rounds": 2}}), output=tmp_path / "w", progress=False
+    )
+    assert again.final_metrics["test_loss"] == pytest.approx(whole.final_metrics["test_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match="distill_path"):
+        make_config({**raw, "offsite": {"distill_steps": 5}})

@@ -420,6 +420,16 @@ class OffsiteSection(_Section):
         description="Middle layers the emulator keeps, evenly spaced (uniform layer drop); default: half "
         "of the middle, rounded up. All of them: the emulator is the FM.",
     )
+    distill_steps: int = Field(
+        0,
+        ge=0,
+        description="Server steps distilling the emulator's middle into the FM's before round 1 (0: none).",
+    )
+    distill_path: str | None = Field(
+        None,
+        description="Texts to distil on (JSONL/CSV 'text': public or `fedfm synth`); default synthetic.path.",
+    )
+    distill_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the emulator's distillation.")
 
 
 class SplitSection(_Section):

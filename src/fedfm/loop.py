@@ -127,6 +127,8 @@ class Run:
         self.elapsed_offset = 0.0
         self.fresh = False  # set by _initial_state: no checkpoint to resume from
         self.state = self._initial_state()
+        if sharing.prepare_run is not None:  # offsite: distil the emulator (again, when resuming)
+            sharing.prepare_run(self)
         if self.fresh:
             if sharing.describe is not None:
                 self._describe_sharing(sharing.describe(cfg))

@@ -17,8 +17,6 @@ client state, checkpointed with the FM's after every round; a resumed run contin
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from fedfm.algorithms.distill import distillation_loss, ensemble_logits
 from fedfm.checkpoint import ClientStore, ServerState, load_checkpoint, save_checkpoint
 from fedfm.costs import CostMeter, round_costs
 from fedfm.data.dataset import TextDataset
+from fedfm.data.sources import read_texts
 from fedfm.experiment import build_task, prepare_data
 from fedfm.loop import RunResult
 from fedfm.models.export import export_adapter
@@ -46,26 +45,10 @@ from fedfm.training import batch_order, make_optimizer, num_local_steps
 from fedfm.types import Logits
 
 
-def read_transfer_texts(path: str | Path, column: str = "text") -> list[str]:
-    """The ``column`` of a JSONL or CSV file (a ``fedfm synth`` file, or any public texts)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"transfer set {str(p)!r} does not exist")
-    if p.suffix == ".csv":
-        with p.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    else:
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    texts = [str(r[column]) for r in rows if isinstance(r, dict) and r.get(column)]
-    if not texts:
-        raise ValueError(f"transfer set {p} has no {column!r} values")
-    return texts
-
-
 def transfer_texts(cfg, test_texts) -> list[str]:
     """The transfer set: de-duplicated, without any server test text, at most ``max_examples``
     (a seeded subsample)."""
-    texts = read_transfer_texts(cfg.transfer.path or cfg.synthetic.path)
+    texts = read_texts(cfg.transfer.path or cfg.synthetic.path)
     held = set(test_texts)
     texts = list(dict.fromkeys(t for t in texts if t not in held))
     limit = cfg.transfer.max_examples

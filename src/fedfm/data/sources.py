@@ -158,3 +158,19 @@ def load_source(cfg) -> tuple[TextDataset, TextDataset | None]:
     if cfg.name in DATASETS:
         return DATASETS.get(cfg.name)(cfg)
     return huggingface(cfg)
+
+
+def read_texts(path: str | Path, column: str = "text") -> list[str]:
+    """The ``column`` of a JSONL or CSV file (a ``fedfm synth`` file, or any public texts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {str(p)!r} does not exist")
+    if p.suffix == ".csv":
+        with p.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    texts = [str(r[column]) for r in rows if isinstance(r, dict) and r.get(column)]
+    if not texts:
+        raise ValueError(f"{p} has no {column!r} values")
+    return texts

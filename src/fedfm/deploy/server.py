@@ -332,6 +332,11 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
+    if cfg.sharing.mode == "offsite" and cfg.offsite.distill_steps:
+        raise DeployError(
+            "offsite.distill_steps: deployed clients build their emulator from the FM's files; sending "
+            "them the distilled one is not built (set offsite.distill_steps = 0)"
+        )
     if cfg.sharing.mode == "split":
         raise DeployError(
             "sharing.mode = 'split' exchanges activations and gradients every batch; over gRPC that "

@@ -24,6 +24,9 @@ class SharingMode:
     describe: Callable | None = None  # (cfg) → dict recorded in metrics.jsonl ("sharing" event)
     prepare_bundle: Callable | None = None  # (bundle, cfg): after the clients' model is built
     protocol: str | None = None  # the run protocol this mode runs as (transfer: its own loop)
+    prepare_run: Callable | None = (
+        None  # (run): once its models and state are set up (offsite's distillation)
+    )
 
 
 SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")

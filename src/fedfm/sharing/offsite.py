@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedfm.models.build import ModelBundle
 from fedfm.models.resolve import ModelError
 from fedfm.sharing import SHARING_MODES, SharingMode
@@ -126,6 +128,86 @@ def server_model(cfg, label_names) -> ServerModel:
     return ServerModel(bundle, stack, plan.positions, plan)
 
 
+def middle_output(model, batch: dict, position: int) -> torch.Tensor:
+    """The hidden states after layer ``position`` of ``model``'s stack (non-pad tokens only)."""
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    )
+    mask = batch["attention_mask"].bool()
+    return out.hidden_states[position + 1][mask]
+
+
+def distill_emulator(emulator, fm, plan: EmulatorPlan, texts: list[str], cfg) -> dict:
+    """Train the emulator's kept middle layers so that its hidden states after them match the
+    FM's after the FM's last middle layer (mean squared error over tokens), on public or
+    synthetic texts only, for ``offsite.distill_steps`` AdamW steps; seeded, so a resumed run
+    distils the same emulator again. Returns the loss before and after."""
+    from fedfm.models.layers import layer_list
+    from fedfm.seeding import seed_torch, torch_generator
+    from fedfm.training import batch_order
+
+    o, k = cfg.offsite, cfg.offsite.adapter_layers
+    _, stack = layer_list(emulator.model)
+    middle = list(stack)[k : len(plan.kept) - k]
+    if not middle:
+        raise ModelError("offsite.distill_steps: the emulator keeps no middle layer to distil")
+    student_at, teacher_at = len(plan.kept) - k - 1, plan.num_layers - k - 1
+    enc = emulator.tokenizer(texts, truncation=True, max_length=cfg.model.max_length, padding="max_length",
+                             return_tensors="pt")  # fmt: skip
+    params = [p for layer in middle for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=o.distill_lr)
+    seed_torch(cfg.run.seed, "offsite-distill")
+    order = batch_order(
+        len(texts), cfg.training.batch_size, o.distill_steps, torch_generator(cfg.run.seed, "distill")
+    )
+    emulator.model.eval()  # no dropout: the target is the FM's deterministic output
+    fm.model.eval()
+    losses = []
+    try:
+        for rows in order:
+            width = int(enc["attention_mask"][rows].sum(1).max())
+            batch = {
+                k: v[rows, :width].to(emulator.device)
+                for k, v in enc.items()
+                if k in ("input_ids", "attention_mask")
+            }
+            with torch.no_grad():
+                target = middle_output(fm.model, batch, teacher_at)
+            loss = torch.nn.functional.mse_loss(middle_output(emulator.model, batch, student_at), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    return {"event": "distill", "steps": o.distill_steps, "loss_first": losses[0], "loss_last": losses[-1],
+            "texts": len(texts)}  # fmt: skip
+
+
+def prepare_run(run) -> None:
+    """Before round 1 (and again on resume, identically): distil the emulator, if asked."""
+    cfg = run.cfg
+    if cfg.offsite.distill_steps == 0:
+        return
+    from fedfm.data.sources import read_texts
+
+    texts = read_texts(cfg.offsite.distill_path or cfg.synthetic.path)
+    held = set(run.data.test.texts)
+    texts = [t for t in dict.fromkeys(texts) if t not in held]
+    with run.console.status(f"distilling the emulator on {len(texts)} texts"):
+        record = distill_emulator(run.bundle, run.server_model.bundle, run.server_model.plan, texts, cfg)
+    run.console.note(
+        f"emulator distilled: {record['steps']} steps on {len(texts)} texts, MSE "
+        f"{record['loss_first']:.4f} → {record['loss_last']:.4f}"
+    )
+    if run.fresh:
+        run.metrics.write(record)
+
+
 def describe(cfg) -> dict:
     plan = plan_of(cfg)
     return {
@@ -165,6 +247,17 @@ def check_offsite(cfg) -> None:
         )
     if cfg.run.protocol != "rounds":
         raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
+    if cfg.offsite.distill_steps:
+        if not (cfg.offsite.distill_path or cfg.synthetic.path):
+            raise ValueError(
+                "offsite.distill_steps needs texts to distil on: offsite.distill_path (public texts or "
+                "`fedfm synth` output) or synthetic.path; never client data"
+            )
+        if cfg.run.engine != "inprocess":
+            raise ValueError(
+                f"offsite.distill_steps: the distilled emulator lives in this process; run.engine = "
+                f"{cfg.run.engine!r} builds clients' models elsewhere (use 'inprocess')"
+            )
     try:
         num_layers = fm_num_layers(cfg.model)
     except ModelError:
@@ -172,4 +265,6 @@ def check_offsite(cfg) -> None:
     emulator_plan(num_layers, cfg.offsite.adapter_layers, cfg.offsite.emulator_layers)  # names the field
 
 
-SHARING_MODES.register("offsite")(SharingMode(emulator_config, server_model, check_offsite, describe))
+SHARING_MODES.register("offsite")(
+    SharingMode(emulator_config, server_model, check_offsite, describe, prepare_run=prepare_run)
+)
