@@ -301,3 +301,16 @@ def test_a_distilled_emulator_is_closer_to_the_fm_and_distils_the_same_on_resume
     assert again.final_metrics["test_loss"] == pytest.approx(whole.final_metrics["test_loss"], rel=1e-5)
     with pytest.raises(ConfigError, match="distill_path"):
         make_config({**raw, "offsite": {"distill_steps": 5}})
+
+
+def test_the_packaged_layer_counts_are_the_models_own(bert4_dir):
+    from transformers import AutoConfig
+
+    from fedfm.models.resolve import resolve_model
+    from fedfm.sharing.offsite import fm_num_layers
+
+    assert (
+        fm_num_layers(make_config({}).model)
+        == AutoConfig.from_pretrained(resolve_model("minilm")).num_hidden_layers
+    )
+    assert fm_num_layers(make_config({"model": {"name": str(bert4_dir)}}).model) == 4  # read from config.json

@@ -61,19 +61,34 @@ def emulator_plan(num_layers: int, adapter_layers: int, emulator_layers: int | N
     return EmulatorPlan(num_layers, tuple(bottom + chosen + top), tuple(bottom + top))
 
 
+# the packaged models' layer counts (ASSETS.md): known without loading (SmolLM2's config would
+# otherwise come from dequantising its GGUF file)
+PACKAGED_LAYERS = {"minilm": 6, "smollm2-135m": 30}
+
+
 def fm_num_layers(model_cfg) -> int:
-    """The number of layers of the FM named by ``model_cfg`` (from its config file, no weights)."""
+    """The number of layers of the FM named by ``model_cfg``, from its config (no weights)."""
+    import json
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from fedfm.models.resolve import load_error, resolve_model
 
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(model_cfg.name))
-    except Exception as err:
-        raise load_error(model_cfg.name, err) from None
-    n = getattr(config, "num_hidden_layers", None)
+    name = model_cfg.name
+    if name in PACKAGED_LAYERS:
+        return PACKAGED_LAYERS[name]
+    config_file = Path(name).expanduser() / "config.json"
+    if config_file.is_file():
+        raw = json.loads(config_file.read_text())
+        n = raw.get("num_hidden_layers", raw.get("n_layer"))
+    else:
+        try:
+            n = getattr(AutoConfig.from_pretrained(resolve_model(name)), "num_hidden_layers", None)
+        except Exception as err:
+            raise load_error(name, err) from None
     if not isinstance(n, int):
-        raise ModelError(f"model {model_cfg.name!r}: its config gives no num_hidden_layers")
+        raise ModelError(f"model {name!r}: its config gives no num_hidden_layers")
     return n
 
 
