@@ -30,66 +30,54 @@ def make_rows(n_per_class: int = 30, seed: int = 0) -> list[dict]:
     return rows
 
 
+def save_tiny_bert(folder: Path, **config) -> Path:
+    """A BERT (hidden 32, 2 layers unless ``config`` says otherwise) with MiniLM's tokenizer,
+    randomly initialised (seed 0), saved as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedfm.models.resolve import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    bert = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, **{**shape, **config})
+    torch.manual_seed(0)
+    BertForSequenceClassification(bert).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, randomly initialised, as a folder."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from fedfm.models.resolve import resolve_model
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
-def bert4_dir(tmp_path_factory):
+def bert4_dir(tmp_path_factory) -> Path:
     """A 4-layer BERT (hidden 32), randomly initialised, with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    return save_tiny_bert(tmp_path_factory.mktemp("bert4"), num_hidden_layers=4)
 
-    from fedfm.models.resolve import resolve_model
 
-    folder = tmp_path_factory.mktemp("bert4")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def tiny_experiment(model_dir: Path, csv_path: Path, **sections) -> dict:
+    """The fast experiment on a tiny model folder and the toy CSV, with ``sections`` added."""
+    return {
+        "run": {"rounds": 2, "seed": 0, "threads": 1},
+        "model": {"name": str(model_dir), "max_length": 16},
+        "peft": {"method": "lora", "r": 4, "alpha": 8},
+        "data": {"name": "csv", "path": str(csv_path), "test_fraction": 0.25},
+        "partition": {"method": "iid", "num_clients": 4, "min_size": 1},
+        "sampling": {"fraction": 1.0},
+        "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
+        "eval": {"batch_size": 32},
+        **sections,
+    }
 
 
 @pytest.fixture
 def offsite_config(bert4_dir, csv_path):
     """The tiny experiment on the 4-layer BERT with offsite tuning on; returns a dict to tweak."""
-    return config_factory(
-        {
-            "run": {"rounds": 2, "seed": 0, "threads": 1},
-            "model": {"name": str(bert4_dir), "max_length": 16},
-            "peft": {"method": "lora", "r": 4, "alpha": 8},
-            "data": {"name": "csv", "path": str(csv_path), "test_fraction": 0.25},
-            "partition": {"method": "iid", "num_clients": 4, "min_size": 1},
-            "sampling": {"fraction": 1.0},
-            "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
-            "eval": {"batch_size": 32},
-            "sharing": {"mode": "offsite"},
-        }
-    )
+    return config_factory(tiny_experiment(bert4_dir, csv_path, sharing={"mode": "offsite"}))
 
 
 @pytest.fixture(scope="session")
@@ -106,19 +94,7 @@ def csv_path(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tiny_model_dir, csv_path):
     """A fast experiment on the tiny model and toy CSV; returns a dict to tweak."""
-
-    return config_factory(
-        {
-            "run": {"rounds": 2, "seed": 0, "threads": 1},
-            "model": {"name": str(tiny_model_dir), "max_length": 16},
-            "peft": {"method": "lora", "r": 4, "alpha": 8},
-            "data": {"name": "csv", "path": str(csv_path), "test_fraction": 0.25},
-            "partition": {"method": "iid", "num_clients": 4, "min_size": 1},
-            "sampling": {"fraction": 1.0},
-            "training": {"local_steps": 3, "batch_size": 8, "lr": 1e-2},
-            "eval": {"batch_size": 32},
-        }
-    )
+    return config_factory(tiny_experiment(tiny_model_dir, csv_path))
 
 
 def config_factory(base: dict):

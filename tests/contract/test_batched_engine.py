@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.conftest import save_tiny_bert
 
 import fedfm
 from fedfm.checkpoint import load_checkpoint
@@ -35,21 +36,8 @@ ADAMW = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.01}
 @pytest.fixture(scope="module")
 def no_dropout_bert(tmp_path_factory):
     """The tiny BERT of ``tiny_model_dir`` with its hidden and attention dropout off."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from fedfm.models.resolve import resolve_model
-
     folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.fixture
