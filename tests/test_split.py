@@ -233,12 +233,14 @@ def test_a_client_that_fails_mid_step_leaves_no_gradient_for_the_next(split_conf
     assert all(p.grad is None for p in bundle.trainable.values())
 
 
-def test_a_deployment_refuses_split_fine_tuning(split_config):
+def test_a_deployment_refuses_split_with_a_stateful_objective(split_config):
     pytest.importorskip("grpc")
     from fedfm.deploy.auth import DeployError
     from fedfm.deploy.server import check_deployable
 
     raw = split_config()
     raw["strategy"] = {"weighting": "uniform"}
-    with pytest.raises(DeployError, match="sharing.mode = 'split'"):
+    check_deployable(make_config(raw))  # plain split fine-tuning deploys (tests/test_split_remote.py)
+    raw["strategy"]["objective"] = "fedprox"
+    with pytest.raises(DeployError, match="strategy.objective = 'plain'"):
         check_deployable(make_config(raw))

@@ -100,7 +100,7 @@ class Aggregate:
 class SplitUpdate:
     """Split fine-tuning's round result (``fedfm.sharing.split``): the client's bottom part's delta
     travels; the top part's delta, which the server trained on this client's activations, stays
-    with the server. In-process only for now: not a wire kind."""
+    with the server (over gRPC it arrives empty and the server's session fills it in)."""
 
     client_delta: Params
     num_examples: int
@@ -138,6 +138,8 @@ def payload_from_wire(kind: str, groups: Mapping[str, Params], num_examples, met
     """A received payload rebuilt by its wire name (``ValueError`` for an unknown one)."""
     if kind == "masked":
         return Masked(groups.get("p", {}), metrics)
+    if kind == "split":  # the server adds its own part (fedfm.deploy.split)
+        return SplitUpdate(groups.get("p", {}), num_examples, metrics, {}, groups.get("c") or None)
     if kind not in PAYLOADS:
         raise ValueError(f"unknown payload kind {str(kind)[:40]!r}; known: {', '.join(sorted(PAYLOADS))}")
     return PAYLOADS[kind](groups.get("p", {}), num_examples, metrics, groups.get("c") or None)

@@ -137,17 +137,34 @@ class Trainer:
 
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.data, self.registered = cfg, data, registered
-        self.bundle, self.task = build_task(cfg, data)
+        self.cut = None  # split fine-tuning: the hook that exchanges with the server at the cut
+        if cfg.sharing.mode == "split":  # only the FM's bottom layers are built here
+            from fedfm.deploy.split import client_bundle
+
+            self.bundle, self.task, self.cut = client_bundle(cfg, data)
+        else:
+            self.bundle, self.task = build_task(cfg, data)
         self.program = ClientProgram.from_config(cfg)
         self.lock = threading.Lock()
 
-    def train(self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None):
+    def train(
+        self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None, send=None
+    ):
+        """One round's local training; ``send``: split fine-tuning's cut exchange with the server."""
         from fedfm.training import ClientJob
 
         ctx = context_from(dict(header), groups.get("c"), secure)
         job = ClientJob(client_id, rows, header.get("rank"))
         with self.lock:
-            return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
+            if self.cut is None:
+                return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
+            from fedfm.deploy.split import Link
+
+            self.cut.link = Link(send, ctx.round)
+            try:
+                return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
+            finally:
+                self.cut.link = None
 
 
 class Identity:
@@ -298,7 +315,14 @@ def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, n
         groups = unpack_tensors(blob)
         rows = ident.rows(trainer)
         secure = ident.secure.for_round(rnd) if header.get("secure") and ident.secure else None
-        update, state = trainer.train(ident.client_id, rows, header, groups, ident.state_before(rnd), secure)
+        send = None
+        if trainer.cut is not None:  # split: every batch crosses the cut, within the round's deadline
+            from fedfm.deploy.split import grpc_send
+
+            deadline = time.monotonic() + min(float(header.get("deadline_s", timeout)), timeout)
+            send = grpc_send(stub, ident.metadata, deadline, trainer.cut.limit)
+        state = ident.state_before(rnd)
+        update, state = trainer.train(ident.client_id, rows, header, groups, state, secure, send)
     except ClientError:
         raise
     except Exception as err:  # the server hears why, and the round goes on without us

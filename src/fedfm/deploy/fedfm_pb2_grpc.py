@@ -49,6 +49,11 @@ class FedFMStub:
                 request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
                 response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.SplitStep = channel.stream_stream(
+                '/fedfm.FedFM/SplitStep',
+                request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
+                response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class FedFMServicer:
@@ -72,6 +77,14 @@ class FedFMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitStep(self, request_iterator, context):
+        """Split fine-tuning (sharing.mode = "split"): one cut-layer exchange of a training client,
+        activations up and the gradient at the cut (or the top's hidden states) back, as chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FedFMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_FedFMServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
                     response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.SubmitReply.SerializeToString,
+            ),
+            'SplitStep': grpc.stream_stream_rpc_method_handler(
+                    servicer.SplitStep,
+                    request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+                    response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +190,33 @@ class FedFM:
             '/fedfm.FedFM/SubmitUpdate',
             fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
             fedfm_dot_deploy_dot_fedfm__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitStep(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedfm.FedFM/SplitStep',
+            fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
+            fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

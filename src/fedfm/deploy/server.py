@@ -32,6 +32,7 @@ from fedfm.deploy.wire import (
     bounded_int,
     chunks,
     join,
+    pack_tensors,
     received_metrics,
     unpack_tensors,
 )
@@ -147,6 +148,40 @@ class FedFMServicer(rpc.FedFMServicer):
         finally:
             watchdog.stop()
             c.roster.leave(m)
+
+    def SplitStep(self, request_iterator, context):
+        m, c = self._enter(context), self.coord
+        watchdog = Watchdog(STALL_S, context.cancel)
+        try:
+            header, blob = self._split_step(m, c, watchdog.passing(request_iterator))
+        except Exception as err:  # the caller hears why; its session (if any) has failed
+            header, blob = {"error": f"the cut exchange failed: {type(err).__name__}: {err}"[:500]}, b""
+        finally:
+            watchdog.stop()
+            c.roster.leave(m)
+        for text, data in chunks(header, blob):
+            yield pb.Chunk(header=text, data=data)
+
+    def _split_step(self, m, c: Coordinator, request_iterator) -> tuple[dict, bytes]:
+        split = c.split
+        if split is None:
+            return {"error": "this run does not use split fine-tuning"}, b""
+
+        def admit(header: dict) -> int:
+            with c.cond:  # a training round, and this caller still owes its update
+                if c.step is not None or m.client_id not in c.waiting_for or header.get("round") != c.round:
+                    raise WireError("not expecting a cut message from you now")
+            try:
+                return split.admit(m.client_id, header)
+            except ValueError as err:
+                raise WireError(str(err)) from None
+
+        try:
+            header, blob = join(((ch.header, ch.data) for ch in request_iterator), admit=admit)
+        except WireError as err:
+            return {"error": str(err)}, b""
+        reply, tensors = split.step(m.client_id, header, unpack_tensors(blob), len(blob))
+        return reply, pack_tensors(tensors)
 
     def _submit(self, m, c: Coordinator, request_iterator) -> pb.SubmitReply:
         def admit(header: dict) -> int:  # before any payload is read
@@ -285,6 +320,10 @@ def serve(
     factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
+    if cfg.sharing.mode == "split":  # the server's part of every client's per-batch exchange
+        from fedfm.deploy.split import SplitServer
+
+        coord.split = SplitServer(cfg, run.bundle, run.task, coord.label_names)
     server, port = start_server(coord, address, security, note)
     try:
         note(f"listening on port {port}; waiting for clients")
@@ -338,10 +377,13 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             "them the distilled one is not built (set offsite.distill_steps = 0)"
         )
     if cfg.sharing.mode == "split":
-        raise DeployError(
-            "sharing.mode = 'split' exchanges activations and gradients every batch; over gRPC that "
-            "exchange is not built yet (simulation only)"
-        )
+        if cfg.strategy.objective != "plain" or cfg.peft.rank_tiers:
+            raise DeployError(
+                "sharing.mode = 'split' over gRPC trains the server's part with the plain objective "
+                "at one rank: set strategy.objective = 'plain' and leave peft.rank_tiers unset"
+            )
+        if cfg.training.count_costs:
+            raise DeployError("training.count_costs measures split fine-tuning in simulation only")
     if cfg.secagg.signatures and (security is None or not security.client_ca):
         raise DeployError(
             "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "

@@ -46,6 +46,9 @@ class Coordinator:
     waiting_for: set[int] = field(default_factory=set)
     done: bool = False
     outcome: dict = field(default_factory=lambda: {"ok": True})  # what "done" tells clients
+    # split fine-tuning: the server's sessions (``fedfm.deploy.split.SplitServer``): open_round,
+    # attach, close_round for the round loop; admit and step for the SplitStep handler
+    split: object = None
 
     def connected(self) -> list[int]:
         return self.roster.connected()
@@ -172,8 +175,12 @@ class GrpcEngine:
     ) -> Iterator[ClientResult]:
         if ctx.secure is None:  # under secure aggregation the wait came before the key exchange
             self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
-        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
         online = set(self.coord.connected())
+        split = self.coord.split
+        sent = global_params
+        if split is not None:  # split: clients get only their part; the server keeps the rest
+            sent = split.open_round(global_params, [k for k in cohort if k in online], ctx)
+        blob = pack_tensors({"p": sent, "c": ctx.server_control})
         out_of_protocol = set()
         if ctx.secure is not None:  # only clients that set up this round's protocol can take part
             out_of_protocol = online - set(ctx.secure.server.shared)
@@ -184,7 +191,7 @@ class GrpcEngine:
             k: {**base, **context_header(ctx, k), "rank": self.jobs[k].rank} for k in cohort if k in online
         }
         length = ctx.secure.layout.length if ctx.secure is not None else None
-        self._post(ctx.round, None, headers, blob, payload_limit(global_params, ctx.server_control, length))
+        self._post(ctx.round, None, headers, blob, payload_limit(sent, ctx.server_control, length))
         for k in absent:
             if k in out_of_protocol:
                 why = "dropped out of this round's secure-aggregation key exchange"
@@ -194,8 +201,12 @@ class GrpcEngine:
                     k, failure=ClientFailure(k, "connect", "not connected when the round started")
                 )
         pending = set(headers)
-        for _, result in self._collect(ctx.round, None, pending):
-            yield result
+        try:
+            for _, result in self._collect(ctx.round, None, pending):
+                yield split.attach(result) if split is not None else result
+        finally:
+            if split is not None:
+                split.close_round()
         for k in sorted(pending):
             reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))

@@ -13,10 +13,12 @@ trains a copy of the top part on that client's activations; at the end of the ro
 sends its bottom update (the ``split`` payload: only the client-side tensors travel) and the
 server averages the bottom updates and its top copies as one FedAvg update.
 
-In this simulation both parts run in one process and one autograd pass; the cut is an autograd
-function whose forward is the client → server message and whose backward is the server → client
-message, so the compression, the noise, the bytes and the validation are those of a real
-exchange. A split with no compression and no noise computes exactly the unsplit model's gradients.
+Across processes, ``fedfm server`` and ``fedfm client`` exchange every batch over gRPC
+(``fedfm.deploy.split``). In a simulation both parts run in one process and one autograd
+pass; the cut is an autograd function whose forward is the client → server message and whose
+backward is the server → client message, so the compression, the noise, the bytes and the
+validation are those of a real exchange. A split with no compression and no noise computes
+exactly the unsplit model's gradients.
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def check_split(cfg) -> None:
         raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
     if cfg.run.engine != "inprocess":
         raise ValueError(
-            f"{who} runs in-process in this version (its per-batch exchange is simulated there; "
-            "over gRPC it is not built yet): run.engine = 'inprocess'"
+            f"{who} is simulated in-process (run.engine = 'inprocess') or deployed with "
+            "`fedfm server` (the per-batch exchange over gRPC, fedfm.deploy.split)"
         )
     if dp_mode(cfg).active or cfg.secagg.enabled:
         raise ValueError(
