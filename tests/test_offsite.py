@@ -314,3 +314,64 @@ def test_the_packaged_layer_counts_are_the_models_own(bert4_dir):
         == AutoConfig.from_pretrained(resolve_model("minilm")).num_hidden_layers
     )
     assert fm_num_layers(make_config({"model": {"name": str(bert4_dir)}}).model) == 4  # read from config.json
+
+
+def _public_texts(tmp_path):
+    from tests.conftest import make_rows
+
+    public = tmp_path / "public.jsonl"  # public texts, never a client's
+    public.write_text("\n".join(json.dumps({"text": r["text"]}) for r in make_rows(6, seed=9)))
+    return public
+
+
+def test_emulator_weights_load_only_when_they_are_exactly_the_middle_layers(offsite_config, tmp_path):
+    from fedfm.sharing.offsite import emulator_config, emulator_weights, load_emulator_weights
+
+    raw = offsite_config()
+    raw["offsite"] = {"emulator_layers": 1, "distill_steps": 1, "distill_path": str(_public_texts(tmp_path))}
+    cfg = make_config(raw)
+    server = build_bundle(emulator_config(cfg), LABELS)
+    sent = emulator_weights(server, cfg)
+    assert sent and all(k.startswith("1.") for k in sent)  # the one kept middle layer (position 1)
+    g = torch.Generator().manual_seed(0)
+    sent = {k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in sent.items()}  # "distilled"
+    client = build_bundle(emulator_config(cfg), LABELS)
+    before = {k: v.clone() for k, v in emulator_weights(client, cfg).items()}
+    for bad, reason in [
+        ({**sent, "1.extra.weight": torch.ones(1)}, "unexpected"),
+        ({k: v for k, v in list(sent.items())[1:]}, "missing"),
+        ({k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(sent.items())}, "expected"),
+        ({k: v * float("nan") for k, v in sent.items()}, "non-finite"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            load_emulator_weights(client, cfg, bad)
+        for k, v in emulator_weights(client, cfg).items():  # nothing was loaded
+            assert torch.equal(v, before[k])
+    load_emulator_weights(client, cfg, sent)
+    for k, v in emulator_weights(client, cfg).items():
+        assert torch.equal(v, sent[k])
+
+
+def test_deployed_clients_train_on_the_servers_distilled_emulator(offsite_config, tmp_path):
+    """Real processes: the server distils, ships the middle layers (GetModel), and the run ends
+    with the simulation's parameters, which it could not with the undistilled emulator."""
+    pytest.importorskip("grpc")
+    import tomli_w
+    from tests.deploy_tools import free_port, make_certificates, run_federation, write_tokens
+
+    from fedfm.checkpoint import load_checkpoint
+
+    raw = offsite_config(partition={"method": "iid", "num_clients": 3}, sampling={"fraction": 1.0})
+    raw["validation"] = {"max_num_examples": 1000}
+    raw["offsite"] = {"emulator_layers": 1, "distill_steps": 10, "distill_path": str(_public_texts(tmp_path))}
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(raw))
+    certs = make_certificates(tmp_path / "certs", sites=3)
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
+    run_federation(path, tmp_path, certs, tokens, tmp_path / "deployed", port)
+    assert "loaded the server's distilled emulator" in (tmp_path / "c0.log").read_text()
+    simulated = fedfm.run(make_config(raw), output=tmp_path / "simulated", progress=False)
+    deployed = load_checkpoint(tmp_path / "deployed" / "checkpoint").params
+    local = load_checkpoint(simulated.run_dir / "checkpoint").params
+    for k in local:
+        torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)

@@ -111,3 +111,28 @@ def test_transfer_refuses_what_it_cannot_run(transfer_config, change, field):
     change(transfer_config)
     with pytest.raises(ConfigError, match=field):
         make_config(transfer_config)
+
+
+def test_the_fm_warms_up_on_labelled_synthetic_data_before_it_teaches(transfer_config, tmp_path):
+    from tests.conftest import WORDS
+
+    synth = tmp_path / "synth.jsonl"
+    rows = [
+        {"text": f"synthetic {label} {i} {words}", "label": label, "synthetic": True}
+        for label, words in WORDS.items()
+        for i in range(6)
+    ]
+    synth.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {**transfer_config, "run": {**transfer_config["run"], "rounds": 1}}
+    cold = fedfm.run(make_config(base), output=tmp_path / "cold", progress=False)
+    warm_cfg = {**base, "synthetic": {"mode": "warmup", "path": str(synth), "warmup_steps": 12}}
+    warm = fedfm.run(make_config(warm_cfg), output=tmp_path / "warm", progress=False)
+    lines = _lines(warm.run_dir)
+    event = next(r for r in lines if r.get("event") == "warmup")
+    assert event["steps"] == 12 and event["num_synthetic"] == 18
+    assert not any(r.get("event") == "warmup" for r in _lines(cold.run_dir))
+    # the warm FM starts round 1 from another state than the cold one: its round-0 score differs
+    cold0, warm0 = (next(r for r in _lines(run.run_dir) if r.get("round") == 0) for run in (cold, warm))
+    assert warm0["test_loss"] != cold0["test_loss"]
+    with pytest.raises(ConfigError, match="synthetic.mode"):
+        make_config({**base, "synthetic": {"mode": "augment", "path": str(synth)}})

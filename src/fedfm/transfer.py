@@ -38,6 +38,7 @@ from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog
 from fedfm.sampling import cohort_size, sample_cohort
 from fedfm.seeding import seed_torch, torch_generator
+from fedfm.synthetic.modes import synthetic_mode
 from fedfm.tally import payload_nbytes
 from fedfm.tasks import task_kind
 from fedfm.tasks.classification import encode
@@ -156,6 +157,21 @@ def distill_server(party: Party, ensemble: torch.Tensor, cfg, t: int) -> float |
     return float(np.mean(losses))
 
 
+def warm_up(cfg, fm: Party, data, state: ServerState, metrics, console) -> ServerState:
+    """``synthetic.mode = "warmup"``: ``synthetic.warmup_steps`` steps of the FM on the labelled
+    synthetic rows (never client data) before round 1, so that its first teaching is not a random
+    head's; seeded, so a run restarted before its first checkpoint warms up the same."""
+    from fedfm.synthetic.mix import server_warmup
+
+    rows = data.synthetic_rows
+    with console.status(f"warm-up: {cfg.synthetic.warmup_steps} FM steps on {len(rows)} synthetic examples"):
+        params, loss = server_warmup(cfg, fm.bundle, fm.task, rows, state.params)
+    metrics.write({"event": "warmup", "steps": cfg.synthetic.warmup_steps, "train_loss": loss,
+                   "num_synthetic": len(rows)})  # fmt: skip
+    console.note(f"FM warm-up on {len(rows)} synthetic examples: mean loss {loss:.3f}")
+    return ServerState(0, params, {})
+
+
 def run_transfer(
     cfg, run_dir: Path, *, progress: bool = True, callbacks=(), resume: bool = False
 ) -> RunResult:
@@ -192,6 +208,8 @@ def run_transfer(
             + ", ".join(f"{p.bundle.num_total() / 1e6:.1f}M" for p in parties)
             + f" (FM {fm.bundle.num_total() / 1e6:.1f}M)"
         )
+        if synthetic_mode(cfg).warmup:  # the FM learns the labels on FM-synthetic data before it teaches
+            state = warm_up(cfg, fm, data, state, metrics, console)
     else:
         metrics.truncate_after(saved.round)
         state = saved

@@ -214,14 +214,18 @@ def run_identities(
     build = threading.Lock()
     errors: list[BaseException] = []
 
-    def trainer_for(reply) -> Trainer:
+    def trainer_for(reply, stub, metadata) -> Trainer:
         with build:
             if "trainer" not in shared:
                 from fedfm.config import make_config
 
                 cfg = make_config(tomllib.loads(reply.config_toml))
                 data = local_data(cfg, source, json.loads(reply.label_names))
-                shared["trainer"] = Trainer(cfg, data, is_registered(source))
+                trainer = Trainer(cfg, data, is_registered(source))
+                if reply.model_weights:  # a distilled emulator: its middle comes from the server
+                    digest = fetch_model_weights(stub, metadata, trainer, deadline=CALL_S)
+                    note(f"loaded the server's distilled emulator (sha256 {digest[:12]})")
+                shared["trainer"] = trainer
             return shared["trainer"]
 
     signing = security.identity() if not security.insecure else (None, None)
@@ -243,6 +247,32 @@ def run_identities(
     return list(identities)
 
 
+def fetch_model_weights(stub, metadata, trainer: Trainer, deadline: float) -> str:
+    """Fetch and load the weights the server ships for this client's model (a distilled offsite
+    emulator's middle layers), checked: the SHA-256 the header names, a size bounded by the
+    client's own model, exactly the tensors of those layers, finite. Returns the digest."""
+    import hashlib
+
+    from fedfm.sharing.offsite import load_emulator_weights
+
+    limit = sum(t.numel() * t.element_size() for t in trainer.bundle.model.state_dict().values()) + (64 << 10)
+    replies = stub.GetModel(pb.TaskRequest(), metadata=metadata, timeout=deadline)
+    try:
+        header, blob = join(((c.header, c.data) for c in replies), max_bytes=limit)
+    except ValueError as err:  # WireError: too large, no header, not JSON
+        raise ClientError(f"the server's model weights are malformed: {err}") from None
+    if "error" in header:
+        raise ClientError(f"the server has no model weights for this client: {header['error']}")
+    digest = hashlib.sha256(blob).hexdigest()
+    if header.get("sha256") != digest:
+        raise ClientError("the model weights the server sent do not match their SHA-256")
+    try:
+        load_emulator_weights(trainer.bundle, trainer.cfg, unpack_tensors(blob).get("e", {}))
+    except ValueError as err:
+        raise ClientError(f"unusable model weights from the server: {err}") from None
+    return digest
+
+
 def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give_up_s, note) -> None:
     last_contact = time.monotonic()
     joined = None
@@ -260,7 +290,7 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
                 joined = stub.Join(request, metadata=ident.metadata, timeout=deadline())
                 ident.client_id = joined.client_id
                 note(f"client {ident.client_id}: joined run {joined.run}")
-            trainer = trainer_for(joined)
+            trainer = trainer_for(joined, stub, ident.metadata)
             while True:
                 request = pb.TaskRequest(last_round=ident.last_round)
                 poll = max(deadline(), POLL_S + 1)  # a long poll answers within POLL_S

@@ -54,6 +54,11 @@ class FedFMStub:
                 request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
                 response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_stream(
+                '/fedfm.FedFM/GetModel',
+                request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.SerializeToString,
+                response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class FedFMServicer:
@@ -85,6 +90,14 @@ class FedFMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """Weights the clients' model needs beyond the FM's files (a distilled offsite emulator's
+        middle layers), when JoinReply.model_weights says so: a header (sha256) and a safetensors blob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FedFMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +119,11 @@ def add_FedFMServicer_to_server(servicer, server):
             'SplitStep': grpc.stream_stream_rpc_method_handler(
                     servicer.SplitStep,
                     request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+                    response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
+            ),
+            'GetModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.FromString,
                     response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
             ),
     }
@@ -216,6 +234,33 @@ class FedFM:
             target,
             '/fedfm.FedFM/SplitStep',
             fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
+            fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedfm.FedFM/GetModel',
+            fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.SerializeToString,
             fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
             options,
             channel_credentials,

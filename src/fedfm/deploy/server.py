@@ -110,6 +110,7 @@ class FedFMServicer(rpc.FedFMServicer):
                 config_toml=c.config_toml,
                 label_names=json.dumps(c.label_names),
                 run=c.run_name,
+                model_weights=c.model_weights is not None,
             )
         finally:
             self.coord.roster.leave(m)
@@ -147,6 +148,15 @@ class FedFMServicer(rpc.FedFMServicer):
             return pb.SubmitReply(accepted=False, reason=reason)
         finally:
             watchdog.stop()
+            c.roster.leave(m)
+
+    def GetModel(self, request, context):
+        m, c = self._enter(context), self.coord
+        try:
+            header, blob = c.model_weights or ({"error": "this run ships no model weights"}, b"")
+            for text, data in chunks(header, blob):
+                yield pb.Chunk(header=text, data=data)
+        finally:
             c.roster.leave(m)
 
     def SplitStep(self, request_iterator, context):
@@ -320,6 +330,9 @@ def serve(
     factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
+    if cfg.sharing.mode == "offsite" and cfg.offsite.distill_steps:  # clients fetch the distilled middle
+        coord.model_weights = distilled_emulator(run)
+        note(f"distilled emulator to ship: {len(coord.model_weights[1]) / 1e6:.1f} MB")
     if cfg.sharing.mode == "split":  # the server's part of every client's per-batch exchange
         from fedfm.deploy.split import SplitServer
 
@@ -340,6 +353,17 @@ def serve(
         time.sleep(min(POLL_S, 2.0))  # let polling clients hear "done"
         server.stop(grace=1.0)
     return result
+
+
+def distilled_emulator(run) -> tuple[dict, bytes]:
+    """The GetModel message of an offsite run with distillation: the distilled middle layers
+    (``fedfm.sharing.offsite.emulator_weights``) and their SHA-256."""
+    import hashlib
+
+    from fedfm.sharing.offsite import emulator_weights
+
+    blob = pack_tensors({"e": emulator_weights(run.bundle, run.cfg)})
+    return {"kind": "offsite-emulator", "sha256": hashlib.sha256(blob).hexdigest()}, blob
 
 
 def client_config(cfg) -> str:
@@ -371,11 +395,6 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
-    if cfg.sharing.mode == "offsite" and cfg.offsite.distill_steps:
-        raise DeployError(
-            "offsite.distill_steps: deployed clients build their emulator from the FM's files; sending "
-            "them the distilled one is not built (set offsite.distill_steps = 0)"
-        )
     if cfg.sharing.mode == "split":
         if cfg.strategy.objective != "plain" or cfg.peft.rank_tiers:
             raise DeployError(

@@ -49,6 +49,7 @@ class Coordinator:
     # split fine-tuning: the server's sessions (``fedfm.deploy.split.SplitServer``): open_round,
     # attach, close_round for the round loop; admit and step for the SplitStep handler
     split: object = None
+    model_weights: tuple[dict, bytes] | None = None  # (header, blob) a client fetches with GetModel
 
     def connected(self) -> list[int]:
         return self.roster.connected()

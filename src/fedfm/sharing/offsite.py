@@ -203,6 +203,48 @@ def distill_emulator(emulator, fm, plan: EmulatorPlan, texts: list[str], cfg) ->
             "texts": len(texts)}  # fmt: skip
 
 
+def distilled_layers(cfg) -> list[int]:
+    """Positions in the emulator of the middle layers that distillation trains."""
+    k = cfg.offsite.adapter_layers
+    return list(range(k, len(plan_of(cfg).kept) - k))
+
+
+def emulator_weights(emulator, cfg) -> dict[str, torch.Tensor]:
+    """The distilled middle layers' weights, keyed ``"<position>.<name in the layer>"``: what a
+    deployed client cannot build from the FM's files (``load_emulator_weights`` reads them)."""
+    from fedfm.models.layers import layer_list
+
+    _, stack = layer_list(emulator.model)
+    return {
+        f"{i}.{name}": t.detach().cpu().contiguous()
+        for i in distilled_layers(cfg)
+        for name, t in stack[i].state_dict().items()
+    }
+
+
+def load_emulator_weights(emulator, cfg, weights) -> None:
+    """Put the server's distilled middle layers into a client's emulator, after checking that
+    they are exactly those layers' tensors (names, shapes, dtypes) with finite values; a
+    ``ValueError`` says what is wrong and nothing is loaded."""
+    from fedfm.models.layers import layer_list
+
+    _, stack = layer_list(emulator.model)
+    own = {f"{i}.{name}": t for i in distilled_layers(cfg) for name, t in stack[i].state_dict().items()}
+    if set(weights) != set(own):
+        extra, missing = sorted(set(weights) - set(own)), sorted(set(own) - set(weights))
+        raise ValueError(f"the emulator weights do not match its middle layers (unexpected "
+                         f"{extra[:3]}, missing {missing[:3]})")  # fmt: skip
+    for key, t in weights.items():
+        if t.shape != own[key].shape or t.dtype != own[key].dtype:
+            raise ValueError(f"emulator weight {key}: {tuple(t.shape)} {t.dtype}, expected "
+                             f"{tuple(own[key].shape)} {own[key].dtype}")  # fmt: skip
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"emulator weight {key} holds non-finite values")
+    with torch.no_grad():
+        for key, t in weights.items():
+            own[key].copy_(t)
+
+
 def prepare_run(run) -> None:
     """Before round 1 (and again on resume, identically): distil the emulator, if asked."""
     cfg = run.cfg

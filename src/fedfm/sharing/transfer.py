@@ -38,9 +38,10 @@ def check_transfer(cfg) -> None:
         raise ValueError(
             f"{who} sends logits, not updates: attack.kind and compression.method must be 'none'"
         )
-    if cfg.task.baselines or cfg.synthetic.mode != "none":
+    if cfg.task.baselines or cfg.synthetic.mode not in ("none", "warmup"):
         raise ValueError(
-            f"{who}: task.baselines and synthetic.mode do not apply (the transfer set is its data)"
+            f"{who}: task.baselines and synthetic.mode other than 'warmup' (the FM's warm-up on the "
+            "labelled synthetic data before round 1) do not apply: the clients' data is their own"
         )
     if cfg.peft.rank_tiers:
         raise ValueError(f"{who}: peft.rank_tiers does not apply (client models differ anyway)")
