@@ -27,6 +27,7 @@ _KINDS = {
     "transform": ("fedfm.transforms", "TRANSFORMS"),
     "protocol": ("fedfm.protocols", "PROTOCOLS"),
     "sharing mode": ("fedfm.sharing", "SHARING_MODES"),
+    "personalization method": ("fedfm.algorithms.personal", "PERSONAL_PARTS"),
 }
 
 

@@ -26,6 +26,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     OffsiteSection,
     PartitionSection,
     PeftSection,
+    PersonalizationSection,
     PipelineSection,
     PrivacySection,
     RaySection,
@@ -77,6 +78,7 @@ class RunConfig(_Section):
     offsite: OffsiteSection = Field(default_factory=OffsiteSection)
     split: SplitSection = Field(default_factory=SplitSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
+    personalization: PersonalizationSection = Field(default_factory=PersonalizationSection)
 
     @model_validator(mode="before")
     @classmethod

@@ -432,6 +432,23 @@ class OffsiteSection(_Section):
     distill_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the emulator's distillation.")
 
 
+class PersonalizationSection(_Section):
+    """Personalized federated fine-tuning (docs/personalization.md): personal tensors that stay
+    on each client, and per-client evaluation of the personal models."""
+
+    method: Registered("personalization method") = Field(
+        "none",
+        description="none; fedsa (FedSA-LoRA: LoRA A shared, B personal); fedper (the head personal).",
+    )
+    finetune_steps: int = Field(
+        0, ge=0, description="After the last round, each client fine-tunes this many steps from its model "
+        "and is scored again (local fine-tuning after FL); 0: off.",
+    )  # fmt: skip
+    finetune_lr: float | None = Field(
+        None, gt=0, description="Local fine-tuning's learning rate; default training.lr."
+    )
+
+
 class SplitSection(_Section):
     """sharing.mode = "split": split fine-tuning (SplitFed-v1 rounds, docs/computation-sharing.md)."""
 

@@ -315,12 +315,15 @@ class Run:
         return self.state.params if rank is None else truncate_rank(self.state.params, rank)
 
     def evaluate(self, params: Params) -> dict:
+        from fedfm.personalization import client_scores
+
         set_trainable_state(self.bundle.trainable, params)
         with self.console.status(self.evaluator.status):
             metrics = self.evaluator(self.bundle, self.task)
         server = self.server_model
         if server is None:
-            return metrics
+            with self.console.status("scoring every client on its own test split"):
+                return {**metrics, **client_scores(self, params)}
         set_trainable_state(server.bundle.trainable, server.params(params))  # plugged into the FM
         with self.console.status(f"{self.evaluator.status} (the FM with the clients' adapter)"):
             plugged = self.evaluator(server.bundle, self.task)
@@ -341,6 +344,7 @@ class Run:
             with self.console.status("training the local-only and centralized baselines"):
                 baselines = run_baselines(self, self.state.params, self.console.note)
             write_baselines(self.run_dir, baselines)
+        self._personal_finish()
         with self.console.status("writing adapter, plots and report"):
             merged = self.lora_mode.merges_into_base
             labels = task_kind(self.cfg).labels_in_export and self.cfg.model.init == "pretrained"
@@ -362,6 +366,32 @@ class Run:
                 result,
             )
         return result
+
+    def _personal_finish(self) -> None:
+        """Personalization: every client's personal adapter exported (``personal/client-K``), and
+        local fine-tuning after FL scored (``{"event": "personalization"}``)."""
+        from fedfm.personalization import finetuned_scores, own_params
+
+        cfg, params = self.cfg, self.state.params
+        if self.remote or not (cfg.personalization.method != "none" or cfg.personalization.finetune_steps):
+            return
+        if cfg.personalization.method != "none":
+            states = getattr(self.engine, "states", None)
+            labels = task_kind(cfg).labels_in_export and cfg.model.init == "pretrained"
+            for k in range(self.data.num_clients):
+                if states is not None and (states.get(k) or {}).get("personal"):
+                    folder = self.run_dir / "personal" / f"client-{k}"
+                    export_adapter(self.bundle, own_params(self, params, k), folder, labels=labels)
+        if cfg.personalization.finetune_steps:
+            with self.console.status(
+                f"local fine-tuning: {cfg.personalization.finetune_steps} steps per client"
+            ):
+                record = finetuned_scores(self, params)
+            steps = cfg.personalization.finetune_steps
+            self.metrics.write({"event": "personalization", "finetune_steps": steps, **record})
+            summary = {k: round(v, 4) for k, v in record.items() if k.endswith(("_mean", "_worst10"))}
+            self.console.note(f"after local fine-tuning: {summary}")
+        set_trainable_state(self.bundle.trainable, params)
 
 
 class RunFailedError(RuntimeError):

@@ -21,6 +21,7 @@ import torch
 
 from fedfm.algorithms.lora import lora_pairs
 from fedfm.algorithms.objectives import Objective, make_objective
+from fedfm.algorithms.personal import client_start, kept_personal, personal_keys
 from fedfm.attacks import poison_batch
 from fedfm.costs import CostMeter
 from fedfm.models.build import ModelBundle
@@ -307,16 +308,22 @@ class ClientProgram:
     Picklable: engines receive it and call it unchanged, in this process, on a Ray worker or in
     a deployed client. Client state is a dict of named ``Params`` that the engine keeps per client
     and checkpoints: ``"scaffold"`` (control variate), ``"dp_sgd"`` (DP-SGD's accountant),
-    ``"residual"`` (top-k error feedback), ``"batch_norm"`` (FedBN: its own statistics).
+    ``"residual"`` (top-k error feedback), ``"batch_norm"`` (FedBN: its own statistics),
+    ``"personal"`` (personalization: the tensors that never leave the client).
     """
 
     training: object
     objective: Objective
     pipeline: Pipeline
+    personal: object = None  # personalization: key → whether the tensor stays with the client
 
     @classmethod
     def from_config(cls, cfg) -> ClientProgram:
-        return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg))
+        from fedfm.algorithms.personal import PERSONAL_PARTS
+
+        method = cfg.personalization.method
+        personal = PERSONAL_PARTS.get(method) if method != "none" else None
+        return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg), personal)
 
     def __call__(
         self,
@@ -329,10 +336,15 @@ class ClientProgram:
     ) -> tuple[object, dict[str, Params]]:
         state = dict(state or {})
         key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
+        start = global_params
+        if self.personal is not None:  # the client's own personal tensors in place of the global ones
+            start = client_start(global_params, state.get("personal"))
         with own_statistics(bundle, state):
             update, own = client_update(
-                bundle, task, job, global_params, ctx, self.training, self.objective, state.get(key)
+                bundle, task, job, start, ctx, self.training, self.objective, state.get(key)
             )
+        if self.personal is not None:  # kept here; the "personal" transform keeps them off the wire
+            state["personal"] = kept_personal(start, update.delta, personal_keys(start, self.personal))
         return self.finish(update, own, job, ctx, state, key)
 
     def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):

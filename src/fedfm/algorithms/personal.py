@@ -1,0 +1,74 @@
+"""Personalized federated fine-tuning by personal parameters: which payload tensors stay with
+each client, and how a client's start and kept state are made from the global state.
+
+A method names the **personal** tensors (``PERSONAL_PARTS``): they never leave the client, are
+never aggregated, and each client trains its own from round to round; the rest is shared and
+averaged as usual.
+
+- ``fedsa`` (FedSA-LoRA, Guo et al. 2024): the LoRA ``A`` matrices are shared, the ``B``
+  matrices personal (A learns what is common, B what is the client's own).
+- ``fedper`` (FedPer, Arivazhagan et al. 2019): the classification head is personal, the body
+  (LoRA) shared.
+
+Pure functions of tensors and key names; the client program and the ``personal`` transform
+(``fedfm.transforms.personal``) apply them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+from fedfm.registry import Registry
+from fedfm.types import Params
+
+PERSONAL_PARTS: Registry[Callable[[str], bool]] = Registry("personalization method")
+
+HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")  # sequence classifiers' heads (BERT, Llama, ViT)
+
+
+@PERSONAL_PARTS.register("none")
+def nothing(key: str) -> bool:
+    return False
+
+
+@PERSONAL_PARTS.register("fedsa")
+def lora_b(key: str) -> bool:
+    return ".lora_B." in key or key.endswith(".lora_B")
+
+
+@PERSONAL_PARTS.register("fedper")
+def head(key: str) -> bool:
+    return HEAD.search(key) is not None
+
+
+def personal_keys(params: Mapping, is_personal: Callable[[str], bool]) -> list[str]:
+    return [k for k in params if is_personal(k)]
+
+
+def client_start(global_params: Params, personal: Params | None) -> Params:
+    """What a client trains from: the global state with its own personal tensors in place (the
+    global ones on its first round)."""
+    if not personal:
+        return dict(global_params)
+    return {k: personal.get(k, v) for k, v in global_params.items()}
+
+
+def kept_personal(start: Params, delta: Params, keys) -> Params:
+    """The client's personal tensors after its round: where it started plus what it learnt."""
+    return {k: start[k] + delta[k] for k in keys}
+
+
+def shared_part(delta: Params, is_personal: Callable[[str], bool]) -> Params:
+    """The tensors of an update that travel (the personal ones stay)."""
+    return {k: v for k, v in delta.items() if not is_personal(k)}
+
+
+def dense_again(delta: Params, reference: Mapping, is_personal: Callable[[str], bool]) -> Params:
+    """A shared update made whole for the aggregate: zeros at the personal tensors (whatever a
+    client sent there), so the global state's personal part never moves."""
+    import torch
+
+    out = {k: v for k, v in delta.items() if not is_personal(k)}
+    out.update({k: torch.zeros_like(v) for k, v in reference.items() if is_personal(k)})
+    return out

@@ -1,0 +1,76 @@
+"""Personal tensors stay home (``personalization.method``): the client half sends only the shared
+part of an update; the server half makes it whole again with zeros at the personal tensors
+(whatever a client sent there), so they are never aggregated and the global personal part never
+moves. Position 5: right after validation's client half and before every other transform, so
+clipping, noise, compression and masking see only what travels."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
+from fedfm.transforms.base import Passthrough, transform
+from fedfm.types import ClientResult, Update
+
+
+class PersonalParts(Passthrough):
+    name = "personal"
+
+    def __init__(self, method: str) -> None:
+        self.method, self.is_personal = method, PERSONAL_PARTS.get(method)
+
+    def client(self, payload, step):
+        if not isinstance(payload, Update):
+            return payload
+        return replace(payload, delta=shared_part(payload.delta, self.is_personal))
+
+    def server(self, stream, rnd, reduce):
+        def whole():
+            for item in stream:
+                if isinstance(item, ClientResult) and isinstance(item.update, Update):
+                    delta = dense_again(item.update.delta, rnd.reference(item.client_id), self.is_personal)
+                    item = replace(item, update=replace(item.update, delta=delta))
+                yield item
+
+        return whole(), reduce
+
+
+def _check(cfg) -> None:
+    from fedfm.privacy.guarantees import dp_mode
+
+    p, who = cfg.personalization, f"personalization.method = {cfg.personalization.method!r}"
+    if p.method == "fedsa" and cfg.peft.method != "lora":
+        raise ValueError(f"{who} keeps LoRA's B matrices personal: peft.method must be 'lora'")
+    if p.method == "fedper" and cfg.task.kind not in ("classification", "image_classification"):
+        raise ValueError(
+            f"{who} keeps a classification head personal; task.kind = {cfg.task.kind!r} has none"
+        )
+    if dp_mode(cfg).active or cfg.secagg.enabled:
+        raise ValueError(
+            f"{who} with privacy.dp or secagg.enabled is not built yet (the noise and the masks would "
+            "have to cover only the shared part): turn them off"
+        )
+    if cfg.run.engine == "batched" or cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
+        raise ValueError(
+            f"{who} runs federated rounds on the in-process or Ray engine without computation sharing "
+            "(run.engine, sharing.mode, run.protocol)"
+        )
+    if cfg.peft.rank_tiers or cfg.strategy.lora_aggregation != "naive":
+        raise ValueError(f"{who}: peft.rank_tiers and strategy.lora_aggregation must keep their defaults")
+
+
+def _check_all(cfg) -> None:
+    p = cfg.personalization
+    if (p.method != "none" or p.finetune_steps) and cfg.data.client_test_fraction == 0:
+        raise ValueError(
+            "personalization is scored on each client's own held-out data: set data.client_test_fraction > 0"
+        )
+    if p.method != "none":
+        _check(cfg)
+
+
+@transform("personal", 5, check=_check_all)
+def personal_parts(cfg) -> PersonalParts | None:
+    if cfg.personalization.method == "none":
+        return None
+    return PersonalParts(cfg.personalization.method)

@@ -1,0 +1,135 @@
+"""Personalized federated fine-tuning: which tensors stay with each client, that they never move
+the global state, resume with personal state, and the per-client scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedfm
+from fedfm.algorithms.personal import (
+    PERSONAL_PARTS,
+    client_start,
+    dense_again,
+    kept_personal,
+    shared_part,
+)
+from fedfm.checkpoint import ClientStore, load_checkpoint
+from fedfm.config import ConfigError, make_config
+from fedfm.personalization import summarize
+
+A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+B = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+HEAD = "base_model.model.classifier.modules_to_save.weight"
+
+
+def test_each_method_names_its_personal_tensors():
+    fedsa, fedper = PERSONAL_PARTS.get("fedsa"), PERSONAL_PARTS.get("fedper")
+    assert [fedsa(k) for k in (A, B, HEAD)] == [False, True, False]
+    assert [fedper(k) for k in (A, B, HEAD)] == [False, False, True]
+    assert fedper("score.weight") and not fedper("base_model.model.scoreboard.weight")
+
+
+def test_a_clients_start_and_kept_state_by_hand():
+    g = {A: torch.tensor([1.0, 2.0]), B: torch.tensor([0.0, 0.0])}
+    assert client_start(g, None) == g
+    mine = {B: torch.tensor([5.0, -1.0])}
+    start = client_start(g, mine)
+    assert torch.equal(start[A], g[A]) and torch.equal(start[B], mine[B])
+    delta = {A: torch.tensor([0.5, 0.5]), B: torch.tensor([1.0, 1.0])}
+    assert torch.equal(kept_personal(start, delta, [B])[B], torch.tensor([6.0, 0.0]))
+    fedsa = PERSONAL_PARTS.get("fedsa")
+    assert list(shared_part(delta, fedsa)) == [A]
+    # whatever a client sends at a personal tensor, the aggregate sees zeros there
+    whole = dense_again({A: delta[A], B: torch.tensor([9.0, 9.0])}, g, fedsa)
+    assert torch.equal(whole[B], torch.zeros(2)) and torch.equal(whole[A], delta[A])
+
+
+def test_summaries_take_the_worst_clients_by_the_metrics_direction():
+    acc = summarize([0.9, 0.5, 0.7], "a")
+    assert acc["a_mean"] == pytest.approx(0.7) and acc["a_worst10"] == 0.5
+    ppl = summarize([10.0, 30.0, 20.0], "p", higher_is_better=False)
+    assert ppl["p_worst10"] == 30.0 and ppl["p_std"] == pytest.approx(8.1649658)
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def personal_config(tiny_config, method, **sections):
+    return make_config(
+        tiny_config(
+            personalization={"method": method, **sections.pop("personalization", {})},
+            data={"client_test_fraction": 0.3},
+            sampling={"fraction": 1.0},
+            **sections,
+        )
+    )
+
+
+@pytest.mark.parametrize("method", ["fedsa", "fedper"])
+def test_personal_tensors_stay_home_and_never_move_the_global_state(tiny_config, tmp_path, method):
+    cfg = personal_config(tiny_config, method)
+    plain = fedfm.run(personal_config(tiny_config, "none"), output=tmp_path / "plain", progress=False)
+    result = fedfm.run(cfg, output=tmp_path / method, progress=False)
+    is_personal = PERSONAL_PARTS.get(method)
+    start = load_checkpoint(result.run_dir / "checkpoint").params
+    from fedfm.experiment import build_bundle, prepare_data
+    from fedfm.models.state import get_trainable_state
+
+    init_params = get_trainable_state(build_bundle(cfg, prepare_data(cfg).train.label_names).trainable)
+    keys = [k for k in start if is_personal(k)]
+    assert keys and all(torch.equal(start[k], init_params[k]) for k in keys)  # the global part never moved
+    store = ClientStore(result.run_dir / "checkpoint").all()
+    assert set(store) == set(range(cfg.partition.num_clients))
+    own = [store[k]["personal"] for k in store]
+    assert all(set(p) == set(keys) for p in own)
+    assert any(not torch.equal(p[k], start[k]) for p in own for k in keys)  # each trained its own
+    rounds = [r for r in _lines(result.run_dir) if r.get("event") == "round" and r["round"] > 0]
+    plain_rounds = [r for r in _lines(plain.run_dir) if r.get("event") == "round" and r["round"] > 0]
+    assert rounds[-1]["bytes_up"] < plain_rounds[-1]["bytes_up"]  # the personal tensors do not travel
+    final = rounds[-1]
+    for name in ("global", "personal"):
+        assert 0 <= final[f"{name}_local_accuracy_worst10"] <= final[f"{name}_local_accuracy_mean"] <= 1
+    assert (result.run_dir / "personal" / "client-0" / "adapter_config.json").is_file()
+
+
+def test_a_resumed_run_continues_with_every_clients_personal_state(tiny_config, tmp_path):
+    whole = fedfm.run(personal_config(tiny_config, "fedsa"), output=tmp_path / "whole", progress=False)
+    fedfm.run(
+        personal_config(tiny_config, "fedsa", run={"rounds": 1}), output=tmp_path / "part", progress=False
+    )
+    resumed = fedfm.run(resume=tmp_path / "part", overrides=["run.rounds=2"], progress=False)
+    a, b = (ClientStore(r.run_dir / "checkpoint").all() for r in (whole, resumed))
+    for k in a:
+        for key, t in a[k]["personal"].items():
+            torch.testing.assert_close(b[k]["personal"][key], t)
+    key = "personal_local_accuracy_mean"
+    assert resumed.final_metrics[key] == pytest.approx(whole.final_metrics[key])
+
+
+def test_local_fine_tuning_after_fl_is_scored_per_client(tiny_config, tmp_path):
+    cfg = personal_config(tiny_config, "none", personalization={"finetune_steps": 3}, run={"rounds": 1})
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    event = next(r for r in _lines(result.run_dir) if r.get("event") == "personalization")
+    assert event["finetune_steps"] == 3 and 0 <= event["finetuned_local_accuracy_mean"] <= 1
+    assert len(event["finetuned_by_client"]) == cfg.partition.num_clients
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"peft": {"method": "head"}}, "peft.method"),
+        ({"privacy": {"dp": "client", "noise_multiplier": 1.0, "clip_norm": 1.0}}, "privacy.dp"),
+        ({"run": {"engine": "batched"}}, "run.engine"),
+        ({"data": {"client_test_fraction": 0.0}}, "client_test_fraction"),
+    ],
+)
+def test_personalization_refuses_what_it_cannot_run(tiny_config, sections, field):
+    raw = tiny_config(personalization={"method": "fedsa"}, data={"client_test_fraction": 0.3})
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    with pytest.raises(ConfigError, match=field):
+        make_config(raw)
