@@ -438,7 +438,16 @@ class PersonalizationSection(_Section):
 
     method: Registered("personalization method") = Field(
         "none",
-        description="none; fedsa (FedSA-LoRA: LoRA A shared, B personal); fedper (the head personal).",
+        description="none; fedsa (FedSA-LoRA: LoRA A shared, B personal); fedper (the head personal); "
+        "fedrep (the head personal, trained alone before the body); ditto (a personal adapter "
+        "regularised towards the global one).",
+    )
+    head_steps: int = Field(2, ge=1, description="fedrep: steps of the head alone (body frozen) each round.")
+    ditto_lambda: float = Field(
+        0.1, ge=0, description="ditto: λ of λ/2·‖v − w‖², the pull towards the global state."
+    )
+    personal_steps: int | None = Field(
+        None, ge=1, description="ditto: steps of the personal adapter each round; default: the local steps."
     )
     finetune_steps: int = Field(
         0, ge=0, description="After the last round, each client fine-tunes this many steps from its model "

@@ -21,7 +21,7 @@ import torch
 
 from fedfm.algorithms.lora import lora_pairs
 from fedfm.algorithms.objectives import Objective, make_objective
-from fedfm.algorithms.personal import client_start, kept_personal, personal_keys
+from fedfm.algorithms.personal import PersonalSpec, client_start, kept_personal, personal_keys
 from fedfm.attacks import poison_batch
 from fedfm.costs import CostMeter
 from fedfm.models.build import ModelBundle
@@ -248,6 +248,55 @@ def client_update(
     return update, state
 
 
+@contextlib.contextmanager
+def frozen(trainable: dict, keys) -> None:
+    """Train nothing in ``keys`` for a while (their optimizer never sees them; their delta is 0)."""
+    held = [trainable[k] for k in keys if trainable[k].requires_grad]
+    for p in held:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+
+
+def fedrep_update(bundle, task, job, start: Params, ctx, cfg, objective, spec) -> tuple[Update, None]:
+    """FedRep's round: ``spec.head_steps`` steps of the head alone (the body frozen), then the
+    local steps of the body alone (the head frozen); one update θ_end − θ_start over both."""
+    personal = personal_keys(start, spec.is_personal)
+    body = [k for k in start if k not in set(personal)]
+    head_cfg = cfg.model_copy(update={"local_steps": spec.head_steps})
+    with frozen(bundle.trainable, body):
+        first, _ = client_update(bundle, task, job, start, ctx, head_cfg, Objective("plain"))
+    middle = {k: start[k] + first.delta[k] for k in start}
+    with frozen(bundle.trainable, personal):
+        second, _ = client_update(bundle, task, job, middle, ctx, cfg, objective)
+    delta = {k: first.delta[k] + second.delta[k] for k in start}
+    losses = {"train_loss": second.metrics["train_loss"], "head_train_loss": first.metrics["train_loss"]}
+    return Update(delta, second.num_examples, {**second.metrics, **losses}), None
+
+
+def ditto_personal(bundle, task, job, mine: Params, anchor: Params, ctx, cfg, spec) -> Params:
+    """Ditto's personal step: from the client's own adapter ``mine``, ``spec.personal_steps``
+    (default: the local steps) on its loss + λ/2·‖v − w‖² with w = ``anchor`` (the round's global
+    state); returns the new personal adapter. Its own dropout and shuffling seeds."""
+    from dataclasses import replace as dc_replace
+
+    from fedfm.algorithms.objectives import fedprox_hook
+    from fedfm.seeding import derive_seed
+
+    steps = spec.personal_steps or num_local_steps(len(job.indices), cfg)
+    own_ctx = dc_replace(ctx, seed=derive_seed(ctx.seed, "ditto"))
+    run = client_init(
+        bundle, task, job, mine, own_ctx, cfg.model_copy(update={"local_steps": steps}), Objective("plain")
+    )
+    run.hook = fedprox_hook(spec.lam, anchor, own_ctx, None, bundle.device)
+    for positions in local_batches(run):
+        client_step(run, positions)
+    return get_trainable_state(bundle.trainable)
+
+
 def train_from(
     bundle: ModelBundle, task, rows: np.ndarray, start: Params, steps: int, cfg, seed: int, key: int = -1
 ) -> tuple[Params, float]:
@@ -319,10 +368,10 @@ class ClientProgram:
 
     @classmethod
     def from_config(cls, cfg) -> ClientProgram:
-        from fedfm.algorithms.personal import PERSONAL_PARTS
-
-        method = cfg.personalization.method
-        personal = PERSONAL_PARTS.get(method) if method != "none" else None
+        p = cfg.personalization
+        personal = None
+        if p.method != "none":
+            personal = PersonalSpec(p.method, p.head_steps, p.ditto_lambda, p.personal_steps)
         return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg), personal)
 
     def __call__(
@@ -336,15 +385,25 @@ class ClientProgram:
     ) -> tuple[object, dict[str, Params]]:
         state = dict(state or {})
         key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
-        start = global_params
-        if self.personal is not None:  # the client's own personal tensors in place of the global ones
+        spec, start = self.personal, global_params
+        if spec is not None and not spec.whole_copy:  # its own personal tensors in place of the global ones
             start = client_start(global_params, state.get("personal"))
         with own_statistics(bundle, state):
-            update, own = client_update(
-                bundle, task, job, start, ctx, self.training, self.objective, state.get(key)
-            )
-        if self.personal is not None:  # kept here; the "personal" transform keeps them off the wire
-            state["personal"] = kept_personal(start, update.delta, personal_keys(start, self.personal))
+            if spec is not None and spec.method == "fedrep":
+                update, own = fedrep_update(
+                    bundle, task, job, start, ctx, self.training, self.objective, spec
+                )
+            else:
+                update, own = client_update(
+                    bundle, task, job, start, ctx, self.training, self.objective, state.get(key)
+                )
+            if spec is not None and spec.whole_copy:  # Ditto: the personal adapter's own steps
+                mine = state.get("personal") or global_params
+                state["personal"] = ditto_personal(
+                    bundle, task, job, mine, global_params, ctx, self.training, spec
+                )
+        if spec is not None and not spec.whole_copy:  # kept here; the "personal" transform keeps them home
+            state["personal"] = kept_personal(start, update.delta, personal_keys(start, spec.is_personal))
         return self.finish(update, own, job, ctx, state, key)
 
     def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):

@@ -9,6 +9,12 @@ averaged as usual.
   matrices personal (A learns what is common, B what is the client's own).
 - ``fedper`` (FedPer, Arivazhagan et al. 2019): the classification head is personal, the body
   (LoRA) shared.
+- ``fedrep`` (FedRep, Collins et al. 2021): the head is personal as in FedPer, and each round the
+  client first trains its head alone (``personalization.head_steps``, body frozen), then the body
+  alone (head frozen) for its local steps.
+- ``ditto`` (Ditto, Li et al. 2021): nothing stays home from the global update; each client also
+  keeps a whole personal adapter v_k, trained after its global training for
+  ``personalization.personal_steps`` on its loss + λ/2·‖v_k − w‖² (w: the round's global state).
 
 Pure functions of tensors and key names; the client program and the ``personal`` transform
 (``fedfm.transforms.personal``) apply them.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from fedfm.registry import Registry
 from fedfm.types import Params
@@ -40,6 +47,29 @@ def lora_b(key: str) -> bool:
 @PERSONAL_PARTS.register("fedper")
 def head(key: str) -> bool:
     return HEAD.search(key) is not None
+
+
+PERSONAL_PARTS.register("fedrep")(head)
+PERSONAL_PARTS.register("ditto")(nothing)  # the personal adapter is a second copy, not a part
+
+
+@dataclass(frozen=True)
+class PersonalSpec:
+    """A run's personalization as the client program applies it (picklable)."""
+
+    method: str
+    head_steps: int = 0  # fedrep: head-only steps before the body's
+    lam: float = 0.0  # ditto: λ of the proximal term towards the global state
+    personal_steps: int | None = None  # ditto: steps of the personal adapter (default: the local steps)
+
+    @property
+    def is_personal(self) -> Callable[[str], bool]:
+        return PERSONAL_PARTS.get(self.method)
+
+    @property
+    def whole_copy(self) -> bool:
+        """Ditto: the personal state is a whole second adapter, not a part of the global one."""
+        return self.method == "ditto"
 
 
 def personal_keys(params: Mapping, is_personal: Callable[[str], bool]) -> list[str]:

@@ -41,7 +41,10 @@ def _check(cfg) -> None:
     p, who = cfg.personalization, f"personalization.method = {cfg.personalization.method!r}"
     if p.method == "fedsa" and cfg.peft.method != "lora":
         raise ValueError(f"{who} keeps LoRA's B matrices personal: peft.method must be 'lora'")
-    if p.method == "fedper" and cfg.task.kind not in ("classification", "image_classification"):
+    if cfg.strategy.objective == "scaffold":
+        raise ValueError(f"{who} with strategy.objective = 'scaffold' is not built (its control variates "
+                         "would have to skip the personal tensors)")  # fmt: skip
+    if p.method in ("fedper", "fedrep") and cfg.task.kind not in ("classification", "image_classification"):
         raise ValueError(
             f"{who} keeps a classification head personal; task.kind = {cfg.task.kind!r} has none"
         )
