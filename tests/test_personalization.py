@@ -125,6 +125,7 @@ def test_local_fine_tuning_after_fl_is_scored_per_client(tiny_config, tmp_path):
         ({"privacy": {"dp": "client", "noise_multiplier": 1.0, "clip_norm": 1.0}}, "privacy.dp"),
         ({"run": {"engine": "batched"}}, "run.engine"),
         ({"strategy": {"objective": "scaffold"}}, "scaffold"),
+        ({"run": {"engine": "ray"}, "ray": {"batched": True}}, "ray.batched"),
         ({"data": {"client_test_fraction": 0.0}}, "client_test_fraction"),
     ],
 )

@@ -184,6 +184,27 @@ def test_a_hostile_clients_cut_message_fails_only_its_own_session(still_bert, cs
     assert failed.failure is not None and "cut exchange failed" in failed.failure.reason
 
 
+def test_the_servers_stand_in_ids_keep_the_padding_where_it_is(still_bert, csv_path):
+    server = _session_server(still_bert, csv_path)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    _, batch = server._inputs(_message(mask=mask))
+    ids = batch["input_ids"]
+    assert ((ids == server.pad_id) == (mask == 0)).all()  # a decoder classifier finds the last real token
+
+
+def test_a_failed_session_refuses_the_next_message_before_reading_it(still_bert, csv_path):
+    server = _session_server(still_bert, csv_path)
+    server.step(0, {"round": 1, "micro": 0, "phase": "forward"}, _message(width=31), 100)
+    with pytest.raises(ValueError, match="already failed"):
+        server.admit(0, {"round": 1, "micro": 0, "phase": "forward"})
+    with pytest.raises(ValueError, match="out of order"):
+        server.admit(1, {"round": 1, "micro": 3, "phase": "forward"})
+    server.open_round(dict(server.start), [0, 1], RoundContext(round=2, seed=0))
+    with pytest.raises(ValueError, match="closed"):  # a round-1 message read while round 2 opened
+        server.step(0, {"round": 1, "micro": 0, "phase": "forward"}, _message(), 100)
+    assert not server.sessions  # it opened no session of round 2
+
+
 def test_the_server_admits_only_the_cohorts_next_message(still_bert, csv_path):
     server = _session_server(still_bert, csv_path)
     with pytest.raises(ValueError, match="not expecting"):

@@ -403,6 +403,11 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             )
         if cfg.training.count_costs:
             raise DeployError("training.count_costs measures split fine-tuning in simulation only")
+        if cfg.strategy.lora_aggregation == "stack":
+            raise DeployError(
+                "sharing.mode = 'split' over gRPC: strategy.lora_aggregation = 'stack' merges into the "
+                "base every round, which the server's session copy and the clients' bottoms do not follow"
+            )
     if cfg.secagg.signatures and (security is None or not security.client_ca):
         raise DeployError(
             "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "

@@ -92,11 +92,13 @@ def decode(group: Params | None, bits: int, shape: tuple[int, ...], what: str) -
     return out
 
 
-def activation_limit(batch_size: int, max_length: int, width: int) -> int:
+def activation_limit(batch_size: int, max_length: int, width: int, bits: int = 32) -> int:
     """The most bytes a cut message may carry: activations (or a gradient) of a full batch at
-    float32, the mask and the labels as int64, and header slack."""
+    ``bits`` per value (int8: with a float32 scale per token), the mask and the labels as int64,
+    and header slack."""
     tokens = batch_size * max_length
-    return tokens * width * 4 + 2 * tokens * 8 + 4 * batch_size * max_length + SLACK
+    values = tokens * width * bits // 8 + (4 * tokens if bits == 8 else 0)
+    return values + 2 * tokens * 8 + SLACK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ class RemoteCut:
                 or not torch.isfinite(torch.tensor(loss))
             ):
                 raise CutError(f"the server's loss is not a finite number: {str(loss)[:40]}")
-            grad = received_gradient(reply.get("g"), self.bits, tuple(h.shape), self.max_norm)
+            grad = received_gradient(reply.get("g"), self.bits, tuple(h.shape), self.max_norm, 1 / self.accum)
             raise Reached(_ServerLoss.apply(h, float(loss), grad.to(h)))
         top = received_tensor(reply.get("h"), self.bits, tuple(h.shape), "the server's hidden states")
         self.link.pending = tuple(h.shape)
@@ -233,10 +235,14 @@ def received_tensor(group, bits: int, shape: tuple, what: str) -> torch.Tensor:
         raise CutError(str(err)) from None
 
 
-def received_gradient(group, bits: int, shape: tuple, max_norm: float | None) -> torch.Tensor:
-    """The gradient at the cut the server sent, as the client accepts it (``CutError`` if not)."""
+def received_gradient(
+    group, bits: int, shape: tuple, max_norm: float | None, scale: float = 1.0
+) -> torch.Tensor:
+    """The gradient at the cut the server sent, as the client accepts it (``CutError`` if not);
+    its norm is checked after ``scale`` (1/grad_accumulation for a plain split's unscaled loss
+    gradient, so the bound means what it means in the simulation)."""
     g = received_tensor(group, bits, shape, "the server's gradient at the cut")
-    check_cut_gradient(g, max_norm, "the server's gradient at the cut")
+    check_cut_gradient(g * scale, max_norm, "the server's gradient at the cut")
     return g
 
 
@@ -273,7 +279,9 @@ def client_bundle(cfg, data):
     bundle.trainable = client_part(bundle.trainable, cut, u)
     remote = RemoteCut(cfg, layer_list(bundle.model)[1])
     width = int(bundle.model.config.hidden_size)  # the most bytes a reply of the server may carry
-    remote.limit = activation_limit(cfg.training.batch_size, cfg.model.max_length, width)
+    remote.limit = activation_limit(
+        cfg.training.batch_size, cfg.model.max_length, width, cfg.split.activation_bits
+    )
     bundle.parts = None
     bundle.training_context = _training_context(remote, cfg)
     return bundle, RemoteTask(task, remote), remote
@@ -370,6 +378,7 @@ class SplitServer:
         self.width = int(self.model.config.hidden_size)
         self.num_labels = len(label_names) if cfg.task.kind == "classification" else None
         self.vocab = int(self.model.config.vocab_size)
+        self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
         for layer in stack[: self.cut]:
             _pass_through(layer)
         self.local = threading.local()  # the received activations of the call this thread serves
@@ -380,7 +389,7 @@ class SplitServer:
         self.sessions: dict[int, Session] = {}
         self.round, self.seed, self.start, self.open = 0, cfg.run.seed, {}, set()
         t = cfg.training
-        self.limit = activation_limit(t.batch_size, cfg.model.max_length, self.width)
+        self.limit = activation_limit(t.batch_size, cfg.model.max_length, self.width, self.bits)
         self.max_micro = t.local_steps * t.grad_accumulation if t.local_steps else None
 
     # the engine's calls, from the round loop's thread
@@ -429,17 +438,26 @@ class SplitServer:
 
     def admit(self, client_id: int, header: dict) -> int:
         """The byte limit of a cut message from ``client_id``; ``ValueError`` if it is not expected."""
-        rnd, phase = header.get("round"), header.get("phase")
-        if rnd != self.round or client_id not in self.open:
-            raise ValueError(f"not expecting a cut message for round {str(rnd)[:20]} from you")
+        rnd, phase, micro = header.get("round"), header.get("phase"), header.get("micro")
+        with self.lock:
+            if rnd != self.round or client_id not in self.open:
+                raise ValueError(f"not expecting a cut message for round {str(rnd)[:20]} from you")
+            session = self.sessions.get(client_id)
         if phase not in ("forward", "backward") or (phase == "backward" and not self.u_shaped):
             raise ValueError(f"unknown cut phase {str(phase)[:20]!r}")
+        if session is not None and session.failed:
+            raise ValueError(f"this round's cut exchange already failed: {session.failed}")
+        expected = session.micro if session is not None else 0
+        if isinstance(micro, bool) or micro != expected:
+            raise ValueError(f"cut message {str(micro)[:20]} out of order (expected {expected})")
+        if self.max_micro is not None and micro >= self.max_micro:
+            raise ValueError(f"more than {self.max_micro} batches this round (training.local_steps)")
         return self.limit
 
     def step(self, client_id: int, header: dict, groups: Params, received: int) -> tuple[dict, dict]:
         """One exchange of ``client_id``'s session: the reply header and tensor groups. A malformed
         message fails the session (and so the client's round) with the reason."""
-        session = self._session(client_id)
+        session = self._session(client_id, header.get("round"))
         with session.lock:  # one exchange at a time per client, in order
             try:
                 if session.failed:
@@ -460,15 +478,18 @@ class SplitServer:
             except (WireError, ValueError) as err:
                 session.failed, session.graph = str(err)[:300], None
                 return {"error": session.failed}, {}
+            except Exception as err:  # the server's own failure on this message: the session ends
+                session.failed, session.graph = f"the server could not run it ({type(err).__name__})", None
+                return {"error": session.failed}, {}
             header_out, tensors = reply
             session.bytes_down += len(pack_tensors(tensors))
             return header_out, tensors
 
-    def _session(self, client_id: int) -> Session:
+    def _session(self, client_id: int, rnd) -> Session:
         from fedfm.training import make_optimizer
 
-        with self.lock:
-            if client_id not in self.open:
+        with self.lock:  # a message admitted in one round never opens a session of the next
+            if rnd != self.round or client_id not in self.open:
                 raise ValueError("the round is closed")
             if client_id not in self.sessions:
                 params = {
@@ -491,7 +512,11 @@ class SplitServer:
         if not ((mask == 0) | (mask == 1)).all() or (mask.sum(1) == 0).any():
             raise WireError("the attention mask must be 0/1 with at least one token per row")
         h = decode(groups.get("h"), self.bits, (b, t, self.width), "the activations")
-        batch = {"input_ids": torch.zeros(b, t, dtype=torch.long), "attention_mask": mask.long()}
+        # the server never sees the ids; stand-ins keep the padding where it is, because a decoder's
+        # classifier reads the last token that is not padding
+        pad = self.pad_id
+        ids = torch.where(mask.bool(), torch.full((b, t), (pad + 1) % self.vocab), torch.full((b, t), pad))
+        batch = {"input_ids": ids, "attention_mask": mask.long()}
         if not self.u_shaped:
             batch["labels"] = self._labels(groups, b, t)
         return h, {k: v.to(self.device) for k, v in batch.items()}
@@ -513,7 +538,8 @@ class SplitServer:
 
         leaf = h.to(self.device).requires_grad_(True)
         model = _Bound(self.model, session.params, functional_call)
-        with self.lock, torch.random.fork_rng(devices=[]):
+        devices = [self.device] if torch.device(self.device).type == "cuda" else []
+        with self.lock, torch.random.fork_rng(devices=devices):
             seed_torch(self.seed, self.round, session.client_id, "split-server", session.micro)
             self.local.h = leaf
             try:

@@ -53,6 +53,9 @@ def _check(cfg) -> None:
             f"{who} with privacy.dp or secagg.enabled is not built yet (the noise and the masks would "
             "have to cover only the shared part): turn them off"
         )
+    if cfg.ray.batched and cfg.run.engine == "ray":
+        raise ValueError(f"{who} on Ray with ray.batched = true is not built (groups train from one state): "
+                         "set ray.batched = false")  # fmt: skip
     if cfg.run.engine == "batched" or cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
         raise ValueError(
             f"{who} runs federated rounds on the in-process or Ray engine without computation sharing "
