@@ -12,30 +12,14 @@ clients, so the server scores only the global model.
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedfm.algorithms.personal import PERSONAL_PARTS, client_start
 from fedfm.models.state import set_trainable_state
+from fedfm.tasks.metrics import summarize
 
 
 def task_metric(task_kind: str) -> tuple[str, bool]:
     """(metric, higher is better) a client's own score uses."""
     return ("perplexity", False) if task_kind == "instruction" else ("accuracy", True)
-
-
-def summarize(values, prefix: str, higher_is_better: bool = True) -> dict[str, float]:
-    """Mean, standard deviation and the mean of the worst 10% (at least one client)."""
-    a = np.sort(np.asarray(values, dtype=float))
-    if not higher_is_better:
-        a = a[::-1]
-    if len(a) == 0:
-        return {}
-    k = max(1, int(np.ceil(0.1 * len(a))))
-    return {
-        f"{prefix}_mean": float(a.mean()),
-        f"{prefix}_std": float(a.std()),
-        f"{prefix}_worst10": float(a[:k].mean()),
-    }
 
 
 def active(cfg) -> bool:

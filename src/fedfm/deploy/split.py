@@ -42,7 +42,7 @@ import torch
 
 from fedfm.deploy.wire import WireError, pack_tensors, unpack_tensors
 from fedfm.seeding import NoiseSource, seed_torch
-from fedfm.sharing.split import CutError, check_cut_gradient
+from fedfm.sharing.split import CutError, check_cut_gradient, int8_absmax
 from fedfm.transforms.split import client_part, is_server_key
 from fedfm.types import ClientFailure, ClientResult, Params, SplitUpdate
 
@@ -62,8 +62,8 @@ def encode(t: torch.Tensor, bits: int) -> Params:
         return {"v": t}
     if bits == 16:
         return {"v": t.to(torch.bfloat16)}
-    scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-    return {"q": torch.clamp(torch.round(t / scale), -127, 127).to(torch.int8), "s": scale}
+    q, scale = int8_absmax(t)
+    return {"q": q, "s": scale}
 
 
 def decode(group: Params | None, bits: int, shape: tuple[int, ...], what: str) -> torch.Tensor:

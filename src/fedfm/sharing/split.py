@@ -44,10 +44,15 @@ def roundtrip(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
         return t, t.numel() * 4
     if bits == 16:
         return t.to(torch.bfloat16).to(t.dtype), t.numel() * 2
-    scale = t.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-    q = torch.clamp(torch.round(t / scale), -127, 127)
+    q, scale = int8_absmax(t)
     rows = t.numel() // max(t.shape[-1], 1)
-    return q * scale, t.numel() + 4 * rows
+    return q.to(t.dtype) * scale, t.numel() + 4 * rows
+
+
+def int8_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float scale per row of the last axis) with t ≈ values · scale."""
+    scale = t.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.clamp(torch.round(t.detach() / scale), -127, 127).to(torch.int8), scale
 
 
 @dataclass

@@ -24,14 +24,22 @@ def macro_f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def summarize_clients(accuracies: list[float]) -> dict[str, float]:
-    """Mean, standard deviation and worst-10% mean of per-client accuracies (fairness view)."""
-    a = np.sort(np.asarray(accuracies, dtype=float))
+def summarize(values, prefix: str, higher_is_better: bool = True) -> dict[str, float]:
+    """Mean, standard deviation and the mean of the worst 10% (at least one client) of per-client
+    scores, as ``{prefix}_mean``, ``_std``, ``_worst10`` (worst: lowest, or highest if lower is better)."""
+    a = np.sort(np.asarray(values, dtype=float))
+    if not higher_is_better:
+        a = a[::-1]
     if len(a) == 0:
         return {}
     k = max(1, int(np.ceil(0.1 * len(a))))
     return {
-        "client_accuracy_mean": float(a.mean()),
-        "client_accuracy_std": float(a.std()),
-        "client_accuracy_worst10": float(a[:k].mean()),
+        f"{prefix}_mean": float(a.mean()),
+        f"{prefix}_std": float(a.std()),
+        f"{prefix}_worst10": float(a[:k].mean()),
     }
+
+
+def summarize_clients(accuracies: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and worst-10% mean of per-client accuracies (fairness view)."""
+    return summarize(accuracies, "client_accuracy")
