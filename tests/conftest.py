@@ -184,3 +184,43 @@ def instruction_config(tiny_llama_dir, instruction_jsonl):
             "eval": {"batch_size": 8},
         }
     )
+
+
+@pytest.fixture(scope="session")
+def preference_jsonl(tmp_path_factory) -> Path:
+    """Preference pairs with a `topic` group: the chosen reply in the topic's words, the rejected
+    one in another topic's (prompts in both forms: a string and a message list)."""
+    import json
+
+    rng = np.random.default_rng(1)
+    topics = list(WORDS)
+    rows = []
+    for t, (topic, words) in enumerate(WORDS.items()):
+        vocab, other = words.split(), WORDS[topics[(t + 1) % len(topics)]].split()
+        for i in range(16):
+            question = "tell me about " + " ".join(rng.choice(vocab, size=3))
+            prompt = question if i % 2 else [{"role": "user", "content": question}]
+            chosen, rejected = " ".join(rng.choice(vocab, size=5)), " ".join(rng.choice(other, size=5))
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "topic": topic})
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def preference_config(tiny_llama_dir, preference_jsonl):
+    """A two-round DPO experiment on the tiny Llama, one client per topic."""
+
+    return config_factory(
+        {
+            "run": {"rounds": 2, "seed": 0, "threads": 1},
+            "task": {"kind": "preference", "num_eval_prompts": 2, "max_new_tokens": 4, "beta": 0.5},
+            "model": {"name": str(tiny_llama_dir), "max_length": 64},
+            "peft": {"method": "lora", "r": 4, "alpha": 8},
+            "data": {"name": "jsonl", "path": str(preference_jsonl), "label_column": "topic"},
+            "partition": {"method": "natural", "column": "category", "num_clients": 3},
+            "sampling": {"fraction": 1.0},
+            "training": {"local_steps": 4, "batch_size": 4, "lr": 2e-2},
+            "eval": {"batch_size": 8},
+        }
+    )

@@ -69,7 +69,7 @@ def personal_config(tiny_config, method, **sections):
     )
 
 
-@pytest.mark.parametrize("method", ["fedsa", "fedper", "fedrep"])
+@pytest.mark.parametrize("method", ["fedsa", "fedper", "fedrep", "local"])
 def test_personal_tensors_stay_home_and_never_move_the_global_state(tiny_config, tmp_path, method):
     cfg = personal_config(tiny_config, method)
     plain = fedfm.run(personal_config(tiny_config, "none"), output=tmp_path / "plain", progress=False)

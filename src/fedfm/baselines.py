@@ -77,7 +77,8 @@ def run_baselines(run, final: Params, progress=None) -> dict:
 
 
 def markdown(baselines: dict) -> str:
-    metric = "perplexity" if "perplexity" in baselines["rows"][0]["all_held_out"] else "accuracy"
+    held = baselines["rows"][0]["all_held_out"]
+    metric = next(m for m in ("perplexity", "reward_accuracy", "accuracy") if m in held)
     lines = [
         f"| setting | all held-out loss | all held-out {metric} | own held-out loss (mean) | "
         f"own held-out {metric} (mean) | worst client's own loss |",

@@ -125,7 +125,9 @@ def synth(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per generate call."),
     temperature: float = typer.Option(0.9, help="Sampling temperature."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens per sample."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="Tokens per sample (default 96; --preference: 48)."
+    ),
     min_words: int = typer.Option(12, "--min-words", help="Shorter samples are dropped."),
     max_words: int = typer.Option(400, "--max-words", help="Longer samples are dropped."),
     max_batches: int | None = typer.Option(None, "--max-batches", help="Batch budget per class."),
@@ -133,8 +135,16 @@ def synth(
     encoder: str = typer.Option("minilm", help="Encoder FM of the quality filter."),
     seed: int = typer.Option(0, help="Root seed of the sampling."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda'."),
+    preference: bool = typer.Option(
+        False,
+        "--preference",
+        help="Preference pairs from chatterbot instead: corpus reply chosen, the "
+        "untuned generator's greedy reply rejected (docs/preference.md).",
+    ),
+    per_category: int = typer.Option(24, "--per-category", help="--preference: pairs per category."),
 ) -> None:
-    """Generate labelled synthetic examples with a generative FM from label names (resumable JSONL)."""
+    """Generate labelled synthetic examples with a generative FM from label names, or preference
+    pairs with --preference (resumable JSONL)."""
     import json
 
     from fedfm.synthetic.generate import (
@@ -146,6 +156,9 @@ def synth(
         synthesize,
     )
 
+    if preference:
+        _synth_preference(output, generator, per_category, max_new_tokens or 48, batch_size, seed, device)
+        return
     try:
         if (dataset is None) == (labels is None):
             raise SynthError("give exactly one of --dataset and --labels")
@@ -167,7 +180,7 @@ def synth(
             batch_size=batch_size,
             temperature=temperature,
             top_p=top_p,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens or 96,
             min_words=min_words,
             max_words=max_words,
             max_batches=max_batches,
@@ -180,6 +193,18 @@ def synth(
         _fail(err)
     total = sum(summary["accepted"].values())
     Console().print(f"wrote {total} samples to {output}; rejected {summary['rejected']}")
+
+
+def _synth_preference(output, generator, per_category, max_new_tokens, batch_size, seed, device) -> None:
+    from fedfm.synthetic.generate import SynthError
+    from fedfm.synthetic.preference import PreferenceSettings, preference_pairs
+
+    settings = PreferenceSettings(generator, per_category, max_new_tokens, batch_size, seed)
+    try:
+        summary = preference_pairs(settings, output, device=device, note=Console().print)
+    except (SynthError, *_user_errors()) as err:
+        _fail(err)
+    Console().print(f"wrote {summary['written']} preference pairs to {output}; dropped {summary['dropped']}")
 
 
 @app.command()

@@ -249,7 +249,8 @@ class CompressionSection(_Section):
 class TaskSection(_Section):
     kind: Registered("task") = Field(
         "classification",
-        description="classification (encoder or decoder + head), or instruction tuning of a causal LM.",
+        description="classification (encoder or decoder + head), image_classification, instruction "
+        "tuning of a causal LM, or preference (DPO/IPO alignment of a causal LM).",
     )
     packing: bool = Field(False, description="instruction: pack each batch's examples into full rows.")
     system_prompt: str | None = Field(
@@ -262,6 +263,18 @@ class TaskSection(_Section):
     max_new_tokens: int = Field(32, ge=1, description="instruction: generation length for eval prompts.")
     baselines: bool = Field(
         False, description="Also train local-only and centralized baselines after the run (or --baselines)."
+    )
+    preference_loss: Literal["dpo", "ipo"] = Field(
+        "dpo", description="preference: DPO (−log σ(β·h)) or IPO ((h − 1/(2β))²) on the pairs."
+    )
+    beta: float = Field(0.1, gt=0, description="preference: β, the strength of the pull towards π_ref.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="preference: weight of an SFT term (the chosen replies' token-mean NLL)."
+    )
+    reference_adapter: str | None = Field(
+        None,
+        description="preference: an exported adapter folder (an SFT run's 'adapter') merged into the base "
+        "before training; π_ref and the start. Default: the base FM.",
     )
 
 
@@ -440,7 +453,7 @@ class PersonalizationSection(_Section):
         "none",
         description="none; fedsa (FedSA-LoRA: LoRA A shared, B personal); fedper (the head personal); "
         "fedrep (the head personal, trained alone before the body); ditto (a personal adapter "
-        "regularised towards the global one).",
+        "regularised towards the global one); local (local-only: every tensor personal, nothing travels).",
     )
     head_steps: int = Field(2, ge=1, description="fedrep: steps of the head alone (body frozen) each round.")
     ditto_lambda: float = Field(

@@ -18,8 +18,10 @@ from fedfm.tasks.metrics import summarize
 
 
 def task_metric(task_kind: str) -> tuple[str, bool]:
-    """(metric, higher is better) a client's own score uses."""
-    return ("perplexity", False) if task_kind == "instruction" else ("accuracy", True)
+    """(metric, higher is better) a client's own score uses (the task kind's ``own_metric``)."""
+    from fedfm.tasks import TASKS
+
+    return TASKS.get(task_kind).own_metric
 
 
 def active(cfg) -> bool:

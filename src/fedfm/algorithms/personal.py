@@ -12,6 +12,9 @@ averaged as usual.
 - ``fedrep`` (FedRep, Collins et al. 2021): the head is personal as in FedPer, and each round the
   client first trains its head alone (``personalization.head_steps``, body frozen), then the body
   alone (head frozen) for its local steps.
+- ``local`` (local-only training, the baseline every method must beat): every tensor is
+  personal, nothing travels and the global state never moves; each client trains its own adapter
+  on its own data from round to round.
 - ``ditto`` (Ditto, Li et al. 2021): nothing stays home from the global update; each client also
   keeps a whole personal adapter v_k, trained after its global training for
   ``personalization.personal_steps`` on its loss + λ/2·‖v_k − w‖² (w: the round's global state).
@@ -50,6 +53,13 @@ def head(key: str) -> bool:
 
 
 PERSONAL_PARTS.register("fedrep")(head)
+
+
+@PERSONAL_PARTS.register("local")
+def everything(key: str) -> bool:
+    return True
+
+
 PERSONAL_PARTS.register("ditto")(nothing)  # the personal adapter is a second copy, not a part
 
 

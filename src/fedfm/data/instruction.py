@@ -90,15 +90,16 @@ def chatterbot(cfg) -> tuple[TextDataset, None]:
     return TextDataset(texts, labels, names, {"category": groups}), None
 
 
-def jsonl(cfg) -> tuple[TextDataset, TextDataset | None]:
+def jsonl(cfg, to_dataset=None) -> tuple[TextDataset, TextDataset | None]:
+    """``data.path`` (and ``data.test_path``) as JSONL rows, made a dataset by ``to_dataset``
+    (rows, group column, where) → TextDataset (default: conversations)."""
+    to_dataset = to_dataset or rows_to_conversations
     if not cfg.path:
         raise DataError("data.path is required for data.name = 'jsonl'")
-    train = rows_to_conversations(_read_rows(Path(cfg.path), "jsonl"), cfg.label_column, cfg.path)
+    train = to_dataset(_read_rows(Path(cfg.path), "jsonl"), cfg.label_column, cfg.path)
     test = None
     if cfg.test_path:
-        test = rows_to_conversations(
-            _read_rows(Path(cfg.test_path), "jsonl"), cfg.label_column, cfg.test_path
-        )
+        test = to_dataset(_read_rows(Path(cfg.test_path), "jsonl"), cfg.label_column, cfg.test_path)
         test = _relabel(test, train.label_names, cfg.test_path)
     return train, test
 
@@ -114,17 +115,20 @@ def _relabel(test: TextDataset, names: list[str], where: str) -> TextDataset:
     return TextDataset(test.texts, np.array([index[g] for g in groups]), names, test.columns)
 
 
-def huggingface(cfg) -> tuple[TextDataset, TextDataset | None]:
+def huggingface(
+    cfg, to_dataset=None, offline="'chatterbot' or 'jsonl'"
+) -> tuple[TextDataset, TextDataset | None]:
     from fedfm.data.sources import load_hf
 
+    to_dataset = to_dataset or rows_to_conversations
     try:
         ds = load_hf(cfg)
     except DataError as err:
-        raise DataError(f"{err}. For instruction data offline: data.name = 'chatterbot' or 'jsonl'") from None
-    train = rows_to_conversations(list(ds[cfg.hf_train_split]), cfg.label_column, cfg.name)
+        raise DataError(f"{err}. Offline, use data.name = {offline}") from None
+    train = to_dataset(list(ds[cfg.hf_train_split]), cfg.label_column, cfg.name)
     test = None
     if cfg.hf_test_split and cfg.hf_test_split in ds:
-        test = rows_to_conversations(list(ds[cfg.hf_test_split]), cfg.label_column, cfg.name)
+        test = to_dataset(list(ds[cfg.hf_test_split]), cfg.label_column, cfg.name)
         test = _relabel(test, train.label_names, cfg.name)
     return train, test
 

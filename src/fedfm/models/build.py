@@ -160,9 +160,12 @@ def quantization_config(model_cfg, device: torch.device):
     )
 
 
-def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = "auto") -> ModelBundle:
+def build_causal_lm(
+    model_cfg, peft_cfg, training_cfg, seed: int, device: str = "auto", before_peft=None
+) -> ModelBundle:
     """A causal LM for instruction tuning, with the PEFT method applied (LoRA targets: PEFT's choice
-    for the architecture unless ``peft.target_modules`` is set)."""
+    for the architecture unless ``peft.target_modules`` is set). ``before_peft(model) → model``
+    changes the base first (preference alignment: an SFT adapter merged in)."""
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -183,6 +186,8 @@ def build_causal_lm(model_cfg, peft_cfg, training_cfg, seed: int, device: str = 
         raise load_error(model_cfg.name, err) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if before_peft is not None:
+        model = before_peft(model)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -22,7 +22,8 @@ class TaskKind:
     model with its PEFT method; ``build(cfg, data, bundle)`` → the task object (``batch``,
     ``loss``, ``evaluate``; the task's data); ``evaluator(cfg, data)`` → ``evaluate(bundle,
     task) → dict`` of server metrics (with a ``status`` text); ``columns``: the console's table;
-    ``labels_in_export``: whether the exported model records ``num_labels`` / ``id2label`` /
+    ``own_metric``: (metric, higher is better) that scores a client on its own held-out data
+    (personalization) and a baseline; ``labels_in_export``: whether the exported model records ``num_labels`` / ``id2label`` /
     ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a field the kind cannot run with;
     ``batchable``: it has ``segment_losses`` for the batched engine, and ``check_batched(cfg,
     who)`` refuses what a group cannot train; ``defaults``: groups of dotted config fields the
@@ -35,6 +36,7 @@ class TaskKind:
     build: Callable
     evaluator: Callable
     columns: list = field(default_factory=list)
+    own_metric: tuple = ("accuracy", True)
     labels_in_export: bool = False
     check: Callable | None = None
     batchable: bool = False
@@ -52,5 +54,6 @@ def task_kind(cfg) -> TaskKind:
 from fedfm.tasks import classification as _classification  # noqa: E402,F401  (registration)
 from fedfm.tasks import image as _image  # noqa: E402,F401
 from fedfm.tasks import instruction as _instruction  # noqa: E402,F401
+from fedfm.tasks import preference as _preference  # noqa: E402,F401
 
 __all__ = ["TASKS", "TaskKind", "task_kind"]

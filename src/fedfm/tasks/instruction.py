@@ -189,28 +189,35 @@ class InstructionTask:
         }
         return {"loss": loss, "perplexity": math.exp(loss), "perplexity_by_group": by_group}
 
-    @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
-        """Greedy answers, batched with left padding."""
-        if not prompts:
-            return []
-        was_training = model.training
-        model.eval()
-        rows = [torch.tensor(_render(self.tokenizer, p, True), dtype=torch.long) for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, width - len(r) :], mask[j, width - len(r) :] = r, 1
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-        )
-        model.train(was_training)
-        return [self.tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        return greedy_answers(model, self.tokenizer, prompts, max_new_tokens, device)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tokens: int, device
+) -> list[str]:
+    """Greedy answers to chat prompts, batched with left padding."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    rows = [torch.tensor(_render(tokenizer, p, True), dtype=torch.long) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :], mask[j, width - len(r) :] = r, 1
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+    )
+    model.train(was_training)
+    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -333,7 +340,10 @@ COLUMNS = [
 def _register() -> None:
     from fedfm.tasks import TASKS, TaskKind
 
-    kind = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True)
+    kind = TaskKind(
+        _load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True,
+        own_metric=("perplexity", False),
+    )  # fmt: skip
     TASKS.register("instruction")(kind)
 
 
