@@ -23,8 +23,9 @@ class TaskKind:
     ``loss``, ``evaluate``; the task's data); ``evaluator(cfg, data)`` → ``evaluate(bundle,
     task) → dict`` of server metrics (with a ``status`` text); ``columns``: the console's table;
     ``own_metric``: (metric, higher is better) that scores a client on its own held-out data
-    (personalization) and a baseline; ``labels_in_export``: whether the exported model records ``num_labels`` / ``id2label`` /
-    ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a field the kind cannot run with;
+    (personalization) and a baseline; ``labels_in_export``: whether the exported model records
+    ``num_labels`` / ``id2label`` / ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a
+    field the kind cannot run with;
     ``batchable``: it has ``segment_losses`` for the batched engine, and ``check_batched(cfg,
     who)`` refuses what a group cannot train; ``defaults``: groups of dotted config fields the
     kind sets when the user's config leaves out a group's first field (an image task's model,
