@@ -190,3 +190,114 @@ def test_ditto_keeps_a_whole_personal_adapter_pulled_towards_the_global_one(tiny
     assert any(not torch.equal(store[0]["personal"][k], final[k]) for k in final)  # its own, not the global
     rounds = [r for r in _lines(result.run_dir) if r.get("event") == "round"]
     assert 0 <= rounds[-1]["personal_local_accuracy_worst10"] <= rounds[-1]["personal_local_accuracy_mean"]
+
+
+# ---------------------------------------------------------------- IFCA (clustered FL)
+
+
+def test_cluster_choice_and_state_by_hand():
+    import numpy as np
+
+    from fedfm.algorithms.clusters import (
+        as_cluster,
+        choose_cluster,
+        cluster_update,
+        cluster_view,
+        combine,
+        num_clusters,
+        stack_clusters,
+    )
+
+    params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+    stacked = stack_clusters(params, 3)
+    assert num_clusters(stacked) == 3 and set(stacked) == {f"cluster{j}/{k}" for j in range(3) for k in "wb"}
+    stacked["cluster1/w"] += 1
+    assert torch.equal(cluster_view(stacked, 1)["w"], torch.tensor([2.0, 3.0]))
+    assert torch.equal(cluster_view(stacked, 0)["w"], params["w"])  # copies, not views
+    assert choose_cluster([0.5, 0.2, 0.9], np.random.default_rng(0)) == 1
+    ties = {choose_cluster([0.3, 0.3, 0.3], np.random.default_rng(s)) for s in range(20)}
+    assert ties == {0, 1, 2}  # all equal (the first round): a random initial assignment
+    sent = {**as_cluster({"w": torch.ones(2), "b": torch.ones(1)}, 2), "cluster0/w": torch.full((2,), 9.0)}
+    whole = cluster_update(sent, stacked, 2)
+    assert torch.equal(whole["cluster2/w"], torch.ones(2)) and torch.equal(
+        whole["cluster0/w"], torch.zeros(2)
+    )
+    merged = combine({2: whole}, stacked)
+    assert torch.equal(merged["cluster2/b"], torch.ones(1)) and torch.equal(
+        merged["cluster1/w"], torch.zeros(2)
+    )
+
+
+def test_the_server_averages_each_cluster_over_its_own_clients_and_rejects_a_bad_index():
+    from fedfm.round import ServerRound
+    from fedfm.transforms.personal import Clusters
+    from fedfm.types import Aggregate, ClientResult, Update
+
+    params = {"cluster0/w": torch.zeros(2), "cluster1/w": torch.zeros(2)}
+    rnd = ServerRound(1, [0, 1, 2, 3], 0, params, None, lambda c: params, 100)
+
+    def result(client, cluster, delta, n):
+        return ClientResult(client, update=Update(delta, n, {"cluster": cluster, "train_loss": 1.0}))
+
+    arriving = [
+        result(0, 0, {"cluster0/w": torch.ones(2)}, 1),
+        result(1, 0, {"cluster0/w": torch.full((2,), 3.0)}, 3),
+        # a client of cluster 1 that also writes into cluster 0: that part is dropped
+        result(2, 1, {"cluster1/w": torch.full((2,), 2.0), "cluster0/w": torch.full((2,), 100.0)}, 1),
+        result(3, 5, {"cluster1/w": torch.ones(2)}, 1),  # no such cluster
+    ]
+
+    def weighted_mean(items):
+        items = list(items)
+        total = sum(r.update.num_examples for r in items)
+        return Aggregate(
+            {k: sum(r.update.delta[k] * r.update.num_examples for r in items) / total for k in params}
+        )
+
+    stream, reduce = Clusters(2).server(iter(arriving), rnd, weighted_mean)
+    aggregate = reduce(stream)
+    assert torch.allclose(aggregate.delta["cluster0/w"], torch.full((2,), 2.5))  # (1·1 + 3·3) / 4
+    assert torch.allclose(aggregate.delta["cluster1/w"], torch.full((2,), 2.0))
+    assert rnd.tally.rejected == [{"client": 3, "reason": "cluster index 5 is not one of 0..1"}]
+
+
+def test_ifca_trains_k_cluster_models_and_resumes(tiny_config, tmp_path):
+    cfg = personal_config(tiny_config, "ifca", personalization={"clusters": 2}, run={"rounds": 2})
+    whole = fedfm.run(cfg, output=tmp_path / "whole", progress=False)
+    params = load_checkpoint(whole.run_dir / "checkpoint").params
+    assert {k.split("/")[0] for k in params} == {"cluster0", "cluster1"}
+    rounds = [r for r in _lines(whole.run_dir) if r.get("event") == "round" and r["round"] > 0]
+    clients = [r for r in _lines(whole.run_dir) if r.get("event") == "client"]
+    assert all(sum(r["cluster_sizes"]) == r["num_clients"] for r in rounds)
+    assert {c["cluster"] for c in clients} <= {0, 1} and all("cluster_loss" in c for c in clients)
+    assert len(rounds[-1]["test_accuracy_by_cluster"]) == 2
+    final = rounds[-1]
+    assert 0 <= final["personal_local_accuracy_worst10"] <= final["personal_local_accuracy_mean"] <= 1
+    assignment = json.loads((whole.run_dir / "clusters" / "assignment.json").read_text())
+    assert set(assignment) == {str(k) for k in range(cfg.partition.num_clients)}
+    assert all(
+        (whole.run_dir / "clusters" / f"cluster-{j}" / "adapter_config.json").is_file() for j in (0, 1)
+    )
+    assert (whole.run_dir / "adapter" / "adapter_config.json").is_file()
+    fedfm.run(
+        personal_config(tiny_config, "ifca", personalization={"clusters": 2}, run={"rounds": 1}),
+        output=tmp_path / "part",
+        progress=False,
+    )
+    resumed = fedfm.run(resume=tmp_path / "part", overrides=["run.rounds=2"], progress=False)
+    again = load_checkpoint(resumed.run_dir / "checkpoint").params
+    for key, t in params.items():
+        torch.testing.assert_close(again[key], t)
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"secagg": {"enabled": True}}, "reveals each client's cluster"),
+        ({"task": {"baselines": True}}, "task.baselines"),
+    ],
+)
+def test_ifca_refuses_secure_aggregation_and_baselines(tiny_config, sections, field):
+    raw = tiny_config(personalization={"method": "ifca"}, data={"client_test_fraction": 0.3}, **sections)
+    with pytest.raises(ConfigError, match=field):
+        make_config(raw)

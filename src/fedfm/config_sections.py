@@ -453,7 +453,8 @@ class PersonalizationSection(_Section):
         "none",
         description="none; fedsa (FedSA-LoRA: LoRA A shared, B personal); fedper (the head personal); "
         "fedrep (the head personal, trained alone before the body); ditto (a personal adapter "
-        "regularised towards the global one); local (local-only: every tensor personal, nothing travels).",
+        "regularised towards the global one); ifca (clustered FL: k global adapters, each client trains "
+        "the one with its lowest loss); local (local-only: every tensor personal, nothing travels).",
     )
     head_steps: int = Field(2, ge=1, description="fedrep: steps of the head alone (body frozen) each round.")
     ditto_lambda: float = Field(
@@ -461,6 +462,10 @@ class PersonalizationSection(_Section):
     )
     personal_steps: int | None = Field(
         None, ge=1, description="ditto: steps of the personal adapter each round; default: the local steps."
+    )
+    clusters: int = Field(2, ge=2, le=32, description="ifca: the number of cluster models k.")
+    cluster_examples: int = Field(
+        64, ge=1, description="ifca: training rows a client scores each cluster model on to pick one."
     )
     finetune_steps: int = Field(
         0, ge=0, description="After the last round, each client fine-tunes this many steps from its model "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedfm.algorithms.aggregators import make_aggregator
+from fedfm.algorithms.clusters import stack_clusters
 from fedfm.algorithms.lora import LORA_AGGREGATION, aggregation_rule, truncate_rank
 from fedfm.algorithms.server_optimizers import make_server_optimizer
 from fedfm.checkpoint import CheckpointError, ClientStore, ServerState, load_checkpoint, save_checkpoint
@@ -34,6 +35,7 @@ from fedfm.experiment import (
 from fedfm.models.export import export_adapter
 from fedfm.models.merge import fold_stacked, merge_into_base
 from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.personalization import clustered, server_params
 from fedfm.privacy.guarantees import dp_mode
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
@@ -124,6 +126,7 @@ class Run:
             if self.privacy.noise.reproducible:
                 self.console.warn(SEEDED_WARNING)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.cluster_sizes: list[int] | None = None  # IFCA: clients per cluster in the last round
         self.elapsed_offset = 0.0
         self.fresh = False  # set by _initial_state: no checkpoint to resume from
         self.state = self._initial_state()
@@ -214,6 +217,8 @@ class Run:
             self.fresh = True
             self.metrics.reset()
             params = get_trainable_state(self.bundle.trainable)
+            if clustered(self.cfg):  # IFCA: k cluster models side by side
+                params = stack_clusters(params, clustered(self.cfg))
             state = ServerState(
                 round=0,
                 params=params,
@@ -227,6 +232,8 @@ class Run:
                 self.privacy.resume(state.privacy, 0, repeatable)
             return state
         self.metrics.truncate_after(saved.round)
+        sizes = [r["cluster_sizes"] for r in self.metrics.rounds() if "cluster_sizes" in r]
+        self.cluster_sizes = sizes[-1] if sizes else None
         if self.privacy is not None:
             for charge in self.privacy.resume(saved.privacy, saved.round, repeatable):
                 self.console.warn(
@@ -291,6 +298,11 @@ class Run:
         self.state, record = apply_round(self.state, results, rnd, self.strategy)
         for rec in rnd.tally.client_records:
             self.metrics.write({**rec, "event": "client", "round": t})
+        if clustered(self.cfg):
+            picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
+            self.cluster_sizes = record["cluster_sizes"] = [
+                picked.count(j) for j in range(clustered(self.cfg))
+            ]
         record.update({"round_s": time.perf_counter() - start, **self.privacy_record()})
         if rnd.secure is not None:
             record["secagg"] = rnd.secure.report()
@@ -317,9 +329,10 @@ class Run:
     def evaluate(self, params: Params) -> dict:
         from fedfm.personalization import client_scores
 
-        set_trainable_state(self.bundle.trainable, params)
+        by_cluster = self._cluster_scores(params) if clustered(self.cfg) else {}
+        set_trainable_state(self.bundle.trainable, server_params(self.cfg, params, self.cluster_sizes))
         with self.console.status(self.evaluator.status):
-            metrics = self.evaluator(self.bundle, self.task)
+            metrics = {**self.evaluator(self.bundle, self.task), **by_cluster}
         server = self.server_model
         if server is None:
             with self.console.status("scoring every client on its own test split"):
@@ -328,6 +341,19 @@ class Run:
         with self.console.status(f"{self.evaluator.status} (the FM with the clients' adapter)"):
             plugged = self.evaluator(server.bundle, self.task)
         return {**plugged, **{f"emulator_{k}": v for k, v in metrics.items() if k.startswith("test_")}}
+
+    def _cluster_scores(self, params: Params) -> dict:
+        """IFCA: every cluster model's score on the server's test split."""
+        from fedfm.algorithms.clusters import cluster_view
+
+        metric = task_kind(self.cfg).own_metric[0]
+        scores = []
+        for j in range(clustered(self.cfg)):
+            set_trainable_state(self.bundle.trainable, cluster_view(params, j))
+            m = self.task.evaluate(self.bundle.model, self.task.test, None, self.cfg.eval.batch_size,
+                                   self.bundle.device)  # fmt: skip
+            scores.append(m[metric])
+        return {f"test_{metric}_by_cluster": scores}
 
     def _finish_round(self, record: dict) -> None:
         record = {"event": "round", **record, "elapsed_s": self.elapsed()}
@@ -348,7 +374,7 @@ class Run:
         with self.console.status("writing adapter, plots and report"):
             merged = self.lora_mode.merges_into_base
             labels = task_kind(self.cfg).labels_in_export and self.cfg.model.init == "pretrained"
-            bundle, params = self.bundle, self.state.params
+            bundle, params = self.bundle, server_params(self.cfg, self.state.params, self.cluster_sizes)
             if self.server_model is not None:  # the adapter plugged into the FM
                 bundle, params = self.server_model.bundle, self.server_model.params(params)
             export_adapter(bundle, params, self.run_dir / "adapter", merged=merged, labels=labels)
@@ -375,9 +401,11 @@ class Run:
         cfg, params = self.cfg, self.state.params
         if self.remote or not (cfg.personalization.method != "none" or cfg.personalization.finetune_steps):
             return
-        if cfg.personalization.method != "none":
+        labels = task_kind(cfg).labels_in_export and cfg.model.init == "pretrained"
+        if clustered(cfg):
+            self._export_clusters(labels)
+        elif cfg.personalization.method != "none":
             states = getattr(self.engine, "states", None)
-            labels = task_kind(cfg).labels_in_export and cfg.model.init == "pretrained"
             for k in range(self.data.num_clients):
                 if states is not None and (states.get(k) or {}).get("personal"):
                     folder = self.run_dir / "personal" / f"client-{k}"
@@ -391,7 +419,21 @@ class Run:
             self.metrics.write({"event": "personalization", "finetune_steps": steps, **record})
             summary = {k: round(v, 4) for k, v in record.items() if k.endswith(("_mean", "_worst10"))}
             self.console.note(f"after local fine-tuning: {summary}")
-        set_trainable_state(self.bundle.trainable, params)
+        set_trainable_state(self.bundle.trainable, server_params(cfg, params, self.cluster_sizes))
+
+    def _export_clusters(self, labels: bool) -> None:
+        """IFCA: every cluster model (``clusters/cluster-J``) and the cluster each client picks
+        now (``clusters/assignment.json``)."""
+        import json
+
+        from fedfm.algorithms.clusters import cluster_view
+        from fedfm.personalization import client_cluster
+
+        params, folder = self.state.params, self.run_dir / "clusters"
+        for j in range(clustered(self.cfg)):
+            export_adapter(self.bundle, cluster_view(params, j), folder / f"cluster-{j}", labels=labels)
+        picks = {str(k): client_cluster(self, params, k) for k in range(self.data.num_clients)}
+        (folder / "assignment.json").write_text(json.dumps(picks, indent=1) + "\n")
 
 
 class RunFailedError(RuntimeError):

@@ -29,8 +29,41 @@ def active(cfg) -> bool:
     return p.method != "none" or p.finetune_steps > 0
 
 
+def clustered(cfg) -> int:
+    """IFCA's number of cluster models, or 0."""
+    p = cfg.personalization
+    return p.clusters if p.method == "ifca" else 0
+
+
+def server_params(cfg, stacked, sizes) -> dict:
+    """The model the server evaluates and exports as *the* global one: under IFCA, the cluster
+    most clients picked in the last round (cluster 0 before any round); else the state itself."""
+    from fedfm.algorithms.clusters import cluster_view
+
+    if not clustered(cfg):
+        return stacked
+    largest = max(range(len(sizes)), key=lambda j: (sizes[j], -j)) if sizes else 0
+    return cluster_view(stacked, largest)
+
+
+def client_cluster(run, params, client_id: int) -> int:
+    """IFCA: the cluster client ``client_id`` picks now (its lowest loss on its training rows)."""
+    from fedfm.training import ClientProgram, pick_cluster
+    from fedfm.types import RoundContext
+
+    spec = ClientProgram.from_config(run.cfg).personal
+    ctx = RoundContext(round=run.cfg.run.rounds + 1, seed=run.cfg.run.seed)
+    rows = run.data.client_train[client_id]
+    return pick_cluster(run.bundle, run.task, client_id, rows, params, spec, ctx)[0]
+
+
 def own_params(run, params, client_id: int):
-    """The model client ``client_id`` would use: the global one, with its personal tensors."""
+    """The model client ``client_id`` would use: the global one, with its personal tensors (under
+    IFCA: the cluster model it picks)."""
+    if clustered(run.cfg):
+        from fedfm.algorithms.clusters import cluster_view
+
+        return cluster_view(params, client_cluster(run, params, client_id))
     if run.cfg.personalization.method == "none":
         return params
     states = getattr(run.engine, "states", None)
@@ -46,7 +79,8 @@ def client_scores(run, params) -> dict:
     bundle, task, bs = run.bundle, run.task, run.cfg.eval.batch_size
     clients = [k for k, rows in enumerate(run.data.client_test) if len(rows)]
     out = {}
-    own = {"global": lambda k: params}
+    global_view = server_params(run.cfg, params, getattr(run, "cluster_sizes", None))
+    own = {"global": lambda k: global_view}
     if run.cfg.personalization.method != "none":
         own["personal"] = lambda k: own_params(run, params, k)
     for name, model_of in own.items():
@@ -59,7 +93,7 @@ def client_scores(run, params) -> dict:
         out.update(summarize(scores, f"{name}_local_{metric}", higher))
     if "personal" not in own:  # no personal tensors: each client's model is the global one
         out.update({k.replace("global_", "personal_", 1): v for k, v in out.items()})
-    set_trainable_state(bundle.trainable, params)
+    set_trainable_state(bundle.trainable, global_view)
     return out
 
 
@@ -83,7 +117,7 @@ def finetuned_scores(run, params) -> dict:
                               run.cfg.run.seed, key=k)  # fmt: skip
         set_trainable_state(bundle.trainable, tuned)
         scores[k] = task.evaluate(bundle.model, task.train, rows, bs, bundle.device)[metric]
-    set_trainable_state(bundle.trainable, params)
+    set_trainable_state(bundle.trainable, server_params(run.cfg, params, getattr(run, "cluster_sizes", None)))
     return {**summarize(list(scores.values()), f"finetuned_local_{metric}", higher),
             "finetuned_by_client": {str(k): v for k, v in scores.items()}}  # fmt: skip
 

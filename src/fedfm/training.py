@@ -297,6 +297,21 @@ def ditto_personal(bundle, task, job, mine: Params, anchor: Params, ctx, cfg, sp
     return get_trainable_state(bundle.trainable)
 
 
+def pick_cluster(bundle, task, client_id: int, rows, stacked: Params, spec, ctx) -> tuple[int, list[float]]:
+    """IFCA's choice: the cluster model with the lowest loss on (the first
+    ``spec.cluster_examples`` of) the client's rows; ties by a seeded draw of the client's own."""
+    from fedfm.algorithms.clusters import choose_cluster, cluster_view
+    from fedfm.seeding import numpy_rng
+
+    rows = np.asarray(rows)[: spec.cluster_examples]
+    losses = []
+    for j in range(spec.clusters):
+        set_trainable_state(bundle.trainable, cluster_view(stacked, j))
+        losses.append(float(task.evaluate(bundle.model, task.train, rows, 32, bundle.device)["loss"]))
+    rng = numpy_rng(ctx.seed, "ifca", ctx.round, client_id)
+    return choose_cluster(losses, rng), losses
+
+
 def train_from(
     bundle: ModelBundle, task, rows: np.ndarray, start: Params, steps: int, cfg, seed: int, key: int = -1
 ) -> tuple[Params, float]:
@@ -371,7 +386,10 @@ class ClientProgram:
         p = cfg.personalization
         personal = None
         if p.method != "none":
-            personal = PersonalSpec(p.method, p.head_steps, p.ditto_lambda, p.personal_steps)
+            k = p.clusters if p.method == "ifca" else 0
+            personal = PersonalSpec(
+                p.method, p.head_steps, p.ditto_lambda, p.personal_steps, k, p.cluster_examples
+            )
         return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg), personal)
 
     def __call__(
@@ -386,6 +404,8 @@ class ClientProgram:
         state = dict(state or {})
         key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
         spec, start = self.personal, global_params
+        if spec is not None and spec.clusters:
+            return self.clustered(bundle, task, job, global_params, ctx, state, key)
         if spec is not None and not spec.whole_copy:  # its own personal tensors in place of the global ones
             start = client_start(global_params, state.get("personal"))
         with own_statistics(bundle, state):
@@ -404,6 +424,27 @@ class ClientProgram:
                 )
         if spec is not None and not spec.whole_copy:  # kept here; the "personal" transform keeps them home
             state["personal"] = kept_personal(start, update.delta, personal_keys(start, spec.is_personal))
+        return self.finish(update, own, job, ctx, state, key)
+
+    def clustered(self, bundle, task, job: ClientJob, stacked: Params, ctx: RoundContext, state, key):
+        """IFCA: score every cluster model on the client's rows, train the best, send its update
+        under that cluster's names with its index (``metrics["cluster"]``)."""
+        from fedfm.algorithms.clusters import as_cluster, cluster_view
+
+        with own_statistics(bundle, state):
+            j, losses = pick_cluster(bundle, task, job.client_id, job.indices, stacked, self.personal, ctx)
+            update, own = client_update(
+                bundle,
+                task,
+                job,
+                cluster_view(stacked, j),
+                ctx,
+                self.training,
+                self.objective,
+                state.get(key),
+            )
+        metrics = {**update.metrics, "cluster": j, "cluster_loss": losses[j]}
+        update = Update(as_cluster(update.delta, j), update.num_examples, metrics, update.control_delta)
         return self.finish(update, own, job, ctx, state, key)
 
     def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):

@@ -15,6 +15,8 @@ averaged as usual.
 - ``local`` (local-only training, the baseline every method must beat): every tensor is
   personal, nothing travels and the global state never moves; each client trains its own adapter
   on its own data from round to round.
+- ``ifca`` (IFCA, Ghosh et al. 2020): no personal tensors but k global models; each client
+  trains the one with the lowest loss on its data (``fedfm.algorithms.clusters``).
 - ``ditto`` (Ditto, Li et al. 2021): nothing stays home from the global update; each client also
   keeps a whole personal adapter v_k, trained after its global training for
   ``personalization.personal_steps`` on its loss + λ/2·‖v_k − w‖² (w: the round's global state).
@@ -61,6 +63,7 @@ def everything(key: str) -> bool:
 
 
 PERSONAL_PARTS.register("ditto")(nothing)  # the personal adapter is a second copy, not a part
+PERSONAL_PARTS.register("ifca")(nothing)  # k global models: fedfm.algorithms.clusters
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class PersonalSpec:
     head_steps: int = 0  # fedrep: head-only steps before the body's
     lam: float = 0.0  # ditto: λ of the proximal term towards the global state
     personal_steps: int | None = None  # ditto: steps of the personal adapter (default: the local steps)
+    clusters: int = 0  # ifca: the number of cluster models (0: not clustered)
+    cluster_examples: int = 64  # ifca: training rows a client scores each cluster model on
 
     @property
     def is_personal(self) -> Callable[[str], bool]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fedfm.algorithms.clusters import cluster_update, combine
 from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
 from fedfm.transforms.base import Passthrough, transform
-from fedfm.types import ClientResult, Update
+from fedfm.types import Aggregate, ClientResult, Update
 
 
 class PersonalParts(Passthrough):
@@ -35,6 +36,43 @@ class PersonalParts(Passthrough):
         return whole(), reduce
 
 
+class Clusters(Passthrough):
+    """IFCA (``personalization.method = "ifca"``): the server half makes each client's update for
+    its cluster whole against the stacked state (zeros elsewhere, whatever else it sent) and
+    replaces the reduce by one reduce per cluster over the clients that picked it. An update
+    without a valid cluster index is rejected with the reason."""
+
+    name = "clusters"
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def server(self, stream, rnd, reduce):
+        k = self.k
+
+        def whole():
+            for item in stream:
+                if isinstance(item, ClientResult) and isinstance(item.update, Update):
+                    j = item.update.metrics.get("cluster")
+                    if not isinstance(j, (int, float)) or j != int(j) or not 0 <= j < k:
+                        rnd.tally.reject(item.client_id, f"cluster index {j!r} is not one of 0..{k - 1}")
+                        continue
+                    delta = cluster_update(item.update.delta, rnd.reference(item.client_id), int(j))
+                    item = replace(item, update=replace(item.update, delta=delta))
+                yield item
+
+        def per_cluster(items):
+            groups: dict[int, list] = {}
+            for item in items:
+                groups.setdefault(int(item.update.metrics["cluster"]), []).append(item)
+            if not groups:
+                return reduce(iter(()))  # the reduce's own empty-cohort error
+            merged = {j: reduce(iter(members)).delta for j, members in sorted(groups.items())}
+            return Aggregate(combine(merged, rnd.params))
+
+        return whole(), per_cluster
+
+
 def _check(cfg) -> None:
     from fedfm.privacy.guarantees import dp_mode
 
@@ -48,6 +86,13 @@ def _check(cfg) -> None:
         raise ValueError(
             f"{who} keeps a classification head personal; task.kind = {cfg.task.kind!r} has none"
         )
+    if p.method == "ifca" and (dp_mode(cfg).active or cfg.secagg.enabled):
+        raise ValueError(
+            f"{who} reveals each client's cluster to the server, which secure aggregation would hide; "
+            "it is refused with secagg.enabled and privacy.dp (mask per cluster is not built)"
+        )
+    if p.method == "ifca" and cfg.task.baselines:
+        raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
     if dp_mode(cfg).active or cfg.secagg.enabled:
         raise ValueError(
             f"{who} with privacy.dp or secagg.enabled is not built yet (the noise and the masks would "
@@ -76,7 +121,8 @@ def _check_all(cfg) -> None:
 
 
 @transform("personal", 5, check=_check_all)
-def personal_parts(cfg) -> PersonalParts | None:
-    if cfg.personalization.method == "none":
+def personal_parts(cfg) -> PersonalParts | Clusters | None:
+    p = cfg.personalization
+    if p.method == "none":
         return None
-    return PersonalParts(cfg.personalization.method)
+    return Clusters(p.clusters) if p.method == "ifca" else PersonalParts(p.method)
