@@ -14,6 +14,7 @@ from fedfm.algorithms.personal import (
     client_start,
     dense_again,
     kept_personal,
+    lora_b,
     shared_part,
 )
 from fedfm.checkpoint import ClientStore, load_checkpoint
@@ -122,7 +123,6 @@ def test_local_fine_tuning_after_fl_is_scored_per_client(tiny_config, tmp_path):
     "sections, field",
     [
         ({"peft": {"method": "head"}}, "peft.method"),
-        ({"privacy": {"dp": "client", "noise_multiplier": 1.0, "clip_norm": 1.0}}, "privacy.dp"),
         ({"run": {"engine": "batched"}}, "run.engine"),
         ({"strategy": {"objective": "scaffold"}}, "scaffold"),
         ({"run": {"engine": "ray"}, "ray": {"batched": True}}, "ray.batched"),
@@ -300,4 +300,58 @@ def test_ifca_trains_k_cluster_models_and_resumes(tiny_config, tmp_path):
 def test_ifca_refuses_secure_aggregation_and_baselines(tiny_config, sections, field):
     raw = tiny_config(personalization={"method": "ifca"}, data={"client_test_fraction": 0.3}, **sections)
     with pytest.raises(ConfigError, match=field):
+        make_config(raw)
+
+
+# ---------------------------------------------------------------- privacy over the shared part
+
+
+def _init_params(cfg):
+    from fedfm.experiment import build_bundle, prepare_data
+    from fedfm.models.state import get_trainable_state
+
+    return get_trainable_state(build_bundle(cfg, prepare_data(cfg).train.label_names).trainable)
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_dp_and_secure_aggregation_cover_only_the_shared_part(tiny_config, tmp_path, noise):
+    dp = {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 0.5, "noise": noise, "noise_seed": 1}
+    secure = (
+        {"secagg": {"enabled": True, "neighbors": 2, "clip_range": 2.0}} if noise == "distributed" else {}
+    )
+    sections = {"privacy": dp, "strategy": {"weighting": "uniform"}, "run": {"rounds": 2}, **secure}
+    cfg = personal_config(tiny_config, "fedsa", **sections)
+    result = fedfm.run(cfg, output=tmp_path / "fedsa", progress=False)
+    rounds = [r for r in _lines(result.run_dir) if r.get("event") == "round" and r["round"] > 0]
+    assert all("skipped" not in r for r in rounds) and rounds[-1]["epsilon"] > 0
+    final, start = load_checkpoint(result.run_dir / "checkpoint").params, _init_params(cfg)
+    personal = [k for k in final if lora_b(k)]
+    assert personal and all(torch.equal(final[k], start[k]) for k in personal)  # no noise landed there
+    assert all(not torch.equal(final[k], start[k]) for k in final if not lora_b(k))  # the shared part moved
+    if noise == "distributed":  # the Skellam vector is the shared part's: the B matrices are not in it
+        ledger = load_checkpoint(result.run_dir / "checkpoint").privacy["ledger"]
+        plain = fedfm.run(make_config({**cfg.model_dump(), "personalization": {"method": "none"}}),
+                          output=tmp_path / "plain", progress=False)  # fmt: skip
+        everything = load_checkpoint(plain.run_dir / "checkpoint").privacy["ledger"]
+        assert ledger[0]["mechanism"] == "skellam" and ledger[0]["l1"] < everything[0]["l1"]
+        report = rounds[-1]["secagg"]
+        assert (
+            report
+            and rounds[-1]["bytes_up"]
+            < [r for r in _lines(plain.run_dir) if r.get("round") == 2][0]["bytes_up"]
+        )
+
+
+def test_personal_methods_refuse_what_their_privacy_cannot_cover(tiny_config):
+    raw = tiny_config(
+        personalization={"method": "fedrep"},
+        data={"client_test_fraction": 0.3},
+        privacy={"dp": "example", "noise_multiplier": 1.0},
+    )
+    with pytest.raises(ConfigError, match="not DP-SGD steps"):
+        make_config(raw)
+    raw = tiny_config(
+        personalization={"method": "local"}, data={"client_test_fraction": 0.3}, secagg={"enabled": True}
+    )
+    with pytest.raises(ConfigError, match="sends nothing"):
         make_config(raw)

@@ -120,7 +120,10 @@ class Run:
         if dp_mode(cfg).active:
             from fedfm.privacy.server import SEEDED_WARNING, RunPrivacy
 
-            dim = sum(v.numel() for v in self.initial_params.values())
+            from fedfm.algorithms.personal import PERSONAL_PARTS
+
+            stays = PERSONAL_PARTS.get(cfg.personalization.method)  # personal tensors never travel
+            dim = sum(v.numel() for k, v in self.initial_params.items() if not stays(k))
             n, folder, note = self.data.num_clients, run_dir / "checkpoint", self.console.note
             self.privacy = RunPrivacy(cfg, n, self.cohort, dim, folder, note=note)
             if self.privacy.noise.reproducible:

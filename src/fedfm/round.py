@@ -45,6 +45,13 @@ class ServerRound:
     tally: RoundTally = field(default_factory=RoundTally)
     secure: Any = None
     attack: Any = None
+    personal: Callable[[str], bool] | None = None  # personalization: tensors that never travel
+
+    def shared(self) -> Params:
+        """θ's part that travels: all of it, or without the personal tensors."""
+        if self.personal is None:
+            return self.params
+        return {k: v for k, v in self.params.items() if not self.personal(k)}
 
     def vet_and_charge(self, client_id: int, metrics, num_examples: int | None = None) -> str | None:
         """DP-SGD: why the mechanism a client states it ran is not the configured one, or None;

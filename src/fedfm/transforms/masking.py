@@ -36,7 +36,7 @@ class SecureMasking(Passthrough):
             rotation = derive_seed(rnd.seed, rnd.t, "rotation")  # public, like the graph
             skellam = rnd.privacy.skellam_round(rnd.privacy_state, members, rotation)
         layout = packing.Layout.for_params(
-            rnd.params,
+            rnd.shared(),  # personal tensors are never sent, so never masked
             rnd.server_control is not None,
             clip_range=self.secagg.clip_range,
             quantization_bits=self.secagg.quantization_bits,

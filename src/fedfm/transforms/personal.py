@@ -2,7 +2,9 @@
 part of an update; the server half makes it whole again with zeros at the personal tensors
 (whatever a client sent there), so they are never aggregated and the global personal part never
 moves. Position 5: right after validation's client half and before every other transform, so
-clipping, noise, compression and masking see only what travels."""
+clipping, noise, compression and masking see only what travels: secure aggregation's layout is
+the shared part's, client-level DP's sensitivity is the shared update's norm, and the personal
+part of every aggregate (noise included) is set back to zero."""
 
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ class PersonalParts(Passthrough):
     def __init__(self, method: str) -> None:
         self.method, self.is_personal = method, PERSONAL_PARTS.get(method)
 
+    def prepare(self, rnd) -> dict:
+        rnd.personal = self.is_personal  # secure aggregation masks only the shared part
+        return {}
+
     def client(self, payload, step):
         if not isinstance(payload, Update):
             return payload
@@ -33,7 +39,11 @@ class PersonalParts(Passthrough):
                     item = replace(item, update=replace(item.update, delta=delta))
                 yield item
 
-        return whole(), reduce
+        def shared_only(items):  # a secure round's sums, DP's noise: the personal part stays zero
+            aggregate = reduce(items)
+            return replace(aggregate, delta=dense_again(aggregate.delta, rnd.params, self.is_personal))
+
+        return whole(), shared_only
 
 
 class Clusters(Passthrough):
@@ -93,10 +103,12 @@ def _check(cfg) -> None:
         )
     if p.method == "ifca" and cfg.task.baselines:
         raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
-    if dp_mode(cfg).active or cfg.secagg.enabled:
+    if p.method == "local" and (dp_mode(cfg).active or cfg.secagg.enabled):
+        raise ValueError(f"{who} sends nothing: privacy.dp and secagg.enabled have nothing to protect")
+    if p.method in ("fedrep", "ditto") and dp_mode(cfg).example_level:
         raise ValueError(
-            f"{who} with privacy.dp or secagg.enabled is not built yet (the noise and the masks would "
-            "have to cover only the shared part): turn them off"
+            f"{who} with privacy.dp = 'example': its extra local steps (the head's, the personal "
+            "adapter's) are not DP-SGD steps; use privacy.dp = 'client'"
         )
     if cfg.ray.batched and cfg.run.engine == "ray":
         raise ValueError(f"{who} on Ray with ray.batched = true is not built (groups train from one state): "
