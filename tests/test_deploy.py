@@ -53,9 +53,13 @@ DP = {
 
 
 SECAGG = {"secagg": {"enabled": True}, "strategy": {"weighting": "uniform"}}
+# FedSA-LoRA under secure aggregation: the B matrices stay on the clients, only A is masked
+FEDSA = {**SECAGG, "personalization": {"method": "fedsa"}, "data": {"client_test_fraction": 0.3}}
 
 
-@pytest.mark.parametrize("extra", [{}, DP, SECAGG], ids=["plain", "client-level-dp", "secure-aggregation"])
+@pytest.mark.parametrize(
+    "extra", [{}, DP, SECAGG, FEDSA], ids=["plain", "client-level-dp", "secure-aggregation", "fedsa-secagg"]
+)
 def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, certs, extra):
     cfg, path = deploy_config(tiny_config, tmp_path, **extra)
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
@@ -69,7 +73,16 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     for k in local:  # the same training code on both sides; only the summation order may differ
         torch.testing.assert_close(deployed[k], local[k], atol=1e-5, rtol=1e-4)
     assert rounds[-1]["test_accuracy"] == pytest.approx(simulated.history[-1]["test_accuracy"])
-    if extra is SECAGG:  # the protocol ran across processes: key exchange, masking, unmasking
+    if extra is FEDSA:  # the global B matrices never moved: every client kept and trained its own
+        from fedfm.algorithms.personal import lora_b
+        from fedfm.config import make_config
+        from fedfm.experiment import build_bundle, prepare_data
+        from fedfm.models.state import get_trainable_state
+
+        run_cfg = make_config(cfg)
+        start = get_trainable_state(build_bundle(run_cfg, prepare_data(run_cfg).train.label_names).trainable)
+        assert all(torch.equal(deployed[k], start[k]) for k in deployed if lora_b(k))
+    if extra in (SECAGG, FEDSA):  # the protocol ran across processes: key exchange, masking, unmasking
         assert all(r["secagg"]["bytes_up"] > 0 for r in rounds[1:])
         assert not any(
             r["event"] == "client" for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())

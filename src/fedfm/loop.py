@@ -118,9 +118,8 @@ class Run:
         self.strategy = self._strategy()
         self.privacy = None  # fedfm.privacy.server.RunPrivacy in DP runs
         if dp_mode(cfg).active:
-            from fedfm.privacy.server import SEEDED_WARNING, RunPrivacy
-
             from fedfm.algorithms.personal import PERSONAL_PARTS
+            from fedfm.privacy.server import SEEDED_WARNING, RunPrivacy
 
             stays = PERSONAL_PARTS.get(cfg.personalization.method)  # personal tensors never travel
             dim = sum(v.numel() for k, v in self.initial_params.items() if not stays(k))
