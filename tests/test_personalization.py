@@ -123,9 +123,7 @@ def test_local_fine_tuning_after_fl_is_scored_per_client(tiny_config, tmp_path):
     "sections, field",
     [
         ({"peft": {"method": "head"}}, "peft.method"),
-        ({"run": {"engine": "batched"}}, "run.engine"),
         ({"strategy": {"objective": "scaffold"}}, "scaffold"),
-        ({"run": {"engine": "ray"}, "ray": {"batched": True}}, "ray.batched"),
         ({"data": {"client_test_fraction": 0.0}}, "client_test_fraction"),
     ],
 )
@@ -354,4 +352,50 @@ def test_personal_methods_refuse_what_their_privacy_cannot_cover(tiny_config):
         personalization={"method": "local"}, data={"client_test_fraction": 0.3}, secagg={"enabled": True}
     )
     with pytest.raises(ConfigError, match="sends nothing"):
+        make_config(raw)
+
+
+# ---------------------------------------------------------------- personal state on the batched engine
+
+
+@pytest.fixture(scope="module")
+def still_bert(tmp_path_factory):
+    """The tiny BERT without dropout of its own: a grouped client then computes what it does alone."""
+    from conftest import save_tiny_bert
+
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("still"), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+
+
+@pytest.mark.parametrize("method", ["fedsa", "ifca"])
+def test_the_batched_engine_carries_personal_state_as_the_in_process_one(
+    tiny_config, still_bert, tmp_path, method
+):
+    from test_ray_engine import assert_same_run
+
+    extra = {"personalization": {"method": method}, "model": {"name": str(still_bert), "max_length": 16}}
+    single = fedfm.run(personal_config(tiny_config, method, **extra), output=tmp_path / "one", progress=False)
+    grouped_cfg = personal_config(tiny_config, method, run={"engine": "batched"}, batched={"clients_per_group": 3},
+                                  **extra)  # fmt: skip
+    grouped = fedfm.run(grouped_cfg, output=tmp_path / "grouped", progress=False)
+    if method == "fedsa":  # the same global state and every client's personal B
+        assert_same_run(single, grouped)
+        assert all("personal" in s for s in ClientStore(grouped.run_dir / "checkpoint").all().values())
+    else:  # each client picked the same cluster and trained it as it does alone
+        a, b = (load_checkpoint(r.run_dir / "checkpoint").params for r in (single, grouped))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+        clusters = [
+            [c["cluster"] for c in _lines(r.run_dir) if c.get("event") == "client"] for r in (single, grouped)
+        ]
+        assert clusters[0] == clusters[1]
+
+
+@pytest.mark.parametrize("method", ["fedrep", "ditto"])
+def test_two_phase_methods_refuse_the_batched_engine(tiny_config, method):
+    raw = tiny_config(
+        personalization={"method": method}, data={"client_test_fraction": 0.3}, run={"engine": "batched"}
+    )
+    with pytest.raises(ConfigError, match="two phases"):
         make_config(raw)

@@ -23,7 +23,7 @@ import torch
 
 from fedfm.algorithms.lora import lora_pairs
 from fedfm.algorithms.stacked_optim import clip_grad_norm, stacked_optimizer
-from fedfm.models.multilora import MultiAdapter, Segments, collate, stack_params
+from fedfm.models.multilora import MultiAdapter, Segments, collate, stack_each, stack_params
 from fedfm.seeding import derive_seed, seed_torch, torch_generator
 from fedfm.training import (
     ClientJob,
@@ -74,7 +74,7 @@ class GroupTraining:
     task: object
     cfg: object
     ctx: RoundContext
-    global_params: Params
+    starts: list[Params]  # where each member starts: θ, or its own (personalization)
     members: list[Member]
     stacks: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
@@ -82,10 +82,11 @@ class GroupTraining:
     adapter: MultiAdapter
 
 
-def group_init(bundle, task, jobs, global_params, ctx, cfg, objective, states, adapter) -> GroupTraining:
-    """Stack θ once per client; each client's generators, hooks and step count; the rank masks."""
+def group_init(bundle, task, jobs, starts, ctx, cfg, objective, states, adapter) -> GroupTraining:
+    """Stack each client's start (θ, or θ with its personal tensors: ``starts``); each client's
+    generators, hooks and step count; the rank masks."""
     device, members = bundle.device, []
-    for slot, (job, state) in enumerate(zip(jobs, states, strict=True)):
+    for slot, (job, state, start) in enumerate(zip(jobs, states, starts, strict=True)):
         n = len(job.indices)
         steps = num_local_steps(n, cfg)
         generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
@@ -93,21 +94,22 @@ def group_init(bundle, task, jobs, global_params, ctx, cfg, objective, states, a
         members.append(
             Member(
                 job, slot, torch.as_tensor(job.indices, dtype=torch.long),
-                objective.client_hook(global_params, ctx, state, device), steps,
+                objective.client_hook(start, ctx, state, device), steps,
                 steps * cfg.grad_accumulation, batches, generator,
                 dropout_generator(ctx, job.client_id, device), state,
             )
         )  # fmt: skip
     # the base model's own dropout draws from torch's default generator, over the combined batch
     seed_torch(ctx.seed, ctx.round, "group-dropout", tuple(job.client_id for job in jobs))
-    stacks = stack_params(global_params, len(jobs), device)
+    same = all(start is starts[0] for start in starts)
+    stacks = stack_params(starts[0], len(jobs), device) if same else stack_each(starts, device)
     masks = rank_masks(stacks, [job.rank for job in jobs])
     with torch.no_grad():
         for key, mask in masks.items():
             stacks[key].mul_(mask)
     adapter.stacks = stacks
     return GroupTraining(
-        bundle, task, cfg, ctx, global_params, members, stacks, masks, stacked_optimizer(stacks, cfg), adapter
+        bundle, task, cfg, ctx, list(starts), members, stacks, masks, stacked_optimizer(stacks, cfg), adapter
     )
 
 
@@ -213,7 +215,7 @@ def group_final(g: GroupTraining) -> list[tuple[object, Params | None]]:
         final = {k: s[m.slot].detach().to("cpu", torch.float32, copy=True) for k, s in g.stacks.items()}
         n = len(m.job.indices)
         done = _own(
-            m, finish_update, m.hook, final, g.global_params, n, m.steps, m.losses, g.cfg, m.client_state
+            m, finish_update, m.hook, final, g.starts[m.slot], n, m.steps, m.losses, g.cfg, m.client_state
         )
         out.append((m.failure, m.client_state) if m.failure is not None else done)
     return out
@@ -246,13 +248,21 @@ def train_group(program, bundle, task, jobs, global_params, ctx, states) -> list
             )
         else:
             ready.append((job, state))
-    if ready:
-        outcomes = _train(program, bundle, task, ready, global_params, ctx)
-        for (job, state), (outcome, own) in zip(ready, outcomes, strict=True):
+    begun = []
+    for job, state in ready:  # each client's start: θ, its personal tensors in place, its cluster
+        try:
+            begun.append((job, state, *program.begin(bundle, task, job, global_params, ctx, state)))
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            results[job.client_id] = (ClientResult.failed(job.client_id, "train", reason), state)
+    if begun:
+        outcomes = _train(program, bundle, task, begun, ctx)
+        for (job, state, start, cluster), (outcome, own) in zip(begun, outcomes, strict=True):
             if isinstance(outcome, str):
                 results[job.client_id] = (ClientResult.failed(job.client_id, "train", outcome), state)
                 continue
             try:
+                outcome = program.settle(outcome, start, cluster, state)
                 payload, state = program.finish(outcome, own, job, ctx, state)
             except Exception as err:  # one broken client must not stop the round
                 results[job.client_id] = (
@@ -264,14 +274,14 @@ def train_group(program, bundle, task, jobs, global_params, ctx, states) -> list
     return [results[job.client_id] for job in jobs]
 
 
-def _train(program, bundle, task, ready, global_params, ctx):
-    jobs = [job for job, _ in ready]
+def _train(program, bundle, task, begun, ctx):
+    jobs, starts = [b[0] for b in begun], [b[2] for b in begun]
     adapter = MultiAdapter(bundle.model, bundle.trainable)
     bundle.model.train()
     with adapter:
         g = group_init(
-            bundle, task, jobs, global_params, ctx, program.training, program.objective,
-            [state.get("scaffold") for _, state in ready], adapter,
+            bundle, task, jobs, starts, ctx, program.training, program.objective,
+            [b[1].get("scaffold") for b in begun], adapter,
         )  # fmt: skip
         try:
             while any(m.active for m in g.members):

@@ -403,12 +403,9 @@ class ClientProgram:
     ) -> tuple[object, dict[str, Params]]:
         state = dict(state or {})
         key = "dp_sgd" if isinstance(ctx.dp, ExampleDp) else "scaffold"
-        spec, start = self.personal, global_params
-        if spec is not None and spec.clusters:
-            return self.clustered(bundle, task, job, global_params, ctx, state, key)
-        if spec is not None and not spec.whole_copy:  # its own personal tensors in place of the global ones
-            start = client_start(global_params, state.get("personal"))
+        spec = self.personal
         with own_statistics(bundle, state):
+            start, cluster = self.begin(bundle, task, job, global_params, ctx, state)
             if spec is not None and spec.method == "fedrep":
                 update, own = fedrep_update(
                     bundle, task, job, start, ctx, self.training, self.objective, spec
@@ -422,30 +419,37 @@ class ClientProgram:
                 state["personal"] = ditto_personal(
                     bundle, task, job, mine, global_params, ctx, self.training, spec
                 )
-        if spec is not None and not spec.whole_copy:  # kept here; the "personal" transform keeps them home
-            state["personal"] = kept_personal(start, update.delta, personal_keys(start, spec.is_personal))
+        update = self.settle(update, start, cluster, state)
         return self.finish(update, own, job, ctx, state, key)
 
-    def clustered(self, bundle, task, job: ClientJob, stacked: Params, ctx: RoundContext, state, key):
-        """IFCA: score every cluster model on the client's rows, train the best, send its update
-        under that cluster's names with its index (``metrics["cluster"]``)."""
-        from fedfm.algorithms.clusters import as_cluster, cluster_view
+    def begin(self, bundle, task, job: ClientJob, global_params: Params, ctx: RoundContext, state):
+        """Where the client trains from → (start, IFCA's (cluster, loss) or None): the global
+        state, with its own personal tensors in place of the global ones (the global ones on its
+        first round), or under IFCA the cluster model with its lowest loss."""
+        spec = self.personal
+        if spec is None or spec.whole_copy:
+            return global_params, None
+        if spec.clusters:
+            from fedfm.algorithms.clusters import cluster_view
 
-        with own_statistics(bundle, state):
-            j, losses = pick_cluster(bundle, task, job.client_id, job.indices, stacked, self.personal, ctx)
-            update, own = client_update(
-                bundle,
-                task,
-                job,
-                cluster_view(stacked, j),
-                ctx,
-                self.training,
-                self.objective,
-                state.get(key),
-            )
-        metrics = {**update.metrics, "cluster": j, "cluster_loss": losses[j]}
-        update = Update(as_cluster(update.delta, j), update.num_examples, metrics, update.control_delta)
-        return self.finish(update, own, job, ctx, state, key)
+            j, losses = pick_cluster(bundle, task, job.client_id, job.indices, global_params, spec, ctx)
+            return cluster_view(global_params, j), (j, losses[j])
+        return client_start(global_params, state.get("personal")), None
+
+    def settle(self, update: Update, start: Params, cluster, state: dict) -> Update:
+        """After local training: the personal tensors kept in ``state`` (the "personal" transform
+        keeps them home), or IFCA's update under its cluster's names with its index."""
+        spec = self.personal
+        if spec is None or spec.whole_copy:
+            return update
+        if cluster is not None:
+            from fedfm.algorithms.clusters import as_cluster
+
+            j, loss = cluster
+            metrics = {**update.metrics, "cluster": j, "cluster_loss": loss}
+            return Update(as_cluster(update.delta, j), update.num_examples, metrics, update.control_delta)
+        state["personal"] = kept_personal(start, update.delta, personal_keys(start, spec.is_personal))
+        return update
 
     def finish(self, update: Update, own, job: ClientJob, ctx: RoundContext, state: dict, key="scaffold"):
         """After local training: keep the objective's new state, then the client transforms."""

@@ -217,6 +217,15 @@ def stack_params(params: Mapping[str, torch.Tensor], k: int, device) -> dict[str
     }
 
 
+def stack_each(params: Sequence[Mapping[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    """Client j's tensors at slot j of one ``[k, *shape]`` leaf that requires grad (clients that
+    start from their own personal tensors)."""
+    return {
+        key: torch.stack([p[key].to(device, torch.float32) for p in params]).requires_grad_(True)
+        for key in params[0]
+    }
+
+
 def collate(batches: Sequence[dict], pad: Mapping[str, int]) -> dict:
     """One batch from per-client batches: 2-D tensors right-padded to the widest with ``pad[key]``,
     rows concatenated in order."""

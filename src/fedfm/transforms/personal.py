@@ -110,13 +110,15 @@ def _check(cfg) -> None:
             f"{who} with privacy.dp = 'example': its extra local steps (the head's, the personal "
             "adapter's) are not DP-SGD steps; use privacy.dp = 'client'"
         )
-    if cfg.ray.batched and cfg.run.engine == "ray":
-        raise ValueError(f"{who} on Ray with ray.batched = true is not built (groups train from one state): "
-                         "set ray.batched = false")  # fmt: skip
-    if cfg.run.engine == "batched" or cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
+    grouped = cfg.run.engine == "batched" or (cfg.run.engine == "ray" and cfg.ray.batched)
+    if grouped and p.method in ("fedrep", "ditto"):
         raise ValueError(
-            f"{who} runs federated rounds on the in-process or Ray engine without computation sharing "
-            "(run.engine, sharing.mode, run.protocol)"
+            f"{who} trains in two phases (head then body; global then personal adapter), which the "
+            "batched engine's groups do not: set run.engine = 'inprocess' (or ray.batched = false)"
+        )
+    if cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
+        raise ValueError(
+            f"{who} runs federated rounds without computation sharing (sharing.mode, run.protocol)"
         )
     if cfg.peft.rank_tiers or cfg.strategy.lora_aggregation != "naive":
         raise ValueError(f"{who}: peft.rank_tiers and strategy.lora_aggregation must keep their defaults")
