@@ -95,6 +95,9 @@ def test_personal_tensors_stay_home_and_never_move_the_global_state(tiny_config,
     for name in ("global", "personal"):
         assert 0 <= final[f"{name}_local_accuracy_worst10"] <= final[f"{name}_local_accuracy_mean"] <= 1
     assert (result.run_dir / "personal" / "client-0" / "adapter_config.json").is_file()
+    report = (result.run_dir / "report.html").read_text()
+    assert "Personalization: every client on its own test split" in report
+    assert (result.run_dir / "personal.png").is_file()
 
 
 def test_a_resumed_run_continues_with_every_clients_personal_state(tiny_config, tmp_path):
@@ -117,6 +120,7 @@ def test_local_fine_tuning_after_fl_is_scored_per_client(tiny_config, tmp_path):
     event = next(r for r in _lines(result.run_dir) if r.get("event") == "personalization")
     assert event["finetune_steps"] == 3 and 0 <= event["finetuned_local_accuracy_mean"] <= 1
     assert len(event["finetuned_by_client"]) == cfg.partition.num_clients
+    assert "Local fine-tuning after FL" in (result.run_dir / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
@@ -311,9 +315,11 @@ def _init_params(cfg):
     return get_trainable_state(build_bundle(cfg, prepare_data(cfg).train.label_names).trainable)
 
 
-@pytest.mark.parametrize("noise", ["central", "distributed"])
+@pytest.mark.parametrize("noise", ["central", "distributed", "dp-sgd"])
 def test_dp_and_secure_aggregation_cover_only_the_shared_part(tiny_config, tmp_path, noise):
     dp = {"dp": "client", "noise_multiplier": 0.5, "clip_norm": 0.5, "noise": noise, "noise_seed": 1}
+    if noise == "dp-sgd":  # example-level: the personal B trains with DP-SGD too, and stays home
+        dp = {"dp": "example", "noise_multiplier": 1.0, "clip_norm": 1.0, "noise_seed": 1}
     secure = (
         {"secagg": {"enabled": True, "neighbors": 2, "clip_range": 2.0}} if noise == "distributed" else {}
     )

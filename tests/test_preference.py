@@ -79,6 +79,9 @@ def test_federated_dpo_runs_and_moves_the_held_out_reward_accuracy(preference_co
     assert end["test_reward_margin"] > 0.1 and end["test_reward_accuracy"] > 0.7
     assert set(end["test_reward_accuracy_by_group"]) == {"money", "music", "sport"}
     assert len(end["generations"]) == 2 and all("answer" in g for g in end["generations"])
+    report = (result.run_dir / "report.html").read_text()
+    assert "Held-out reward accuracy per client group" in report and "Answers to fixed prompts" in report
+    assert (result.run_dir / "reward.png").is_file()
     # π_ref is the model with its (now trained) adapter switched off: the base, unmoved
     from fedfm.checkpoint import load_checkpoint
     from fedfm.models.state import set_trainable_state

@@ -35,6 +35,7 @@ from fedfm.experiment import (
 from fedfm.models.export import export_adapter
 from fedfm.models.merge import fold_stacked, merge_into_base
 from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.personalization import active as personal_active
 from fedfm.personalization import clustered, server_params
 from fedfm.privacy.guarantees import dp_mode
 from fedfm.reporting import outputs
@@ -144,7 +145,18 @@ class Run:
             self._checkpoint()
         self.evaluator = kind.evaluator(cfg, self.data)
         truncated = getattr(self.task, "truncated", None)
-        self.console.describe(cfg, self.data, self.bundle, self.cohort, truncated, kind.columns)
+        columns = kind.columns
+        if personal_active(cfg):  # each client on its own test split: the mean and the worst 10%
+            metric = kind.own_metric[0]
+            short = {"accuracy": "acc", "perplexity": "ppl", "reward_accuracy": "reward acc"}.get(
+                metric, metric
+            )
+            own = [
+                (f"own {short}", f"personal_local_{metric}_mean", "{:.4f}"),
+                (f"worst10 {short}", f"personal_local_{metric}_worst10", "{:.4f}"),
+            ]
+            columns = [*columns[:-2], *own, *columns[-2:]]
+        self.console.describe(cfg, self.data, self.bundle, self.cohort, truncated, columns)
 
     def _strategy(self) -> Strategy:
         cfg = self.cfg

@@ -22,6 +22,8 @@ TABLE_KEYS = [
     ("test macro-F1", "test_macro_f1"),
     ("test perplexity", "test_perplexity"),
     ("ROUGE-L", "rouge_l"),
+    ("reward accuracy", "test_reward_accuracy"),
+    ("reward margin", "test_reward_margin"),
     ("client acc mean", "client_accuracy_mean"),
     ("client acc worst 10%", "client_accuracy_worst10"),
     ("attack success", "attack_success_rate"),
@@ -156,19 +158,24 @@ def privacy_section(history: list[dict]) -> str:
 SECTIONS.append(privacy_section)
 
 
+BY_GROUP = {"test_perplexity_by_group": "perplexity", "test_reward_accuracy_by_group": "reward accuracy"}
+
+
 def generations_section(history: list[dict]) -> str:
-    """Instruction tuning: per-category perplexity first vs last, and the greedy answers per round."""
-    evaluated = [r for r in history if r.get("test_perplexity_by_group")]
+    """Instruction tuning and preference alignment: the per-group metric (perplexity, reward
+    accuracy) first vs last, and the greedy answers per round."""
     parts = []
-    if evaluated:
+    for key, name in BY_GROUP.items():
+        evaluated = [r for r in history if r.get(key)]
+        if not evaluated:
+            continue
         first, last = evaluated[0], evaluated[-1]
         rows = "".join(
-            f"<tr><td>{html.escape(g)}</td><td>{_cell(first['test_perplexity_by_group'].get(g))}</td>"
-            f"<td>{_cell(p)}</td></tr>"
-            for g, p in last["test_perplexity_by_group"].items()
+            f"<tr><td>{html.escape(g)}</td><td>{_cell(first[key].get(g))}</td><td>{_cell(p)}</td></tr>"
+            for g, p in last[key].items()
         )
         parts.append(
-            f"<h2>Held-out perplexity per client group</h2><table><tr><th>group</th><th>round "
+            f"<h2>Held-out {name} per client group</h2><table><tr><th>group</th><th>round "
             f"{first['round']}</th><th>round {last['round']}</th></tr>{rows}</table>"
         )
     answered = [r for r in history if r.get("generations")]
@@ -190,6 +197,38 @@ def generations_section(history: list[dict]) -> str:
 
 
 SECTIONS.append(generations_section)
+
+
+def personalization_section(history: list[dict]) -> str:
+    """Each client scored on its own test split: the global model's and its personal model's
+    mean, standard deviation and worst-10% mean per evaluated round."""
+    key = next(
+        (k for r in history for k in r if k.startswith("personal_local_") and k.endswith("_mean")), None
+    )
+    if key is None:
+        return ""
+    metric = key[len("personal_local_") : -len("_mean")]
+    rows = "".join(
+        f"<tr><td>{r['round']}</td>"
+        + "".join(
+            f"<td>{_cell(r.get(f'{who}_local_{metric}_{s}'))}</td>"
+            for who in ("global", "personal")
+            for s in ("mean", "std", "worst10")
+        )
+        + "</tr>"
+        for r in history
+        if key in r
+    )
+    head = "".join(
+        f"<th>{who} {s}</th>" for who in ("global", "personal") for s in ("mean", "std", "worst 10%")
+    )
+    return (
+        f"<h2>Personalization: every client on its own test split ({metric.replace('_', ' ')})</h2>"
+        f"<table><tr><th>round</th>{head}</tr>{rows}</table>"
+    )
+
+
+SECTIONS.append(personalization_section)
 
 
 def _count(n: float, unit: str) -> str:

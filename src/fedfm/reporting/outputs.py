@@ -23,6 +23,22 @@ PLOTS = {
     ),
     "loss.png": ([("train_loss", "train loss"), ("test_loss", "test loss")], "loss"),
     "perplexity.png": ([("test_perplexity", "held-out perplexity")], "perplexity"),
+    "reward.png": (
+        [
+            ("test_reward_accuracy", "held-out reward accuracy"),
+            ("test_reward_margin", "held-out reward margin"),
+        ],
+        "reward",
+    ),
+    "personal.png": (
+        [
+            (f"{who}_local_{m}_{s}", f"{who} model, {s.replace('10', ' 10%')} client ({m.replace('_', ' ')})")
+            for m in ("accuracy", "perplexity", "reward_accuracy")
+            for who in ("global", "personal")
+            for s in ("mean", "worst10")
+        ],
+        "score on the client's own test split",
+    ),
 }
 
 
@@ -70,6 +86,19 @@ def baselines_html(baselines: dict, table: str) -> str:
     )
 
 
+def finetuned_html(event: dict) -> str:
+    """Local fine-tuning after FL: the summary over the clients' own test splits."""
+    parts = [
+        f"{k[len('finetuned_local_') :].replace('_', ' ')}: {v:.4f}"
+        for k, v in event.items()
+        if k.startswith("finetuned_local_") and isinstance(v, float)
+    ]
+    return (
+        f"<h2>Local fine-tuning after FL</h2><p>{event['finetune_steps']} steps per client from its "
+        f"model, scored on its own test split: {'; '.join(parts)}.</p>"
+    )
+
+
 def write_outputs(run_dir: str | Path) -> Path:
     """Plots and ``report.html`` from ``config.toml``, ``metrics.jsonl`` and ``partition.json``."""
     run_dir = Path(run_dir)
@@ -90,6 +119,9 @@ def write_outputs(run_dir: str | Path) -> Path:
     computation = computation_section(history, sharing[-1] if sharing else None)
     if computation:
         extra.append(computation)
+    tuned = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "personalization"]
+    if tuned:
+        extra.append(finetuned_html(tuned[-1]))
     if (run_dir / "baselines.json").is_file():
         from fedfm.baselines import markdown
 
