@@ -382,8 +382,9 @@ def test_the_batched_engine_carries_personal_state_as_the_in_process_one(
 
     extra = {"personalization": {"method": method}, "model": {"name": str(still_bert), "max_length": 16}}
     single = fedfm.run(personal_config(tiny_config, method, **extra), output=tmp_path / "one", progress=False)
-    grouped_cfg = personal_config(tiny_config, method, run={"engine": "batched"}, batched={"clients_per_group": 3},
-                                  **extra)  # fmt: skip
+    grouped_cfg = personal_config(
+        tiny_config, method, run={"engine": "batched"}, batched={"clients_per_group": 3}, **extra
+    )
     grouped = fedfm.run(grouped_cfg, output=tmp_path / "grouped", progress=False)
     if method == "fedsa":  # the same global state and every client's personal B
         assert_same_run(single, grouped)
@@ -405,3 +406,44 @@ def test_two_phase_methods_refuse_the_batched_engine(tiny_config, method):
     )
     with pytest.raises(ConfigError, match="two phases"):
         make_config(raw)
+
+
+@pytest.mark.parametrize(
+    "method, sections",
+    [
+        (
+            "fedsa",
+            {"strategy": {"objective": "fedprox", "mu": 0.01, "server_optimizer": "adam", "server_lr": 0.01}},
+        ),  # fmt: skip
+        ("ifca", {"strategy": {"aggregator": "median"}}),
+        ("fedper", {"compression": {"method": "topk", "ratio": 0.5}}),
+        ("ifca", {"compression": {"method": "q8"}}),
+        ("ditto", {"strategy": {"aggregator": "trimmed_mean", "trim_ratio": 0.2}}),
+    ],
+    ids=["fedsa-fedprox-fedadam", "ifca-median", "fedper-topk", "ifca-q8", "ditto-trimmed-mean"],
+)
+def test_methods_compose_with_the_existing_strategies(tiny_config, tmp_path, method, sections):
+    cfg = personal_config(tiny_config, method, run={"rounds": 2}, **sections)
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    rounds = [r for r in _lines(result.run_dir) if r.get("event") == "round" and r["round"] > 0]
+    assert all(r["num_clients"] == cfg.partition.num_clients and not r["rejected"] for r in rounds)
+    assert 0 <= rounds[-1]["personal_local_accuracy_mean"] <= 1
+
+
+def test_the_cli_runs_a_personalization_method(tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    path = tmp_path / "exp.toml"
+    raw = tiny_config(run={"rounds": 1}, data={"client_test_fraction": 0.3})
+    path.write_text(tomli_w.dumps(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "fedfm.cli", "run", str(path), "--output", str(tmp_path / "r"), "--set",
+         "personalization.method=ifca", "--set", "personalization.clusters=2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "own" in done.stdout and "worst10" in done.stdout  # the console shows the clients' own scores
+    assert (tmp_path / "r" / "clusters" / "assignment.json").is_file()

@@ -46,6 +46,13 @@ class ServerRound:
     secure: Any = None
     attack: Any = None
     personal: Callable[[str], bool] | None = None  # personalization: tensors that never travel
+    sends: Callable | None = None  # personalization: (θ as held, the client's metrics) → what it sends
+
+    def sent(self, client_id: int, metrics=None) -> Params:
+        """The part of θ this client sends an update of (a decoder's template): all of it, the
+        shared part, or under IFCA the cluster it names."""
+        held = self.reference(client_id)
+        return held if self.sends is None else self.sends(held, metrics or {})
 
     def shared(self) -> Params:
         """θ's part that travels: all of it, or without the personal tensors."""

@@ -158,7 +158,11 @@ def privacy_section(history: list[dict]) -> str:
 SECTIONS.append(privacy_section)
 
 
-BY_GROUP = {"test_perplexity_by_group": "perplexity", "test_reward_accuracy_by_group": "reward accuracy"}
+BY_GROUP = {
+    "test_perplexity_by_group": "perplexity",
+    "test_reward_accuracy_by_group": "reward accuracy",
+    "test_reward_margin_by_group": "reward margin",
+}
 
 
 def generations_section(history: list[dict]) -> str:

@@ -157,13 +157,18 @@ class PreferenceTask:
         out = {"loss": float(self.objective(chosen, rejected, ref[:, 0], ref[:, 1], self.beta))}
         out.update(reward_metrics(chosen, rejected, ref[:, 0], ref[:, 1], self.beta))
         groups = data.groups[rows]
-        by_group = {}
+        by_group = {"loss": {}, "reward_accuracy": {}, "reward_margin": {}}
         for g, name in enumerate(self.group_names):
             mine = torch.from_numpy(groups == g)
             if mine.any():
-                m = reward_metrics(chosen[mine], rejected[mine], ref[mine, 0], ref[mine, 1], self.beta)
-                by_group[name] = m["reward_accuracy"]
-        out["reward_accuracy_by_group"] = by_group
+                c, r, rc, rr = chosen[mine], rejected[mine], ref[mine, 0], ref[mine, 1]
+                m = {
+                    "loss": float(self.objective(c, r, rc, rr, self.beta)),
+                    **reward_metrics(c, r, rc, rr, self.beta),
+                }
+                for key in by_group:
+                    by_group[key][name] = m[key]
+        out.update({f"{key}_by_group": values for key, values in by_group.items()})
         return out
 
     def generate(self, model: nn.Module, prompts: list[list[dict]], max_new_tokens: int, device) -> list[str]:
@@ -219,6 +224,8 @@ def server_metrics(task: PreferenceTask, bundle, cfg, prompts: list[int]) -> dic
         "test_reward_accuracy": m["reward_accuracy"],
         "test_reward_margin": m["reward_margin"],
         "test_reward_accuracy_by_group": m["reward_accuracy_by_group"],
+        "test_reward_margin_by_group": m["reward_margin_by_group"],
+        "test_loss_by_group": m["loss_by_group"],
     }
     if prompts:
         asked = [task.test.prompts[i] for i in prompts]

@@ -268,7 +268,7 @@ class Compression(Passthrough):
             try:
                 if not isinstance(payload, Encoded):
                     raise DecodeError(f"expected an encoded update, got a {type(payload).__name__} payload")
-                delta = decode(payload.payload, self.cfg, rnd.reference(item.client_id))
+                delta = decode(payload.payload, self.cfg, rnd.sent(item.client_id, payload.metrics))
             except Exception as err:  # a malformed payload is rejected, never raised
                 rnd.tally.reject(item.client_id, f"undecodable payload ({type(err).__name__}: {err})")
                 continue

@@ -9,6 +9,7 @@ part of every aggregate (noise included) is set back to zero."""
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 from fedfm.algorithms.clusters import cluster_update, combine
 from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
@@ -24,6 +25,7 @@ class PersonalParts(Passthrough):
 
     def prepare(self, rnd) -> dict:
         rnd.personal = self.is_personal  # secure aggregation masks only the shared part
+        rnd.sends = partial(_shared, self.is_personal)  # and a decoder expects only that part
         return {}
 
     def client(self, payload, step):
@@ -57,6 +59,10 @@ class Clusters(Passthrough):
     def __init__(self, k: int) -> None:
         self.k = k
 
+    def prepare(self, rnd) -> dict:
+        rnd.sends = _named_cluster  # a decoder expects the cluster the client names
+        return {}
+
     def server(self, stream, rnd, reduce):
         k = self.k
 
@@ -81,6 +87,20 @@ class Clusters(Passthrough):
             return Aggregate(combine(merged, rnd.params))
 
         return whole(), per_cluster
+
+
+def _shared(is_personal, held, metrics):
+    return shared_part(held, is_personal)
+
+
+def _named_cluster(held, metrics):
+    from fedfm.algorithms.clusters import PREFIX
+
+    j = metrics.get("cluster")
+    if not isinstance(j, (int, float)) or j != int(j):
+        return held  # no valid index: the update is rejected after decoding
+    prefix = PREFIX.format(int(j))
+    return {k: v for k, v in held.items() if k.startswith(prefix)} or held
 
 
 def _check(cfg) -> None:
