@@ -236,7 +236,7 @@ def test_the_server_averages_each_cluster_over_its_own_clients_and_rejects_a_bad
     from fedfm.types import Aggregate, ClientResult, Update
 
     params = {"cluster0/w": torch.zeros(2), "cluster1/w": torch.zeros(2)}
-    rnd = ServerRound(1, [0, 1, 2, 3], 0, params, None, lambda c: params, 100)
+    rnd = ServerRound(1, [0, 1, 2, 3, 4], 0, params, None, lambda c: params, 100)
 
     def result(client, cluster, delta, n):
         return ClientResult(client, update=Update(delta, n, {"cluster": cluster, "train_loss": 1.0}))
@@ -244,9 +244,10 @@ def test_the_server_averages_each_cluster_over_its_own_clients_and_rejects_a_bad
     arriving = [
         result(0, 0, {"cluster0/w": torch.ones(2)}, 1),
         result(1, 0, {"cluster0/w": torch.full((2,), 3.0)}, 3),
-        # a client of cluster 1 that also writes into cluster 0: that part is dropped
-        result(2, 1, {"cluster1/w": torch.full((2,), 2.0), "cluster0/w": torch.full((2,), 100.0)}, 1),
+        result(2, 1, {"cluster1/w": torch.full((2,), 2.0)}, 1),
         result(3, 5, {"cluster1/w": torch.ones(2)}, 1),  # no such cluster
+        # a client of cluster 1 that also writes into cluster 0
+        result(4, 1, {"cluster1/w": torch.ones(2), "cluster0/w": torch.full((2,), 100.0)}, 1),
     ]
 
     def weighted_mean(items):
@@ -260,7 +261,10 @@ def test_the_server_averages_each_cluster_over_its_own_clients_and_rejects_a_bad
     aggregate = reduce(stream)
     assert torch.allclose(aggregate.delta["cluster0/w"], torch.full((2,), 2.5))  # (1·1 + 3·3) / 4
     assert torch.allclose(aggregate.delta["cluster1/w"], torch.full((2,), 2.0))
-    assert rnd.tally.rejected == [{"client": 3, "reason": "cluster index 5 is not one of 0..1"}]
+    assert rnd.tally.rejected == [
+        {"client": 3, "reason": "cluster index 5 is not one of 0..1"},
+        {"client": 4, "reason": "the update does not hold exactly cluster 1's tensors"},
+    ]
 
 
 def test_ifca_trains_k_cluster_models_and_resumes(tiny_config, tmp_path):
@@ -447,3 +451,48 @@ def test_the_cli_runs_a_personalization_method(tiny_config, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "own" in done.stdout and "worst10" in done.stdout  # the console shows the clients' own scores
     assert (tmp_path / "r" / "clusters" / "assignment.json").is_file()
+
+
+def test_ifca_rejects_a_hostile_cluster_index_or_a_partial_update_and_survives_nan_losses():
+    import numpy as np
+
+    from fedfm.algorithms.clusters import choose_cluster, cluster_index
+    from fedfm.round import ServerRound
+    from fedfm.transforms.personal import Clusters
+    from fedfm.types import Aggregate, ClientResult, Update
+
+    assert [cluster_index(v, 3) for v in (0, 2.0, True, float("nan"), float("inf"), 1.5, "1", 3, -1)] == [
+        0, 2, None, None, None, None, None, None, None,
+    ]  # fmt: skip
+    assert choose_cluster([float("nan"), 0.4, 0.2], np.random.default_rng(0)) == 2
+    assert choose_cluster([float("nan")] * 3, np.random.default_rng(0)) in (0, 1, 2)
+    params = {"cluster0/w": torch.zeros(2), "cluster0/b": torch.zeros(1), "cluster1/w": torch.zeros(2),
+              "cluster1/b": torch.zeros(1)}  # fmt: skip
+    rnd = ServerRound(1, [0, 1, 2, 3], 0, params, None, lambda c: params, 100)
+    arriving = [
+        ClientResult(
+            0, update=Update({"cluster0/w": torch.ones(2), "cluster0/b": torch.ones(1)}, 1, {"cluster": 0})
+        ),
+        ClientResult(1, update=Update({}, 10**6, {"cluster": 0})),  # nothing, with a huge weight
+        ClientResult(2, update=Update({"cluster1/w": torch.ones(2)}, 1, {"cluster": 1})),  # b missing
+        ClientResult(3, update=Update({"cluster1/w": torch.ones(2)}, 1, {"cluster": float("nan")})),
+    ]
+    stream, reduce = Clusters(2).server(
+        iter(arriving), rnd, lambda items: Aggregate(list(items)[0].update.delta)
+    )
+    assert torch.equal(reduce(stream).delta["cluster0/w"], torch.ones(2))
+    assert [r["client"] for r in rnd.tally.rejected] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"strategy": {"server_optimizer": "adam"}}, "server_optimizer"),
+        ({"strategy": {"aggregator": "krum", "byzantine": 0}}, "minimum cohort"),
+        ({"attack": {"kind": "alie", "fraction": 0.25}}, "crafts"),
+    ],
+)
+def test_ifca_refuses_what_would_move_or_stall_a_cluster(tiny_config, sections, field):
+    raw = tiny_config(personalization={"method": "ifca"}, data={"client_test_fraction": 0.3}, **sections)
+    with pytest.raises(ConfigError, match=field):
+        make_config(raw)

@@ -246,7 +246,7 @@ class Run:
                 self.privacy.resume(state.privacy, 0, repeatable)
             return state
         self.metrics.truncate_after(saved.round)
-        sizes = [r["cluster_sizes"] for r in self.metrics.rounds() if "cluster_sizes" in r]
+        sizes = [r["cluster_sizes"] for r in self.metrics.rounds() if sum(r.get("cluster_sizes") or [])]
         self.cluster_sizes = sizes[-1] if sizes else None
         if self.privacy is not None:
             for charge in self.privacy.resume(saved.privacy, saved.round, repeatable):
@@ -314,9 +314,9 @@ class Run:
             self.metrics.write({**rec, "event": "client", "round": t})
         if clustered(self.cfg):
             picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
-            self.cluster_sizes = record["cluster_sizes"] = [
-                picked.count(j) for j in range(clustered(self.cfg))
-            ]
+            record["cluster_sizes"] = [picked.count(j) for j in range(clustered(self.cfg))]
+            if picked:  # a round nobody delivered in leaves the largest cluster as it was
+                self.cluster_sizes = record["cluster_sizes"]
         record.update({"round_s": time.perf_counter() - start, **self.privacy_record()})
         if rnd.secure is not None:
             record["secagg"] = rnd.secure.report()

@@ -42,8 +42,12 @@ def server_params(cfg, stacked, sizes) -> dict:
 
     if not clustered(cfg):
         return stacked
-    largest = max(range(len(sizes)), key=lambda j: (sizes[j], -j)) if sizes else 0
-    return cluster_view(stacked, largest)
+    return cluster_view(stacked, largest_cluster(sizes))
+
+
+def largest_cluster(sizes) -> int:
+    """The cluster most clients picked (the lowest index among ties; 0 before any round)."""
+    return max(range(len(sizes)), key=lambda j: (sizes[j], -j)) if sizes else 0
 
 
 def client_cluster(run, params, client_id: int) -> int:
@@ -54,6 +58,8 @@ def client_cluster(run, params, client_id: int) -> int:
     spec = ClientProgram.from_config(run.cfg).personal
     ctx = RoundContext(round=run.cfg.run.rounds + 1, seed=run.cfg.run.seed)
     rows = run.data.client_train[client_id]
+    if not len(rows):  # nothing to score the clusters on: the server's global one
+        return largest_cluster(getattr(run, "cluster_sizes", None))
     return pick_cluster(run.bundle, run.task, client_id, rows, params, spec, ctx)[0]
 
 

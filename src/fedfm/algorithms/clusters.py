@@ -16,6 +16,7 @@ Pure functions of tensors and key names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,10 +47,25 @@ def as_cluster(params: Params, j: int) -> Params:
 
 
 def choose_cluster(losses: Sequence[float], rng: np.random.Generator) -> int:
-    """The index of the lowest loss; exact ties broken by ``rng`` (all k equal: a random one)."""
+    """The index of the lowest loss; exact ties broken by ``rng`` (all k equal: a random one).
+    A NaN loss is never the lowest; all NaN (no rows to score on): a random one."""
     losses = np.asarray(losses, dtype=float)
-    best = np.flatnonzero(losses == losses.min())
+    finite = np.flatnonzero(~np.isnan(losses))
+    if not len(finite):
+        return int(rng.integers(len(losses)))
+    best = finite[losses[finite] == losses[finite].min()]
     return int(best[0] if len(best) == 1 else rng.choice(best))
+
+
+def cluster_index(value, k: int | None) -> int | None:
+    """A client's stated cluster as an index in 0..k-1 (any index when ``k`` is None), or None
+    for anything else (a bool, NaN, inf, a fraction, a string, out of range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        return None
+    j = int(value)
+    return j if j >= 0 and (k is None or j < k) else None
 
 
 def cluster_update(delta: Params, reference: Params, j: int) -> Params:

@@ -185,7 +185,8 @@ def _sparse_encode(pick, feedback_allowed: bool, delta: Params, cfg, generator, 
     payload: Params = {}
     new_residual: Params = {}
     for k, v in delta.items():
-        acc = v + residual[k] if feedback and residual is not None else v
+        # a residual of a tensor not sent before (IFCA: another cluster's names) starts at zero
+        acc = v + residual[k] if feedback and residual is not None and k in residual else v
         idx, val = pick(acc, cfg, generator)
         payload[f"{k}#idx"], payload[f"{k}#val"] = idx, val
         if feedback:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 
-from fedfm.algorithms.clusters import cluster_update, combine
+from fedfm.algorithms.clusters import cluster_index, cluster_update, cluster_view, combine
 from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Update
@@ -69,11 +69,22 @@ class Clusters(Passthrough):
         def whole():
             for item in stream:
                 if isinstance(item, ClientResult) and isinstance(item.update, Update):
-                    j = item.update.metrics.get("cluster")
-                    if not isinstance(j, (int, float)) or j != int(j) or not 0 <= j < k:
-                        rnd.tally.reject(item.client_id, f"cluster index {j!r} is not one of 0..{k - 1}")
+                    j = cluster_index(item.update.metrics.get("cluster"), k)
+                    reference = rnd.reference(item.client_id)
+                    if j is None:
+                        shown = item.update.metrics.get("cluster")
+                        rnd.tally.reject(item.client_id, f"cluster index {shown!r} is not one of 0..{k - 1}")
                         continue
-                    delta = cluster_update(item.update.delta, rnd.reference(item.client_id), int(j))
+                    wanted = set(cluster_view(reference, j))
+                    sent = {
+                        key.split("/", 1)[-1] for key in item.update.delta if key.startswith(f"cluster{j}/")
+                    }
+                    if sent != wanted or len(item.update.delta) != len(wanted):
+                        rnd.tally.reject(
+                            item.client_id, f"the update does not hold exactly cluster {j}'s tensors"
+                        )
+                        continue
+                    delta = cluster_update(item.update.delta, reference, j)
                     item = replace(item, update=replace(item.update, delta=delta))
                 yield item
 
@@ -96,10 +107,10 @@ def _shared(is_personal, held, metrics):
 def _named_cluster(held, metrics):
     from fedfm.algorithms.clusters import PREFIX
 
-    j = metrics.get("cluster")
-    if not isinstance(j, (int, float)) or j != int(j):
+    j = cluster_index(metrics.get("cluster"), None)
+    if j is None:
         return held  # no valid index: the update is rejected after decoding
-    prefix = PREFIX.format(int(j))
+    prefix = PREFIX.format(j)
     return {k: v for k, v in held.items() if k.startswith(prefix)} or held
 
 
@@ -121,8 +132,8 @@ def _check(cfg) -> None:
             f"{who} reveals each client's cluster to the server, which secure aggregation would hide; "
             "it is refused with secagg.enabled and privacy.dp (mask per cluster is not built)"
         )
-    if p.method == "ifca" and cfg.task.baselines:
-        raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
+    if p.method == "ifca":
+        _check_ifca(cfg, who)
     if p.method == "local" and (dp_mode(cfg).active or cfg.secagg.enabled):
         raise ValueError(f"{who} sends nothing: privacy.dp and secagg.enabled have nothing to protect")
     if p.method in ("fedrep", "ditto") and dp_mode(cfg).example_level:
@@ -142,6 +153,32 @@ def _check(cfg) -> None:
         )
     if cfg.peft.rank_tiers or cfg.strategy.lora_aggregation != "naive":
         raise ValueError(f"{who}: peft.rank_tiers and strategy.lora_aggregation must keep their defaults")
+
+
+def _check_ifca(cfg, who: str) -> None:
+    from fedfm.algorithms.robust import min_cohort
+    from fedfm.attacks import ATTACKS
+    from fedfm.synthetic.modes import synthetic_mode
+
+    if cfg.task.baselines:
+        raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
+    s = cfg.strategy
+    if s.server_optimizer != "sgd" or s.server_momentum:
+        raise ValueError(
+            f"{who}: strategy.server_optimizer = {s.server_optimizer!r} (or server_momentum) keeps state "
+            "that would move a cluster nobody picked; use 'sgd' without momentum"
+        )
+    if min_cohort(s) > 1:
+        raise ValueError(
+            f"{who}: strategy.aggregator = {s.aggregator!r} needs a minimum cohort per cluster, which one "
+            "small cluster would fail for all; use mean, median or trimmed_mean"
+        )
+    if ATTACKS.get(cfg.attack.kind).craft is not None:
+        raise ValueError(
+            f"{who}: attack.kind = {cfg.attack.kind!r} crafts one update for attackers of any cluster"
+        )
+    if synthetic_mode(cfg).loads:
+        raise ValueError(f"{who}: synthetic.mode trains one global model on the server; turn it off")
 
 
 def _check_all(cfg) -> None:
