@@ -238,19 +238,38 @@ def test_the_shipped_pairs_load_with_their_provenance():
     assert all(r["chosen"].strip() != r["rejected"].strip() for r in rows)
 
 
-def test_synth_preference_writes_resumes_and_refuses_other_settings(tiny_llama_dir, tmp_path):
+def test_synth_preference_writes_resumes_and_refuses_other_settings(tmp_path):
     import json
 
     from fedfm.synthetic.generate import SynthError
     from fedfm.synthetic.preference import PreferenceSettings, preference_pairs
 
-    settings = PreferenceSettings(str(tiny_llama_dir), per_category=1, max_new_tokens=3, batch_size=8)
+    # the real packaged SmolLM2 (cached as safetensors), 4 greedy tokens per prompt
+    settings = PreferenceSettings("smollm2-135m", per_category=1, max_new_tokens=4, batch_size=21)
     out = tmp_path / "pairs.jsonl"
     first = preference_pairs(settings, out, device="cpu", note=lambda _: None)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert first["written"] == len(rows) and len(rows) + sum(first["dropped"].values()) == 21
+    assert first["written"] == len(rows) >= 15 and len(rows) + sum(first["dropped"].values()) == 21
     assert len({r["category"] for r in rows}) == len(rows)  # one per category
+    assert all(r["rejected"].strip() and r["rejected"] != r["chosen"] for r in rows)
+    assert rows[0]["provenance"]["rejected"] == "greedy reply of the untuned smollm2-135m"
     again = preference_pairs(settings, out, device="cpu", note=lambda _: None)
     assert again["written"] == len(rows) and len(out.read_text().splitlines()) == len(rows)
     with pytest.raises(SynthError, match="other settings"):
-        preference_pairs(PreferenceSettings(str(tiny_llama_dir), per_category=2), out, note=lambda _: None)
+        preference_pairs(PreferenceSettings("smollm2-135m", per_category=2), out, note=lambda _: None)
+
+
+def test_the_cli_synth_preference_drops_blank_replies_and_says_why(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "pairs.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedfm.cli", "synth", "--preference", "--output", str(out), "--generator",
+         str(tiny_llama_dir), "--per-category", "1", "--max-new-tokens", "3", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    # a random tiny model answers with blank lines: every pair is dropped, and the count says why
+    assert "wrote 0 preference pairs" in done.stdout and "'empty': 21" in done.stdout
+    assert out.read_text() == ""
