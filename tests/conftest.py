@@ -13,15 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``make test``: ``--dist loadgroup``) each test file runs whole on one
-    worker (its module fixtures are built once), and the Ray files share one worker (one Ray
-    instance at a time on this machine)."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group("ray" if module.startswith("test_ray") else module))
-
-
 WORDS = {
     "sport": "match goal team player coach league score win cup race",
     "money": "bank market shares profit economy price trade growth firm bond",
