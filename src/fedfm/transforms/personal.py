@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 
-from fedfm.algorithms.clusters import cluster_index, cluster_update, cluster_view, combine
+from fedfm.algorithms.clusters import as_cluster, cluster_index, cluster_update, cluster_view, combine
 from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Update
@@ -76,10 +76,9 @@ class Clusters(Passthrough):
                         rnd.tally.reject(item.client_id, f"cluster index {shown!r} is not one of 0..{k - 1}")
                         continue
                     wanted = set(cluster_view(reference, j))
-                    sent = {
-                        key.split("/", 1)[-1] for key in item.update.delta if key.startswith(f"cluster{j}/")
-                    }
-                    if sent != wanted or len(item.update.delta) != len(wanted):
+                    if set(cluster_view(item.update.delta, j)) != wanted or len(item.update.delta) != len(
+                        wanted
+                    ):
                         rnd.tally.reject(
                             item.client_id, f"the update does not hold exactly cluster {j}'s tensors"
                         )
@@ -105,13 +104,10 @@ def _shared(is_personal, held, metrics):
 
 
 def _named_cluster(held, metrics):
-    from fedfm.algorithms.clusters import PREFIX
-
     j = cluster_index(metrics.get("cluster"), None)
     if j is None:
         return held  # no valid index: the update is rejected after decoding
-    prefix = PREFIX.format(j)
-    return {k: v for k, v in held.items() if k.startswith(prefix)} or held
+    return as_cluster(cluster_view(held, j), j) or held
 
 
 def _check(cfg) -> None:
