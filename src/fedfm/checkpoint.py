@@ -49,6 +49,7 @@ class ServerState:
     comm: dict = field(default_factory=dict)  # cumulative bytes up / down
     merged: dict = field(default_factory=dict)  # stack mode: ΔW merged into each LoRA layer's base
     privacy: dict = field(default_factory=dict)  # DP ledger and clip norm (fedfm.privacy.plan)
+    clock: dict = field(default_factory=dict)  # virtual clock; FedBuff's buffer and in-flight updates
 
 
 def _dumps(value) -> bytes:

@@ -21,6 +21,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     CompressionSection,
     DataSection,
     EvalSection,
+    FedBuffSection,
     FedPftSection,
     ModelSection,
     OffsiteSection,
@@ -38,6 +39,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     SplitSection,
     StrategySection,
     SyntheticSection,
+    SystemsSection,
     TaskSection,
     TrainingSection,
     TransferModelSection,
@@ -79,6 +81,8 @@ class RunConfig(_Section):
     split: SplitSection = Field(default_factory=SplitSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
     personalization: PersonalizationSection = Field(default_factory=PersonalizationSection)
+    systems: SystemsSection = Field(default_factory=SystemsSection)
+    fedbuff: FedBuffSection = Field(default_factory=FedBuffSection)
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +152,9 @@ class RunConfig(_Section):
         if self.partition.method == "natural" and not self.partition.column:
             raise ValueError("partition.column is required for partition.method = 'natural'")
         _component_checks(self)
+        from fedfm.systems.rules import check_systems
+
+        check_systems(self)
         return self
 
     def to_toml(self) -> str:

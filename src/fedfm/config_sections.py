@@ -46,6 +46,12 @@ class RunSection(_Section):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: rounds (the server waits for its cohort); async: FedBuff (clients train on the "
+        "version they pulled, the server steps after every [fedbuff] buffer_size updates; run.rounds "
+        "counts server steps).",
+    )
 
 
 class ModelSection(_Section):
@@ -537,3 +543,60 @@ class EvalSection(_Section):
     at_start: bool = Field(True, description="Evaluate the initial global model as round 0.")
     batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
     local: bool = Field(False, description="Also evaluate on every client's local test split.")
+
+
+class SystemsSection(_Section):
+    """Client systems on a virtual clock (docs/systems.md): compute speed, bandwidth and
+    availability per client, drawn from the seed or read from FedScale-style traces."""
+
+    enabled: bool = Field(False, description="Simulate client systems; rounds report virtual time.")
+    step_s: float = Field(1.0, gt=0, description="Median virtual seconds one local step takes.")
+    step_sigma: float = Field(
+        0.0, ge=0, le=4, description="Log-normal σ of clients' step times (0: all alike; 1: heavy-tailed)."
+    )
+    down_mbps: float = Field(20.0, gt=0, description="Median download bandwidth, Mbit/s.")
+    up_mbps: float = Field(5.0, gt=0, description="Median upload bandwidth, Mbit/s.")
+    bandwidth_sigma: float = Field(0.0, ge=0, le=4, description="Log-normal σ of clients' bandwidths.")
+    availability: Literal["always", "diurnal", "random", "trace"] = Field(
+        "always",
+        description="always; diurnal (online online_fraction of every period_s, each client from its own "
+        "phase); random (exponential on/off spells, mean online mean_online_s, online_fraction of the "
+        "time); trace (systems.behavior_trace).",
+    )
+    online_fraction: float = Field(0.3, gt=0, le=1, description="diurnal/random: share of time online.")
+    period_s: float = Field(86400.0, gt=0, description="diurnal: the period (a day).")
+    mean_online_s: float = Field(3600.0, gt=0, description="random: mean length of an online spell.")
+    device_trace: str | None = Field(
+        None,
+        description="FedScale client_device_capacity (.json or .pkl): step time and bandwidth per client.",
+    )
+    behavior_trace: str | None = Field(
+        None, description="FedScale client_behave_trace (.json or .pkl): when each client is online."
+    )
+    over_selection: float = Field(
+        1.0, ge=1, le=10, description="sync: sample ceil(m × this) clients, keep the first m to deliver."
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="sync: updates delivered later than this many virtual seconds are dropped."
+    )
+
+
+class FedBuffSection(_Section):
+    """Asynchronous aggregation (run.mode = "async"; docs/systems.md): FedBuff."""
+
+    buffer_size: int = Field(10, ge=1, description="K: updates buffered before each server step.")
+    concurrency: int | None = Field(
+        None, ge=1, description="Clients training at once; default: the cohort size of [sampling]."
+    )
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial",
+        description="Weight s(τ) of an update τ server steps stale (fedfm.algorithms.staleness).",
+    )
+    staleness_a: float = Field(0.5, gt=0, description="polynomial: (1+τ)^−a; hinge: the slope a.")
+    staleness_b: int = Field(4, ge=0, description="hinge: staleness up to b counts fully.")
+    max_staleness: int | None = Field(
+        None, ge=0, description="Updates staler than this many server steps are rejected; default: none."
+    )
+    max_per_client: int = Field(
+        1, ge=1, description="Updates one client may have in a buffer (in flight or delivered)."
+    )

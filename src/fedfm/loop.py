@@ -47,6 +47,7 @@ from fedfm.sharing import SHARING_MODES
 from fedfm.synthetic.modes import synthetic_mode
 from fedfm.tasks import task_kind
 from fedfm.training import ClientProgram
+from fedfm.transforms.compression import serialized_nbytes
 from fedfm.types import Params
 
 
@@ -133,6 +134,15 @@ class Run:
         self.elapsed_offset = 0.0
         self.fresh = False  # set by _initial_state: no checkpoint to resume from
         self.state = self._initial_state()
+        self.clock, self.fedbuff = None, None  # the virtual clock (fedfm.systems); FedBuff's driver
+        if cfg.systems.enabled or cfg.run.mode == "async":
+            from fedfm.systems.rounds import SystemsClock
+
+            self.clock = SystemsClock(cfg, self.data.num_clients, self.state.clock)
+        if cfg.run.mode == "async":
+            from fedfm.asynchronous import FedBuff
+
+            self.fedbuff = FedBuff(self)
         if sharing.prepare_run is not None:  # offsite: distil the emulator (again, when resuming)
             sharing.prepare_run(self)
         if self.fresh:
@@ -276,12 +286,15 @@ class Run:
                     self.console.warn(stopped)
                     self.metrics.write({"event": "stopped", "round": t - 1, "reason": stopped})
                     break
-                self._finish_round(self.run_round(t, bar))
+                self._finish_round(self.fedbuff_step(t, bar) if self.fedbuff else self.run_round(t, bar))
                 self._checkpoint()
         return self._finish(stopped)
 
     def _checkpoint(self) -> None:
         self.state = replace(self.state, engine_state=self.engine.state_dict(), elapsed_s=self.elapsed())
+        if self.clock is not None:  # the virtual clock; FedBuff's buffer and updates in flight
+            clock = self.fedbuff.state() if self.fedbuff is not None else self.clock.state()
+            self.state = replace(self.state, clock=clock)
         states = getattr(self.engine, "states", None)  # per-client state: only what changed
         save_checkpoint(self.run_dir / "checkpoint", self.state, states.take_changed() if states else {})
         if states is not None:
@@ -305,11 +318,21 @@ class Run:
 
     def run_round(self, t: int, bar) -> dict:
         start = time.perf_counter()
-        cohort = self.sample(t)
+        clock = self.clock
+        shaped = clock is not None and clock.shapes_cohort  # only the online clients; over-selection
+        rng = self.privacy.cohort_rng(t) if self.privacy is not None else None
+        cohort = clock.select(t, self.cohort, self.cfg.run.seed, rng) if shaped else self.sample(t)
         rnd = self.server_round(t, cohort, bar.start_round(t, len(cohort)))
         ctx = round_context(rnd, self.pipeline)
         results = self.engine.run_cohort(self.state.params, cohort, ctx)
+        timing = {}
+        if clock is not None:  # who delivers when on the virtual clock; the first m are kept
+            down = functools.cache(lambda c: serialized_nbytes(rnd.sent(c)))
+            results, timing = clock.settle(list(results), self.cohort, down)
         self.state, record = apply_round(self.state, results, rnd, self.strategy)
+        record.update(timing)
+        for d in timing.get("dropped", []):
+            self.console.warn(f"round {t}: client {d['client']} dropped: {d['reason']}")
         for rec in rnd.tally.client_records:
             self.metrics.write({**rec, "event": "client", "round": t})
         if clustered(self.cfg):
@@ -328,6 +351,23 @@ class Run:
             self.console.warn(f"round {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
         for r in rnd.tally.rejected:
             self.console.warn(f"round {t}: update of client {r['client']} rejected: {r['reason']}")
+        if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
+            record.update(self.evaluate(self.state.params))
+        return record
+
+    def fedbuff_step(self, t: int, bar) -> dict:
+        """Server step ``t`` of an asynchronous run (``fedfm.asynchronous``)."""
+        start = time.perf_counter()
+        record = self.fedbuff.step(t, bar)
+        record["round_s"] = time.perf_counter() - start
+        for f in record["failed"]:
+            self.console.warn(f"step {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
+        for r in record["rejected"]:
+            self.console.warn(f"step {t}: update of client {r['client']} rejected: {r['reason']}")
+        for rec in self.fedbuff.client_records:
+            self.metrics.write({**rec, "event": "client", "round": t})
+        if "skipped" in record:
+            self.console.warn(f"step {t}: {record['skipped']}")
         if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
             record.update(self.evaluate(self.state.params))
         return record

@@ -23,7 +23,7 @@ from fedfm.costs import round_costs
 from fedfm.tally import RoundTally
 from fedfm.transforms.compression import serialized_nbytes
 from fedfm.transforms.masking import RoundSkipped
-from fedfm.types import Aggregate, Params, RoundContext, Summed
+from fedfm.types import Aggregate, Params, RoundContext, Summed, is_statistic
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ServerRound:
     attack: Any = None
     personal: Callable[[str], bool] | None = None  # personalization: tensors that never travel
     sends: Callable | None = None  # personalization: (θ as held, the client's metrics) → what it sends
+    staleness: Callable[[int], float] | None = None  # FedBuff: s(τ), τ from the metrics' "staleness"
 
     def sent(self, client_id: int, metrics=None) -> Params:
         """The part of θ this client sends an update of (a decoder's template): all of it, the
@@ -156,10 +157,20 @@ def mean_reduce(rnd: ServerRound, s: Strategy):
             sums = first.sums
             return Aggregate({k: v / sums.scalars["weight"] for k, v in sums.delta.items()})
         results = itertools.chain([first] if first is not None else [], items)
-        pairs = ((r.update.delta, 1.0 if s.uniform else float(r.update.num_examples)) for r in results)
+        pairs = (
+            (discounted(r.update, rnd), 1.0 if s.uniform else float(r.update.num_examples)) for r in results
+        )
         return Aggregate(s.rule(pairs, rnd.params))
 
     return reduce
+
+
+def discounted(update, rnd: ServerRound) -> Params:
+    """FedBuff: the update scaled by its staleness weight s(τ) (the server's τ); else as it is."""
+    if rnd.staleness is None:
+        return update.delta
+    weight = rnd.staleness(int(update.metrics["staleness"]))
+    return {k: v if is_statistic(k) else v * weight for k, v in update.delta.items()}
 
 
 def privacy_after(rnd: ServerRound, aggregate: Aggregate | None, skipped: str | None) -> dict:

@@ -1,0 +1,245 @@
+"""Asynchronous aggregation: FedBuff (Nguyen et al. 2022) on the virtual clock.
+
+Clients train continuously on the model version they pulled; the server buffers their updates
+and, after every ``K = fedbuff.buffer_size``, steps with the buffer's staleness-weighted mean:
+
+    while the buffer holds fewer than K updates:
+        dispatch idle online clients (at most ``concurrency`` in flight; ``max_per_client`` each per
+            buffer) on θ_v, v = the current version — the server records v for each of them
+        advance the clock to the next event: a delivery, a dropout (a client went offline before
+            delivering), or an idle client coming online
+        a delivery τ = v_now − v_pulled server steps stale joins the buffer (staler than
+            ``max_staleness``: rejected)
+    Δ = Σ_i w_i s(τ_i) Δ_i / Σ_i w_i           (w_i: examples, or 1; s: fedfm.algorithms.staleness)
+    θ ← server_optimizer(θ, Δ); v ← v + 1     (one "round" of the record and the checkpoint)
+
+The server's halves of the pipeline (decoding, validation, the aggregator) run over the buffer
+exactly as over a synchronous cohort; ``ServerRound.staleness`` scales each update. A client's
+training happens when it is dispatched (it is a function of the version it pulled), so an update
+in flight is a result waiting for its virtual delivery time; the checkpoint after every server
+step holds the clock, the buffer and every update in flight, so a killed run resumes where its
+last step left it. With every client alike, K = concurrency = the cohort and every client in
+every cohort, no update is ever stale and FedBuff is synchronous FedAvg step for step.
+
+Where the clients are remote (``fedfm server --mode async``), ``fedfm.deploy.asynchronous`` feeds
+the same buffer from real processes, with real time for the virtual clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+
+from fedfm.algorithms.staleness import staleness_weight
+from fedfm.round import apply_round, round_context
+from fedfm.seeding import numpy_rng
+from fedfm.tally import payload_nbytes
+from fedfm.transforms.compression import serialized_nbytes
+from fedfm.types import ClientResult, payload_from_wire
+
+
+@dataclass(order=True)
+class InFlight:
+    """A dispatched client: when its slot frees (its delivery, or the moment it went offline)."""
+
+    free_at: float
+    seq: int
+    client: int = field(compare=False)
+    version: int = field(compare=False)
+    start: float = field(compare=False)
+    result: ClientResult | None = field(compare=False, default=None)  # None: it drops out at free_at
+
+
+def encode_result(result: ClientResult) -> dict:
+    """A client result as plain data for the checkpoint (tensors, numbers, strings)."""
+    if result.failure is not None:
+        return {"client": result.client_id, "failure": result.failure.as_dict()}
+    p = result.update
+    metrics = {k: v for k, v in dict(p.metrics).items() if isinstance(v, int | float | str)}
+    return {
+        "client": result.client_id,
+        "kind": p.kind,
+        "groups": p.tensors(),
+        "n": p.num_examples,
+        "metrics": metrics,
+    }
+
+
+def decode_result(data: dict) -> ClientResult:
+    if "failure" in data:
+        f = data["failure"]
+        return ClientResult.failed(int(data["client"]), f["stage"], f["reason"])
+    payload = payload_from_wire(data["kind"], data["groups"], data["n"], data["metrics"])
+    return ClientResult(int(data["client"]), update=payload)
+
+
+def with_staleness(result: ClientResult, tau: int) -> ClientResult:
+    """The server's record of an update's staleness, in its metrics (overwriting whatever a
+    client stated there: the version it trained on is the server's to know)."""
+    return replace(
+        result, update=replace(result.update, metrics={**dict(result.update.metrics), "staleness": tau})
+    )
+
+
+class FedBuff:
+    """The asynchronous driver of a ``fedfm.loop.Run``: ``step(t, bar)`` fills a buffer and applies
+    it (one server step); ``state()`` is what the checkpoint keeps."""
+
+    def __init__(self, run) -> None:
+        self.run, self.cfg, self.clock = run, run.cfg.fedbuff, run.clock
+        self.concurrency = self.cfg.concurrency or run.cohort
+        saved = run.state.clock
+        self.seq = itertools.count(int(saved.get("seq", 0)))
+        self.dispatches = int(saved.get("dispatches", 0))
+        self.in_flight = [
+            InFlight(
+                float(x["free_at"]),
+                int(x["seq"]),
+                int(x["client"]),
+                int(x["version"]),
+                float(x["start"]),
+                decode_result(x["result"]) if x.get("result") else None,
+            )
+            for x in saved.get("in_flight", [])
+        ]
+        heapq.heapify(self.in_flight)
+        self.buffer = [(int(b["version"]), decode_result(b["result"])) for b in saved.get("buffer", [])]
+        self.events: dict = {"failed": [], "dropped": [], "rejected": []}
+        self.client_records: list[dict] = []  # the last step's accepted clients (the tally's records)
+
+    def state(self) -> dict:
+        flying = [
+            {"free_at": f.free_at, "seq": f.seq, "client": f.client, "version": f.version, "start": f.start,
+             "result": encode_result(f.result) if f.result is not None else None}
+            for f in self.in_flight
+        ]  # fmt: skip
+        buffer = [{"version": v, "result": encode_result(r)} for v, r in self.buffer]
+        nxt = next(self.seq)
+        self.seq = itertools.count(nxt)
+        return {
+            **self.clock.state(),
+            "in_flight": flying,
+            "buffer": buffer,
+            "dispatches": self.dispatches,
+            "seq": nxt,
+        }
+
+    # -- dispatching -------------------------------------------------------------------------
+    def _held(self, client: int) -> int:
+        return sum(r.client_id == client for _, r in self.buffer) + sum(
+            f.client == client for f in self.in_flight
+        )
+
+    def _eligible(self) -> list[int]:
+        """Idle clients that may train now for the current buffer (online, under their cap)."""
+        busy = {f.client for f in self.in_flight}
+        return [
+            k for k in self.clock.online(self.clock.time)
+            if k not in busy and self._held(k) < self.cfg.max_per_client
+        ]  # fmt: skip
+
+    def _dispatch(self) -> None:
+        free = self.concurrency - len(self.in_flight)
+        eligible = self._eligible() if free > 0 else []
+        if not eligible:
+            return
+        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
+        self.dispatches += 1
+        picks = sorted(int(c) for c in rng.choice(eligible, size=min(free, len(eligible)), replace=False))
+        run, version, start = self.run, self.run.state.round, self.clock.time
+        rnd = run.server_round(version + 1, picks)  # the context a synchronous round v + 1 would give
+        ctx = round_context(rnd, run.pipeline)
+        down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
+        for result in run.engine.run_cohort(run.state.params, picks, ctx):
+            c = result.client_id
+            if result.failure is not None:
+                self.events["failed"].append(result.failure.as_dict())
+                continue
+            steps = float(result.update.metrics.get("steps", 0.0))
+            arrival = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update))
+            if arrival.finish is None:  # it goes offline first: its slot frees then, its work is lost
+                gone = run.clock.profiles[c].availability.online_until(start)
+                heapq.heappush(self.in_flight, InFlight(gone, next(self.seq), c, version, start))
+            else:
+                heapq.heappush(
+                    self.in_flight, InFlight(arrival.finish, next(self.seq), c, version, start, result)
+                )
+
+    def _next_online(self) -> float:
+        """When an idle client under its cap next comes online (inf: none will, or no slot is free)."""
+        if len(self.in_flight) >= self.concurrency:
+            return math.inf
+        busy = {f.client for f in self.in_flight}
+        idle = [
+            k
+            for k in range(len(self.clock.profiles))
+            if k not in busy and self._held(k) < self.cfg.max_per_client
+        ]
+        t = self.clock.time
+        later = [self.clock.profiles[k].availability.next_online(t) for k in idle]
+        return min((x for x in later if x > t), default=math.inf)
+
+    # -- the buffer --------------------------------------------------------------------------
+    def fill(self) -> None:
+        """Advance the clock until the buffer holds K updates."""
+        while len(self.buffer) < self.cfg.buffer_size:
+            self._dispatch()
+            arrive = self.in_flight[0].free_at if self.in_flight else math.inf
+            online = self._next_online()
+            if math.isinf(arrive) and math.isinf(online):
+                from fedfm.systems.rounds import NobodyOnline
+
+                raise NobodyOnline(
+                    f"FedBuff at virtual time {self.clock.time:.0f} s: no client is in flight or will come "
+                    f"online again, and the buffer holds {len(self.buffer)} of {self.cfg.buffer_size} updates"
+                )
+            if online < arrive:
+                self.clock.time = online
+                continue
+            f = heapq.heappop(self.in_flight)
+            self.clock.time = f.free_at
+            if f.result is None:
+                self.events["dropped"].append(
+                    {"client": f.client, "reason": "went offline before delivering"}
+                )
+                continue
+            tau = self.run.state.round - f.version
+            if self.cfg.max_staleness is not None and tau > self.cfg.max_staleness:
+                why = f"stale: trained on version {f.version}, {tau} server steps old"
+                self.events["rejected"].append(
+                    {
+                        "client": f.client,
+                        "reason": f"{why} (fedbuff.max_staleness = {self.cfg.max_staleness})",
+                    }
+                )
+                continue
+            self.buffer.append((f.version, with_staleness(f.result, tau)))
+
+    def step(self, t: int, bar) -> dict:
+        """Server step ``t``: fill the buffer, apply it; → the round record."""
+        run = self.run
+        start = self.clock.time
+        self.fill()
+        taken, self.buffer = self.buffer[: self.cfg.buffer_size], self.buffer[self.cfg.buffer_size :]
+        cohort = [r.client_id for _, r in taken]
+        rnd = run.server_round(t, cohort, bar.start_round(t, len(cohort)))
+        cfg = self.cfg
+        rnd.staleness = lambda tau: staleness_weight(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
+        state, record = apply_round(run.state, [r for _, r in taken], rnd, run.strategy)
+        events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
+        taus = [run.state.round - v for v, _ in taken]
+        record.update(
+            failed=[*events["failed"], *record["failed"]],
+            rejected=[*events["rejected"], *record["rejected"]],
+            dropped=events["dropped"],
+            staleness=taus,
+            staleness_mean=sum(taus) / len(taus) if taus else 0.0,
+            in_flight=len(self.in_flight),
+            virtual_time_s=self.clock.time,
+            round_virtual_s=self.clock.time - start,
+            **self.clock.totals,
+        )
+        run.state, self.client_records = state, rnd.tally.client_records
+        return record
