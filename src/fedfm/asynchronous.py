@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 from fedfm.algorithms.staleness import staleness_weight
@@ -205,17 +206,18 @@ class FedBuff:
                     {"client": f.client, "reason": "went offline before delivering"}
                 )
                 continue
-            tau = self.run.state.round - f.version
-            if self.cfg.max_staleness is not None and tau > self.cfg.max_staleness:
-                why = f"stale: trained on version {f.version}, {tau} server steps old"
-                self.events["rejected"].append(
-                    {
-                        "client": f.client,
-                        "reason": f"{why} (fedbuff.max_staleness = {self.cfg.max_staleness})",
-                    }
-                )
-                continue
-            self.buffer.append((f.version, with_staleness(f.result, tau)))
+            self._admit(f, f.result)
+
+    def _admit(self, f: InFlight, result: ClientResult) -> None:
+        """A delivery joins the buffer with the staleness the server counts, unless it is staler
+        than ``max_staleness`` (rejected, with the reason)."""
+        tau = self.run.state.round - f.version
+        if self.cfg.max_staleness is not None and tau > self.cfg.max_staleness:
+            why = f"stale: trained on version {f.version}, {tau} server steps old"
+            limit = f"fedbuff.max_staleness = {self.cfg.max_staleness}"
+            self.events["rejected"].append({"client": f.client, "reason": f"{why} ({limit})"})
+            return
+        self.buffer.append((f.version, with_staleness(result, tau)))
 
     def step(self, t: int, bar) -> dict:
         """Server step ``t``: fill the buffer, apply it; → the round record."""
@@ -243,3 +245,74 @@ class FedBuff:
         )
         run.state, self.client_records = state, rnd.tally.client_records
         return record
+
+
+class RemoteFedBuff(FedBuff):
+    """FedBuff over gRPC (``fedfm server --mode async``): the clients are real processes, the
+    clock is the server's wall clock (seconds since the run began, continued across a resume).
+
+    Every idle connected client under its cap gets a task on the current version; the server
+    records the version it sent to whom (``InFlight``) and counts a reply's staleness from that
+    record, never from the round the reply names. A client that does not answer within the round
+    timeout has its task withdrawn (a late reply is refused) and fails with the reason. Tasks in
+    flight when a server is killed are not resumed (their clients get new ones after the restart)."""
+
+    def __init__(self, run) -> None:
+        super().__init__(run)
+        self.engine, self.timeout_s = run.engine, run.engine.round_timeout_s
+        self.in_flight = []  # the tasks of a server that was killed died with it
+        self.t0 = time.monotonic() - self.clock.time
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _dispatch(self) -> None:
+        free = self.concurrency - len(self.in_flight)
+        if free <= 0:
+            return
+        busy = {f.client for f in self.in_flight}
+        connected = self.engine.coord.connected()
+        eligible = [k for k in connected if k not in busy and self._held(k) < self.cfg.max_per_client]
+        if not eligible:
+            return
+        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
+        self.dispatches += 1
+        picks = sorted(int(c) for c in rng.choice(eligible, size=min(free, len(eligible)), replace=False))
+        run, now = self.run, self._now()
+        rnd = run.server_round(self.dispatches, picks)  # a task number no other task has: its seeds
+        self.engine.post_each(run.state.params, picks, round_context(rnd, run.pipeline))
+        for c in picks:
+            self.in_flight.append(InFlight(now + self.timeout_s, next(self.seq), c, run.state.round, now))
+
+    def fill(self) -> None:
+        while len(self.buffer) < self.cfg.buffer_size:
+            self._dispatch()
+            if not self.in_flight:  # nobody connected and idle: wait for someone
+                self.engine.wait_for_clients(1)
+                self.clock.time = self._now()
+                continue
+            soonest = min(f.free_at for f in self.in_flight)
+            result = self.engine.next_result(min(1.0, soonest - self._now()))
+            self.clock.time = self._now()
+            for f in [f for f in self.in_flight if f.free_at <= self.clock.time]:
+                self.engine.withdraw(f.client)
+                self.in_flight.remove(f)
+                why = f"no update within the round timeout ({self.timeout_s:g} s)"
+                self.events["failed"].append({"client": f.client, "stage": "timeout", "reason": why})
+            sent = next(
+                (f for f in self.in_flight if result is not None and f.client == result.client_id), None
+            )
+            if sent is None:
+                continue
+            self.in_flight.remove(sent)
+            if result.failure is not None:
+                self.events["failed"].append(result.failure.as_dict())
+                continue
+            self._admit(sent, result)
+
+    def state(self) -> dict:
+        flying, self.in_flight = self.in_flight, []
+        try:
+            return super().state()  # no tasks in flight: a restarted server hands out new ones
+        finally:
+            self.in_flight = flying

@@ -229,18 +229,25 @@ def server(
         "--wait-timeout",
         help="Seconds to wait: for all clients before round 1, then for --min-available.",
     ),
+    mode: str | None = typer.Option(
+        None,
+        "--mode",
+        help="sync (rounds) or async (FedBuff: clients pull and push when ready); default run.mode.",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens)."""
-    from fedfm.config import load_config
+    from fedfm.config import ConfigError, load_config
     from fedfm.deploy.server import DeployError, Security, serve
     from fedfm.loop import RunFailedError
 
     try:
-        cfg = None if resume else load_config(config, set_)
+        if mode is not None and resume:
+            raise ConfigError("--mode with --resume: a resumed run keeps its own run.mode")
+        cfg = None if resume else load_config(config, [*set_, *([f"run.mode={mode}"] if mode else [])])
         security = Security(
             str(cert) if cert else None,
             str(key) if key else None,
@@ -293,6 +300,9 @@ def client(
     name: str = typer.Option("", "--name", help="Shown in the server's log."),
     retry: float = typer.Option(1.0, "--retry", help="Seconds between reconnection attempts."),
     give_up: float = typer.Option(600.0, "--give-up", help="Stop after this long without the server."),
+    delay: float = typer.Option(
+        0.0, "--delay", help="Seconds each update waits before its upload (emulates a slower device).", min=0
+    ),
 ) -> None:
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
     import os
@@ -331,6 +341,7 @@ def client(
             retry_s=retry,
             give_up_s=give_up,
             note=Console().print,
+            delay_s=delay,
         )
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
         _fail(err)

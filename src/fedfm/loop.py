@@ -140,9 +140,9 @@ class Run:
 
             self.clock = SystemsClock(cfg, self.data.num_clients, self.state.clock)
         if cfg.run.mode == "async":
-            from fedfm.asynchronous import FedBuff
+            from fedfm.asynchronous import FedBuff, RemoteFedBuff
 
-            self.fedbuff = FedBuff(self)
+            self.fedbuff = RemoteFedBuff(self) if self.remote else FedBuff(self)
         if sharing.prepare_run is not None:  # offsite: distil the emulator (again, when resuming)
             sharing.prepare_run(self)
         if self.fresh:

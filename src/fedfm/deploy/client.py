@@ -204,11 +204,13 @@ def run_identities(
     retry_s: float = 1.0,
     give_up_s: float = 600.0,
     note: Callable[[str], None] = print,
+    delay_s: float = 0.0,
 ) -> list[Identity]:
     """Serve one or more client identities from this process until the server says the run is done.
 
     The identities share one model (training takes turns), which is how a load test runs many light
-    clients in a few processes.
+    clients in a few processes. ``delay_s``: each update waits this long before its upload (a slower
+    device or link, for tests and demonstrations of asynchronous mode).
     """
     shared: dict = {}
     build = threading.Lock()
@@ -233,7 +235,7 @@ def run_identities(
     def loop(ident: Identity) -> None:
         ident.signing = signing
         try:
-            serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note)
+            serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note, delay_s)
         except BaseException as err:  # reported by the caller
             errors.append(err)
 
@@ -273,7 +275,9 @@ def fetch_model_weights(stub, metadata, trainer: Trainer, deadline: float) -> st
     return digest
 
 
-def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give_up_s, note) -> None:
+def serve_identity(
+    server, ident: Identity, security, trainer_for, retry_s, give_up_s, note, delay_s=0.0
+) -> None:
     last_contact = time.monotonic()
     joined = None
 
@@ -306,7 +310,7 @@ def serve_identity(server, ident: Identity, security, trainer_for, retry_s, give
                 if header.get("status") == "secagg":
                     answer_step(stub, ident, header, note, upload_s)
                 elif header.get("status") == "train":
-                    submit(stub, ident, trainer, header, blob, note, upload_s)
+                    submit(stub, ident, trainer, header, blob, note, upload_s, delay_s)
                 last_contact = time.monotonic()
         except grpc.RpcError as err:
             code = err.code()
@@ -339,7 +343,16 @@ def answer_step(stub, ident: Identity, header: dict, note, timeout: float) -> No
     stub.SubmitUpdate(iter([pb.Chunk(header=json.dumps(reply))]), metadata=ident.metadata, timeout=timeout)
 
 
-def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, note, timeout: float) -> None:
+def submit(
+    stub,
+    ident: Identity,
+    trainer: Trainer,
+    header: dict,
+    blob: bytes,
+    note,
+    timeout: float,
+    delay_s: float = 0.0,
+) -> None:
     rnd = int(header["round"])
     try:
         groups = unpack_tensors(blob)
@@ -361,6 +374,8 @@ def submit(stub, ident: Identity, trainer: Trainer, header: dict, blob: bytes, n
     else:
         ident.keep_state(rnd, state)
         reply_header, payload = payload_message(rnd, update)
+    if delay_s:
+        time.sleep(delay_s)
     reply = stub.SubmitUpdate(
         (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)),
         metadata=ident.metadata,

@@ -307,6 +307,11 @@ def serve(
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
     cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
+    if cfg.systems.enabled:
+        raise DeployError(
+            "systems.enabled simulates client systems on a virtual clock; deployed clients are real "
+            "machines (set systems.enabled = false; asynchronous mode runs on the server's clock)"
+        )
     if len(roster.members) != cfg.partition.num_clients:
         raise DeployError(
             f"{tokens} lists {len(roster.members)} clients but partition.num_clients = "

@@ -50,6 +50,9 @@ class Coordinator:
     # attach, close_round for the round loop; admit and step for the SplitStep handler
     split: object = None
     model_weights: tuple[dict, bytes] | None = None  # (header, blob) a client fetches with GetModel
+    # "async" (FedBuff): every client has its own task; the version a reply counts against is the
+    # one the server recorded when it posted the task, whatever round the reply's header names
+    mode: str = "sync"
 
     def connected(self) -> list[int]:
         return self.roster.connected()
@@ -59,6 +62,8 @@ class Coordinator:
         Raises ``ValueError`` (with the reason) before any payload is read."""
         rnd, step = header.get("round"), header.get("step")
         with self.cond:
+            if self.mode == "async":
+                rnd = self.tasks[client_id][0] if client_id in self.tasks else None
             if rnd != self.round or step != self.step or client_id not in self.waiting_for:
                 what = f"round {str(rnd)[:20]} step {str(step)[:20]}"
                 raise ValueError(f"not expecting a message for {what} from you")
@@ -68,6 +73,12 @@ class Coordinator:
         """Mark ``client_id``'s reply to (round, step) as in; False if it is not, or no longer,
         expected (a slow upload for a round that has moved on must not mark the next one)."""
         with self.cond:
+            if self.mode == "async":  # the task it answers is the one the server posted it
+                if step is not None or client_id not in self.waiting_for:
+                    return False
+                self.waiting_for.discard(client_id)
+                self.tasks.pop(client_id, None)
+                return True
             if rnd != self.round or step != self.step or client_id not in self.waiting_for:
                 return False
             self.waiting_for.discard(client_id)
@@ -211,6 +222,39 @@ class GrpcEngine:
         for k in sorted(pending):
             reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
+
+    # -- asynchronous mode (fedfm.deploy.asynchronous): one task per client, results as they come
+    def post_each(self, global_params: Params, clients: Sequence[int], ctx: RoundContext) -> None:
+        """Hand each of ``clients`` a training task on ``global_params``, leaving other clients'
+        tasks in place (the coordinator then admits each client's reply to its own task)."""
+        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
+        base = {"status": "train", "deadline_s": self.round_timeout_s}
+        limit = payload_limit(global_params, ctx.server_control, None)
+        c = self.coord
+        with c.cond:
+            c.mode, c.round, c.step = "async", None, None
+            for k in clients:
+                header = {**base, **context_header(ctx, k), "rank": self.jobs[k].rank}
+                c.tasks[k] = (None, json.dumps(header), blob)
+                c.limits[k] = limit
+                c.waiting_for.add(k)
+            c.cond.notify_all()
+
+    def next_result(self, timeout_s: float) -> ClientResult | None:
+        """The next training result any client delivered, or None after ``timeout_s``."""
+        try:
+            _, step, _, item = self.coord.results.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+        return item if step is None else None
+
+    def withdraw(self, client: int) -> None:
+        """Take back a client's task (it timed out): a late reply is refused."""
+        c = self.coord
+        with c.cond:
+            c.tasks.pop(client, None)
+            c.limits.pop(client, None)
+            c.waiting_for.discard(client)
 
     def state_dict(self) -> dict:
         return {}  # client state (SCAFFOLD, error feedback) stays with each client
