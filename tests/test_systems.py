@@ -164,7 +164,8 @@ CLIENT_DP = {"privacy": {"dp": "client", "noise_multiplier": 1.0}, "strategy": {
          "amplification by sampling"),
         ({"systems": {"enabled": True, "deadline_s": 10}, "secagg": {"enabled": True}}, "secagg.enabled"),
         ({"run": {"mode": "async"}, **CLIENT_DP}, "privacy.dp = 'client'"),
-        ({"run": {"mode": "async"}, "secagg": {"enabled": True}}, "online at once"),
+        ({"run": {"mode": "async"}, "secagg": {"enabled": True}, "fedbuff": {"buffer_size": 4,
+          "concurrency": 3}}, "concurrency ≥ buffer_size"),
         ({"run": {"mode": "async"}, "strategy": {"objective": "scaffold"}}, "SCAFFOLD"),
         ({"run": {"mode": "async"}, "fedbuff": {"buffer_size": 30}, "partition": {"num_clients": 10}},
          "fedbuff.buffer_size"),
@@ -294,3 +295,94 @@ def test_a_killed_fedbuff_run_resumes_from_its_last_applied_buffer(tiny_config, 
     assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.history] == [
         {k: v for k, v in r.items() if k not in strip} for r in whole.history
     ]
+
+
+SECURE = {"secagg": {"enabled": True}, "strategy": {"weighting": "uniform"}}
+
+
+def test_secure_fedbuff_with_zero_staleness_is_secure_fedavg(tiny_config, tmp_path):
+    """Under secure aggregation a buffer is a wave of K clients in one masking protocol; with every
+    client alike and K = concurrency = N it is a synchronous secure round, step for step."""
+    sync = fedfm.run(tiny_config(**SECURE), output=tmp_path / "sync", progress=False)
+    cfg = tiny_config(run={"mode": "async"}, fedbuff={"buffer_size": 4, "concurrency": 4}, **SECURE)
+    asyn = fedfm.run(cfg, output=tmp_path / "async", progress=False)
+    assert _equal(_params(sync.run_dir), _params(asyn.run_dir))
+    assert all(r["secagg"]["bytes_up"] > 0 for r in asyn.history if r["round"] > 0)
+
+
+def test_secure_fedbuff_waves_overlap_and_are_weighted_whole(tiny_config, tmp_path):
+    cfg = tiny_config(
+        run={"rounds": 4, "mode": "async"},
+        partition={"num_clients": 8},
+        systems={"enabled": True, "step_sigma": 1.0},
+        fedbuff={"buffer_size": 3, "concurrency": 6},
+        **SECURE,
+    )
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    steps = [r for r in result.history if r["round"] > 0]
+    assert all(r["num_clients"] == 3 and len(set(r["staleness"])) == 1 for r in steps)
+    assert any(r["staleness"][0] > 0 for r in steps)  # a wave applied after another is stale
+    clients = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any(c.get("event") == "client" for c in clients)  # the server saw sums only
+
+
+def test_fedbuff_composes_with_compression_fedadam_and_a_robust_aggregator(tiny_config, tmp_path):
+    cfg = _async_cfg(tiny_config)
+    cfg["compression"] = {"method": "topk", "ratio": 0.05}
+    cfg["strategy"] = {
+        "server_optimizer": "adam",
+        "server_lr": 0.01,
+        "aggregator": "trimmed_mean",
+        "trim_ratio": 0.25,
+    }
+    cfg["fedbuff"]["buffer_size"] = 4
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    steps = [r for r in result.history if r["round"] > 0]
+    assert all(r["num_clients"] == 4 and not r["rejected"] for r in steps)  # every encoded update decoded
+    plain = fedfm.run(
+        _async_cfg(tiny_config, fedbuff={"buffer_size": 4}), output=tmp_path / "p", progress=False
+    )
+    assert steps[-1]["bytes_up_total"] < 0.75 * plain.history[-1]["bytes_up_total"]  # top-k travelled
+
+
+def test_a_killed_synchronous_run_on_the_clock_resumes_with_its_clock(tiny_config, tmp_path):
+    from fedfm.api import prepare_run
+    from fedfm.loop import Run
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_round_2(record):
+        if record["round"] == 2:
+            raise Crash
+
+    systems = {"enabled": True, "step_sigma": 1.0, "over_selection": 2.0, "availability": "random",
+               "online_fraction": 0.5, "mean_online_s": 5.0}  # fmt: skip
+    make = lambda: tiny_config(run={"rounds": 3}, partition={"num_clients": 6},  # noqa: E731
+                               sampling={"clients_per_round": 2}, systems=systems)  # fmt: skip
+    cfg, run_dir = prepare_run(make(), output=tmp_path / "r")
+    with pytest.raises(Crash):
+        Run(cfg, run_dir, progress=False, callbacks=[crash_at_round_2]).execute()
+    assert load_checkpoint(run_dir / "checkpoint").clock["time"] > 0
+    resumed = fedfm.run(resume=run_dir, progress=False)
+    whole = fedfm.run(make(), output=tmp_path / "whole", progress=False)
+    strip = ("elapsed_s", "round_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in strip} for r in whole.history
+    ]
+    assert _equal(_params(run_dir), _params(whole.run_dir))
+
+
+def test_fedbuff_from_the_cli(tiny_config, tmp_path):
+    import tomli_w
+    from tests.test_checkpoint import cli
+
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(_async_cfg(tiny_config)))
+    done = cli(
+        "run", path, "--output", tmp_path / "r", "--set", "fedbuff.buffer_size=3", "--set", "run.rounds=2"
+    )
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r.get("event") == "round" and r["round"] > 0]
+    assert [r["num_clients"] for r in steps] == [3, 3] and "virtual_time_s" in steps[-1]

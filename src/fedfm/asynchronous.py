@@ -51,6 +51,7 @@ class InFlight:
     version: int = field(compare=False)
     start: float = field(compare=False)
     result: ClientResult | None = field(compare=False, default=None)  # None: it drops out at free_at
+    wave: int | None = field(compare=False, default=None)  # secure aggregation: the wave it trains in
 
 
 def encode_result(result: ClientResult) -> dict:
@@ -316,3 +317,134 @@ class RemoteFedBuff(FedBuff):
             return super().state()  # no tasks in flight: a restarted server hands out new ones
         finally:
             self.in_flight = flying
+
+
+@dataclass
+class Wave:
+    """Secure FedBuff: K clients dispatched together, online at once on one version, with one
+    secure-aggregation protocol between them (set up by the pipeline's ``prepare``)."""
+
+    rnd: object  # the ServerRound its protocol was set up in
+    version: int
+    pending: set[int]
+    results: list = field(default_factory=list)
+
+
+class SecureFedBuff(FedBuff):
+    """FedBuff under secure aggregation (``secagg.enabled`` with ``run.mode = "async"``).
+
+    The server may only learn sums, so a buffer is a **wave**: K idle clients that are online
+    together are dispatched at once on the current version and run one masking protocol; the
+    wave's buffer is applied when each of them delivered or dropped out (the protocol unmasks the
+    survivors' sum, or the step is skipped below ``secagg.threshold``). Waves overlap — a new one
+    starts whenever ``concurrency`` leaves room for K more and K eligible clients are online — so
+    a wave applied after others is stale, and its whole sum is weighted by s(τ). A wave staler than
+    ``max_staleness`` is rejected whole. The checkpoint keeps the clock but not the waves in
+    flight (their protocol state is the clients'): a resumed run dispatches new waves."""
+
+    def __init__(self, run) -> None:
+        super().__init__(run)
+        self.in_flight = []
+        self.waves: dict[int, Wave] = {}
+        self.ready: list[int] = []
+
+    def state(self) -> dict:
+        flying, self.in_flight = self.in_flight, []
+        try:
+            return super().state()
+        finally:
+            self.in_flight = flying
+
+    def _dispatch(self) -> None:
+        k, run = self.cfg.buffer_size, self.run
+        while self.concurrency - len(self.in_flight) >= k:
+            eligible = self._eligible()
+            if len(eligible) < k:
+                return
+            rng = numpy_rng(run.cfg.run.seed, "fedbuff", self.dispatches)
+            self.dispatches += 1
+            picks = sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
+            version, start = run.state.round, self.clock.time
+            rnd = run.server_round(self.dispatches, picks)  # its own keys, graph and seeds
+            ctx = round_context(rnd, run.pipeline)
+            wave_id = next(self.seq)
+            wave = self.waves[wave_id] = Wave(rnd, version, set(picks))
+            down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
+            for result in run.engine.run_cohort(run.state.params, picks, ctx):
+                c = result.client_id
+                if result.failure is not None:
+                    wave.pending.discard(c)
+                    wave.results.append(result)
+                    continue
+                steps = float(result.update.metrics.get("steps", 0.0))
+                arrival = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update))
+                done = arrival.finish
+                if done is None:
+                    done, result = run.clock.profiles[c].availability.online_until(start), None
+                heapq.heappush(
+                    self.in_flight, InFlight(done, next(self.seq), c, version, start, result, wave_id)
+                )
+            if not wave.pending:
+                self.ready.append(wave_id)
+
+    def fill(self) -> None:
+        while not self.ready:
+            self._dispatch()
+            if self.ready:
+                return
+            arrive = self.in_flight[0].free_at if self.in_flight else math.inf
+            online = self._next_online()
+            if math.isinf(arrive) and math.isinf(online):
+                from fedfm.systems.rounds import NobodyOnline
+
+                raise NobodyOnline(
+                    f"secure FedBuff at virtual time {self.clock.time:.0f} s: fewer than "
+                    f"{self.cfg.buffer_size} clients can ever be online together again"
+                )
+            if online < arrive:
+                self.clock.time = online
+                continue
+            f = heapq.heappop(self.in_flight)
+            self.clock.time = f.free_at
+            wave = self.waves[f.wave]
+            wave.pending.discard(f.client)
+            if f.result is None:  # a dropout of the wave's protocol
+                why = "went offline before delivering"
+                self.events["dropped"].append({"client": f.client, "reason": why})
+                wave.results.append(ClientResult.failed(f.client, "offline", why))
+            else:
+                wave.results.append(f.result)
+            if not wave.pending:
+                self.ready.append(f.wave)
+
+    def step(self, t: int, bar) -> dict:
+        run, start = self.run, self.clock.time
+        while True:
+            self.fill()
+            wave = self.waves.pop(self.ready.pop(0))
+            tau = run.state.round - wave.version
+            if self.cfg.max_staleness is None or tau <= self.cfg.max_staleness:
+                break
+            why = f"stale: its wave trained on version {wave.version}, {tau} server steps old"
+            for c in sorted(wave.rnd.cohort):
+                limit = f"fedbuff.max_staleness = {self.cfg.max_staleness}"
+                self.events["rejected"].append({"client": c, "reason": f"{why} ({limit})"})
+        rnd, cfg = wave.rnd, self.cfg
+        rnd.t, rnd.tau, rnd.on_client = t, tau, bar.start_round(t, len(rnd.cohort))
+        rnd.staleness = lambda x: staleness_weight(x, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
+        state, record = apply_round(run.state, wave.results, rnd, run.strategy)
+        events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
+        record.update(
+            failed=[*events["failed"], *record["failed"]],
+            rejected=[*events["rejected"], *record["rejected"]],
+            dropped=events["dropped"],
+            staleness=[tau] * len(rnd.tally.accepted),
+            staleness_mean=float(tau),
+            secagg=rnd.secure.report(),
+            in_flight=len(self.in_flight),
+            virtual_time_s=self.clock.time,
+            round_virtual_s=self.clock.time - start,
+            **self.clock.totals,
+        )
+        run.state, self.client_records = state, rnd.tally.client_records
+        return record

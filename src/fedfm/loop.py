@@ -140,9 +140,10 @@ class Run:
 
             self.clock = SystemsClock(cfg, self.data.num_clients, self.state.clock)
         if cfg.run.mode == "async":
-            from fedfm.asynchronous import FedBuff, RemoteFedBuff
+            from fedfm.asynchronous import FedBuff, RemoteFedBuff, SecureFedBuff
 
-            self.fedbuff = RemoteFedBuff(self) if self.remote else FedBuff(self)
+            driver = RemoteFedBuff if self.remote else SecureFedBuff if cfg.secagg.enabled else FedBuff
+            self.fedbuff = driver(self)
         if sharing.prepare_run is not None:  # offsite: distil the emulator (again, when resuming)
             sharing.prepare_run(self)
         if self.fresh:

@@ -48,6 +48,7 @@ class ServerRound:
     personal: Callable[[str], bool] | None = None  # personalization: tensors that never travel
     sends: Callable | None = None  # personalization: (θ as held, the client's metrics) → what it sends
     staleness: Callable[[int], float] | None = None  # FedBuff: s(τ), τ from the metrics' "staleness"
+    tau: int | None = None  # FedBuff's secure waves: the staleness of the whole (summed) wave
 
     def sent(self, client_id: int, metrics=None) -> Params:
         """The part of θ this client sends an update of (a decoder's template): all of it, the
@@ -155,7 +156,8 @@ def mean_reduce(rnd: ServerRound, s: Strategy):
         first = next(items, None)
         if isinstance(first, Summed):
             sums = first.sums
-            return Aggregate({k: v / sums.scalars["weight"] for k, v in sums.delta.items()})
+            scale = rnd.staleness(rnd.tau) if rnd.staleness is not None and rnd.tau is not None else 1.0
+            return Aggregate({k: v * scale / sums.scalars["weight"] for k, v in sums.delta.items()})
         results = itertools.chain([first] if first is not None else [], items)
         pairs = (
             (discounted(r.update, rnd), 1.0 if s.uniform else float(r.update.num_examples)) for r in results

@@ -307,6 +307,11 @@ def serve(
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
     cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
+    if cfg.run.mode == "async" and cfg.secagg.enabled:
+        raise DeployError(
+            "secagg.enabled with run.mode = 'async' runs in simulation only: secure waves (K clients "
+            "online together in one masking protocol) are not built over gRPC; use run.mode = 'sync'"
+        )
     if cfg.systems.enabled:
         raise DeployError(
             "systems.enabled simulates client systems on a virtual clock; deployed clients are real "

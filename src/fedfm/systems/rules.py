@@ -62,8 +62,9 @@ def check_fedbuff(cfg, dp: bool) -> None:
         and "FedBuff's updates arrive when clients finish, not from a sampled cohort: the subsampling "
         "amplification the accountant assumes does not hold (DP-FedBuff's accounting is not built)",
         "secagg.enabled": cfg.secagg.enabled
-        and "the buffer's K clients would have to run the masking protocol together, online at once on "
-        "one model version; FedBuff's clients pull and push on their own (use run.mode = 'sync')",
+        and _concurrency(cfg) < cfg.fedbuff.buffer_size
+        and "a secure buffer is a wave of K clients online together, running one masking protocol; "
+        "fedbuff.concurrency must leave room for one (concurrency ≥ buffer_size)",
         "personalization.method": cfg.personalization.method != "none"
         and "personal state and cluster choices are per round (use run.mode = 'sync')",
         "sharing.mode": cfg.sharing.mode != "none"
@@ -106,6 +107,13 @@ def check_fedbuff(cfg, dp: bool) -> None:
         raise ValueError(
             "systems.over_selection and deadline_s shape synchronous rounds; run.mode = 'async' has none"
         )
+
+
+def _concurrency(cfg) -> int:
+    from fedfm.sampling import cohort_size
+
+    n, s = cfg.partition.num_clients, cfg.sampling
+    return cfg.fedbuff.concurrency or cohort_size(n, s.clients_per_round, s.fraction)
 
 
 def _value(cfg, dotted: str):
