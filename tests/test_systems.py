@@ -196,6 +196,7 @@ def test_a_synchronous_run_reports_virtual_time_and_keeps_the_first_m(tiny_confi
         assert len(r["cohort"]) == 4 and r["num_clients"] == 2 and len(r["dropped"]) == 2
         assert all("over-selected" in d["reason"] for d in r["dropped"])
         assert r["virtual_time_s"] > 0 and r["round_virtual_s"] > 0
+    assert (result.run_dir / "virtual-time.png").is_file()  # the report plots accuracy over virtual time
     assert rounds[1]["virtual_time_s"] == pytest.approx(
         rounds[0]["virtual_time_s"] + rounds[1]["round_virtual_s"]
     )

@@ -167,6 +167,8 @@ class Run:
                 (f"worst10 {short}", f"personal_local_{metric}_worst10", "{:.4f}"),
             ]
             columns = [*columns[:-2], *own, *columns[-2:]]
+        if cfg.systems.enabled or cfg.run.mode == "async":  # the virtual clock next to wall time
+            columns = [*columns[:-1], ("virtual h", "virtual_time_h", "{:.2f}"), columns[-1]]
         self.console.describe(cfg, self.data, self.bundle, self.cohort, truncated, columns)
 
     def _strategy(self) -> Strategy:
@@ -278,6 +280,8 @@ class Run:
         cfg = self.cfg
         if self.state.round == 0 and cfg.eval.at_start and not self.metrics.has_round(0):
             record = {"round": 0, "num_clients": 0, "train_loss": None}
+            if self.clock is not None:
+                record["virtual_time_s"] = self.clock.time
             self._finish_round({**record, **self.evaluate(self.state.params), **self.privacy_record()})
         stopped = None
         with self.console.rounds(cfg.run.rounds, self.state.round) as bar:
@@ -412,6 +416,8 @@ class Run:
 
     def _finish_round(self, record: dict) -> None:
         record = {"event": "round", **record, "elapsed_s": self.elapsed()}
+        if "virtual_time_s" in record:
+            record["virtual_time_h"] = record["virtual_time_s"] / 3600
         self.metrics.write(record)
         self.console.round_row(record)
         for callback in self.callbacks:

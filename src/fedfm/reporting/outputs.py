@@ -39,7 +39,13 @@ PLOTS = {
         ],
         "score on the client's own test split",
     ),
+    # client systems on the virtual clock (docs/systems.md): accuracy against virtual time
+    "virtual-time.png": (
+        [("test_accuracy", "test accuracy"), ("test_perplexity", "held-out perplexity")],
+        "score",
+    ),
 }
+X_AXIS = {"virtual-time.png": "virtual_time_s"}  # plots over something else than the round
 
 
 SAMPLES_FILE = "client-samples.png"
@@ -107,8 +113,9 @@ def write_outputs(run_dir: str | Path) -> Path:
     history = MetricsLog(run_dir / "metrics.jsonl").rounds()
     plots = []
     for name, (keys, ylabel) in PLOTS.items():
-        if any(r.get(k) is not None for r in history for k, _ in keys):
-            plots.append(plot_curves(history, keys, ylabel, run_dir / name))
+        x = X_AXIS.get(name, "round")
+        if any(r.get(k) is not None and x in r for r in history for k, _ in keys):
+            plots.append(plot_curves(history, keys, ylabel, run_dir / name, x=x))
     partition = None
     if (run_dir / "partition.json").is_file():
         partition = json.loads((run_dir / "partition.json").read_text())

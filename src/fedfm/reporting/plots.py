@@ -11,18 +11,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["round"], r[key]) for r in history if r.get(key) is not None]
+def _series(history: list[dict], key: str, x: str = "round", scale: float = 1.0):
+    pts = [(r.get(x, 0.0) / scale, r[key]) for r in history if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path) -> Path:
+X_AXES = {"round": ("round", 1.0), "virtual_time_s": ("virtual time (hours)", 3600.0)}
+
+
+def plot_curves(
+    history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path, x: str = "round"
+) -> Path:
+    """One line per key over ``x``: the round, or the virtual clock (``virtual_time_s``, in hours)."""
+    xlabel, scale = X_AXES[x]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for key, label in keys:
-        x, y = _series(history, key)
-        if x:
-            ax.plot(x, y, marker="o", label=label)
-    ax.set_xlabel("round")
+        xs, ys = _series(history, key, x, scale)
+        if xs:
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
