@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # CPU wheel for development and CI; the package itself asks only torch>=2.2.
 TORCH  := torch==2.13.0
+# test processes (pytest-xdist): one per core by default; `make test TEST_WORKERS=0` runs in one
+TEST_WORKERS ?= auto
 
 .PHONY: demo test install install-dev lint format bench proto clean
 
@@ -37,7 +39,7 @@ demo: install
 
 test: install-dev
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -13,6 +13,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_ray_at_a_time(tmp_path_factory):
+    """Under pytest-xdist (``make test`` runs whole files per worker) the Ray files take turns:
+    one local Ray instance at a time on this machine (an OS file lock, held for the module)."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "fedfm-ray.lock"
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 WORDS = {
     "sport": "match goal team player coach league score win cup race",
     "money": "bank market shares profit economy price trade growth firm bond",

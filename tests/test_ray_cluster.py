@@ -13,6 +13,7 @@ from fedfm.api import prepare_run
 from fedfm.loop import Run
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import fedfm
 from fedfm.checkpoint import ClientStore, load_checkpoint
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")
 
 
 def test_ray_matches_inprocess_after_two_rounds_with_client_state(tmp_path, tiny_config):
