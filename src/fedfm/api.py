@@ -38,12 +38,56 @@ def run(
     """
     from fedfm.protocols import PROTOCOLS
 
+    new_folder = resume is None and (output is None or not Path(output).exists())
     cfg, run_dir = prepare_run(config, output=output, resume=resume, overrides=overrides)
     from fedfm.sharing import SHARING_MODES
 
     # a sharing mode with its own loop (knowledge transfer) runs as that protocol
     protocol = PROTOCOLS.get(SHARING_MODES.get(cfg.sharing.mode).protocol or cfg.run.protocol)
-    return protocol.run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None)
+    try:
+        return protocol.run(cfg, run_dir, progress=progress, callbacks=callbacks, resume=resume is not None)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+    except Exception:
+        if new_folder and not (run_dir / "checkpoint").exists():  # it failed before training: no trace
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+class RunFinished(ConfigError):
+    """``resume`` of a run whose last round is done: nothing to do (the message says how to go on)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``run_dir`` resumes from its last checkpoint."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"interrupted; resume with: fedfm run --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+def check_not_finished(run_dir: str | Path, overrides: Iterable[str] = ()) -> None:
+    """Raise ``RunFinished`` when ``run_dir``'s checkpoint is at ``run.rounds`` (after
+    ``overrides``) and its outputs are written (a run killed while writing them is resumed to write
+    them again). ``fedfm run --resume`` asks this first; ``run(resume=...)`` of a finished run
+    writes its outputs again and returns its result (what a sweep resuming a cell needs)."""
+    from fedfm.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        return  # prepare_run says what is wrong with the folder
+    cfg = load_config(run_dir / "config.toml", overrides)
+    saved = load_checkpoint(run_dir / "checkpoint")
+    if saved is None or saved.round < cfg.run.rounds:
+        return
+    if (run_dir / "report.html").is_file() and (run_dir / "adapter").is_dir():
+        raise RunFinished(
+            f"{run_dir} is finished: its {saved.round} rounds (run.rounds = {cfg.run.rounds}) are done and "
+            f"its report is {run_dir / 'report.html'}; to train further, resume with --set "
+            f"run.rounds={saved.round + 5} (any number above {saved.round})"
+        )
 
 
 def prepare_run(
@@ -65,6 +109,30 @@ def prepare_run(
             raise ConfigError(
                 f"{run_dir} already holds a run; resume it with --resume or pick another --output"
             )
+    if resume is None:
+        cfg = natural_clients(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return cfg, run_dir
+
+
+def natural_clients(cfg: RunConfig) -> RunConfig:
+    """``partition.method = "natural"`` without ``num_clients``: one client per distinct value of
+    ``partition.column`` in the training rows (the number is then written into config.toml)."""
+    p = cfg.partition
+    if p.method != "natural" or not p.column or "num_clients" in p.model_fields_set:
+        return cfg
+    import warnings
+
+    from fedfm.data.sources import DataWarning
+    from fedfm.experiment import load_splits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # the run says them once, when it loads the data
+        train, _ = load_splits(cfg)
+    values = train.columns.get(p.column)
+    if values is None:
+        return cfg  # prepare_data names the missing column
+    data = cfg.model_dump()
+    data["partition"]["num_clients"] = len({str(v) for v in values})
+    return make_config(data)

@@ -14,6 +14,23 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import fedfm
+
+        Console().print(f"fedfm {fedfm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print fedfm's version and exit."
+    ),
+) -> None:
+    """Federated fine-tuning of foundation models."""
+
+
 def _fail(err: Exception, status: int = 2) -> None:
     """Print a user error (brackets in it are text, not markup) and exit with ``status`` (2: bad
     input; 1: the run itself failed)."""
@@ -48,12 +65,20 @@ def run(
 ) -> None:
     """Run a federated experiment; with no arguments, the embedded default experiment."""
     import fedfm
+    from fedfm.api import RunFinished, RunInterrupted, check_not_finished
     from fedfm.loop import RunFailedError
 
     if baselines:
         set_ = [*set_, "task.baselines=true"]
     try:
+        if resume is not None:
+            check_not_finished(resume, set_)
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
+    except RunFinished as done:
+        Console().print(escape(str(done)))
+    except RunInterrupted as stop:
+        err_console.print(f"[yellow]{escape(str(stop))}[/yellow]")
+        raise typer.Exit(130) from None
     except _user_errors() as err:
         _fail(err)
     except RunFailedError as err:
@@ -93,7 +118,7 @@ def export(
 
 @app.command()
 def sweep(
-    sweep_file: Path = typer.Argument(..., help="TOML sweep file ([sweep] with grid and/or variants)."),
+    sweep_file: Path = typer.Argument(..., help="TOML sweep file (\\[sweep] with grid and/or variants)."),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Sweep folder (one run folder per cell)."
     ),

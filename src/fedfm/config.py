@@ -272,13 +272,29 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     return result
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """`` — did you mean 'rounds'?`` for a misspelt section or field (difflib's closest name)."""
+    import difflib
+
+    model, names = RunConfig, list(RunConfig.model_fields)
+    if len(loc) == 2 and loc[0] in RunConfig.model_fields:
+        model = RunConfig.model_fields[loc[0]].annotation
+        names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    where = f"{loc[0]}." if len(loc) == 2 else ""
+    return f" — did you mean {where}{close[0]}?"
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see `fedfm run --help` and docs/configuration.md)"
+            guess = _did_you_mean(e["loc"])
+            msg = f"unknown field{guess} (see docs/configuration.md for every field)"
         got = e.get("input")
         shown = f" (got {got!r})" if e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
         lines.append(f"  {field}: {msg}{shown}")

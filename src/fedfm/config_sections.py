@@ -110,9 +110,22 @@ class PeftSection(_Section):
     )
 
 
+def _known_encoding(name: str) -> str:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {name!r} (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
+    return name
+
+
 class DataSection(_Section):
     name: str = Field("bbc-news", description="Registered dataset, 'csv', 'jsonl', or a HF dataset id.")
     path: str | None = Field(None, description="File for 'csv'/'jsonl' sources.")
+    encoding: Annotated[str, AfterValidator(_known_encoding)] = Field(
+        "utf-8", description="Text encoding of 'csv'/'jsonl' files (e.g. 'latin-1', 'cp1252', 'utf-16')."
+    )
     test_path: str | None = Field(None, description="Optional test file for 'csv'/'jsonl'.")
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")

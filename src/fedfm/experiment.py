@@ -72,9 +72,21 @@ def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     train, test = task_kind(cfg).load_source(d)
     if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
         seen = train.identities()
+        before = (len(train), len(test) if test is not None else 0)
         train = train.subset(first_occurrences(seen))
         if test is not None:
             test = test.subset(first_occurrences(test.identities(), exclude=seen))
+        dropped = before[0] - len(train), before[1] - (len(test) if test is not None else 0)
+        if sum(dropped):
+            import warnings
+
+            from fedfm.data.sources import DataNote
+
+            also = f" and {dropped[1]} test rows also in training or repeated" if dropped[1] else ""
+            warnings.warn(
+                DataNote(f"data.deduplicate dropped {dropped[0]} duplicate training rows{also}"),
+                stacklevel=2,
+            )
     if test is None:
         rest, held = stratified_split(train.labels, d.test_fraction, numpy_rng(seed, "test-split"))
         train, test = train.subset(rest), train.subset(held)

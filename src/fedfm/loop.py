@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fedfm.algorithms.lora import LORA_AGGREGATION, aggregation_rule, truncate_r
 from fedfm.algorithms.server_optimizers import make_server_optimizer
 from fedfm.checkpoint import CheckpointError, ClientStore, ServerState, load_checkpoint, save_checkpoint
 from fedfm.config import RunConfig
+from fedfm.data.sources import DataNote, DataWarning
 from fedfm.engines import ENGINES, EngineSetup
 from fedfm.experiment import (
     BundleBuilder,
@@ -90,12 +92,18 @@ class Run:
         self.remote = bool(getattr(make_engine, "remote", False))
         kind = task_kind(cfg)
         sharing = SHARING_MODES.get(cfg.sharing.mode)
-        with self.console.status("loading data and model"):
+        with self.console.status("loading data and model"), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", DataWarning)
             self.data: FederatedData = server_only_data(cfg) if self.remote else prepare_data(cfg)
             client_cfg = sharing.client_view(cfg)  # the model clients hold (an emulator, say)
             self.bundle, self.task = build_task(client_cfg, self.data)
             # the model the server evaluates and exports, when it is not the clients' (the FM)
             self.server_model = sharing.server_model(cfg, self.data.train.label_names)
+        for w in said:  # what the data sources noticed (rows dropped, duplicates), once each
+            if issubclass(w.category, DataWarning):
+                (self.console.note if issubclass(w.category, DataNote) else self.console.warn)(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
         outputs.write_client_samples(run_dir, self.data)

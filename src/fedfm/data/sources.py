@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,17 @@ DATASETS: Registry[Source] = Registry("dataset")
 
 class DataError(ValueError):
     """A dataset that cannot be loaded; the message says what to change."""
+
+
+class DataWarning(UserWarning):
+    """Rows a source dropped, or something about the data worth knowing; the run prints it."""
+
+
+class DataNote(DataWarning):
+    """Something about the data worth knowing that is not a problem (duplicates dropped, say)."""
+
+
+MISSING = {"", "nan", "none", "null", "n/a", "na"}  # what spreadsheets and pandas write for "no value"
 
 
 def package_folder(package: str, extra: str = "assets") -> Path:
@@ -56,14 +69,21 @@ def bbc_news(cfg) -> tuple[TextDataset, None]:
     return TextDataset(texts, labels, names), None
 
 
-def _read_rows(path: Path, fmt: str) -> list[dict]:
+def _read_rows(path: Path, fmt: str, encoding: str = "utf-8") -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not {encoding} text (byte {err.start}: {err.reason}); set data.encoding to the "
+            "file's encoding, e.g. data.encoding = 'latin-1' or 'cp1252' (Excel on Windows) or 'utf-16'"
+        ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Excel's "CSV UTF-8") is not part of a column name
     if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -88,10 +108,16 @@ def rows_to_dataset(
                 f"{where}: no column {col!r} (data.text_column / data.label_column); "
                 f"columns: {', '.join(rows[0])}"
             )
+    rows = usable_rows(rows, text_column, label_column, where)
     raw = [r[label_column] for r in rows]
     raw = [int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v for v in raw]
     if label_names is None:
         labels, names = encode_labels(raw)
+        if len(names) < 2:
+            raise DataError(
+                f"{where}: every row has the label {names[0]!r} (column {label_column!r}); a classifier "
+                "needs at least two classes (is data.label_column the right column?)"
+            )
     else:
         index = {n: i for i, n in enumerate(label_names)}
         unknown = sorted({str(v) for v in raw} - set(index))
@@ -103,14 +129,41 @@ def rows_to_dataset(
     return TextDataset([str(r[text_column]) for r in rows], labels, names, others)
 
 
+def _missing(value) -> bool:
+    return (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or str(value).strip().lower() in MISSING
+    )
+
+
+def usable_rows(rows: list[dict], text_column: str, label_column: str, where: str) -> list[dict]:
+    """The rows with a text and a label; the dropped ones are counted in a ``DataWarning`` (blank,
+    "NaN" and the like count as missing). No usable row at all is a ``DataError``."""
+    no_text = sum(_missing(r.get(text_column)) for r in rows)
+    no_label = sum(not _missing(r.get(text_column)) and _missing(r.get(label_column)) for r in rows)
+    kept = [r for r in rows if not _missing(r.get(text_column)) and not _missing(r.get(label_column))]
+    if not kept:
+        raise DataError(f"{where}: none of {len(rows)} rows has both a text and a label")
+    if no_text or no_label:
+        parts = [f"{no_text} with a blank or NaN text ({text_column!r})"] if no_text else []
+        parts += [f"{no_label} with an empty label ({label_column!r})"] if no_label else []
+        warnings.warn(
+            DataWarning(f"{where}: dropped {no_text + no_label} of {len(rows)} rows: {'; '.join(parts)}"),
+            stacklevel=2,
+        )
+    return kept
+
+
 def _file_source(fmt: str) -> Source:
     def load(cfg) -> tuple[TextDataset, TextDataset | None]:
         if not cfg.path:
             raise DataError(f"data.path is required for data.name = {fmt!r}")
-        train = rows_to_dataset(_read_rows(Path(cfg.path), fmt), cfg.text_column, cfg.label_column, cfg.path)
+        rows = _read_rows(Path(cfg.path), fmt, cfg.encoding)
+        train = rows_to_dataset(rows, cfg.text_column, cfg.label_column, cfg.path)
         test = None
         if cfg.test_path:
-            rows = _read_rows(Path(cfg.test_path), fmt)
+            rows = _read_rows(Path(cfg.test_path), fmt, cfg.encoding)
             test = rows_to_dataset(rows, cfg.text_column, cfg.label_column, cfg.test_path, train.label_names)
         return train, test
 

@@ -1,0 +1,131 @@
+"""What a new user met in their first hour with fedfm, each fixed and held by a test."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import tomli_w
+from tests.conftest import make_rows
+from tests.test_checkpoint import cli
+
+import fedfm
+from fedfm.api import prepare_run
+from fedfm.config import ConfigError, make_config
+from fedfm.data.sources import DataError, DataNote, DataWarning
+from fedfm.experiment import load_splits
+
+
+def _write_csv(path, rows, encoding="utf-8"):
+    with path.open("w", newline="", encoding=encoding) as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _data_cfg(path, **data):
+    return make_config({"data": {"name": "csv", "path": str(path), **data}})
+
+
+def test_a_csv_in_another_encoding_names_the_file_and_data_encoding(tmp_path):
+    rows = [{**r, "text": r["text"] + " café crème"} for r in make_rows(10)]
+    path = _write_csv(tmp_path / "latin.csv", rows, encoding="latin-1")
+    with pytest.raises(DataError, match=r"latin\.csv: not utf-8 text .*data\.encoding = 'latin-1'"):
+        load_splits(_data_cfg(path))
+    train, _ = load_splits(_data_cfg(path, encoding="latin-1"))
+    assert any("café crème" in t for t in train.texts)
+    with pytest.raises(ConfigError, match="data.encoding: unknown text encoding 'utf9'"):
+        _data_cfg(path, encoding="utf9")
+
+
+def test_blank_nan_texts_and_empty_labels_are_dropped_with_counts(tmp_path):
+    rows = make_rows(10)
+    rows[0]["text"], rows[1]["text"], rows[2]["text"] = "", "NaN", "   "
+    rows[3]["label"], rows[4]["label"] = "", "nan"
+    path = _write_csv(tmp_path / "holes.csv", rows)
+    with pytest.warns(
+        DataWarning, match=r"dropped 5 of \d+ rows: 3 with a blank or NaN text .*; 2 with an empty label"
+    ):
+        train, test = load_splits(_data_cfg(path))
+    assert len(train) + len(test) == len(rows) - 5
+    assert "nan" not in {n.lower() for n in train.label_names} and "" not in train.label_names
+
+
+def test_a_single_class_is_refused(tmp_path):
+    rows = [{**r, "label": "sport"} for r in make_rows(5)]
+    with pytest.raises(DataError, match="every row has the label 'sport'.*at least two classes"):
+        load_splits(_data_cfg(_write_csv(tmp_path / "one.csv", rows)))
+
+
+def test_deduplicate_says_how_many_rows_it_dropped(tmp_path):
+    rows = make_rows(10)
+    path = _write_csv(tmp_path / "dups.csv", rows + rows[:7])
+    with pytest.warns(DataNote, match="data.deduplicate dropped 7 duplicate training rows"):
+        load_splits(_data_cfg(path))
+
+
+def test_natural_partitioning_infers_the_number_of_clients(tiny_config, tmp_path):
+    rows = [{**r, "site": f"hospital-{i % 3}"} for i, r in enumerate(make_rows(10))]
+    path = _write_csv(tmp_path / "sites.csv", rows)
+    cfg = tiny_config(data={"path": str(path)}, partition={"method": "natural", "column": "site"})
+    del cfg["partition"]["num_clients"]
+    resolved, run_dir = prepare_run(cfg, output=tmp_path / "r")
+    assert resolved.partition.num_clients == 3
+    assert "num_clients = 3" in (run_dir / "config.toml").read_text()
+
+
+def test_version_sweep_help_and_did_you_mean():
+    assert cli("--version").stdout.strip() == f"fedfm {fedfm.__version__}"
+    assert "[sweep]" in cli("sweep", "--help").stdout
+    done = cli("run", "--set", "run.roudns=3")
+    assert done.returncode == 2 and "did you mean run.rounds?" in done.stderr
+    with pytest.raises(ConfigError, match="did you mean training"):
+        make_config({"trainig": {"lr": 0.1}})
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(tiny_config, tmp_path):
+    result = fedfm.run(tiny_config(), output=tmp_path / "r", progress=False)
+    before = (result.run_dir / "metrics.jsonl").read_text()
+    done = cli("run", "--resume", result.run_dir)
+    assert done.returncode == 0 and "is finished" in done.stdout and "run.rounds=" in done.stdout
+    assert (result.run_dir / "metrics.jsonl").read_text() == before  # nothing was redone
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tiny_config, tmp_path):
+    cfg = tiny_config(data={"path": str(tmp_path / "missing.csv")})
+    with pytest.raises(DataError, match="does not exist"):
+        fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_cleanly(tiny_config, tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(tiny_config(run={"rounds": 40})))
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedfm.cli", "run", str(path), "--output", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stop = time.monotonic() + 120
+    while time.monotonic() < stop and '"round": 1,' not in _text(out / "metrics.jsonl"):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"resume with: fedfm run --resume {out}" in err.replace("\n", "") and "Traceback" not in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = fedfm.run(resume=out, overrides=["run.rounds=3"], progress=False)
+    assert [r["round"] for r in resumed.history][-1] == 3
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 3
+
+
+def _text(path) -> str:
+    return path.read_text() if path.is_file() else ""
