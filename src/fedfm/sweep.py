@@ -202,14 +202,20 @@ def run_sweep(
     configs = check_cells(spec, cells)
     out = Path(output) if output else Path(next(iter(configs.values())).run.output_root) / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    from fedfm.reporting.console import Eta
+
+    rows, eta = [], None
     for i, cell in enumerate(cells, 1):
         folder, done = out / cell.name, out / cell.name / "cell.json"
         if done.is_file():
             note(f"[{i}/{len(cells)}] {cell.name}: finished earlier, kept")
             rows.append(json.loads(done.read_text()))
             continue
-        note(f"[{i}/{len(cells)}] {cell.name}")
+        eta = eta or Eta(len(cells), i - 1)  # from the cells this process runs
+        eta.step(i - 1)
+        note(
+            f"[{i}/{len(cells)}] {cell.name}" + (f" (sweep ETA {eta.left()})" if eta.done > eta.first else "")
+        )
         try:
             if (folder / "checkpoint").exists():
                 result = fedfm.run(resume=folder, progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -26,15 +27,45 @@ def _fmt(record: dict, key: str, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def duration(seconds: float) -> str:
+    """``3h05m``, ``4m12s``, ``9s``: a duration as people read one."""
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Eta:
+    """The time left of ``total`` steps from the mean wall time of the ones done in this process."""
+
+    def __init__(self, total: int, done: int = 0) -> None:
+        self.total, self.first, self.started = total, done, time.monotonic()
+        self.done = done
+
+    def step(self, done: int) -> None:
+        self.done = done
+
+    def left(self) -> str:
+        ran = self.done - self.first
+        if ran <= 0:
+            return "–"
+        return duration((time.monotonic() - self.started) / ran * (self.total - self.done))
+
+
 class _Bar:
     """The progress bar of the rounds; ``start_round`` returns the per-client advance callback."""
 
-    def __init__(self, progress: Progress | None, task, total: int) -> None:
-        self.progress, self.task, self.total = progress, task, total
+    def __init__(self, progress: Progress | None, task, total: int, eta: Eta | None = None) -> None:
+        self.progress, self.task, self.total, self.eta = progress, task, total, eta
 
     def start_round(self, round_: int, cohort: int):
+        if self.eta is not None:
+            self.eta.step(round_ - 1)
         if self.progress is not None:
-            self.progress.update(self.task, total=cohort, completed=0, round=f"{round_}/{self.total}")
+            left = self.eta.left() if self.eta is not None else "–"
+            self.progress.update(
+                self.task, total=cohort, completed=0, round=f"{round_}/{self.total}", eta=f"ETA {left}"
+            )
 
         def advance() -> None:
             if self.progress is not None:
@@ -52,11 +83,19 @@ def _synthetic_note(cfg, data) -> str:
 
 
 class ConsoleReporter:
+    """In a terminal: a progress bar with the ETA, a table row per round. Elsewhere (a log file, a
+    pipe): plain lines that never wrap, each round's row ending with the ETA."""
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.columns = COLUMNS
         self.console = Console(stderr=False, highlight=False)
+        self.terminal = self.console.is_terminal
+        if not self.terminal:  # a log file: one record per line, however long
+            self.console.soft_wrap = True
         self.progress: Progress | None = None
+        self.eta: Eta | None = None
+        self.in_rounds = False  # inside the rounds a log gets only their rows (no per-round steps)
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -67,7 +106,9 @@ class ConsoleReporter:
             self.console.print(f"[yellow]warning:[/yellow] {text}")
 
     def status(self, text: str):
-        return self.console.status(text) if self.enabled else contextlib.nullcontext()
+        if self.enabled and not self.terminal and not self.in_rounds:  # a log: say what starts, once
+            self.console.print(f"{text} …")
+        return self.console.status(text) if self.enabled and self.terminal else contextlib.nullcontext()
 
     def describe(self, cfg, data, bundle, cohort: int, truncated: dict | None = None, columns=None) -> None:
         """What runs; ``columns``: the task kind's table (default: classification's)."""
@@ -91,12 +132,21 @@ class ConsoleReporter:
 
     def round_row(self, record: dict) -> None:
         if self.enabled:
-            self.console.print("  ".join(f"{_fmt(record, k, f):>10}" for _, k, f in self.columns))
+            row = "  ".join(f"{_fmt(record, k, f):>10}" for _, k, f in self.columns)
+            if not self.terminal and self.eta is not None and record.get("round"):
+                self.eta.step(record["round"])
+                row += f"  ETA {self.eta.left()}"
+            self.console.print(row)
 
     @contextlib.contextmanager
     def rounds(self, total: int, done: int):
-        if not self.enabled:
-            yield _Bar(None, None, total)
+        self.eta = Eta(total, done)
+        if not self.enabled or not self.terminal:
+            self.in_rounds = True
+            try:
+                yield _Bar(None, None, total, self.eta)
+            finally:
+                self.in_rounds = False
             return
         progress = Progress(
             TextColumn("round {task.fields[round]}"),
@@ -104,15 +154,21 @@ class ConsoleReporter:
             MofNCompleteColumn(),
             TextColumn("clients"),
             TimeElapsedColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=self.console,
             transient=True,
         )
         with progress:
-            task = progress.add_task("clients", total=1, round=f"{done + 1}/{total}")
-            yield _Bar(progress, task, total)
+            task = progress.add_task("clients", total=1, round=f"{done + 1}/{total}", eta="ETA –")
+            yield _Bar(progress, task, total, self.eta)
 
     def summary(self, history: list[dict], run_dir: Path) -> None:
         if not self.enabled:
+            return
+        if not self.terminal:  # the rows are in the log already, one per line
+            self.console.print(
+                f"done. outputs in {run_dir}: report.html, metrics.jsonl, adapter/, checkpoint/"
+            )
             return
         table = Table(title="per-round metrics")
         for header, _, _ in self.columns:
