@@ -129,3 +129,54 @@ def test_ctrl_c_says_how_to_resume_and_exits_cleanly(tiny_config, tmp_path):
 
 def _text(path) -> str:
     return path.read_text() if path.is_file() else ""
+
+
+# -- the report -----------------------------------------------------------------------------
+def test_byte_counts_are_human_readable():
+    from fedfm.reporting.html import human_bytes
+
+    assert [human_bytes(n) for n in (812, 4_300, 17_240_000, 1_050_000_000)] == [
+        "812 B",
+        "4.3 KB",
+        "17.2 MB",
+        "1.05 GB",
+    ]
+
+
+def test_round_axes_have_whole_number_ticks():
+    import matplotlib.pyplot as plt
+
+    from fedfm.reporting.plots import curves_figure
+
+    history = [{"round": t, "test_accuracy": 0.1 * t} for t in range(4)]
+    fig = curves_figure(history, [("test_accuracy", "acc")], "score")
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 3]
+    plt.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_many_classes_get_distinct_colours_and_a_legend_beside_the_bars(tmp_path):
+    from fedfm.reporting.plots import label_colours, plot_partition
+
+    assert len(set(label_colours(25))) == 25 and len(set(label_colours(8))) == 8
+    names = [f"class-{i}" for i in range(25)]
+    clients = [{"label_counts": {n: (i + j) % 4 for j, n in enumerate(names)}} for i in range(6)]
+    partition = {"method": "dirichlet", "label_names": names, "clients": clients}
+    path = plot_partition(partition, tmp_path / "p.png")
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert width > 1.6 * height  # the bars and, beside them, the legend (bbox_inches="tight" keeps it)
+
+
+def test_the_report_has_a_headline_for_every_task_and_the_majority_baseline(tiny_config, tmp_path):
+    from fedfm.reporting.html import render_report
+
+    page = render_report(
+        "llm", "", [{"round": 0, "test_perplexity": 30.0}, {"round": 2, "test_perplexity": 12.5}], None, []
+    )
+    assert "final held-out perplexity 12.50</b> after round 2" in page and "from 30.00 at round 0" in page
+    result = fedfm.run(tiny_config(), output=tmp_path / "r", progress=False)
+    report = (result.run_dir / "report.html").read_text()
+    assert "majority-class baseline" in report and "class=wide" in report
+    assert " MB</td>" in report or " KB</td>" in report  # bytes per round, readable

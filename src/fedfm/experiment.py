@@ -48,6 +48,12 @@ class FederatedData:
             "label_names": names,
             "num_train": n_real,
             "num_test": len(self.test),
+            # the server test split by label: the majority-class baseline a classifier must beat
+            "test_label_counts": dict(
+                zip(names, map(int, np.bincount(self.test.labels, minlength=len(names))), strict=True)
+            )
+            if len(self.test) and np.issubdtype(np.asarray(self.test.labels).dtype, np.integer)
+            else {},
             "clients": [
                 {
                     "client": k,

@@ -38,13 +38,23 @@ STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
-img{max-width:100%;margin:.5em 0}.warn{color:#a60}
+img{max-width:100%;margin:.5em 0}.warn{color:#a60}.wide{overflow-x:auto;max-width:100%}
 """
 
 
-def _cell(value) -> str:
+def human_bytes(n: float) -> str:
+    """``812 B``, ``4.3 KB``, ``17.2 MB``, ``1.05 GB`` (decimal units, as links are rated)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:,.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _cell(value, key: str = "") -> str:
     if value is None:
         return "–"
+    if "bytes" in key and isinstance(value, int | float):
+        return human_bytes(value)
     if isinstance(value, float):
         return f"{value:.4f}"
     return html.escape(str(value))
@@ -59,7 +69,7 @@ def _round_table(history: list[dict]) -> str:
     keys = [(h, k) for h, k in TABLE_KEYS if any(r.get(k) is not None for r in history)]
     head = "".join(f"<th>{h}</th>" for h, _ in keys)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{_cell(r.get(k))}</td>" for _, k in keys) + "</tr>" for r in history
+        "<tr>" + "".join(f"<td>{_cell(r.get(k), k)}</td>" for _, k in keys) + "</tr>" for r in history
     )
     return f"<table><tr>{head}</tr>{rows}</table>"
 
@@ -93,11 +103,11 @@ def _partition_table(partition: dict) -> str:
         + "</tr>"
         for c in partition["clients"]
     )
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    return f"<div class=wide><table><tr>{head}</tr>{rows}</table></div>"  # many labels: it scrolls
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.2f} MB"
+    return human_bytes(n)
 
 
 def communication_section(history: list[dict]) -> str:
@@ -313,16 +323,36 @@ def computation_section(history: list[dict], sharing: dict | None) -> str:
     return "<h2>Computation</h2>" + "".join(parts) if parts else ""
 
 
+HEADLINES = (  # the first metric a run has is its headline
+    ("test_accuracy", "final test accuracy", "{:.4f}"),
+    ("test_perplexity", "final held-out perplexity", "{:.2f}"),
+    ("test_reward_accuracy", "final held-out reward accuracy", "{:.4f}"),
+)
+
+
+def _headline(history: list[dict], partition: dict | None) -> str:
+    for key, label, fmt in HEADLINES:
+        final = next((r for r in reversed(history) if r.get(key) is not None), None)
+        if final is None:
+            continue
+        text = f"<p><b>{label} {fmt.format(final[key])}</b> after round {final['round']} "
+        text += f"({final.get('elapsed_s', 0):.0f} s)"
+        counts = (partition or {}).get("test_label_counts") or {}
+        if key == "test_accuracy" and sum(counts.values()):
+            top = max(counts, key=counts.get)
+            share = counts[top] / sum(counts.values())
+            text += f"; the majority-class baseline (always {html.escape(str(top))!r}) scores {share:.4f}"
+        first = next((r for r in history if r.get(key) is not None), None)
+        if key == "test_perplexity" and first is not None and first is not final:
+            text += f", from {fmt.format(first[key])} at round {first['round']}"
+        return text + "</p>"
+    return ""
+
+
 def render_report(
     title: str, config_text: str, history: list[dict], partition: dict | None, plots, extra=(), samples=None
 ) -> str:
-    final = next((r for r in reversed(history) if r.get("test_accuracy") is not None), None)
-    headline = (
-        f"<p><b>final test accuracy {final['test_accuracy']:.4f}</b> after round {final['round']} "
-        f"({final.get('elapsed_s', 0):.0f} s)</p>"
-        if final
-        else ""
-    )
+    headline = _headline(history, partition)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>fedfm: {html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>fedfm run: {html.escape(title)}</h1>{headline}",

@@ -19,10 +19,9 @@ def _series(history: list[dict], key: str, x: str = "round", scale: float = 1.0)
 X_AXES = {"round": ("round", 1.0), "virtual_time_s": ("virtual time (hours)", 3600.0)}
 
 
-def plot_curves(
-    history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path, x: str = "round"
-) -> Path:
-    """One line per key over ``x``: the round, or the virtual clock (``virtual_time_s``, in hours)."""
+def curves_figure(history: list[dict], keys: list[tuple[str, str]], ylabel: str, x: str = "round"):
+    """One line per key over ``x``: the round (whole-number ticks), or the virtual clock
+    (``virtual_time_s``, in hours)."""
     xlabel, scale = X_AXES[x]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for key, label in keys:
@@ -30,30 +29,57 @@ def plot_curves(
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
+    if x == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path, x: str = "round"
+) -> Path:
+    fig = curves_figure(history, keys, ylabel, x)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def label_colours(n: int) -> list:
+    """``n`` distinct colours: tab10 / tab20 while they last, then evenly spaced hues."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / max(1, n - 1)) for i in range(n)]
 
 
 def plot_partition(partition: dict, path: Path) -> Path:
     """Stacked bars: examples of each label held by each client."""
     names = partition["label_names"]
     counts = np.array([[c["label_counts"][n] for n in names] for c in partition["clients"]])
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.35 * len(counts)), 3.6), dpi=100)
+    legend_cols = 1 + len(names) // 16 if len(names) <= 40 else 0  # more labels than that: no legend
+    width = min(12, 2 + 0.35 * len(counts)) + 1.4 * legend_cols
+    fig, ax = plt.subplots(figsize=(width, 3.6), dpi=100)
     bottom = np.zeros(len(counts))
+    colours = label_colours(len(names))
     for j, name in enumerate(names):
-        ax.bar(np.arange(len(counts)), counts[:, j], bottom=bottom, label=name)
+        ax.bar(np.arange(len(counts)), counts[:, j], bottom=bottom, label=name, color=colours[j])
         bottom += counts[:, j]
     ax.set_xlabel("client")
     ax.set_ylabel("training examples")
     ax.set_title(f"{partition['method']} partition")
-    ax.legend(fontsize=7, ncol=min(5, len(names)))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if legend_cols:  # beside the bars, never over them
+        ax.legend(fontsize=7, ncol=legend_cols, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend beside the axes too
     plt.close(fig)
     return path
 
