@@ -180,3 +180,22 @@ def test_the_report_has_a_headline_for_every_task_and_the_majority_baseline(tiny
     report = (result.run_dir / "report.html").read_text()
     assert "majority-class baseline" in report and "class=wide" in report
     assert " MB</td>" in report or " KB</td>" in report  # bytes per round, readable
+
+
+def test_a_relative_model_path_is_exported_absolute_and_config_toml_says_where_the_files_are(
+    tiny_model_dir, csv_path, tmp_path, monkeypatch
+):
+    import os
+
+    from tests.conftest import tiny_experiment
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cfg = tiny_experiment(tiny_model_dir, csv_path, run={"rounds": 1, "threads": 1})
+    cfg["model"]["name"] = os.path.join(".", tiny_model_dir.name)  # relative to where the run starts
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    text = (result.run_dir / "config.toml").read_text()
+    where = f"(model.name = './{tiny_model_dir.name}' is a local folder)"
+    assert text.splitlines()[0] == f"# model files: {tiny_model_dir.resolve()} {where}"
+    adapter = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert os.path.isabs(adapter["base_model_name_or_path"])
+    make_config(__import__("tomllib").loads(text))  # still a valid config

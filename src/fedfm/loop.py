@@ -106,6 +106,7 @@ class Run:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
+        outputs.note_model_files(run_dir, cfg.model.name, getattr(self.bundle, "source", None))
         outputs.write_client_samples(run_dir, self.data)
         program = ClientProgram.from_config(cfg)
         self.objective, self.pipeline = program.objective, program.pipeline

@@ -44,8 +44,8 @@ def resolve_model(name: str) -> str:
             return MODELS.get(name)()
         except DataError as err:
             raise ModelError(f"model {name!r}: {err}") from None
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    if Path(name).expanduser().is_dir():  # absolute: an exported adapter names it from anywhere
+        return str(Path(name).expanduser().resolve())
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         raise ModelError(f"model.name {name!r} looks like a path but is not a model folder")
     return name  # a Hugging Face id; loading reports a clear error when it is not reachable

@@ -68,6 +68,21 @@ def write_client_samples(run_dir: Path, data, per_client: int = 6, max_clients: 
     return plot_client_samples(samples, Path(run_dir) / SAMPLES_FILE) if samples else None
 
 
+MODEL_FILES = "# model files: "
+
+
+def note_model_files(run_dir: Path, name: str, source: str | None) -> None:
+    """Say in ``config.toml`` (a comment) where the model's files are, when ``model.name`` does not
+    say it (a packaged model, a relative path): the line is replaced on every (re)start."""
+    path = Path(run_dir) / "config.toml"
+    if not source or not path.is_file() or name == source:
+        return
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(MODEL_FILES)]
+    where = "a packaged model" if not Path(name).expanduser().exists() else "a local folder"
+    lines.insert(0, f"{MODEL_FILES}{source} (model.name = {name!r} is {where})")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def write_partition(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / "partition.json"
     path.write_text(json.dumps(summary, indent=1))
