@@ -28,7 +28,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,dev]"
+	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,trackers,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -46,6 +46,19 @@ class RunSection(_Section):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     output_root: str = Field("runs", description="Parent folder of run folders when --output is not given.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every round's metrics (docs/trackers.md; the "
+        "'trackers' extra).",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default: a SQLite store mlflow.db in the run (or sweep) folder.",
+    )
+    tracker_group: str | None = Field(
+        None, description="Tracker runs grouped under this name (a sweep sets its own name)."
+    )
+    wandb_project: str = Field("fedfm", description="The W&B project of wandb runs.")
     mode: Literal["sync", "async"] = Field(
         "sync",
         description="sync: rounds (the server waits for its cohort); async: FedBuff (clients train on the "

@@ -148,6 +148,11 @@ class Run:
             from fedfm.systems.rounds import SystemsClock
 
             self.clock = SystemsClock(cfg, self.data.num_clients, self.state.clock)
+        self.trackers = None  # fedfm.trackers: TensorBoard, MLflow, W&B
+        if cfg.run.trackers:
+            from fedfm.trackers import Trackers
+
+            self.trackers = Trackers(cfg, run_dir, None if self.fresh else self.state.round)
         if cfg.run.mode == "async":
             from fedfm.asynchronous import FedBuff, RemoteFedBuff, SecureFedBuff
 
@@ -349,6 +354,8 @@ class Run:
             self.console.warn(f"round {t}: client {d['client']} dropped: {d['reason']}")
         for rec in rnd.tally.client_records:
             self.metrics.write({**rec, "event": "client", "round": t})
+        if self.trackers is not None:
+            self.trackers.clients(t, rnd.tally.client_records)
         if clustered(self.cfg):
             picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
             record["cluster_sizes"] = [picked.count(j) for j in range(clustered(self.cfg))]
@@ -380,6 +387,8 @@ class Run:
             self.console.warn(f"step {t}: update of client {r['client']} rejected: {r['reason']}")
         for rec in self.fedbuff.client_records:
             self.metrics.write({**rec, "event": "client", "round": t})
+        if self.trackers is not None:
+            self.trackers.clients(t, self.fedbuff.client_records)
         if "skipped" in record:
             self.console.warn(f"step {t}: {record['skipped']}")
         if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
@@ -428,6 +437,8 @@ class Run:
         if "virtual_time_s" in record:
             record["virtual_time_h"] = record["virtual_time_s"] / 3600
         self.metrics.write(record)
+        if self.trackers is not None:
+            self.trackers.round(record)
         self.console.round_row(record)
         for callback in self.callbacks:
             callback(record)
@@ -449,6 +460,9 @@ class Run:
                 bundle, params = self.server_model.bundle, self.server_model.params(params)
             export_adapter(bundle, params, self.run_dir / "adapter", merged=merged, labels=labels)
             outputs.write_outputs(self.run_dir)
+        if self.trackers is not None:
+            with self.console.status("sending the plots and the adapter to the trackers"):
+                self.trackers.finish(self.run_dir, history[-1] if history else {})
         self.engine.close()
         final = next((r for r in reversed(history) if "test_accuracy" in r), history[-1] if history else {})
         self.console.summary(history, self.run_dir)

@@ -198,7 +198,10 @@ def run_sweep(
     from fedfm.loop import RunFailedError
 
     spec = load_sweep(path)
-    cells = [Cell(c.name, c.values, [*c.overrides, *overrides]) for c in expand(spec)]
+    grouped = [
+        f"run.tracker_group={json.dumps(spec.name)}"
+    ]  # trackers: one run per cell, grouped by the sweep
+    cells = [Cell(c.name, c.values, [*c.overrides, *overrides, *grouped]) for c in expand(spec)]
     configs = check_cells(spec, cells)
     out = Path(output) if output else Path(next(iter(configs.values())).run.output_root) / spec.name
     out.mkdir(parents=True, exist_ok=True)
