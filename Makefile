@@ -28,7 +28,11 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,trackers,dev]"
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	  echo "note: could not install chromium; the dashboard's browser test will be skipped"; fi
+	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,trackers,dashboard,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -233,6 +233,39 @@ def _synth_preference(output, generator, per_category, max_new_tokens, batch_siz
 
 
 @app.command()
+def dashboard(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders to watch (several: side by side)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (others need --token, --cert, --key)."
+    ),
+    port: int = typer.Option(8765, "--port", help="Port of the page."),
+    token: str | None = typer.Option(
+        None, "--token", help="Required as ?token=… (or FEDFM_DASHBOARD_TOKEN)."
+    ),
+    cert: Path | None = typer.Option(None, "--cert", help="TLS certificate (PEM)."),
+    key: Path | None = typer.Option(None, "--key", help="TLS private key (PEM)."),
+) -> None:
+    """Serve a live page of one or more runs: progress, curves, the cohort, failures, ε, bytes."""
+    import os
+
+    from fedfm.dashboard.app import DashboardError, make_server
+
+    token = token or os.environ.get("FEDFM_DASHBOARD_TOKEN")
+    try:
+        missing = [str(d) for d in run_dirs if not d.is_dir()]
+        if missing:
+            raise DashboardError(f"not a folder: {', '.join(missing)}")
+        server = make_server(
+            run_dirs, host, port, token, str(cert) if cert else None, str(key) if key else None
+        )
+    except (DashboardError, ImportError) as err:
+        _fail(err)
+    scheme = "https" if cert else "http"
+    Console().print(f"dashboard on {scheme}://{host}:{port}/{'?token=…' if token else ''} (Ctrl-C stops it)")
+    server.run()
+
+
+@app.command()
 def server(
     config: Path | None = typer.Argument(None, help="TOML experiment file (model, training, rounds...)."),
     address: str = typer.Option("0.0.0.0:50051", "--address", help="HOST:PORT to listen on."),
@@ -290,6 +323,7 @@ def server(
             min_available=min_available,
             wait_timeout_s=wait_timeout,
             progress=not quiet,
+            dashboard_port=dashboard,
         )
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)

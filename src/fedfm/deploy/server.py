@@ -293,8 +293,10 @@ def serve(
     min_available: int | None = None,
     wait_timeout_s: float = 600.0,
     progress: bool = True,
+    dashboard_port: int | None = None,
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
+    ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.dashboard``).
 
     Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
     for at least ``min_available`` (default ``sampling.min_clients``). A round then waits up to
@@ -348,6 +350,12 @@ def serve(
 
         coord.split = SplitServer(cfg, run.bundle, run.task, coord.label_names)
     server, port = start_server(coord, address, security, note)
+    page = None
+    if dashboard_port is not None:
+        from fedfm.dashboard.app import serve_in_thread
+
+        page = serve_in_thread([run_dir], "127.0.0.1", dashboard_port)
+        note(f"dashboard on http://127.0.0.1:{dashboard_port}/")
     try:
         note(f"listening on port {port}; waiting for clients")
         connected = run.engine.wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
@@ -362,6 +370,8 @@ def serve(
             coord.cond.notify_all()
         time.sleep(min(POLL_S, 2.0))  # let polling clients hear "done"
         server.stop(grace=1.0)
+        if page is not None:
+            page.should_exit = True
     return result
 
 

@@ -1,0 +1,132 @@
+"""What the dashboard shows of one run folder, read from its files as they grow (pure reading).
+
+A run's view is its config (rounds, privacy target), the round records so far, and the last
+round's cohort with each client's status: trained, failed (with the stage and reason), rejected by
+validation (with the reason), timed out, dropped (over-selected, late, offline). Per-client
+metrics are left out where the server may not see them: under secure aggregation or DP.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+ROUND_KEYS = (
+    "round", "num_clients", "train_loss", "test_loss", "test_accuracy", "test_perplexity",
+    "test_reward_accuracy", "epsilon", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
+    "virtual_time_s", "elapsed_s", "skipped",
+)  # fmt: skip
+
+
+class RunView:
+    """One run folder, read incrementally: ``poll()`` → the records that appeared since."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.offset = 0
+        self.rounds: list[dict] = []
+        self.clients: dict[int, list[dict]] = {}
+        self.events: list[dict] = []
+        self.config = self._config()
+
+    def _config(self) -> dict:
+        path = self.run_dir / "config.toml"
+        try:
+            return tomllib.loads(path.read_text()) if path.is_file() else {}
+        except (tomllib.TOMLDecodeError, OSError):
+            return {}
+
+    @property
+    def withholds_clients(self) -> bool:
+        """Secure aggregation or DP: individual clients' metrics are not the server's to show."""
+        privacy, secagg = self.config.get("privacy", {}), self.config.get("secagg", {})
+        return bool(secagg.get("enabled")) or privacy.get("dp", "none") != "none"
+
+    def poll(self) -> bool:
+        """Read what was appended to metrics.jsonl; True if anything new arrived."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        if not self.config:
+            self.config = self._config()
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            if size < self.offset:  # truncated (a resume rewinds the log): read it again
+                self.offset, self.rounds, self.clients, self.events = 0, [], {}, []
+            fh.seek(self.offset)
+            data = fh.read()
+        cut = data.rfind(b"\n") + 1  # only whole lines; a half-written one waits for the next poll
+        self.offset += cut
+        new = False
+        for line in data[:cut].splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            new = True
+            kind = record.get("event")
+            if kind == "round":
+                self.rounds = [r for r in self.rounds if r["round"] != record.get("round")] + [record]
+            elif kind == "client":
+                self.clients.setdefault(int(record.get("round", 0)), []).append(record)
+            elif kind in ("stopped", "personalization", "sharing", "warmup"):
+                self.events.append(record)
+        return new
+
+    def cohort(self) -> list[dict]:
+        """The last round's clients and what became of each."""
+        if not self.rounds:
+            return []
+        last = self.rounds[-1]
+        status: dict[int, dict] = {}
+        for c in last.get("cohort") or []:
+            status[int(c)] = {"client": int(c), "status": "sampled"}
+        for rec in self.clients.get(int(last["round"]), []):
+            entry = {"client": int(rec["client"]), "status": "trained"}
+            if not self.withholds_clients:
+                entry["train_loss"] = rec.get("train_loss")
+                entry["num_examples"] = rec.get("num_examples")
+            status[entry["client"]] = entry
+        if self.withholds_clients:  # accepted clients are counted, not listed by their metrics
+            for c in status.values():
+                if c["status"] == "sampled" and last.get("num_clients"):
+                    c["status"] = "in the sum"
+        for f in last.get("failed") or []:
+            stage = str(f.get("stage", ""))
+            kind = "timed out" if stage == "timeout" else "failed"
+            status[int(f["client"])] = {"client": int(f["client"]), "status": kind, "stage": stage,
+                                        "reason": str(f.get("reason", ""))}  # fmt: skip
+        for r in last.get("rejected") or []:
+            status[int(r["client"])] = {
+                "client": int(r["client"]),
+                "status": "rejected",
+                "reason": str(r.get("reason", "")),
+            }
+        for d in last.get("dropped") or []:
+            status[int(d["client"])] = {
+                "client": int(d["client"]),
+                "status": "dropped",
+                "reason": str(d.get("reason", "")),
+            }
+        return [status[k] for k in sorted(status)]
+
+    def snapshot(self) -> dict:
+        run, privacy = self.config.get("run", {}), self.config.get("privacy", {})
+        last = self.rounds[-1] if self.rounds else {}
+        return {
+            "name": self.run_dir.name,
+            "path": str(self.run_dir),
+            "rounds_total": run.get("rounds"),
+            "round": last.get("round", 0),
+            "mode": run.get("mode", "sync"),
+            "task": self.config.get("task", {}).get("kind", "classification"),
+            "target_epsilon": privacy.get("target_epsilon"),
+            "withholds_clients": self.withholds_clients,
+            "history": [{k: r.get(k) for k in ROUND_KEYS if k in r} for r in self.rounds],
+            "cohort": self.cohort(),
+            "generations": last.get("generations")
+            or next((r["generations"] for r in reversed(self.rounds) if r.get("generations")), []),
+            "events": self.events[-5:],
+            "finished": (self.run_dir / "report.html").is_file() and last.get("round") == run.get("rounds"),
+        }

@@ -1,0 +1,143 @@
+"""The live dashboard: what it reads from a run folder, who may see it, and the page in a real
+browser (headless Chromium driven by Playwright) while a real run goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tomli_w
+from tests.deploy_tools import free_port
+
+from fedfm.dashboard.app import DashboardError, check_binding
+from fedfm.dashboard.state import RunView
+
+pytest.importorskip("starlette")
+pytest.importorskip("sse_starlette")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("FEDFM_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+BROWSER_ARGS = [  # as root, with no network: no sandbox, no background connections
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def test_a_run_view_reads_whole_lines_and_every_client_status(tmp_path):
+    (tmp_path / "config.toml").write_text("[run]\nrounds = 3\n")
+    rnd = {"event": "round", "round": 1, "cohort": [0, 1, 2, 3, 4], "num_clients": 2,
+           "failed": [{"client": 2, "stage": "timeout", "reason": "no update within 60 s"},
+                      {"client": 3, "stage": "decode", "reason": "<script>alert(1)</script>"}],
+           "rejected": [{"client": 4, "reason": "update norm 91.2 exceeds the bound"}]}  # fmt: skip
+    client = {"event": "client", "round": 1, "client": 0, "train_loss": 0.5, "num_examples": 9}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(client) + "\n" + json.dumps(rnd)[:40])  # the round line half written
+    view = RunView(tmp_path)
+    assert view.poll() and view.rounds == []
+    path.write_text(json.dumps(client) + "\n" + json.dumps(rnd) + "\n")
+    assert view.poll()
+    status = {c["client"]: c for c in view.snapshot()["cohort"]}
+    assert [status[k]["status"] for k in range(5)] == [
+        "trained",
+        "sampled",
+        "timed out",
+        "failed",
+        "rejected",
+    ]
+    assert status[3]["reason"] == "<script>alert(1)</script>"  # as data: the page inserts it as text
+    assert status[0]["train_loss"] == 0.5
+
+
+def test_under_secure_aggregation_or_dp_no_client_metrics_are_shown(tmp_path):
+    (tmp_path / "config.toml").write_text('[run]\nrounds = 2\n[privacy]\ndp = "client"\n')
+    rows = [{"event": "client", "round": 1, "client": 0, "train_loss": 0.5},
+            {"event": "round", "round": 1, "cohort": [0], "num_clients": 1}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    view = RunView(tmp_path)
+    view.poll()
+    assert view.snapshot()["cohort"] == [{"client": 0, "status": "trained"}]
+
+
+def test_off_loopback_the_dashboard_needs_a_token_and_tls():
+    check_binding("127.0.0.1", None, None, None)
+    with pytest.raises(DashboardError, match="--token, --cert, --key"):
+        check_binding("0.0.0.0", None, None, None)
+    with pytest.raises(DashboardError, match="--cert, --key"):
+        check_binding("10.0.0.5", "s3cret", None, None)
+
+
+def _start(args, log):
+    return subprocess.Popen([sys.executable, "-m", "fedfm.cli", *map(str, args)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _wait_until_up(url, proc, log):
+    stop = time.monotonic() + 60
+    while time.monotonic() < stop:
+        try:
+            return _get(url)
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+@pytest.mark.skipif(  # in CI (CI=true) a missing browser is a failure, not a skip
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+def test_the_page_in_a_real_browser_follows_a_live_run(tiny_config, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    cfg = tiny_config(
+        run={"rounds": 12}, partition={"num_clients": 5}, attack={"kind": "nan", "fraction": 0.2}
+    )
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    run_dir, port = tmp_path / "run", free_port()
+    run = _start(["run", path, "--output", run_dir, "--quiet"], tmp_path / "run.log")
+    token = "t0ken-for-the-test"
+    page_server = _start(["dashboard", run_dir, "--port", port, "--token", token], tmp_path / "dash.log")
+    try:
+        base = f"http://127.0.0.1:{port}/"
+        assert _wait_until_up(base, page_server, tmp_path / "dash.log") == 401  # no token, no page
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1000, "height": 820})
+            page.goto(f"{base}?token={token}")
+            progress = page.locator("[data-role=progress]")
+            progress.wait_for(timeout=60_000)
+
+            def shown_round() -> int:
+                return int(progress.inner_text().split()[1])
+
+            first = shown_round()
+            stop = time.monotonic() + 120
+            while shown_round() <= first + 1 and time.monotonic() < stop:  # it advances by itself
+                time.sleep(0.3)
+            assert shown_round() > first + 1
+            rejected = page.locator("tr.rejected").first
+            rejected.wait_for(timeout=60_000)
+            assert "non-finite" in rejected.inner_text() or "nan" in rejected.inner_text().lower()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        page_server.terminate()
+        run.wait(timeout=300)
+        page_server.wait(timeout=30)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
