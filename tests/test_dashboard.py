@@ -110,8 +110,17 @@ def test_the_page_in_a_real_browser_follows_a_live_run(tiny_config, tmp_path):
     path.write_text(tomli_w.dumps(cfg))
     run_dir, port = tmp_path / "run", free_port()
     run = _start(["run", path, "--output", run_dir, "--quiet"], tmp_path / "run.log")
+    hostile = tmp_path / "hostile"  # a second run, side by side, whose client sent a reason made of HTML
+    hostile.mkdir()
+    (hostile / "config.toml").write_text("[run]\nrounds = 2\n")
+    evil = '<img src=x onerror="window.__owned = 1"><b>bold</b>'
+    record = {"event": "round", "round": 1, "cohort": [7], "num_clients": 0,
+              "failed": [{"client": 7, "stage": "decode", "reason": evil}]}  # fmt: skip
+    (hostile / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     token = "t0ken-for-the-test"
-    page_server = _start(["dashboard", run_dir, "--port", port, "--token", token], tmp_path / "dash.log")
+    page_server = _start(
+        ["dashboard", run_dir, hostile, "--port", port, "--token", token], tmp_path / "dash.log"
+    )
     try:
         base = f"http://127.0.0.1:{port}/"
         assert _wait_until_up(base, page_server, tmp_path / "dash.log") == 401  # no token, no page
@@ -119,8 +128,13 @@ def test_the_page_in_a_real_browser_follows_a_live_run(tiny_config, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             page = browser.new_page(viewport={"width": 1000, "height": 820})
             page.goto(f"{base}?token={token}")
-            progress = page.locator("[data-role=progress]")
+            progress = page.locator("[data-run=run] [data-role=progress]")
             progress.wait_for(timeout=60_000)
+            failed = page.locator("[data-run=hostile] tr.failed")
+            assert evil in failed.inner_text()  # shown as text: the markup is not the page's
+            assert (
+                page.evaluate("window.__owned") is None and page.locator("[data-run=hostile] b").count() == 0
+            )
 
             def shown_round() -> int:
                 return int(progress.inner_text().split()[1])

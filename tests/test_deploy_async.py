@@ -38,13 +38,19 @@ def test_async_server_with_a_slow_client_is_killed_and_resumes(tmp_path, tiny_co
     args = server_args(
         path, port, tmp_path / "tokens.txt", certs, out, "--mode", "async", "--round-timeout", "60"
     )
-    server = start(args, tmp_path / "s1.log")
+    page = free_port()  # the deployment's live dashboard, beside the first server's life
+    server = start([*args, "--dashboard", page], tmp_path / "s1.log")
     slow = 3  # this client waits 1.5 s before every upload, the other three 0.3 s
     clients = [
         start(client_args(port, t, certs, "--delay", "1.5" if k == slow else "0.3"), tmp_path / f"c{k}.log")
         for k, t in enumerate(tokens)
     ]
     wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 4,', timeout=180)
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{page}/api/runs", timeout=10) as reply:
+        shown = json.loads(reply.read())
+    assert shown[0]["mode"] == "async" and shown[0]["round"] >= 4  # fedfm server --dashboard
     server.send_signal(signal.SIGKILL)
     server.wait()
     resumed = [args[0], *(a for a in args[2:] if a not in ("--mode", "async"))]  # no config file

@@ -67,7 +67,14 @@ def run_baselines(run, final: Params, progress=None) -> dict:
     note("baselines: evaluating the federated global model")
     results = [row(lambda k: final, "federated")]
     note(f"baselines: local-only, {data.num_clients} clients × {rounds} rounds of local steps each")
-    local = {k: _train(run, data.client_train[k], rounds * steps[k], k, start) for k in clients}
+    from fedfm.reporting.console import Eta
+
+    eta, local = Eta(len(clients)), {}
+    for i, k in enumerate(clients):
+        local[k] = _train(run, data.client_train[k], rounds * steps[k], k, start)
+        eta.step(i + 1)
+        if len(clients) > 1 and i + 1 < len(clients):
+            note(f"baselines: local-only, {i + 1}/{len(clients)} clients trained (ETA {eta.left()})")
     results.append(row(lambda k: local[k], "local-only"))
     note(f"baselines: centralized, {total} steps on the pooled data")
     pooled = np.sort(np.concatenate(data.client_train))

@@ -107,7 +107,10 @@ def export(
     from fedfm.models.export import export_run
 
     try:
-        path = export_run(run_dir, output, merge)
+        with Console().status(
+            "merging the adapter into the base weights" if merge else "writing the adapter"
+        ):
+            path = export_run(run_dir, output, merge)
     except (FileNotFoundError, FileExistsError, *_user_errors()) as err:
         _fail(err)
     kind = (
@@ -252,9 +255,11 @@ def dashboard(
 
     token = token or os.environ.get("FEDFM_DASHBOARD_TOKEN")
     try:
-        missing = [str(d) for d in run_dirs if not d.is_dir()]
-        if missing:
-            raise DashboardError(f"not a folder: {', '.join(missing)}")
+        for d in run_dirs:
+            if d.exists() and not d.is_dir():
+                raise DashboardError(f"{d} is not a run folder")
+            if not d.exists():  # a run about to start: its card fills in when the folder appears
+                Console().print(f"waiting for {d} to appear")
         server = make_server(
             run_dirs, host, port, token, str(cert) if cert else None, str(key) if key else None
         )
@@ -292,6 +297,9 @@ def server(
         "--mode",
         help="sync (rounds) or async (FedBuff: clients pull and push when ready); default run.mode.",
     ),
+    dashboard_port: int | None = typer.Option(
+        None, "--dashboard", help="Serve the live dashboard of this run on 127.0.0.1:PORT."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
@@ -323,7 +331,7 @@ def server(
             min_available=min_available,
             wait_timeout_s=wait_timeout,
             progress=not quiet,
-            dashboard_port=dashboard,
+            dashboard_port=dashboard_port,
         )
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)

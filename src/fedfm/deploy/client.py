@@ -353,7 +353,7 @@ def submit(
     timeout: float,
     delay_s: float = 0.0,
 ) -> None:
-    rnd = int(header["round"])
+    rnd, started = int(header["round"]), time.monotonic()
     try:
         groups = unpack_tensors(blob)
         rows = ident.rows(trainer)
@@ -384,3 +384,8 @@ def submit(
     ident.last_round = rnd
     if not reply.accepted:
         note(f"client {ident.client_id}: round {rnd} update refused: {reply.reason}")
+    elif "failed" not in reply_header:  # one line per update: what this client is doing, in a log too
+        took = time.monotonic() - started
+        note(
+            f"client {ident.client_id}: round {rnd}: update sent ({len(payload) / 1e6:.2f} MB, {took:.1f} s)"
+        )

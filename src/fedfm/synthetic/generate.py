@@ -273,6 +273,9 @@ def synthesize(
         note(f"loading generator {settings.generator!r} on {dev}")
         model, tokenizer = load_generator(settings.generator, dev)
         quality = QualityFilter(settings, dev) if settings.quality_filter else None
+        from fedfm.reporting.console import Eta
+
+        eta = Eta(settings.per_class * len(settings.labels), sum(accepted.values()))  # from accepted samples
         with output.open("a") as fh:
             for label in todo:
                 prompt = render_prompt(settings, label)
@@ -288,7 +291,11 @@ def synthesize(
                     fh.flush()
                     progress.batches[label] = b + 1
                     _save_progress(output, progress)
-                    note(f"{label}: batch {b + 1}, {accepted[label]}/{settings.per_class} accepted")
+                    eta.step(sum(accepted.values()))
+                    note(
+                        f"{label}: batch {b + 1}, {accepted[label]}/{settings.per_class} accepted "
+                        f"({sum(accepted.values())}/{eta.total} in all, ETA {eta.left()})"
+                    )
     summary = {"accepted": accepted, **asdict(progress)}
     short = [lab for lab in settings.labels if accepted[lab] < settings.per_class]
     if short:

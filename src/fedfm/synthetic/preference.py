@@ -102,6 +102,9 @@ def preference_pairs(
             "seed": settings.seed,
         }
         with output.open("a", encoding="utf-8") as f:
+            from fedfm.reporting.console import Eta
+
+            eta = Eta(len(todo))
             for start in range(0, len(todo), settings.batch_size):
                 chunk = todo[start : start + settings.batch_size]
                 prompts = [[{"role": "user", "content": prompt}] for _, prompt, _ in chunk]
@@ -116,6 +119,7 @@ def preference_pairs(
                         f.write(json.dumps({**row, "provenance": provenance}, ensure_ascii=False) + "\n")
                         written += 1
                 f.flush()
-                note(f"{min(start + settings.batch_size, len(todo))}/{len(todo)} prompts answered, "
-                     f"{written} pairs written")  # fmt: skip
+                done = min(start + settings.batch_size, len(todo))
+                eta.step(done)
+                note(f"{done}/{len(todo)} prompts answered, {written} pairs written (ETA {eta.left()})")
     return {"written": written, "dropped": dict(dropped)}
