@@ -146,6 +146,7 @@ class Trainer:
             self.bundle, self.task = build_task(cfg, data)
         self.program = ClientProgram.from_config(cfg)
         self.lock = threading.Lock()
+        self.started = time.monotonic()  # the run's ETA, as this client sees its rounds go by
 
     def train(
         self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None, send=None
