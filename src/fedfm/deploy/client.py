@@ -387,6 +387,17 @@ def submit(
         note(f"client {ident.client_id}: round {rnd} update refused: {reply.reason}")
     elif "failed" not in reply_header:  # one line per update: what this client is doing, in a log too
         took = time.monotonic() - started
-        note(
-            f"client {ident.client_id}: round {rnd}: update sent ({len(payload) / 1e6:.2f} MB, {took:.1f} s)"
-        )
+        sent = f"update sent ({len(payload) / 1e6:.2f} MB, {took:.1f} s)"
+        note(f"client {ident.client_id}: round {rnd}: {sent}{run_eta(trainer, rnd)}")
+
+
+def run_eta(trainer: Trainer, rnd: int) -> str:
+    """``; round 3 of 10, run ETA 4m10s`` from the rounds this client has seen (synchronous runs;
+    an asynchronous server numbers tasks, not rounds)."""
+    cfg = trainer.cfg
+    if cfg.run.mode != "sync" or rnd < 1:
+        return ""
+    from fedfm.reporting.console import duration
+
+    left = (time.monotonic() - trainer.started) / rnd * max(0, cfg.run.rounds - rnd)
+    return f"; round {rnd} of {cfg.run.rounds}, run ETA {duration(left)}"
