@@ -74,10 +74,10 @@ def run(
         if resume is not None:
             check_not_finished(resume, set_)
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
-    except RunFinished as done:
-        Console().print(escape(str(done)))
+    except RunFinished as done:  # one line, never wrapped: a path and a command to copy
+        Console().print(escape(str(done)), soft_wrap=True)
     except RunInterrupted as stop:
-        err_console.print(f"[yellow]{escape(str(stop))}[/yellow]")
+        err_console.print(f"[yellow]{escape(str(stop))}[/yellow]", soft_wrap=True)
         raise typer.Exit(130) from None
     except _user_errors() as err:
         _fail(err)
