@@ -28,7 +28,6 @@ the same buffer from real processes, with real time for the virtual clock.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -93,7 +92,7 @@ class FedBuff:
         self.run, self.cfg, self.clock = run, run.cfg.fedbuff, run.clock
         self.concurrency = self.cfg.concurrency or run.cohort
         saved = run.state.clock
-        self.seq = itertools.count(int(saved.get("seq", 0)))
+        self.seq = int(saved.get("seq", 0))  # orders the heap of updates in flight
         self.dispatches = int(saved.get("dispatches", 0))
         self.in_flight = [
             InFlight(
@@ -115,18 +114,24 @@ class FedBuff:
         flying = [
             {"free_at": f.free_at, "seq": f.seq, "client": f.client, "version": f.version, "start": f.start,
              "result": encode_result(f.result) if f.result is not None else None}
-            for f in self.in_flight
+            for f in self._kept_in_flight()
         ]  # fmt: skip
         buffer = [{"version": v, "result": encode_result(r)} for v, r in self.buffer]
-        nxt = next(self.seq)
-        self.seq = itertools.count(nxt)
         return {
             **self.clock.state(),
             "in_flight": flying,
             "buffer": buffer,
             "dispatches": self.dispatches,
-            "seq": nxt,
+            "seq": self.seq,
         }
+
+    def _kept_in_flight(self) -> list[InFlight]:
+        """The updates in flight a resumed run can continue (here: all of them, results and all)."""
+        return self.in_flight
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
 
     # -- dispatching -------------------------------------------------------------------------
     def _held(self, client: int) -> int:
@@ -134,74 +139,91 @@ class FedBuff:
             f.client == client for f in self.in_flight
         )
 
+    def _idle(self, clients) -> list[int]:
+        """Those of ``clients`` that may train for the current buffer: not in flight, under their cap."""
+        busy = {f.client for f in self.in_flight}
+        return [k for k in clients if k not in busy and self._held(k) < self.cfg.max_per_client]
+
     def _eligible(self) -> list[int]:
         """Idle clients that may train now for the current buffer (online, under their cap)."""
-        busy = {f.client for f in self.in_flight}
-        return [
-            k for k in self.clock.online(self.clock.time)
-            if k not in busy and self._held(k) < self.cfg.max_per_client
-        ]  # fmt: skip
+        return self._idle(self.clock.online(self.clock.time))
+
+    def _pick(self, eligible: list[int], size: int) -> list[int]:
+        """``size`` of ``eligible``, uniformly, from the run seed and the dispatch count."""
+        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
+        self.dispatches += 1
+        return sorted(int(c) for c in rng.choice(eligible, size=size, replace=False))
+
+    def _launch(self, picks: list[int], task_round: int, wave: int | None = None):
+        """Train ``picks`` now on the current version (the context of round ``task_round``) and put
+        each update in flight until its virtual delivery, or until its client goes offline (its work
+        lost); → (the ServerRound the context came from, the clients that failed)."""
+        run, version, start = self.run, self.run.state.round, self.clock.time
+        rnd = run.server_round(task_round, picks)
+        ctx = round_context(rnd, run.pipeline)
+        down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
+        failed = []
+        for result in run.engine.run_cohort(run.state.params, picks, ctx):
+            c = result.client_id
+            if result.failure is not None:
+                failed.append(result)
+                continue
+            steps = float(result.update.metrics.get("steps", 0.0))
+            done = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update)).finish
+            if done is None:  # it goes offline first: its slot frees then
+                done, result = run.clock.profiles[c].availability.online_until(start), None
+            heapq.heappush(self.in_flight, InFlight(done, self._next_seq(), c, version, start, result, wave))
+        return rnd, failed
 
     def _dispatch(self) -> None:
         free = self.concurrency - len(self.in_flight)
         eligible = self._eligible() if free > 0 else []
         if not eligible:
             return
-        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
-        self.dispatches += 1
-        picks = sorted(int(c) for c in rng.choice(eligible, size=min(free, len(eligible)), replace=False))
-        run, version, start = self.run, self.run.state.round, self.clock.time
-        rnd = run.server_round(version + 1, picks)  # the context a synchronous round v + 1 would give
-        ctx = round_context(rnd, run.pipeline)
-        down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
-        for result in run.engine.run_cohort(run.state.params, picks, ctx):
-            c = result.client_id
-            if result.failure is not None:
-                self.events["failed"].append(result.failure.as_dict())
-                continue
-            steps = float(result.update.metrics.get("steps", 0.0))
-            arrival = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update))
-            if arrival.finish is None:  # it goes offline first: its slot frees then, its work is lost
-                gone = run.clock.profiles[c].availability.online_until(start)
-                heapq.heappush(self.in_flight, InFlight(gone, next(self.seq), c, version, start))
-            else:
-                heapq.heappush(
-                    self.in_flight, InFlight(arrival.finish, next(self.seq), c, version, start, result)
-                )
+        picks = self._pick(eligible, min(free, len(eligible)))
+        # the context a synchronous round v + 1 would give (FedBuff at zero staleness is FedAvg)
+        _, failed = self._launch(picks, self.run.state.round + 1)
+        self.events["failed"] += [result.failure.as_dict() for result in failed]
 
     def _next_online(self) -> float:
         """When an idle client under its cap next comes online (inf: none will, or no slot is free)."""
         if len(self.in_flight) >= self.concurrency:
             return math.inf
-        busy = {f.client for f in self.in_flight}
-        idle = [
-            k
-            for k in range(len(self.clock.profiles))
-            if k not in busy and self._held(k) < self.cfg.max_per_client
-        ]
         t = self.clock.time
-        later = [self.clock.profiles[k].availability.next_online(t) for k in idle]
+        later = [
+            self.clock.profiles[k].availability.next_online(t)
+            for k in self._idle(range(len(self.clock.profiles)))
+        ]
         return min((x for x in later if x > t), default=math.inf)
+
+    def _next_event(self, hopeless: str) -> InFlight | None:
+        """Advance the clock to the next event: an idle client coming online (→ None) or the
+        earliest update in flight landing or dropping out (→ it, off the heap). ``hopeless``: the
+        message when neither will ever happen."""
+        arrive = self.in_flight[0].free_at if self.in_flight else math.inf
+        online = self._next_online()
+        if math.isinf(arrive) and math.isinf(online):
+            from fedfm.systems.rounds import NobodyOnline
+
+            raise NobodyOnline(hopeless)
+        if online < arrive:
+            self.clock.time = online
+            return None
+        f = heapq.heappop(self.in_flight)
+        self.clock.time = f.free_at
+        return f
 
     # -- the buffer --------------------------------------------------------------------------
     def fill(self) -> None:
         """Advance the clock until the buffer holds K updates."""
         while len(self.buffer) < self.cfg.buffer_size:
             self._dispatch()
-            arrive = self.in_flight[0].free_at if self.in_flight else math.inf
-            online = self._next_online()
-            if math.isinf(arrive) and math.isinf(online):
-                from fedfm.systems.rounds import NobodyOnline
-
-                raise NobodyOnline(
-                    f"FedBuff at virtual time {self.clock.time:.0f} s: no client is in flight or will come "
-                    f"online again, and the buffer holds {len(self.buffer)} of {self.cfg.buffer_size} updates"
-                )
-            if online < arrive:
-                self.clock.time = online
+            f = self._next_event(
+                f"FedBuff at virtual time {self.clock.time:.0f} s: no client is in flight or will come "
+                f"online again, and the buffer holds {len(self.buffer)} of {self.cfg.buffer_size} updates"
+            )
+            if f is None:
                 continue
-            f = heapq.heappop(self.in_flight)
-            self.clock.time = f.free_at
             if f.result is None:
                 self.events["dropped"].append(
                     {"client": f.client, "reason": "went offline before delivering"}
@@ -231,20 +253,27 @@ class FedBuff:
         cfg = self.cfg
         rnd.staleness = lambda tau: staleness_weight(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         state, record = apply_round(run.state, [r for _, r in taken], rnd, run.strategy)
+        return self._settle(state, record, rnd, [run.state.round - v for v, _ in taken], start)
+
+    def _settle(
+        self, state, record: dict, rnd, taus: list[int], start: float, mean: float | None = None
+    ) -> dict:
+        """The step's record: the events since the last step (failures, dropouts, stale updates),
+        the staleness (``mean``: its mean, when not that of ``taus``), the clock; the run takes the
+        new state."""
         events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
-        taus = [run.state.round - v for v, _ in taken]
         record.update(
             failed=[*events["failed"], *record["failed"]],
             rejected=[*events["rejected"], *record["rejected"]],
             dropped=events["dropped"],
             staleness=taus,
-            staleness_mean=sum(taus) / len(taus) if taus else 0.0,
+            staleness_mean=mean if mean is not None else sum(taus) / len(taus) if taus else 0.0,
             in_flight=len(self.in_flight),
             virtual_time_s=self.clock.time,
             round_virtual_s=self.clock.time - start,
             **self.clock.totals,
         )
-        run.state, self.client_records = state, rnd.tally.client_records
+        self.run.state, self.client_records = state, rnd.tally.client_records
         return record
 
 
@@ -271,19 +300,15 @@ class RemoteFedBuff(FedBuff):
         free = self.concurrency - len(self.in_flight)
         if free <= 0:
             return
-        busy = {f.client for f in self.in_flight}
-        connected = self.engine.coord.connected()
-        eligible = [k for k in connected if k not in busy and self._held(k) < self.cfg.max_per_client]
+        eligible = self._idle(self.engine.coord.connected())
         if not eligible:
             return
-        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
-        self.dispatches += 1
-        picks = sorted(int(c) for c in rng.choice(eligible, size=min(free, len(eligible)), replace=False))
+        picks = self._pick(eligible, min(free, len(eligible)))
         run, now = self.run, self._now()
         rnd = run.server_round(self.dispatches, picks)  # a task number no other task has: its seeds
         self.engine.post_each(run.state.params, picks, round_context(rnd, run.pipeline))
         for c in picks:
-            self.in_flight.append(InFlight(now + self.timeout_s, next(self.seq), c, run.state.round, now))
+            self.in_flight.append(InFlight(now + self.timeout_s, self._next_seq(), c, run.state.round, now))
 
     def fill(self) -> None:
         while len(self.buffer) < self.cfg.buffer_size:
@@ -311,12 +336,8 @@ class RemoteFedBuff(FedBuff):
                 continue
             self._admit(sent, result)
 
-    def state(self) -> dict:
-        flying, self.in_flight = self.in_flight, []
-        try:
-            return super().state()  # no tasks in flight: a restarted server hands out new ones
-        finally:
-            self.in_flight = flying
+    def _kept_in_flight(self) -> list[InFlight]:
+        return []  # tasks die with the server: a restarted one hands out new ones
 
 
 @dataclass
@@ -348,42 +369,21 @@ class SecureFedBuff(FedBuff):
         self.waves: dict[int, Wave] = {}
         self.ready: list[int] = []
 
-    def state(self) -> dict:
-        flying, self.in_flight = self.in_flight, []
-        try:
-            return super().state()
-        finally:
-            self.in_flight = flying
+    def _kept_in_flight(self) -> list[InFlight]:
+        return []  # the waves' protocol state is the clients': a resumed run dispatches new waves
 
     def _dispatch(self) -> None:
-        k, run = self.cfg.buffer_size, self.run
+        k = self.cfg.buffer_size
         while self.concurrency - len(self.in_flight) >= k:
             eligible = self._eligible()
             if len(eligible) < k:
                 return
-            rng = numpy_rng(run.cfg.run.seed, "fedbuff", self.dispatches)
-            self.dispatches += 1
-            picks = sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
-            version, start = run.state.round, self.clock.time
-            rnd = run.server_round(self.dispatches, picks)  # its own keys, graph and seeds
-            ctx = round_context(rnd, run.pipeline)
-            wave_id = next(self.seq)
-            wave = self.waves[wave_id] = Wave(rnd, version, set(picks))
-            down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
-            for result in run.engine.run_cohort(run.state.params, picks, ctx):
-                c = result.client_id
-                if result.failure is not None:
-                    wave.pending.discard(c)
-                    wave.results.append(result)
-                    continue
-                steps = float(result.update.metrics.get("steps", 0.0))
-                arrival = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update))
-                done = arrival.finish
-                if done is None:
-                    done, result = run.clock.profiles[c].availability.online_until(start), None
-                heapq.heappush(
-                    self.in_flight, InFlight(done, next(self.seq), c, version, start, result, wave_id)
-                )
+            picks, version = self._pick(eligible, k), self.run.state.round
+            wave_id = self._next_seq()
+            rnd, failed = self._launch(picks, self.dispatches, wave_id)  # its own keys, graph and seeds
+            wave = self.waves[wave_id] = Wave(
+                rnd, version, set(picks) - {r.client_id for r in failed}, failed
+            )
             if not wave.pending:
                 self.ready.append(wave_id)
 
@@ -392,20 +392,12 @@ class SecureFedBuff(FedBuff):
             self._dispatch()
             if self.ready:
                 return
-            arrive = self.in_flight[0].free_at if self.in_flight else math.inf
-            online = self._next_online()
-            if math.isinf(arrive) and math.isinf(online):
-                from fedfm.systems.rounds import NobodyOnline
-
-                raise NobodyOnline(
-                    f"secure FedBuff at virtual time {self.clock.time:.0f} s: fewer than "
-                    f"{self.cfg.buffer_size} clients can ever be online together again"
-                )
-            if online < arrive:
-                self.clock.time = online
+            f = self._next_event(
+                f"secure FedBuff at virtual time {self.clock.time:.0f} s: fewer than "
+                f"{self.cfg.buffer_size} clients can ever be online together again"
+            )
+            if f is None:
                 continue
-            f = heapq.heappop(self.in_flight)
-            self.clock.time = f.free_at
             wave = self.waves[f.wave]
             wave.pending.discard(f.client)
             if f.result is None:  # a dropout of the wave's protocol
@@ -433,18 +425,5 @@ class SecureFedBuff(FedBuff):
         rnd.t, rnd.tau, rnd.on_client = t, tau, bar.start_round(t, len(rnd.cohort))
         rnd.staleness = lambda x: staleness_weight(x, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         state, record = apply_round(run.state, wave.results, rnd, run.strategy)
-        events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
-        record.update(
-            failed=[*events["failed"], *record["failed"]],
-            rejected=[*events["rejected"], *record["rejected"]],
-            dropped=events["dropped"],
-            staleness=[tau] * len(rnd.tally.accepted),
-            staleness_mean=float(tau),
-            secagg=rnd.secure.report(),
-            in_flight=len(self.in_flight),
-            virtual_time_s=self.clock.time,
-            round_virtual_s=self.clock.time - start,
-            **self.clock.totals,
-        )
-        run.state, self.client_records = state, rnd.tally.client_records
-        return record
+        record["secagg"] = rnd.secure.report()
+        return self._settle(state, record, rnd, [tau] * len(rnd.tally.accepted), start, mean=float(tau))

@@ -324,6 +324,8 @@ class Run:
     def sample(self, t: int) -> list[int]:
         n, seed = self.data.num_clients, self.cfg.run.seed
         rng = self.privacy.cohort_rng(t) if self.privacy is not None else None  # DP: unpredictable
+        if self.clock is not None and self.clock.shapes_cohort:  # the online clients; over-selection
+            return self.clock.select(t, self.cohort, seed, rng)
         if self.cfg.sampling.method == "poisson":
             return poisson_cohort(n, self.cohort / n, seed, t, rng)
         return sample_cohort(n, self.cohort, seed, t, rng)
@@ -338,9 +340,7 @@ class Run:
     def run_round(self, t: int, bar) -> dict:
         start = time.perf_counter()
         clock = self.clock
-        shaped = clock is not None and clock.shapes_cohort  # only the online clients; over-selection
-        rng = self.privacy.cohort_rng(t) if self.privacy is not None else None
-        cohort = clock.select(t, self.cohort, self.cfg.run.seed, rng) if shaped else self.sample(t)
+        cohort = self.sample(t)
         rnd = self.server_round(t, cohort, bar.start_round(t, len(cohort)))
         ctx = round_context(rnd, self.pipeline)
         results = self.engine.run_cohort(self.state.params, cohort, ctx)
