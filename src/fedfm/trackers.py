@@ -49,6 +49,15 @@ def scalars(record: dict) -> dict[str, float]:
     return out
 
 
+def client_scalars(records: list[dict], name: str) -> dict[str, float]:
+    """Every client's numbers, keyed ``name.format(client=k, metric=m)`` (each tracker's own style)."""
+    return {
+        name.format(client=rec["client"], metric=k): v
+        for rec in records
+        for k, v in scalars({k: v for k, v in rec.items() if k != "client"}).items()
+    }
+
+
 def flat_config(cfg) -> dict[str, object]:
     """``{"section.field": value}`` of the resolved config (lists as strings: trackers want scalars)."""
     out = {}
@@ -96,9 +105,8 @@ class TensorBoard:
         self.writer.flush()
 
     def clients(self, t: int, records: list[dict]) -> None:
-        for rec in records:
-            for k, v in scalars({k: v for k, v in rec.items() if k != "client"}).items():
-                self.writer.add_scalar(f"client/{rec['client']}/{k}", v, t)
+        for k, v in client_scalars(records, "client/{client}/{metric}").items():
+            self.writer.add_scalar(k, v, t)
 
     def finish(self, run_dir: Path, final: dict) -> None:
         import numpy as np
@@ -153,11 +161,7 @@ class MLflow:
         self._log(scalars(record), record["round"])
 
     def clients(self, t: int, records: list[dict]) -> None:
-        values = {}
-        for rec in records:
-            for k, v in scalars({k: v for k, v in rec.items() if k != "client"}).items():
-                values[f"client_{rec['client']}_{k}"] = v
-        self._log(values, t)
+        self._log(client_scalars(records, "client_{client}_{metric}"), t)
 
     def finish(self, run_dir: Path, final: dict) -> None:
         for png in sorted(run_dir.glob("*.png")):
@@ -188,10 +192,7 @@ class WandB:
         self.run.log({**scalars(record), "round": record["round"]}, step=record["round"])
 
     def clients(self, t: int, records: list[dict]) -> None:
-        values = {}
-        for rec in records:
-            for k, v in scalars({k: v for k, v in rec.items() if k != "client"}).items():
-                values[f"client/{rec['client']}/{k}"] = v
+        values = client_scalars(records, "client/{client}/{metric}")
         if values:
             self.run.log(values, step=t)
 
