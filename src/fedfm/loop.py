@@ -352,10 +352,6 @@ class Run:
         record.update(timing)
         for d in timing.get("dropped", []):
             self.console.warn(f"round {t}: client {d['client']} dropped: {d['reason']}")
-        for rec in rnd.tally.client_records:
-            self.metrics.write({**rec, "event": "client", "round": t})
-        if self.trackers is not None:
-            self.trackers.clients(t, rnd.tally.client_records)
         if clustered(self.cfg):
             picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
             record["cluster_sizes"] = [picked.count(j) for j in range(clustered(self.cfg))]
@@ -366,31 +362,28 @@ class Run:
             record["secagg"] = rnd.secure.report()
         if rnd.attack is not None:
             record["malicious"] = sorted(rnd.attack.malicious)
-        if "skipped" in record:
-            self.console.warn(f"round {t}: {record['skipped']}")
-        for f in rnd.tally.failed:
-            self.console.warn(f"round {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
-        for r in rnd.tally.rejected:
-            self.console.warn(f"round {t}: update of client {r['client']} rejected: {r['reason']}")
-        if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
-            record.update(self.evaluate(self.state.params))
-        return record
+        return self._round_done(t, "round", record, rnd.tally.client_records)
 
     def fedbuff_step(self, t: int, bar) -> dict:
         """Server step ``t`` of an asynchronous run (``fedfm.asynchronous``)."""
         start = time.perf_counter()
         record = self.fedbuff.step(t, bar)
         record["round_s"] = time.perf_counter() - start
-        for f in record["failed"]:
-            self.console.warn(f"step {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
-        for r in record["rejected"]:
-            self.console.warn(f"step {t}: update of client {r['client']} rejected: {r['reason']}")
-        for rec in self.fedbuff.client_records:
+        return self._round_done(t, "step", record, self.fedbuff.client_records)
+
+    def _round_done(self, t: int, word: str, record: dict, clients: list[dict]) -> dict:
+        """After round (or FedBuff step) ``t``: its clients' records written and tracked, what went
+        wrong said, the model evaluated on the cadence; → the record."""
+        for rec in clients:
             self.metrics.write({**rec, "event": "client", "round": t})
         if self.trackers is not None:
-            self.trackers.clients(t, self.fedbuff.client_records)
+            self.trackers.clients(t, clients)
         if "skipped" in record:
-            self.console.warn(f"step {t}: {record['skipped']}")
+            self.console.warn(f"{word} {t}: {record['skipped']}")
+        for f in record["failed"]:
+            self.console.warn(f"{word} {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
+        for r in record["rejected"]:
+            self.console.warn(f"{word} {t}: update of client {r['client']} rejected: {r['reason']}")
         if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
             record.update(self.evaluate(self.state.params))
         return record
