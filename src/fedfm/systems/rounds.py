@@ -48,15 +48,13 @@ class SystemsClock:
     def online(self, t: float) -> list[int]:
         return [k for k, p in enumerate(self.profiles) if p.availability.online_until(t) is not None]
 
-    def wait_for_anyone(self, among=None) -> list[int]:
-        """The clients online now, advancing the clock to the next time one is (``among``: only
-        these count)."""
-        pool = range(len(self.profiles)) if among is None else among
-        nxt = min((self.profiles[k].availability.next_online(self.time) for k in pool), default=math.inf)
+    def wait_for_anyone(self) -> list[int]:
+        """The clients online now, advancing the clock to the next time one is."""
+        nxt = min((p.availability.next_online(self.time) for p in self.profiles), default=math.inf)
         if math.isinf(nxt):
             raise NobodyOnline(f"at virtual time {self.time:.0f} s no client is ever online again")
         self.time = max(self.time, nxt)
-        return [k for k in self.online(self.time) if among is None or k in set(among)]
+        return self.online(self.time)
 
     def select(self, t: int, wanted: int, seed: int, rng=None) -> list[int]:
         """Round ``t``'s cohort: ``ceil(wanted × over_selection)`` of the clients online now (all of
