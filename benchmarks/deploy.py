@@ -106,7 +106,16 @@ def load_test(work: Path, clients: int, processes: int, rounds: int = 1) -> dict
         path.write_text("\n".join(lines[k] for k in share) + "\n")
         procs.append(
             subprocess.Popen(
-                [*fedfm, "client", "--server", f"127.0.0.1:{port}", "--token-file", path, "--data", "config"]
+                [
+                    *fedfm,
+                    "client",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--token-file",
+                    path,
+                    "--data",
+                    f"config:{data}",
+                ]
                 + ["--insecure", "--retry", "0.5"],
                 stdout=(work / f"clients-{p}.log").open("w"),
                 stderr=subprocess.STDOUT,

@@ -39,7 +39,8 @@ def experiment(rounds: int, extra: dict) -> dict:
 
     raw = tomllib.loads((Path(__file__).parents[1] / "examples" / "default.toml").read_text())
     raw["run"] = {**raw["run"], "rounds": rounds, "threads": 1}
-    raw["validation"] = {"max_num_examples": 10_000}  # a deployment weighted by examples needs it
+    # a deployment weighted by examples needs a bound on the counts, and one on each update's influence
+    raw["validation"] = {"max_num_examples": 10_000, "max_update_norm": 100.0}
     return {**raw, **extra}
 
 

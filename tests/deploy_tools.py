@@ -49,10 +49,20 @@ def server_args(path, port, tokens, certs, out, *extra) -> list:
     ]
 
 
-def client_args(port, token, certs, *extra, site: int | None = None) -> list:
-    """``fedfm client`` with the certificate of its own site (``site``, or the token's)."""
+def client_data(experiment: Path) -> str:
+    """``--data`` for a demo client of the experiment file: the run's own dataset, with the path
+    of the file it names (the server sends no paths): ``config:FILE``, or ``config``."""
+    import tomllib
+
+    path = tomllib.loads(Path(experiment).read_text()).get("data", {}).get("path")
+    return f"config:{path}" if path else "config"
+
+
+def client_args(port, token, certs, *extra, site: int | None = None, data: str = "config") -> list:
+    """``fedfm client`` with the certificate of its own site (``site``, or the token's); ``data``:
+    its ``--data`` (``client_data(experiment)`` for a demo client)."""
     k = site_of(token or "") if site is None else site
-    args = ["client", "--server", f"localhost:{port}", "--data", "config", "--retry", "0.5"]
+    args = ["client", "--server", f"localhost:{port}", "--data", data, "--retry", "0.5"]
     args += ["--ca", certs["ca"], "--cert", certs[f"site{k}"], "--key", certs[f"site{k}_key"]]
     return [*args, *(["--token", token] if token else []), *extra]
 
@@ -81,7 +91,10 @@ def run_federation(path: Path, folder: Path, certs: dict, tokens: list[str], out
     """A server for config ``path`` and one client per token on ``port``, run to the end;
     asserts both exit cleanly (the server's log in the message)."""
     server = start(server_args(path, port, folder / "tokens.txt", certs, out), folder / "server.log")
-    clients = [start(client_args(port, t, certs), folder / f"c{k}.log") for k, t in enumerate(tokens)]
+    data = client_data(path)
+    clients = [
+        start(client_args(port, t, certs, data=data), folder / f"c{k}.log") for k, t in enumerate(tokens)
+    ]
     assert server.wait(timeout=240) == 0, (folder / "server.log").read_text()
     for c in clients:
         assert c.wait(timeout=60) == 0
@@ -94,3 +107,70 @@ def wait_for_file_text(path: Path, text: str, timeout: float = 120.0) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"{text!r} did not appear in {path} within {timeout} s")
+
+
+class Hostile:
+    """A site in the test process that speaks the protocol with the real client code (training,
+    packing, masking, the secure-aggregation steps) and sends what a test tells it to instead.
+
+    ``tasks()`` yields each task (header, blob) the server hands it until the run is done;
+    ``honest_step`` / ``honest_update`` are what the real client would answer; ``send`` sends
+    anything. ``thetas[round]`` is the global state each training task carried."""
+
+    def __init__(self, port: int, certs: dict, site: int, token: str | None, data: str) -> None:
+        import json
+        import tomllib
+
+        from fedfm.config import make_config
+        from fedfm.deploy import fedfm_pb2 as pb
+        from fedfm.deploy.client import ClientSecurity, Trainer, local_data
+        from fedfm.deploy.fedfm_pb2_grpc import FedFMStub
+        from fedfm.deploy.secure import ClientSecure
+
+        me = ClientSecurity(str(certs["ca"]), str(certs[f"site{site}"]), str(certs[f"site{site}_key"]))
+        self.pb, self.stub = pb, FedFMStub(me.channel(f"localhost:{port}"))
+        self.meta = (("authorization", f"Bearer {token}"),) if token else ()
+        self.joined = self.stub.Join(pb.JoinRequest(), metadata=self.meta, wait_for_ready=True, timeout=120)
+        self.client_id = self.joined.client_id
+        self.cfg = make_config(tomllib.loads(self.joined.config_toml))
+        self.trainer = Trainer(
+            self.cfg, local_data(self.cfg, data, json.loads(self.joined.label_names)), True
+        )
+        self.secure = ClientSecure(self.client_id, *me.identity())
+        self.thetas: dict = {}
+
+    def tasks(self):
+        from fedfm.deploy.wire import join, unpack_tensors
+
+        while True:
+            replies = self.stub.GetTask(self.pb.TaskRequest(), metadata=self.meta, timeout=60)
+            header, blob = join((c.header, c.data) for c in replies)
+            if header["status"] == "done":
+                return
+            if header["status"] == "train":
+                self.thetas[header["round"]] = unpack_tensors(blob)["p"]
+            if header["status"] in ("train", "secagg"):
+                yield header, blob
+
+    def honest_step(self, header: dict) -> dict:
+        answer = self.secure.answer(header["round"], header["step"], header["message"])
+        return {"round": header["round"], "step": header["step"], "reply": answer}
+
+    def honest_update(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
+        from fedfm.deploy.wire import payload_message, unpack_tensors
+
+        rnd = header["round"]
+        masker = self.secure.for_round(rnd) if header.get("secure") else None
+        rows = self.trainer.data.client_train[self.client_id]
+        update, _ = self.trainer.train(self.client_id, rows, header, unpack_tensors(blob), {}, masker)
+        return payload_message(rnd, update)
+
+    def send(self, header: dict, payload: bytes = b""):
+        import json
+
+        from fedfm.deploy.wire import chunks
+
+        pieces = list(chunks({}, payload))
+        first = [self.pb.Chunk(header=json.dumps(header), data=pieces[0][1])]
+        message = first + [self.pb.Chunk(data=d) for _, d in pieces[1:]]
+        return self.stub.SubmitUpdate(iter(message), metadata=self.meta, timeout=60)

@@ -10,6 +10,7 @@ import tomli_w
 import torch
 from tests.deploy_tools import (
     client_args,
+    client_data,
     free_port,
     make_certificates,
     run_federation,
@@ -32,7 +33,8 @@ def certs(tmp_path_factory):
 
 def deploy_config(tiny_config, tmp_path, **sections):
     base = {"run": {"rounds": 2, "seed": 0, "threads": 1}, "partition": {"method": "iid", "num_clients": 3}}
-    base["validation"] = {"max_num_examples": 1000}  # a deployment weighted by examples needs a bound
+    # a deployment weighted by examples needs a bound on the counts, and one on each update's influence
+    base["validation"] = {"max_num_examples": 1000, "max_update_norm": 100.0}
     base["sampling"] = {"fraction": 1.0}
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -68,6 +70,11 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "round"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["num_clients"] == 3 for r in rounds[1:])
+    if extra is DP:  # seeded noise is keyed by a secret only the server's run folder holds …
+        key = out / "noise.key"
+        assert len(key.read_bytes()) == 32 and oct(key.stat().st_mode & 0o777) == "0o600"
+        (tmp_path / "simulated").mkdir()  # … which a rerun reuses to draw the same noise
+        (tmp_path / "simulated" / "noise.key").write_bytes(key.read_bytes())
     simulated = fedfm.run(cfg, output=tmp_path / "simulated", progress=False)
     deployed, local = final_params(out), final_params(simulated.run_dir)
     for k in local:  # the same training code on both sides; only the summation order may differ
@@ -101,7 +108,9 @@ def test_unknown_token_and_missing_client_certificate_are_refused(tmp_path, tiny
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "run"
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out), tmp_path / "server.log")
-    intruder = start(client_args(port, "not-a-token", certs), tmp_path / "intruder.log")
+    intruder = start(
+        client_args(port, "not-a-token", certs, data=client_data(path)), tmp_path / "intruder.log"
+    )
     assert intruder.wait(timeout=60) == 2
     assert "refused this client: unknown or missing client token" in (tmp_path / "intruder.log").read_text()
     no_cert = [
@@ -122,7 +131,10 @@ def test_unknown_token_and_missing_client_certificate_are_refused(tmp_path, tiny
     stranger = start(no_cert, tmp_path / "stranger.log")  # mutual TLS: no client certificate, no channel
     assert stranger.wait(timeout=60) == 2
     assert "giving up" in (tmp_path / "stranger.log").read_text()
-    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    clients = [
+        start(client_args(port, t, certs, data=client_data(path)), tmp_path / f"c{k}.log")
+        for k, t in enumerate(tokens)
+    ]
     assert server.wait(timeout=180) == 0
     assert all(c.wait(timeout=60) == 0 for c in clients)
     assert rounds_of(out)[1]["num_clients"] == 3  # the refused ones never joined a round
@@ -138,12 +150,18 @@ def test_killed_client_is_left_out_at_the_deadline_and_a_restarted_one_rejoins(t
         path, port, tmp_path / "tokens.txt", certs, out, "--round-timeout", "15", "--min-available", "3"
     )
     server = start(args, tmp_path / "s.log")
-    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    clients = [
+        start(client_args(port, t, certs, data=client_data(path)), tmp_path / f"c{k}.log")
+        for k, t in enumerate(tokens)
+    ]
     wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
     clients[2].send_signal(signal.SIGKILL)
     clients[2].wait()
     wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 2,')
-    again = start(client_args(port, tokens[2], certs, "--give-up", "30"), tmp_path / "c2-again.log")
+    again = start(
+        client_args(port, tokens[2], certs, "--give-up", "30", data=client_data(path)),
+        tmp_path / "c2-again.log",
+    )
     assert server.wait(timeout=300) == 0, (tmp_path / "s.log").read_text()
     assert all(c.wait(timeout=60) == 0 for c in clients[:2]) and again.wait(timeout=60) == 0
     rounds = rounds_of(out)
@@ -163,7 +181,10 @@ def test_server_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, tiny
     out = tmp_path / "run"
     args = server_args(path, port, tmp_path / "tokens.txt", certs, out)
     server = start(args, tmp_path / "s1.log")
-    clients = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens)]
+    clients = [
+        start(client_args(port, t, certs, data=client_data(path)), tmp_path / f"c{k}.log")
+        for k, t in enumerate(tokens)
+    ]
     wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
     server.send_signal(signal.SIGKILL)
     server.wait()
@@ -189,7 +210,7 @@ def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny
     from fedfm.deploy.server import Security, serve
     from fedfm.deploy.wire import chunks, join, pack_tensors, unpack_tensors
 
-    cfg, _ = deploy_config(tiny_config, tmp_path, run={"rounds": 2, "threads": 1})
+    cfg, path = deploy_config(tiny_config, tmp_path, run={"rounds": 2, "threads": 1})
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)
     out = tmp_path / "run"
     security = Security(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
@@ -208,7 +229,10 @@ def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny
         daemon=True,
     )
     thread.start()
-    good = [start(client_args(port, t, certs), tmp_path / f"c{k}.log") for k, t in enumerate(tokens[:2])]
+    good = [
+        start(client_args(port, t, certs, data=client_data(path)), tmp_path / f"c{k}.log")
+        for k, t in enumerate(tokens[:2])
+    ]
     me = ClientSecurity(str(certs["ca"]), str(certs["site2"]), str(certs["site2_key"]))
     stub, meta = FedFMStub(me.channel(f"localhost:{port}")), (("authorization", f"Bearer {tokens[2]}"),)
     stub.Join(pb.JoinRequest(token=tokens[2]), metadata=meta, wait_for_ready=True, timeout=120)
@@ -266,7 +290,16 @@ def test_a_payload_over_64_mb_streams_in_chunks_both_ways(tmp_path, tiny_config,
     args = ["server", path, "--address", f"127.0.0.1:{port}", "--tokens", tmp_path / "tokens.txt"]
     server = start([*args, "--insecure", "--output", out, "--quiet"], tmp_path / "s.log")
     client = start(
-        ["client", "--server", f"127.0.0.1:{port}", "--token", tokens[0], "--data", "config", "--insecure"],
+        [
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--token",
+            tokens[0],
+            "--data",
+            client_data(path),
+            "--insecure",
+        ],
         tmp_path / "c.log",
     )
     assert server.wait(timeout=300) == 0, (tmp_path / "s.log").read_text()

@@ -9,6 +9,7 @@ import signal
 import pytest
 from tests.deploy_tools import (
     client_args,
+    client_data,
     free_port,
     make_certificates,
     server_args,
@@ -42,7 +43,10 @@ def test_async_server_with_a_slow_client_is_killed_and_resumes(tmp_path, tiny_co
     server = start([*args, "--dashboard", page], tmp_path / "s1.log")
     slow = 3  # this client waits 1.5 s before every upload, the other three 0.3 s
     clients = [
-        start(client_args(port, t, certs, "--delay", "1.5" if k == slow else "0.3"), tmp_path / f"c{k}.log")
+        start(
+            client_args(port, t, certs, "--delay", "1.5" if k == slow else "0.3", data=client_data(path)),
+            tmp_path / f"c{k}.log",
+        )
         for k, t in enumerate(tokens)
     ]
     wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 4,', timeout=180)

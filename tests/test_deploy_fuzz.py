@@ -21,7 +21,15 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.deploy_tools import client_args, free_port, make_certificates, server_args, start, write_tokens
+from tests.deploy_tools import (
+    client_args,
+    client_data,
+    free_port,
+    make_certificates,
+    server_args,
+    start,
+    write_tokens,
+)
 
 grpc = pytest.importorskip("grpc")
 
@@ -50,7 +58,8 @@ def federation(tmp_path_factory, tiny_model_dir, csv_path):
         "sampling": {"fraction": 1.0},
         "training": {"local_steps": 1, "batch_size": 8},
         "strategy": {"weighting": "uniform"},
-        "secagg": {"enabled": True, "signatures": True},
+        # the hostile site must stay in to be fuzzed at every stage (exclusion: test_deploy_attacks.py)
+        "secagg": {"enabled": True, "signatures": True, "exclude_offenders": False},
         "eval": {"at_start": False, "every": ROUNDS},
     }
     (tmp / "exp.toml").write_text(tomli_w.dumps(cfg))
@@ -60,14 +69,19 @@ def federation(tmp_path_factory, tiny_model_dir, csv_path):
     server = start(
         server_args(tmp / "exp.toml", port, tmp / "tokens.txt", certs, out, *extra), tmp / "server.log"
     )
-    honest = [start(client_args(port, tokens[k], certs), tmp / f"c{k}.log") for k in range(3)]
+    honest = [
+        start(client_args(port, tokens[k], certs, data=client_data(tmp / "exp.toml")), tmp / f"c{k}.log")
+        for k in range(3)
+    ]
     me = ClientSecurity(str(certs["ca"]), str(certs["site3"]), str(certs["site3_key"]))
     stub = FedFMStub(me.channel(f"localhost:{port}"))
     meta = (("authorization", f"Bearer {tokens[HOSTILE]}"),)
     joined = stub.Join(pb.JoinRequest(), metadata=meta, wait_for_ready=True, timeout=120)
     secure = ClientSecure(HOSTILE, *me.identity())
     client_cfg = make_config(tomllib.loads(joined.config_toml))  # the real client code trains the replies
-    trainer = Trainer(client_cfg, local_data(client_cfg, "config", json.loads(joined.label_names)), True)
+    trainer = Trainer(
+        client_cfg, local_data(client_cfg, f"config:{csv_path}", json.loads(joined.label_names)), True
+    )
     state = {"stub": stub, "meta": meta, "secure": secure, "server": server, "done": False, "stages": set()}
     state["trainer"] = trainer
     state.update(honest=honest, out=out, log=tmp / "server.log", tokens=tokens)

@@ -96,6 +96,10 @@ def test_resume_of_a_finished_run_says_it_is_finished(tiny_config, tmp_path):
     done = cli("run", "--resume", result.run_dir)
     assert done.returncode == 0 and "is finished" in done.stdout and "run.rounds=" in done.stdout
     assert (result.run_dir / "metrics.jsonl").read_text() == before  # nothing was redone
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(f"site{k} token-{k}-xxxxxxxx\n" for k in range(4)))
+    served = cli("server", "--resume", result.run_dir, "--tokens", tokens, "--insecure")  # no waiting
+    assert served.returncode == 0 and "is finished" in served.stdout and "run.rounds=" in served.stdout
 
 
 def test_a_run_that_fails_before_training_leaves_no_folder(tiny_config, tmp_path):

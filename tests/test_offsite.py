@@ -215,7 +215,7 @@ def test_an_offsite_run_records_both_accuracies_and_exports_the_plugged_in_adapt
 
 def test_deployed_clients_are_sent_the_emulator(offsite_config):
     pytest.importorskip("grpc")
-    from fedfm.deploy.server import client_config
+    from fedfm.deploy.view import client_config_toml as client_config
 
     cfg = make_config(offsite_config(offsite={"emulator_layers": 0}))
     sent = tomllib.loads(client_config(cfg))
@@ -362,7 +362,7 @@ def test_deployed_clients_train_on_the_servers_distilled_emulator(offsite_config
     from fedfm.checkpoint import load_checkpoint
 
     raw = offsite_config(partition={"method": "iid", "num_clients": 3}, sampling={"fraction": 1.0})
-    raw["validation"] = {"max_num_examples": 1000}
+    raw["validation"] = {"max_num_examples": 1000, "max_update_norm": 100.0}
     raw["offsite"] = {"emulator_layers": 1, "distill_steps": 10, "distill_path": str(_public_texts(tmp_path))}
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(raw))

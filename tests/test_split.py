@@ -240,6 +240,7 @@ def test_a_deployment_refuses_split_with_a_stateful_objective(split_config):
 
     raw = split_config()
     raw["strategy"] = {"weighting": "uniform"}
+    raw["validation"] = {"max_update_norm": 100.0}
     check_deployable(make_config(raw))  # plain split fine-tuning deploys (tests/test_split_remote.py)
     raw["strategy"]["objective"] = "fedprox"
     with pytest.raises(DeployError, match="strategy.objective = 'plain'"):

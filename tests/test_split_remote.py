@@ -241,7 +241,7 @@ def test_a_deployed_split_run_over_mutual_tls_matches_the_simulation(still_bert,
     raw["run"] = {**raw["run"], "rounds": 2}
     raw["partition"] = {**raw["partition"], "method": "iid", "num_clients": 3}
     raw["sampling"] = {**raw["sampling"], "fraction": 1.0}
-    raw["validation"] = {**raw["validation"], "max_num_examples": 1000}
+    raw["validation"] = {**raw["validation"], "max_num_examples": 1000, "max_update_norm": 100.0}
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(raw))
     certs = make_certificates(tmp_path / "certs", sites=3)

@@ -306,6 +306,7 @@ def server(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens)."""
+    from fedfm.api import RunFinished, check_not_finished
     from fedfm.config import ConfigError, load_config
     from fedfm.deploy.server import DeployError, Security, serve
     from fedfm.loop import RunFailedError
@@ -313,6 +314,8 @@ def server(
     try:
         if mode is not None and resume:
             raise ConfigError("--mode with --resume: a resumed run keeps its own run.mode")
+        if resume is not None:
+            check_not_finished(resume, set_)
         cfg = None if resume else load_config(config, [*set_, *([f"run.mode={mode}"] if mode else [])])
         security = Security(
             str(cert) if cert else None,
@@ -332,7 +335,10 @@ def server(
             wait_timeout_s=wait_timeout,
             progress=not quiet,
             dashboard_port=dashboard_port,
+            overrides=set_ if resume else (),
         )
+    except RunFinished as done:  # as `fedfm run --resume` says it, rather than wait for clients
+        Console().print(escape(str(done)), soft_wrap=True)
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)
     except RunFailedError as err:
@@ -356,7 +362,8 @@ def client(
     data: str = typer.Option(
         ...,
         "--data",
-        help="A .csv/.jsonl file, a registered dataset, or 'config' (the run's own, for demos).",
+        help="A .csv/.jsonl file, a registered dataset, or 'config' (demos: the run's own dataset cut by "
+        "its partitioner; 'config:FILE' names this client's copy of the run's file).",
     ),
     partition: int | None = typer.Option(None, "--partition", help="Partition of a registered dataset."),
     ca: Path | None = typer.Option(None, "--ca", help="CA certificate that signed the server's (PEM)."),

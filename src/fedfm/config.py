@@ -46,6 +46,7 @@ from fedfm.config_sections import (  # noqa: F401  (re-exported: the sections ar
     TransferSection,
     ValidationSection,
     _Section,
+    plain,
 )
 
 
@@ -158,7 +159,8 @@ class RunConfig(_Section):
         return self
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(exclude_none=True))
+        """The resolved config as TOML; it reads back to the same values (``plain``)."""
+        return tomli_w.dumps(plain(self))
 
 
 def _component_checks(cfg: RunConfig) -> None:

@@ -8,14 +8,54 @@ reference. ``fedfm.config`` assembles them into ``RunConfig`` and re-exports the
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+NULL = "null"  # TOML has no null: a field that may be unset reads the string "null" as None
 
 
 class _Section(BaseModel):
     # NaN and ±inf are refused in every float field (an lr of inf would train to NaN silently)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        """``"null"`` (TOML, ``--set field=null``) is None in every field that may be None."""
+        if not isinstance(data, dict):
+            return data
+        return {k: None if v == NULL and _nullable(cls, k) else v for k, v in data.items()}
+
+
+def _nullable(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    annotation = field.annotation
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
+
+
+def plain(model: BaseModel) -> dict[str, Any]:
+    """A section as TOML can hold it, so that it reads back to the same values: None is left out
+    where it is the default and written ``"null"`` where it is not (``training.max_grad_norm``)."""
+    dumped = model.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = plain(value)
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [plain(v) for v in value]
+        elif value is None:
+            if field.get_default(call_default_factory=True) is not None:
+                out[name] = NULL
+        else:
+            out[name] = dumped[name]
+    return out
 
 
 def Registered(kind: str):  # noqa: N802  (a type, read as one: `engine: Registered("engine")`)
@@ -247,10 +287,18 @@ class PipelineSection(_Section):
 
 class ValidationSection(_Section):
     max_update_norm: float | None = Field(
-        None, gt=0, description="Reject updates whose L2 norm exceeds this; null: no bound."
+        None,
+        gt=0,
+        description="Reject updates whose L2 norm exceeds this; null: no bound. Under secure aggregation "
+        "clients clip to it and the server checks the norm of the sum.",
     )
     max_num_examples: int | None = Field(
         None, ge=1, description="Reject reported example counts above this; default: the training set size."
+    )
+    unbounded: bool = Field(
+        False,
+        description="Deployments: accept updates whose influence nothing bounds (no max_update_norm, robust "
+        "aggregator, client-level DP or secure aggregation); said every round and flagged in the report.",
     )
 
 
@@ -365,6 +413,12 @@ class SecAggSection(_Section):
         False,
         description="Signed key adverts and the consistency check (Bonawitz et al. 2017) against a server "
         "that lies about who dropped; deployments need provisioned client certificates.",
+    )
+    exclude_offenders: bool = Field(
+        True,
+        description="A deployed client that secure aggregation names as an offender (a malformed or "
+        "inconsistent protocol message, wrong shares, a masked input of the wrong shape) takes no part in "
+        "later rounds; false gives it another chance each round.",
     )
 
 

@@ -45,11 +45,13 @@ from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
 from fedfm.round import ServerRound, Strategy, apply_round, round_context, traffic
 from fedfm.sampling import cohort_size, poisson_cohort, sample_cohort
+from fedfm.seeding import noise_key
 from fedfm.sharing import SHARING_MODES
 from fedfm.synthetic.modes import synthetic_mode
 from fedfm.tasks import task_kind
 from fedfm.training import ClientProgram
 from fedfm.transforms.compression import serialized_nbytes
+from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
 from fedfm.types import Params
 
 
@@ -125,6 +127,8 @@ class Run:
         self.max_examples = cfg.validation.max_num_examples or (
             remote_limit if self.remote else len(self.data.train)
         )
+        # a deployment nothing bounds (validation.unbounded): said every round, flagged in the record
+        self.unbounded = self.remote and influence_bound(cfg) is None
         self.lora_mode = LORA_AGGREGATION.get(cfg.strategy.lora_aggregation)
         self.strategy = self._strategy()
         self.privacy = None  # fedfm.privacy.server.RunPrivacy in DP runs
@@ -135,7 +139,8 @@ class Run:
             stays = PERSONAL_PARTS.get(cfg.personalization.method)  # personal tensors never travel
             dim = sum(v.numel() for k, v in self.initial_params.items() if not stays(k))
             n, folder, note = self.data.num_clients, run_dir / "checkpoint", self.console.note
-            self.privacy = RunPrivacy(cfg, n, self.cohort, dim, folder, note=note)
+            key = noise_key(run_dir, create=self.remote) if cfg.privacy.noise_seed is not None else None
+            self.privacy = RunPrivacy(cfg, n, self.cohort, dim, folder, note=note, key=key)
             if self.privacy.noise.reproducible:
                 self.console.warn(SEEDED_WARNING)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -378,6 +383,9 @@ class Run:
             self.metrics.write({**rec, "event": "client", "round": t})
         if self.trackers is not None:
             self.trackers.clients(t, clients)
+        if self.unbounded:  # said even with --quiet
+            record["unbounded"] = True
+            ConsoleReporter(enabled=True).warn(f"{word} {t}: {UNBOUNDED_WARNING}")
         if "skipped" in record:
             self.console.warn(f"{word} {t}: {record['skipped']}")
         for f in record["failed"]:

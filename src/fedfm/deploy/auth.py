@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONNECTED_S = 15.0  # a client seen this recently counts as connected
+CONNECTED_S = 15.0  # a client heard from this recently counts as connected: three missed heartbeats
 MAX_CALLS_PER_CLIENT = 4  # concurrent RPCs one identity may hold open
 
 

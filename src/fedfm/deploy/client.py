@@ -16,6 +16,7 @@ an error, never with success.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -39,6 +40,7 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); an upload gets --give-up
+HEARTBEAT_S = 5.0  # a sign of life this often, loading and training included (auth.CONNECTED_S: 3 missed)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -87,6 +89,8 @@ class ClientSecurity:
 
 
 def is_registered(source: str) -> bool:
+    """Whether ``--data`` names a dataset cut by the run's partitioner (``config``, ``config:FILE``
+    or a registered dataset), so that each identity takes its own partition."""
     from fedfm.data.images import IMAGE_DATASETS
     from fedfm.data.sources import DATASETS
 
@@ -95,16 +99,30 @@ def is_registered(source: str) -> bool:
         "jsonl",
         "image-folder",
     )
-    return source == "config" or named
+    return source == "config" or source.startswith("config:") or named
 
 
 def local_data(cfg, source: str, label_names: list[str]):
-    """This client's FederatedData: a registered dataset partitioned as configured, or its own file."""
-    from fedfm.data.sources import _read_rows, rows_to_dataset
+    """This client's FederatedData: a registered dataset partitioned as configured, or its own file.
+
+    ``config`` (demos): the run's own dataset, cut by its partitioner. The server never sends its
+    data paths, so a run on a file names the client's copy: ``config:FILE``."""
+    from fedfm.data.sources import DataError, _read_rows, rows_to_dataset
     from fedfm.experiment import FederatedData, prepare_data
 
-    if source == "config":  # demo: the run config's own dataset, cut by its partitioner
-        return prepare_data(cfg)
+    if source == "config" or source.startswith("config:"):  # demo: the run's dataset, partitioned
+        copy = source.partition(":")[2]
+        if copy:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": copy})})
+        try:
+            return prepare_data(cfg)
+        except DataError as err:
+            if copy:
+                raise
+            raise ClientError(
+                f"{err}: the server does not send its data paths; give this client's copy of the "
+                "run's file as --data config:FILE"
+            ) from None
     if is_registered(source):
         return prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": source})}))
     path = Path(source)
@@ -276,8 +294,45 @@ def fetch_model_weights(stub, metadata, trainer: Trainer, deadline: float) -> st
     return digest
 
 
+class Heartbeat:
+    """A thread that tells the server every ``HEARTBEAT_S`` that this identity is alive, while it
+    loads its model or trains a long round as much as while it polls (its own channel; a missed
+    beat is simply tried again)."""
+
+    def __init__(self, server: str, ident: Identity, security) -> None:
+        self.server, self.ident, self.security = server, ident, security
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=HEARTBEAT_S)
+
+    def _beat(self) -> None:
+        channel = self.security.channel(self.server)
+        stub = rpc.FedFMStub(channel)
+        try:
+            while not self.stop.wait(HEARTBEAT_S):
+                # a lost server is the main loop's to notice (it rejoins); the beats go on regardless
+                with contextlib.suppress(grpc.RpcError):
+                    stub.Heartbeat(pb.HeartbeatRequest(), metadata=self.ident.metadata, timeout=HEARTBEAT_S)
+        finally:
+            channel.close()
+
+
 def serve_identity(
     server, ident: Identity, security, trainer_for, retry_s, give_up_s, note, delay_s=0.0
+) -> None:
+    with Heartbeat(server, ident, security):
+        _serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note, delay_s)
+
+
+def _serve_identity(
+    server, ident: Identity, security, trainer_for, retry_s, give_up_s, note, delay_s
 ) -> None:
     last_contact = time.monotonic()
     joined = None
@@ -388,14 +443,15 @@ def submit(
     elif "failed" not in reply_header:  # one line per update: what this client is doing, in a log too
         took = time.monotonic() - started
         sent = f"update sent ({len(payload) / 1e6:.2f} MB, {took:.1f} s)"
-        note(f"client {ident.client_id}: round {rnd}: {sent}{run_eta(trainer, rnd)}")
+        eta = "" if header.get("asynchronous") else run_eta(trainer, rnd)
+        note(f"client {ident.client_id}: round {rnd}: {sent}{eta}")
 
 
 def run_eta(trainer: Trainer, rnd: int) -> str:
     """``; round 3 of 10, run ETA 4m10s`` from the rounds this client has seen (synchronous runs;
-    an asynchronous server numbers tasks, not rounds)."""
+    an asynchronous server numbers tasks, not rounds, and marks them ``asynchronous``)."""
     cfg = trainer.cfg
-    if cfg.run.mode != "sync" or rnd < 1:
+    if rnd < 1:
         return ""
     from fedfm.reporting.console import duration
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64\x66m/deploy/fedfm.proto\x12\x05\x66\x65\x64\x66m\"*\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x13\n\x0blabel_names\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x15\n\rmodel_weights\x18\x05 \x01(\x08\"0\n\x0bTaskRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nlast_round\x18\x02 \x01(\x05\"%\n\x05\x43hunk\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xf5\x01\n\x05\x46\x65\x64\x46M\x12,\n\x04Join\x12\x12.fedfm.JoinRequest\x1a\x10.fedfm.JoinReply\x12-\n\x07GetTask\x12\x12.fedfm.TaskRequest\x1a\x0c.fedfm.Chunk0\x01\x12\x32\n\x0cSubmitUpdate\x12\x0c.fedfm.Chunk\x1a\x12.fedfm.SubmitReply(\x01\x12+\n\tSplitStep\x12\x0c.fedfm.Chunk\x1a\x0c.fedfm.Chunk(\x01\x30\x01\x12.\n\x08GetModel\x12\x12.fedfm.TaskRequest\x1a\x0c.fedfm.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64\x66m/deploy/fedfm.proto\x12\x05\x66\x65\x64\x66m\"*\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x13\n\x0blabel_names\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x15\n\rmodel_weights\x18\x05 \x01(\x08\"0\n\x0bTaskRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nlast_round\x18\x02 \x01(\x05\"%\n\x05\x43hunk\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"!\n\x10HeartbeatRequest\x12\r\n\x05state\x18\x01 \x01(\t\"\x10\n\x0eHeartbeatReply\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xb2\x02\n\x05\x46\x65\x64\x46M\x12,\n\x04Join\x12\x12.fedfm.JoinRequest\x1a\x10.fedfm.JoinReply\x12-\n\x07GetTask\x12\x12.fedfm.TaskRequest\x1a\x0c.fedfm.Chunk0\x01\x12\x32\n\x0cSubmitUpdate\x12\x0c.fedfm.Chunk\x1a\x12.fedfm.SubmitReply(\x01\x12+\n\tSplitStep\x12\x0c.fedfm.Chunk\x1a\x0c.fedfm.Chunk(\x01\x30\x01\x12.\n\x08GetModel\x12\x12.fedfm.TaskRequest\x1a\x0c.fedfm.Chunk0\x01\x12;\n\tHeartbeat\x12\x17.fedfm.HeartbeatRequest\x1a\x15.fedfm.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_end=237
   _globals['_CHUNK']._serialized_start=239
   _globals['_CHUNK']._serialized_end=276
-  _globals['_SUBMITREPLY']._serialized_start=278
-  _globals['_SUBMITREPLY']._serialized_end=325
-  _globals['_FEDFM']._serialized_start=328
-  _globals['_FEDFM']._serialized_end=573
+  _globals['_HEARTBEATREQUEST']._serialized_start=278
+  _globals['_HEARTBEATREQUEST']._serialized_end=311
+  _globals['_HEARTBEATREPLY']._serialized_start=313
+  _globals['_HEARTBEATREPLY']._serialized_end=329
+  _globals['_SUBMITREPLY']._serialized_start=331
+  _globals['_SUBMITREPLY']._serialized_end=378
+  _globals['_FEDFM']._serialized_start=381
+  _globals['_FEDFM']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

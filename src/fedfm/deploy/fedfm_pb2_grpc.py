@@ -5,7 +5,7 @@ import warnings
 
 from fedfm.deploy import fedfm_pb2 as fedfm_dot_deploy_dot_fedfm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -59,6 +59,11 @@ class FedFMStub:
                 request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.SerializeToString,
                 response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedfm.FedFM/Heartbeat',
+                request_serializer=fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class FedFMServicer:
@@ -98,6 +103,14 @@ class FedFMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """A sign of life every few seconds while a client loads its model or trains: the server counts
+        a client as connected while its heartbeats (or calls) keep coming.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FedFMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_FedFMServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.FromString,
                     response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.Chunk.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class FedFM:
             '/fedfm.FedFM/GetModel',
             fedfm_dot_deploy_dot_fedfm__pb2.TaskRequest.SerializeToString,
             fedfm_dot_deploy_dot_fedfm__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfm.FedFM/Heartbeat',
+            fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatRequest.SerializeToString,
+            fedfm_dot_deploy_dot_fedfm__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -159,7 +159,7 @@ class RemoteSecureRound:
         self.bytes_up = self.bytes_down = 0
         self.rejected: list[dict] = []
         self.server_s = 0.0
-        self.near_wrap = 0
+        self.out_of_range, self.sum_bound = 0, None
 
     def _decoded(self, replies: dict, decode) -> dict:
         """Each reply decoded, attributed to its authenticated sender; a bad one names its client."""

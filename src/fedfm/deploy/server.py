@@ -27,6 +27,7 @@ import grpc
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.auth import DeployError, Roster
+from fedfm.deploy.view import client_config_toml
 from fedfm.deploy.wire import (
     WireError,
     bounded_int,
@@ -37,6 +38,7 @@ from fedfm.deploy.wire import (
     unpack_tensors,
 )
 from fedfm.engines.grpc import Coordinator, GrpcEngine
+from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
 from fedfm.types import ClientFailure, ClientResult, payload_from_wire
 
 __all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve", "start_server"]
@@ -141,14 +143,21 @@ class FedFMServicer(rpc.FedFMServicer):
     def SubmitUpdate(self, request_iterator, context):
         m, c = self._enter(context), self.coord
         watchdog = Watchdog(STALL_S, context.cancel)  # a stream that stops delivering is cut
+        seen: dict = {}  # the header, once read: whether the refused message was this round's reply
         try:
-            return self._submit(m, c, watchdog.passing(request_iterator))
+            return self._submit(m, c, watchdog.passing(request_iterator), seen)
         except Exception as err:  # whatever the message did, the caller hears why; the server goes on
             reason = f"malformed message: {type(err).__name__}: {err}"[:500]
+            c.refuse(m.client_id, seen.get("header"), reason)
             return pb.SubmitReply(accepted=False, reason=reason)
         finally:
             watchdog.stop()
             c.roster.leave(m)
+
+    def Heartbeat(self, request, context):
+        m = self._enter(context)  # entering and leaving mark the client as seen now
+        self.coord.roster.leave(m)
+        return pb.HeartbeatReply()
 
     def GetModel(self, request, context):
         m, c = self._enter(context), self.coord
@@ -193,8 +202,9 @@ class FedFMServicer(rpc.FedFMServicer):
         reply, tensors = split.step(m.client_id, header, unpack_tensors(blob), len(blob))
         return reply, pack_tensors(tensors)
 
-    def _submit(self, m, c: Coordinator, request_iterator) -> pb.SubmitReply:
+    def _submit(self, m, c: Coordinator, request_iterator, seen: dict) -> pb.SubmitReply:
         def admit(header: dict) -> int:  # before any payload is read
+            seen["header"] = header
             try:
                 return c.admit(m.client_id, header)
             except ValueError as err:
@@ -202,7 +212,8 @@ class FedFMServicer(rpc.FedFMServicer):
 
         try:
             header, blob = join(((ch.header, ch.data) for ch in request_iterator), admit=admit)
-        except WireError as err:
+        except WireError as err:  # a refused reply takes the client out of the round at once
+            c.refuse(m.client_id, seen.get("header"), str(err))
             return pb.SubmitReply(accepted=False, reason=str(err))
         rnd, step = header["round"], header.get("step")
         if not c.delivered(m.client_id, rnd, step):  # still expected now, under the same lock
@@ -294,9 +305,11 @@ def serve(
     wait_timeout_s: float = 600.0,
     progress: bool = True,
     dashboard_port: int | None = None,
+    overrides=(),
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
-    ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.dashboard``).
+    ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.dashboard``);
+    ``overrides``: ``section.field=value`` for a resumed run (``run.rounds=N`` trains further).
 
     Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
     for at least ``min_available`` (default ``sampling.min_clients``). A round then waits up to
@@ -308,29 +321,23 @@ def serve(
 
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
-    cfg, run_dir = api.prepare_run(config, output=output, resume=resume)
-    if cfg.run.mode == "async" and cfg.secagg.enabled:
-        raise DeployError(
-            "secagg.enabled with run.mode = 'async' runs in simulation only: secure waves (K clients "
-            "online together in one masking protocol) are not built over gRPC; use run.mode = 'sync'"
-        )
-    if cfg.systems.enabled:
-        raise DeployError(
-            "systems.enabled simulates client systems on a virtual clock; deployed clients are real "
-            "machines (set systems.enabled = false; asynchronous mode runs on the server's clock)"
-        )
-    if len(roster.members) != cfg.partition.num_clients:
-        raise DeployError(
-            f"{tokens} lists {len(roster.members)} clients but partition.num_clients = "
-            f"{cfg.partition.num_clients}"
-        )
+    new_folder = resume is None and (output is None or not Path(output).exists())
+    cfg, run_dir = api.prepare_run(config, output=output, resume=resume, overrides=overrides)
+    try:
+        warnings = deployment_checks(cfg, security, roster, tokens)
+    except DeployError:
+        if new_folder:  # refused before anything ran: no run folder left behind
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     console = ConsoleReporter(enabled=True)
-    for warning in check_deployable(cfg, security):
+    for warning in warnings:
         console.warn(warning)
     note = ConsoleReporter(enabled=progress).note
     if security.insecure:
         console.warn("insecure mode: traffic and tokens travel in plaintext")
-    coord = Coordinator(roster, client_config(cfg), [], run_dir.name)
+    coord = Coordinator(roster, client_config_toml(cfg), [], run_dir.name)
     least = cfg.sampling.min_clients if min_available is None else min_available
 
     verifier = None
@@ -375,6 +382,41 @@ def serve(
     return result
 
 
+def deployment_checks(cfg, security: Security, roster: Roster, tokens) -> list[str]:
+    """What ``serve`` refuses before it starts (``DeployError``); the warnings it prints."""
+    if cfg.run.mode == "async" and cfg.secagg.enabled:
+        raise DeployError(
+            "secagg.enabled with run.mode = 'async' runs in simulation only: secure waves (K clients "
+            "online together in one masking protocol) are not built over gRPC; use run.mode = 'sync'"
+        )
+    if cfg.systems.enabled:
+        raise DeployError(
+            "systems.enabled simulates client systems on a virtual clock; deployed clients are real "
+            "machines (set systems.enabled = false; asynchronous mode runs on the server's clock)"
+        )
+    if len(roster.members) != cfg.partition.num_clients:
+        raise DeployError(
+            f"{tokens} lists {len(roster.members)} clients but partition.num_clients = "
+            f"{cfg.partition.num_clients}"
+        )
+    warnings = check_deployable(cfg, security)
+    check_client_view(cfg)
+    return warnings
+
+
+def check_client_view(cfg) -> None:
+    """Every client rebuilds its config from its view (``deploy/view.py``): refuse here, once, a
+    view that would not validate there, instead of failing every client after it joins."""
+    import tomllib
+
+    from fedfm.config import make_config
+
+    try:
+        make_config(tomllib.loads(client_config_toml(cfg)))
+    except ValueError as err:
+        raise DeployError(f"the clients' view of this config does not validate: {err}") from err
+
+
 def distilled_emulator(run) -> tuple[dict, bytes]:
     """The GetModel message of an offsite run with distillation: the distilled middle layers
     (``fedfm.sharing.offsite.emulator_weights``) and their SHA-256."""
@@ -386,16 +428,6 @@ def distilled_emulator(run) -> tuple[dict, bytes]:
     return {"kind": "offsite-emulator", "sha256": hashlib.sha256(blob).hexdigest()}, blob
 
 
-def client_config(cfg) -> str:
-    """The resolved config a joining client receives: never the privacy noise seed (per-client
-    seeds travel with each task, and only in reproducible-noise runs)."""
-    from fedfm.sharing import SHARING_MODES
-
-    privacy = cfg.privacy.model_copy(update={"noise_seed": None})
-    view = SHARING_MODES.get(cfg.sharing.mode).client_view(cfg)  # offsite: the emulator's layers
-    return view.model_copy(update={"privacy": privacy}).to_toml()
-
-
 def check_deployable(cfg, security: Security | None = None) -> list[str]:
     """Refuse what a deployment cannot do safely (with the reason); return loud warnings."""
     if cfg.strategy.weighting != "uniform" and not cfg.validation.max_num_examples:
@@ -404,9 +436,7 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             "check a client's data size, and without a bound one client could claim 10^9 examples and "
             "decide the aggregate (or set strategy.weighting = 'uniform')"
         )
-    from fedfm.algorithms.aggregators import AGGREGATORS
     from fedfm.attacks import ATTACKS
-    from fedfm.privacy.guarantees import dp_mode
     from fedfm.synthetic.modes import synthetic_mode
 
     if ATTACKS.get(cfg.attack.kind).acts:
@@ -433,15 +463,38 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "
             "certificates"
         )
-    bounded = (  # any aggregator but the plain mean is a robust or bounding rule
-        cfg.validation.max_update_norm is not None
-        or dp_mode(cfg).client_level
-        or getattr(AGGREGATORS.get(cfg.strategy.aggregator), "bounds_influence", True)
-    )
-    if bounded:
+    warnings = threshold_warnings(cfg)
+    if influence_bound(cfg) is not None:
+        return warnings
+    if not cfg.validation.unbounded:
+        raise DeployError(UNBOUNDED)
+    return [*warnings, UNBOUNDED_WARNING]
+
+
+def threshold_warnings(cfg) -> list[str]:
+    """Under secure aggregation: a warning when the secret-sharing threshold is every one of a
+    client's share holders, so that one client that drops out or sends a bad share spoils every
+    round."""
+    from fedfm.privacy.secagg import threshold_for
+    from fedfm.sampling import cohort_size
+
+    if not cfg.secagg.enabled:
+        return []
+    cohort = cohort_size(cfg.partition.num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    holders = cohort if cfg.secagg.neighbors is None else min(cohort, cfg.secagg.neighbors + 1)
+    t = threshold_for(holders, cfg.secagg.threshold)
+    if t < holders:
         return []
     return [
-        "no bound on update norms: one client can move the aggregate arbitrarily far. Set "
-        "validation.max_update_norm, use a robust strategy.aggregator (trimmed_mean, median, krum, ...) "
-        "or client-level DP (which clips)"
+        f"secagg.threshold = {cfg.secagg.threshold:g} with {holders} share holders per client needs all "
+        f"{holders} of them (t = {t}): one client that drops out or sends a bad share makes every round "
+        "fail until it is excluded; use a larger cohort or a lower threshold (above 0.5)"
     ]
+
+
+UNBOUNDED = (
+    "nothing bounds one client's influence on the model: a single client could move it arbitrarily far. "
+    "Set validation.max_update_norm, a robust strategy.aggregator (trimmed_mean, median, krum, ...), "
+    "client-level DP (privacy.dp = 'client', which clips) or secagg.enabled (sums outside the range "
+    "honest inputs can produce are refused); or accept the risk with validation.unbounded = true"
+)

@@ -69,6 +69,29 @@ class Coordinator:
                 raise ValueError(f"not expecting a message for {what} from you")
             return self.limits.get(client_id, HEADER_SLACK)
 
+    def refuse(self, client_id: int, header: dict | None, reason: str) -> None:
+        """A message of ``client_id`` was refused (malformed, oversized, not admitted): if it was
+        the reply the round waits for — it names the current round and step, or it could not be
+        read — the client is out of this round (or step) at once, with the reason, and anything
+        it sends again is refused; the round need not wait for its deadline."""
+        with self.cond:
+            if client_id not in self.waiting_for:
+                return
+            names = header is not None and (header.get("round"), header.get("step")) != (
+                self.round,
+                self.step,
+            )
+            if self.mode != "async" and names:
+                return  # a message for another round or step: not the reply this one waits for
+            self.waiting_for.discard(client_id)
+            self.tasks.pop(client_id, None)
+            why = f"its message was refused: {reason}"[:500]
+            if self.step is None:
+                item = ClientResult(client_id, failure=ClientFailure(client_id, "decode", why))
+            else:
+                item = {"error": why}
+            self.results.put((self.round, self.step, client_id, item))
+
     def delivered(self, client_id: int, rnd, step) -> bool:
         """Mark ``client_id``'s reply to (round, step) as in; False if it is not, or no longer,
         expected (a slow upload for a round that has moved on must not mark the next one)."""
@@ -118,6 +141,10 @@ class GrpcEngine:
     ) -> None:
         """``verifier``: the client CA's (``CertificateVerifier``) for signed secure aggregation."""
         self.verifier = verifier
+        # clients a secure-aggregation protocol named as offenders: out for the rest of the run
+        self.excluded: dict[int, str] = {}
+        self.secure = None  # this round's RemoteSecureRound, whose offenders are excluded after it
+        self.exclude_offenders = True  # secagg.exclude_offenders, read when a secure round starts
         self.coord, self.jobs, self.round_timeout_s = coord, list(jobs), round_timeout_s
         self.min_available, self.wait_timeout_s, self.note = min_available, wait_timeout_s, note
 
@@ -180,13 +207,35 @@ class GrpcEngine:
         self.wait_for_clients(self.min_available)
         names = {m.client_id: m.name for m in self.coord.roster.members}
         identities = (self.verifier, names) if self.verifier is not None else None
-        return RemoteSecureRound.start(self.exchange, cohort, layout, secagg_cfg, graph_seed, rnd, identities)
+        self._exclude_offenders()  # the last round's protocol has run to its end by now
+        self.exclude_offenders = secagg_cfg.exclude_offenders
+        members = [k for k in cohort if k not in self.excluded]
+        self.secure = RemoteSecureRound.start(
+            self.exchange, members, layout, secagg_cfg, graph_seed, rnd, identities
+        )
+        return self.secure
+
+    def _exclude_offenders(self) -> None:
+        """Clients the last secure round named (a malformed protocol message, inconsistent or
+        wrong shares, a masked input of the wrong shape) take no further part in the run."""
+        secure, self.secure = self.secure, None
+        if secure is None or not self.exclude_offenders:
+            return
+        for o in [*secure.rejected, *secure.server.offenders]:
+            if o["client"] not in self.excluded:
+                why = f"named by secure aggregation in round {secure.round}: {o['reason']}"
+                self.excluded[o["client"]] = why[:500]
+                self.note(f"client {o['client']} is excluded from the rest of the run: {o['reason']}")
 
     def run_cohort(
         self, global_params: Params, cohort: Sequence[int], ctx: RoundContext
     ) -> Iterator[ClientResult]:
         if ctx.secure is None:  # under secure aggregation the wait came before the key exchange
             self.wait_for_clients(self.min_available)  # e.g. for clients reconnecting after a restart
+        for k in cohort:
+            if k in self.excluded:
+                yield ClientResult(k, failure=ClientFailure(k, "excluded", self.excluded[k]))
+        cohort = [k for k in cohort if k not in self.excluded]
         online = set(self.coord.connected())
         split = self.coord.split
         sent = global_params
@@ -219,6 +268,7 @@ class GrpcEngine:
         finally:
             if split is not None:
                 split.close_round()
+
         for k in sorted(pending):
             reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
@@ -228,7 +278,7 @@ class GrpcEngine:
         """Hand each of ``clients`` a training task on ``global_params``, leaving other clients'
         tasks in place (the coordinator then admits each client's reply to its own task)."""
         blob = pack_tensors({"p": global_params, "c": ctx.server_control})
-        base = {"status": "train", "deadline_s": self.round_timeout_s}
+        base = {"status": "train", "deadline_s": self.round_timeout_s, "asynchronous": True}
         limit = payload_limit(global_params, ctx.server_control, None)
         c = self.coord
         with c.cond:
@@ -257,10 +307,12 @@ class GrpcEngine:
             c.waiting_for.discard(client)
 
     def state_dict(self) -> dict:
-        return {}  # client state (SCAFFOLD, error feedback) stays with each client
+        """Who is excluded, and why; client state (SCAFFOLD, error feedback) stays with each client."""
+        self._exclude_offenders()  # the round is over: its offenders are known
+        return {"excluded": {str(k): why for k, why in self.excluded.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.excluded = {int(k): why for k, why in (state or {}).get("excluded", {}).items()}
 
     def close(self) -> None:
         pass

@@ -41,7 +41,8 @@ class SecureRound:
     exact: torch.Tensor | None = None
     masked: set = field(default_factory=set)
     wrapped: int | None = None
-    near_wrap: int = 0
+    out_of_range: int = 0
+    sum_bound: float | None = None
 
     @classmethod
     def start(
@@ -113,15 +114,19 @@ class SecureRound:
 
 
 def secure_report(secure) -> dict:
-    """The round record's ``secagg`` part: bytes, server time, field, and how close sums came to
-    wrapping (``wrapped``: exact count, simulation only; ``near_wrap``: entries past 3/4 of the range)."""
+    """The round record's ``secagg`` part: bytes, server time, field, the range honest sums lie
+    in (``sum_bound``: the largest |entry| of Σ w·Δ, or its L2 norm under distributed noise) and
+    how many summed entries lay outside it (``out_of_range``: such a round is skipped), and how
+    often sums wrapped (``wrapped``: exact count, distributed noise in simulation only)."""
     out = {
         "bytes_up": secure.bytes_up,
         "bytes_down": secure.bytes_down,
         "server_s": secure.server_s,
         "field_bits": secure.layout.bits,
-        "near_wrap": secure.near_wrap,
+        "out_of_range": secure.out_of_range,
     }
+    if secure.sum_bound is not None:
+        out["sum_bound"] = secure.sum_bound
     if secure.layout.skellam is not None:
         out["wrapped"] = getattr(secure, "wrapped", None)
         out["expected_wraps"] = secure.layout.skellam.expected_wraps()
@@ -138,6 +143,13 @@ def sums_problem(sums: packing.Sums, contributors: int, layout: packing.Layout) 
     s = sums.scalars
     if s["count"] != contributors:
         return f"the unmasked count is {s['count']:g} but {contributors} clients contributed"
+    if sums.out_of_range:
+        what = "L2 norm" if layout.skellam is not None else "entries"
+        return (
+            f"the unmasked sum's {what} lie outside the range honest inputs can produce "
+            f"({sums.out_of_range} out of range; bound {sums.bound:.4g}): a client sent values beyond its "
+            "clip range, or the sum wrapped around"
+        )
     if layout.skellam is None:
         if not contributors <= s["weight"] <= contributors * layout.max_weight:
             return f"the unmasked weight {s['weight']:g} is impossible for {contributors} clients"
@@ -179,7 +191,7 @@ def secure_aggregate(
         return None, f"secure aggregation failed: {err}; round skipped, state unchanged"
     finally:  # every client a protocol step named, with the reason
         tally.rejected.extend(secure.rejected + _new(secure.server.offenders, secure.rejected))
-    secure.near_wrap = sums.near_wrap
+    secure.out_of_range, secure.sum_bound = sums.out_of_range, sums.bound
     tally.unmasked = len(tally.accepted)  # a sum was recovered: released to the server
     problem = sums_problem(sums, len(tally.accepted), secure.layout)
     if problem is not None:

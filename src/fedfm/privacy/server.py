@@ -2,7 +2,9 @@
 
 * **Noise and cohorts** come from the run's ``NoiseSource``: the OS CSPRNG unless
   ``privacy.noise_seed`` is set (then the console, the metrics and the report say that the
-  guarantee does not hold against anyone who knows the seed).
+  guarantee does not hold against anyone who knows the seed). A deployment with a seed also keys
+  every draw with a 256-bit secret in ``RUN/noise.key`` (``fedfm.seeding.noise_key``), so the
+  per-client seeds it hands out reveal neither the seed nor anyone else's noise.
 * **Client-level DP** (``PrivacyPlan``): central Gaussian noise on server-clipped updates or on
   unmasked sums, or distributed Skellam noise; adaptive clipping; the ledger and the budget.
 * **Example-level DP** (DP-SGD): every client states the z, q and steps it ran; the server
@@ -41,10 +43,13 @@ class ReleaseRefused(SecAggError):
 class RunPrivacy:
     """The DP side of one run: noise source, client- or example-level mechanism, write-ahead charges."""
 
-    def __init__(self, cfg, num_clients: int, cohort: int, dim: int, checkpoint: Path, note=print) -> None:
+    def __init__(
+        self, cfg, num_clients: int, cohort: int, dim: int, checkpoint: Path, note=print, key=None
+    ) -> None:
+        """``key``: the run's noise key (``fedfm.seeding.noise_key``) when the noise is seeded."""
         p = cfg.privacy
         self.cfg = cfg
-        self.noise = NoiseSource(p.noise_seed)
+        self.noise = NoiseSource(p.noise_seed, key=key if p.noise_seed is not None else None)
         self.wal = Path(checkpoint) / WAL
         self.attempt = uuid.uuid4().hex[:12]  # this process: its releases are distinct from a crashed one's
         mode = dp_mode(cfg)

@@ -151,6 +151,10 @@ def privacy_section(history: list[dict]) -> str:
         )
         if dp.get("noise") == "seeded":
             parts.append(f"<p class='warning'><b>Warning:</b> {html.escape(SEEDED)}.</p>")
+    if any(r.get("unbounded") for r in rounds):
+        from fedfm.transforms.validation import UNBOUNDED_WARNING
+
+        parts.append(f"<p class='warning'><b>Warning:</b> {html.escape(UNBOUNDED_WARNING)}.</p>")
     secure = [r["secagg"] for r in rounds if r.get("secagg")]
     if secure:
         up = sum(s["bytes_up"] for s in secure) / len(secure)

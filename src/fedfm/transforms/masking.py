@@ -5,7 +5,9 @@ distributed DP's Skellam parameters) and the key exchange, run by the engine whe
 live elsewhere (``Engine.start_secure``), else simulated here. Client half: fixed-point encode
 (→ Skellam noise under distributed DP) → mask; the masked vector is a ``Masked`` payload, with
 only DP-SGD's settings beside it in the clear. Server half: collect the masked inputs, unmask the
-survivors' sum and check it; the stream that leaves is one ``Summed`` (or the round is skipped).
+survivors' sum and check it against the range honest inputs can produce (``fedfm.privacy.packing``:
+every entry, and with ``validation.max_update_norm`` — which clients then clip to themselves — the
+sum's norm); the stream that leaves is one ``Summed`` (or the round is skipped, with the reason).
 The protocol code lives in ``fedfm.privacy`` (the ``privacy`` extra) and is imported on use.
 """
 
@@ -22,8 +24,8 @@ class RoundSkipped(Exception):
 class SecureMasking(Passthrough):
     name = "secure"
 
-    def __init__(self, secagg, uniform: bool) -> None:
-        self.secagg, self.uniform = secagg, uniform
+    def __init__(self, secagg, uniform: bool, max_norm: float | None = None) -> None:
+        self.secagg, self.uniform, self.max_norm = secagg, uniform, max_norm
 
     def prepare(self, rnd) -> dict:
         from fedfm.privacy import packing
@@ -43,6 +45,7 @@ class SecureMasking(Passthrough):
             max_weight=1 if self.uniform else rnd.max_examples,
             max_clients=members,
             skellam=skellam,
+            max_norm=self.max_norm if skellam is None else None,  # distributed DP clips to C itself
         )
         graph_seed = derive_seed(rnd.seed, rnd.t, "graph")
         start = getattr(rnd.engine, "start_secure", None) or SecureRound.start  # remote clients
@@ -106,8 +109,6 @@ def _check(cfg) -> None:
         raise ValueError("secagg needs strategy.lora_aggregation = 'naive' and no peft.rank_tiers")
     if cfg.compression.method != "none":
         raise ValueError("secagg quantizes updates itself: set compression.method = 'none'")
-    if cfg.validation.max_update_norm is not None:
-        raise ValueError(f"validation.max_update_norm cannot be checked ({why}); bound updates with clipping")
     attack = ATTACKS.get(cfg.attack.kind)
     if attack.corrupt is not None or attack.craft is not None:
         raise ValueError(
@@ -122,4 +123,4 @@ def _check(cfg) -> None:
 def secure_masking(cfg) -> SecureMasking | None:
     if not cfg.secagg.enabled:
         return None
-    return SecureMasking(cfg.secagg, cfg.strategy.weighting == "uniform")
+    return SecureMasking(cfg.secagg, cfg.strategy.weighting == "uniform", cfg.validation.max_update_norm)

@@ -80,6 +80,28 @@ class Validation(Passthrough):
             yield item
 
 
+UNBOUNDED_WARNING = (
+    "validation.unbounded = true: nothing bounds one client's influence; one client can move the model "
+    "arbitrarily far"
+)
+
+
+def influence_bound(cfg) -> str | None:
+    """What bounds how far one deployed client can move the aggregate (a sentence), or None."""
+    from fedfm.algorithms.aggregators import AGGREGATORS
+    from fedfm.privacy.guarantees import dp_mode
+
+    if cfg.validation.max_update_norm is not None:
+        return f"validation.max_update_norm = {cfg.validation.max_update_norm:g} refuses larger updates"
+    if dp_mode(cfg).client_level:
+        return "client-level DP clips every update"
+    if cfg.secagg.enabled:
+        return "secure sums outside the range honest inputs can produce are refused"
+    if getattr(AGGREGATORS.get(cfg.strategy.aggregator), "bounds_influence", True):
+        return f"strategy.aggregator = {cfg.strategy.aggregator!r} bounds each client's influence"
+    return None
+
+
 @transform("validation", 0)
 def validation(cfg) -> Validation:
     return Validation(cfg.validation.max_update_norm)
