@@ -69,7 +69,7 @@ def _overrides(
 
 def _central(run, cfg):
     """The cohort's examples in one loop: each client's batches in turn, one model and optimizer."""
-    from fedfm.training import batch_order, make_optimizer, num_local_steps
+    from fedfm.client.program import batch_order, make_optimizer, num_local_steps
 
     bundle, task, t = run.bundle, run.task, cfg.training
 
@@ -93,8 +93,8 @@ def _central(run, cfg):
 
 
 def _engine_fn(run, cfg, name: str, k: int | None):
+    from fedfm.client.program import ClientProgram
     from fedfm.engines import ENGINES, EngineSetup
-    from fedfm.training import ClientProgram
     from fedfm.types import RoundContext
 
     group = cfg.batched.model_copy(update={"clients_per_group": k}) if k else cfg.batched
@@ -112,9 +112,9 @@ def _engine_fn(run, cfg, name: str, k: int | None):
 
 
 def measure(workload, clients, per_client, batch, ks, repeats, device, threads):
+    from fedfm.client.program import num_local_steps
     from fedfm.config import make_config
-    from fedfm.loop import Run
-    from fedfm.training import num_local_steps
+    from fedfm.server.driver import Run
 
     cfg = make_config({}, _overrides(workload, clients, per_client, device, threads, batch))
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +154,7 @@ def peak(workload, clients, per_client, batch, mode, device, threads) -> dict:
     """One mode once in this (fresh) process: its peak memory — CUDA's allocator peak on a GPU,
     else the process's peak RSS (model and data included)."""
     from fedfm.config import make_config
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     cfg = make_config({}, _overrides(workload, clients, per_client, device, threads, batch))
     with tempfile.TemporaryDirectory() as tmp:

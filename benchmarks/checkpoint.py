@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedfm.checkpoint import ServerState, save_checkpoint  # noqa: E402
+from fedfm.server.checkpoint import ServerState, save_checkpoint  # noqa: E402
 
 VALUES = 75_653
 

@@ -37,9 +37,9 @@ def _peak_mb(device: torch.device) -> float | None:
 def _local_throughput(cfg, precisions: list[str], repeats: int) -> dict:
     """Examples (or tokens) per second of one client's local training, precisions alternated."""
     from fedfm.algorithms.objectives import Objective
-    from fedfm.experiment import build_task, prepare_data
+    from fedfm.client.program import ClientJob, client_update
     from fedfm.models.state import get_trainable_state
-    from fedfm.training import ClientJob, client_update
+    from fedfm.tasks.setup import build_task, prepare_data
     from fedfm.types import RoundContext
 
     data = prepare_data(cfg)

@@ -60,7 +60,7 @@ def _timed(fn) -> tuple[float, float]:
 
 def _central_fn(run, cfg):
     """Train the same rows with the same steps and batch sizes as the round, in one plain loop."""
-    from fedfm.training import make_optimizer, num_local_steps
+    from fedfm.client.program import make_optimizer, num_local_steps
 
     bundle, task, bs = run.bundle, run.task, cfg.training.batch_size
 
@@ -84,9 +84,9 @@ def worker(
     mode: str, num_clients: int, examples: int, batch_size: int, max_length: int, repeats: int
 ) -> dict:
     """``mode`` central / federated: one run, for its own peak RSS; ``ab``: both, alternated."""
-    from fedfm.loop import Run
+    from fedfm.client.program import num_local_steps
     from fedfm.reporting.console import _Bar
-    from fedfm.training import num_local_steps
+    from fedfm.server.driver import Run
 
     cfg = _config(num_clients, examples, batch_size, max_length)
     with tempfile.TemporaryDirectory() as tmp:

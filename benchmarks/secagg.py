@@ -33,7 +33,7 @@ BITS = 42  # the field the default run uses: 24-bit fixed point, weights up to t
 
 def default_length() -> int:
     from fedfm.config import make_config
-    from fedfm.experiment import build_task, prepare_data
+    from fedfm.tasks.setup import build_task, prepare_data
 
     cfg = make_config()
     bundle, _ = build_task(cfg, prepare_data(cfg))

@@ -57,10 +57,10 @@ def test_malformed_updates_are_rejected_and_the_round_goes_on(tiny_config, tmp_p
 
 
 def test_norm_bound_validation_and_every_client_rejected_means_no_state_change(tiny_config, tmp_path):
-    from fedfm.checkpoint import load_checkpoint
-    from fedfm.experiment import build_task, prepare_data
-    from fedfm.loop import RunFailedError
     from fedfm.models.state import get_trainable_state
+    from fedfm.server.checkpoint import load_checkpoint
+    from fedfm.server.driver import RunFailedError
+    from fedfm.tasks.setup import build_task, prepare_data
 
     cfg = tiny_config(validation={"max_update_norm": 1e-9}, run={"rounds": 1})
     with pytest.raises(RunFailedError) as failed:  # every update rejected in every round

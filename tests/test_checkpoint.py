@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import fedfm
-from fedfm.checkpoint import CheckpointError, ClientStore, ServerState, load_checkpoint, save_checkpoint
 from fedfm.reporting.metrics import MetricsLog
+from fedfm.server.checkpoint import (
+    CheckpointError,
+    ClientStore,
+    ServerState,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def scaffold_config(tiny_config, **run):
@@ -43,7 +49,7 @@ def test_server_and_client_states_commit_together_or_not_at_all(tmp_path, monkey
     class PowerCut(RuntimeError):
         pass
 
-    import fedfm.checkpoint as ckpt
+    import fedfm.server.checkpoint as ckpt
 
     real = ckpt._connect
 
@@ -143,7 +149,7 @@ def test_a_commit_cut_short_by_a_kill_rolls_back_on_resume(tmp_path):
     save_checkpoint(folder, ServerState(1, {"w": torch.zeros(3)}, {}), {0: {"s": {"w": torch.ones(3)}}})
     script = f"""
 import os, sqlite3, torch
-from fedfm.checkpoint import ServerState, _connect, _dumps
+from fedfm.server.checkpoint import ServerState, _connect, _dumps
 db = _connect({str(folder / "state.sqlite")!r})
 db.execute("BEGIN IMMEDIATE")
 big = _dumps(ServerState(2, {{"w": torch.ones(1 << 18)}}, {{}}).__dict__)
@@ -163,7 +169,7 @@ def test_a_crash_after_round_1_is_recorded_but_before_its_checkpoint_resumes(tin
     the resumed run redoes round 1 and ends where an uninterrupted run ends (found by a deployed
     server killed right after the round-1 line appeared)."""
     from fedfm.api import prepare_run
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     class Crash(Exception):
         pass

@@ -130,7 +130,7 @@ def test_every_method_runs_from_config_and_shrinks_the_upload(tiny_config, tmp_p
 
 
 def test_bytes_are_measured_and_accumulated(uncompressed):
-    from fedfm.checkpoint import load_checkpoint
+    from fedfm.server.checkpoint import load_checkpoint
 
     rounds = [r for r in uncompressed.history if r["round"] > 0]
     theta = load_checkpoint(uncompressed.run_dir / "checkpoint").params

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from fedfm.client.costs import CostMeter, round_costs
 from fedfm.config import ConfigError, make_config
-from fedfm.costs import CostMeter, round_costs
 
 
 def test_a_small_mlp_costs_what_its_shapes_say():

@@ -17,8 +17,8 @@ import pytest
 import tomli_w
 from tests.deploy_tools import free_port
 
-from fedfm.dashboard.app import DashboardError, check_binding
-from fedfm.dashboard.state import RunView
+from fedfm.reporting.dashboard.app import DashboardError, check_binding
+from fedfm.reporting.dashboard.state import RunView
 
 pytest.importorskip("starlette")
 pytest.importorskip("sse_starlette")

@@ -5,7 +5,7 @@ import pytest
 
 from fedfm.config import DataSection, RunConfig
 from fedfm.data.sources import DataError, bbc_news, load_source
-from fedfm.experiment import prepare_data
+from fedfm.tasks.setup import prepare_data
 
 
 def test_bbc_news_is_real_and_stable():

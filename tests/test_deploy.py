@@ -21,7 +21,7 @@ from tests.deploy_tools import (
 )
 
 import fedfm
-from fedfm.checkpoint import load_checkpoint
+from fedfm.server.checkpoint import load_checkpoint
 
 pytest.importorskip("grpc")
 
@@ -83,8 +83,8 @@ def test_full_run_over_mutual_tls_matches_the_simulation(tmp_path, tiny_config, 
     if extra is FEDSA:  # the global B matrices never moved: every client kept and trained its own
         from fedfm.algorithms.personal import lora_b
         from fedfm.config import make_config
-        from fedfm.experiment import build_bundle, prepare_data
         from fedfm.models.state import get_trainable_state
+        from fedfm.tasks.setup import build_bundle, prepare_data
 
         run_cfg = make_config(cfg)
         start = get_trainable_state(build_bundle(run_cfg, prepare_data(run_cfg).train.label_names).trainable)

@@ -86,7 +86,7 @@ def test_the_coordinator_counts_a_reply_against_the_task_it_posted():
     """In async mode a reply's header round is not trusted: admission and the version come from
     the task the server posted; a second reply to one task, or a reply with no task, is refused."""
     from fedfm.deploy.auth import Roster
-    from fedfm.engines.grpc import Coordinator, GrpcEngine
+    from fedfm.deploy.engine import Coordinator, GrpcEngine
     from fedfm.types import RoundContext
 
     class Job:

@@ -31,7 +31,7 @@ def test_default_example_is_the_embedded_default():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "sweeps").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_sweeps_expand_to_valid_cells(path, monkeypatch):
-    from fedfm.sweep import check_cells, expand, load_sweep
+    from fedfm.reporting.sweep import check_cells, expand, load_sweep
 
     monkeypatch.chdir(ROOT)  # sweep files name data paths relative to the repository root
     spec = load_sweep(path)

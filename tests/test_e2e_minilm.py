@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import fedfm
 from fedfm.config import make_config
-from fedfm.experiment import prepare_data
 from fedfm.models.resolve import resolve_model
+from fedfm.tasks.setup import prepare_data
 
 
 @pytest.mark.slow

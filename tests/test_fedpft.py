@@ -153,7 +153,7 @@ def test_fedpft_refuses_what_it_cannot_run(sections, match):
 
 
 def test_fedpft_folder_exports_and_resumes_as_finished(tiny_config, tmp_path):
-    from fedfm.models.export import export_run
+    from fedfm.server.export import export_run
 
     cfg = tiny_config(run={"protocol": "fedpft"}, peft={"method": "head"})
     result = fedfm.run(cfg, output=tmp_path / "run", progress=False)

@@ -19,7 +19,7 @@ import fedfm
 from fedfm.api import prepare_run
 from fedfm.config import ConfigError, make_config
 from fedfm.data.sources import DataError, DataNote, DataWarning
-from fedfm.experiment import load_splits
+from fedfm.tasks.setup import load_splits
 
 
 def _write_csv(path, rows, encoding="utf-8"):
@@ -126,7 +126,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_cleanly(tiny_config, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"resume with: fedfm run --resume {out}" in err.replace("\n", "") and "Traceback" not in err
-    from fedfm.checkpoint import load_checkpoint
+    from fedfm.server.checkpoint import load_checkpoint
 
     done = load_checkpoint(out / "checkpoint").round  # the interrupt came after this round
     with warnings.catch_warnings():

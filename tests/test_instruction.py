@@ -97,7 +97,7 @@ def test_one_round_on_a_tiny_llama_exports_and_round_trips(instruction_config, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedfm.models.export import export_run
+    from fedfm.server.export import export_run
 
     cfg = instruction_config()
     result = fedfm.run(cfg, output=tmp_path / "r", progress=False)

@@ -138,7 +138,7 @@ def test_invalid_combinations_are_refused():
 
 def test_rank_assignment_rules(tiny_config):
     from fedfm.config import make_config
-    from fedfm.experiment import client_jobs, prepare_data
+    from fedfm.tasks.setup import client_jobs, prepare_data
 
     cfg = make_config(tiny_config(peft={"r": 8, "rank_tiers": [8, 2, 4]}))
     assert [j.rank for j in client_jobs(prepare_data(cfg), cfg.peft)] == [2, 4, 8, 2]
@@ -178,9 +178,9 @@ def test_stack_mode_merges_into_the_base_exports_a_merged_model_and_resumes(
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedfm.checkpoint import load_checkpoint
     from fedfm.config import make_config
-    from fedfm.experiment import prepare_data
+    from fedfm.server.checkpoint import load_checkpoint
+    from fedfm.tasks.setup import prepare_data
 
     def cfg(rounds):
         return tiny_config(
@@ -213,3 +213,30 @@ def test_stack_mode_needs_plain_fedavg_on_the_server():
 
     with pytest.raises(fedfm.ConfigError, match="server_optimizer = 'sgd', server_lr = 1.0"):
         make_config({"strategy": {"lora_aggregation": "stack", "server_optimizer": "adam"}})
+
+
+def test_a_lora_mode_carries_its_maths_and_one_without_is_refused():
+    """A mode is its accumulator: one declared LoRA-aware without one cannot be built (it used
+    to aggregate as ``naive`` silently); a new accumulator is what the aggregate uses."""
+    from fedfm.algorithms.lora import LoraMode, ProductMean
+
+    with pytest.raises(TypeError, match="add"):
+        LoraMode(object)
+
+    class ProductHalf(ProductMean):  # a made-up mode: the mean product, halved
+        def result(self, total, rank, prefix, a_key, b_key, like):
+            return {prefix + "#half": self.product / total / 2}
+
+    torch.manual_seed(0)
+    g = {"m.lora_A.weight": torch.randn(2, 3), "m.lora_B.weight": torch.randn(4, 2)}
+    deltas = [({k: torch.randn_like(v) for k, v in g.items()}, w) for w in (1.0, 3.0)]
+    out = aggregate_lora(deltas, g, LoraMode(ProductHalf), rank=2)
+    want = (
+        sum(
+            w
+            * ((g["m.lora_B.weight"] + d["m.lora_B.weight"]) @ (g["m.lora_A.weight"] + d["m.lora_A.weight"]))
+            for d, w in deltas
+        )
+        / 4
+    )
+    torch.testing.assert_close(out["m#half"].float(), want / 2)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from fedfm.algorithms.sampling import cohort_size, sample_cohort
 from fedfm.data.dataset import encode_labels, stratified_split
-from fedfm.sampling import cohort_size, sample_cohort
 from fedfm.seeding import derive_seed
 from fedfm.tasks.metrics import accuracy, macro_f1, summarize_clients
 

@@ -82,8 +82,8 @@ def test_classification_export_loads_with_auto_peft_and_keeps_the_labels(tiny_mo
     of the right size and the exported head is the trained one."""
     from peft import AutoPeftModelForSequenceClassification
 
-    from fedfm.models.export import export_adapter
     from fedfm.models.state import get_trainable_state
+    from fedfm.server.export import export_adapter
 
     labels = ["sport", "tech", "politics", "business", "film"]
     bundle = build_classifier(ModelSection(name=str(tiny_model_dir)), PeftSection(r=2), labels, 0, "cpu")

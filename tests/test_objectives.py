@@ -64,10 +64,10 @@ def test_a_registered_objective_decides_how_clients_train(tiny_config, tmp_path)
     this one zeroes every gradient, so with SGD the global model cannot move."""
     import fedfm
     from fedfm.algorithms.objectives import OBJECTIVES, LocalHook, Objective
-    from fedfm.checkpoint import load_checkpoint
     from fedfm.config import make_config
-    from fedfm.experiment import build_task, prepare_data
     from fedfm.models.state import get_trainable_state
+    from fedfm.server.checkpoint import load_checkpoint
+    from fedfm.tasks.setup import build_task, prepare_data
 
     def frozen_hook(global_params, ctx, client_state, device):
         def zero(trainable):

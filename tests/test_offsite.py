@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 import fedfm
 from fedfm.config import ConfigError, make_config
-from fedfm.experiment import build_bundle, prepare_data
 from fedfm.models.layers import keep_layers, layer_list, rename_layers
 from fedfm.models.resolve import ModelError
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.sharing import SHARING_MODES
 from fedfm.sharing.offsite import emulator_plan
+from fedfm.tasks.setup import build_bundle, prepare_data
 
 LABELS = ["money", "music", "sport"]
 
@@ -177,7 +177,7 @@ def test_an_offsite_run_records_both_accuracies_and_exports_the_plugged_in_adapt
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedfm.models.export import export_run
+    from fedfm.server.export import export_run
 
     cfg = make_config(offsite_config(offsite={"emulator_layers": 0}))
     result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
@@ -359,7 +359,7 @@ def test_deployed_clients_train_on_the_servers_distilled_emulator(offsite_config
     import tomli_w
     from tests.deploy_tools import free_port, make_certificates, run_federation, write_tokens
 
-    from fedfm.checkpoint import load_checkpoint
+    from fedfm.server.checkpoint import load_checkpoint
 
     raw = offsite_config(partition={"method": "iid", "num_clients": 3}, sampling={"fraction": 1.0})
     raw["validation"] = {"max_num_examples": 1000, "max_update_norm": 100.0}

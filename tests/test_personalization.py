@@ -17,9 +17,9 @@ from fedfm.algorithms.personal import (
     lora_b,
     shared_part,
 )
-from fedfm.checkpoint import ClientStore, load_checkpoint
 from fedfm.config import ConfigError, make_config
-from fedfm.personalization import summarize
+from fedfm.server.checkpoint import ClientStore, load_checkpoint
+from fedfm.server.personalization import summarize
 
 A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
 B = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
@@ -77,8 +77,8 @@ def test_personal_tensors_stay_home_and_never_move_the_global_state(tiny_config,
     result = fedfm.run(cfg, output=tmp_path / method, progress=False)
     is_personal = PERSONAL_PARTS.get(method)
     start = load_checkpoint(result.run_dir / "checkpoint").params
-    from fedfm.experiment import build_bundle, prepare_data
     from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_bundle, prepare_data
 
     init_params = get_trainable_state(build_bundle(cfg, prepare_data(cfg).train.label_names).trainable)
     keys = [k for k in start if is_personal(k)]
@@ -144,9 +144,9 @@ def test_fedrep_trains_the_head_alone_then_the_body_alone(tiny_config):
     the body, and the update is their sum."""
     from fedfm.algorithms.objectives import Objective
     from fedfm.algorithms.personal import PersonalSpec
-    from fedfm.experiment import build_task, prepare_data
+    from fedfm.client.program import ClientJob, fedrep_update
     from fedfm.models.state import get_trainable_state
-    from fedfm.training import ClientJob, fedrep_update
+    from fedfm.tasks.setup import build_task, prepare_data
     from fedfm.types import RoundContext
 
     cfg = personal_config(tiny_config, "fedrep")
@@ -166,9 +166,9 @@ def test_fedrep_trains_the_head_alone_then_the_body_alone(tiny_config):
 
 def test_ditto_keeps_a_whole_personal_adapter_pulled_towards_the_global_one(tiny_config, tmp_path):
     from fedfm.algorithms.personal import PersonalSpec
-    from fedfm.experiment import build_task, prepare_data
+    from fedfm.client.program import ClientJob, ditto_personal
     from fedfm.models.state import get_trainable_state
-    from fedfm.training import ClientJob, ditto_personal
+    from fedfm.tasks.setup import build_task, prepare_data
     from fedfm.types import RoundContext
 
     cfg = personal_config(tiny_config, "ditto")
@@ -231,7 +231,7 @@ def test_cluster_choice_and_state_by_hand():
 
 
 def test_the_server_averages_each_cluster_over_its_own_clients_and_rejects_a_bad_index():
-    from fedfm.round import ServerRound
+    from fedfm.server.round import ServerRound
     from fedfm.transforms.personal import Clusters
     from fedfm.types import Aggregate, ClientResult, Update
 
@@ -313,8 +313,8 @@ def test_ifca_refuses_secure_aggregation_and_baselines(tiny_config, sections, fi
 
 
 def _init_params(cfg):
-    from fedfm.experiment import build_bundle, prepare_data
     from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_bundle, prepare_data
 
     return get_trainable_state(build_bundle(cfg, prepare_data(cfg).train.label_names).trainable)
 
@@ -457,7 +457,7 @@ def test_ifca_rejects_a_hostile_cluster_index_or_a_partial_update_and_survives_n
     import numpy as np
 
     from fedfm.algorithms.clusters import choose_cluster, cluster_index
-    from fedfm.round import ServerRound
+    from fedfm.server.round import ServerRound
     from fedfm.transforms.personal import Clusters
     from fedfm.types import Aggregate, ClientResult, Update
 

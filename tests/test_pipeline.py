@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedfm.config import make_config
-from fedfm.round import ServerRound, apply_round
+from fedfm.server.round import ServerRound, apply_round
 from fedfm.transforms import Pipeline
 from fedfm.transforms.base import ClientStep
 from fedfm.types import ClientFailure, ClientResult, Encoded, Masked, RoundContext, Update
@@ -62,7 +62,7 @@ def test_a_payload_of_the_wrong_kind_is_rejected_with_the_client_and_the_reason(
 
 
 def test_the_round_returns_a_new_state_and_leaves_the_given_one_alone(tiny_config, tmp_path):
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     cfg = make_config(tiny_config(run={"rounds": 1}))
     (tmp_path / "r").mkdir()

@@ -84,8 +84,8 @@ def test_federated_dpo_runs_and_moves_the_held_out_reward_accuracy(preference_co
     assert "Held-out reward accuracy per client group" in report and "Answers to fixed prompts" in report
     assert (result.run_dir / "reward.png").is_file()
     # π_ref is the model with its (now trained) adapter switched off: the base, unmoved
-    from fedfm.checkpoint import load_checkpoint
     from fedfm.models.state import set_trainable_state
+    from fedfm.server.checkpoint import load_checkpoint
     from fedfm.tasks.preference import policy_logps, reference_logps
 
     _, bundle, task = _task(cfg)
@@ -98,7 +98,7 @@ def test_federated_dpo_runs_and_moves_the_held_out_reward_accuracy(preference_co
 
 
 def _task(cfg):
-    from fedfm.experiment import build_task, prepare_data
+    from fedfm.tasks.setup import build_task, prepare_data
 
     data = prepare_data(cfg)
     bundle, task = build_task(cfg, data)

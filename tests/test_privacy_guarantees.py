@@ -12,18 +12,18 @@ import pytest
 import torch
 
 import fedfm
-from fedfm.checkpoint import load_checkpoint
 from fedfm.config import make_config
 from fedfm.engines.inprocess import InProcessEngine
 from fedfm.privacy import dp
 from fedfm.privacy.plan import PrivacyPlan
 from fedfm.seeding import torch_generator
+from fedfm.server.checkpoint import load_checkpoint
 from fedfm.types import ClientResult
 
 
 def run_through(cfg, output):
     """A run whose every round may be skipped by design (the probe makes it so)."""
-    from fedfm.loop import RunFailedError
+    from fedfm.server.driver import RunFailedError
 
     try:
         return fedfm.run(cfg, output=output, progress=False)
@@ -245,16 +245,16 @@ class Crash(RuntimeError):
 
 
 def crash_before_checkpoint(monkeypatch, at_round):
-    import fedfm.loop
+    import fedfm.server.driver
 
-    original = fedfm.loop.save_checkpoint
+    original = fedfm.server.driver.save_checkpoint
 
     def save(folder, state, clients=None):
         if state.round == at_round:
             raise Crash("power cut")
         return original(folder, state, clients)
 
-    monkeypatch.setattr(fedfm.loop, "save_checkpoint", save)
+    monkeypatch.setattr(fedfm.server.driver, "save_checkpoint", save)
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed", "seeded"])

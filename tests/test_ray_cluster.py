@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import make_rows
 
 from fedfm.api import prepare_run
-from fedfm.loop import Run
+from fedfm.server.driver import Run
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fedfm
-from fedfm.checkpoint import ClientStore, load_checkpoint
+from fedfm.server.checkpoint import ClientStore, load_checkpoint
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fedfm
 from fedfm.config import make_config
-from fedfm.experiment import prepare_data
+from fedfm.tasks.setup import prepare_data
 
 
 def round_records(run_dir):
@@ -115,11 +115,11 @@ def test_local_evaluation_reports_client_spread(tiny_config, tmp_path):
 
 
 def test_rounds_where_every_client_fails_are_skipped_without_state_change(tiny_config, tmp_path, monkeypatch):
-    from fedfm.checkpoint import load_checkpoint
-    from fedfm.experiment import build_task
-    from fedfm.loop import RunFailedError
     from fedfm.models.state import get_trainable_state
+    from fedfm.server.checkpoint import load_checkpoint
+    from fedfm.server.driver import RunFailedError
     from fedfm.tasks.classification import ClassificationTask
+    from fedfm.tasks.setup import build_task
 
     # a loss that diverges makes every client fail at the train stage (an lr above 100 is refused)
     cfg = make_config(tiny_config(run={"rounds": 1}))

@@ -10,10 +10,10 @@ from tests.test_offsite import LABELS
 
 import fedfm
 from fedfm.config import ConfigError, make_config
-from fedfm.experiment import build_bundle
-from fedfm.loop import RunFailedError
 from fedfm.models.state import get_trainable_state, set_trainable_state
+from fedfm.server.driver import RunFailedError
 from fedfm.sharing.split import CutError, Exchange, roundtrip
+from fedfm.tasks.setup import build_bundle
 from fedfm.transforms.split import client_part, is_server_key, split_update
 from fedfm.types import Update
 
@@ -211,7 +211,7 @@ def test_a_tied_head_is_the_clients_embedding_too(instruction_config):
 
 
 def test_a_client_that_fails_mid_step_leaves_no_gradient_for_the_next(split_config):
-    from fedfm.training import ClientJob, client_init
+    from fedfm.client.program import ClientJob, client_init
 
     cfg = make_config(split_config())
     bundle = build_bundle(cfg, LABELS)

@@ -9,6 +9,7 @@ import torch
 from tests.conftest import save_tiny_bert, tiny_experiment
 
 from fedfm.algorithms.objectives import Objective
+from fedfm.client.program import ClientJob, client_update
 from fedfm.config import make_config
 from fedfm.deploy.split import (
     Link,
@@ -19,10 +20,9 @@ from fedfm.deploy.split import (
     received_gradient,
 )
 from fedfm.deploy.wire import WireError, pack_tensors, unpack_tensors
-from fedfm.experiment import build_task, prepare_data
 from fedfm.models.state import get_trainable_state
 from fedfm.sharing.split import CutError
-from fedfm.training import ClientJob, client_update
+from fedfm.tasks.setup import build_task, prepare_data
 from fedfm.transforms.split import client_part, split_update
 from fedfm.types import ClientResult, RoundContext
 
@@ -235,7 +235,7 @@ def test_a_deployed_split_run_over_mutual_tls_matches_the_simulation(still_bert,
     from tests.deploy_tools import free_port, make_certificates, run_federation, write_tokens
 
     import fedfm
-    from fedfm.checkpoint import load_checkpoint
+    from fedfm.server.checkpoint import load_checkpoint
 
     raw = split_cfg(still_bert, csv_path, activation_bits=32).model_dump(mode="json", exclude_none=True)
     raw["run"] = {**raw["run"], "rounds": 2}

@@ -7,8 +7,9 @@ import json
 import pytest
 import tomli_w
 
+from fedfm.api import run_sweep
 from fedfm.config import ConfigError, RunConfig
-from fedfm.sweep import expand, load_sweep, markdown_table, rounds_to_target, run_sweep
+from fedfm.reporting.sweep import expand, load_sweep, markdown_table, rounds_to_target
 
 
 def write_sweep(tmp_path, sweep: dict, base: dict | None = None):
@@ -118,7 +119,7 @@ def test_sweep_runs_writes_summaries_and_resumes(tmp_path, tiny_config):
 
 
 def test_markdown_says_when_cells_train_different_parts():
-    from fedfm.sweep import SweepSpec
+    from fedfm.reporting.sweep import SweepSpec
 
     spec = SweepSpec(name="s", base=None, grid={"partition.alpha": [0.1]}, variants={"a": {}, "b": {}})
     row = {"partition.alpha": 0.1, "final": 0.5, "best": 0.6, "rounds_to_target": None, "trainable": 10}
@@ -134,17 +135,17 @@ def test_default_config_is_a_valid_base():
     assert RunConfig().model.init == "pretrained"
 
 
-def test_markdown_shows_counted_costs_when_cells_have_them():
-    from fedfm.sweep import SweepSpec, _counted_costs
+def test_markdown_showscounted_costs_when_cells_have_them():
+    from fedfm.reporting.sweep import SweepSpec, counted_costs
 
     history = [
         {"round": 0},
         {"round": 1, "client_flops_mean": 2e9, "client_peak_memory_bytes": 5e6},
         {"round": 2, "client_flops_mean": 4e9, "client_peak_memory_bytes": 7e6},
     ]
-    assert _counted_costs(history) == {"client_flops": 3e9, "client_memory": 7e6}
-    assert _counted_costs([{"round": 1}]) == {}
+    assert counted_costs(history) == {"client_flops": 3e9, "client_memory": 7e6}
+    assert counted_costs([{"round": 1}]) == {}
     spec = SweepSpec(name="s", base=None, grid={}, variants={"a": {}})
     row = {"variant": "a", "model.init": "pretrained", "peft.method": "lora", "final": 0.5, "best": 0.6}
-    md = markdown_table(spec, [{**row, **_counted_costs(history), "bytes": 12_300_000, "wall_s": 3.0}])
+    md = markdown_table(spec, [{**row, **counted_costs(history), "bytes": 12_300_000, "wall_s": 3.0}])
     assert "client GFLOPs / round" in md and "| 3.0 | 7.0 | 12.3 |" in md

@@ -11,9 +11,9 @@ import pytest
 import fedfm
 from fedfm.config import ConfigError, make_config
 from fedfm.data.sources import DataError
-from fedfm.experiment import prepare_data
+from fedfm.data.synthetic import augment_rows
 from fedfm.synthetic.generate import SynthError, SynthSettings, clean, normalized, synthesize
-from fedfm.synthetic.mix import augment_rows
+from fedfm.tasks.setup import prepare_data
 
 
 def settings(generator, **kw) -> SynthSettings:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import fedfm
 from fedfm.algorithms.staleness import staleness_weight
-from fedfm.checkpoint import load_checkpoint
 from fedfm.config import ConfigError, make_config
+from fedfm.server.checkpoint import load_checkpoint
 from fedfm.systems.availability import Always, Intervals, OnOff, diurnal
 from fedfm.systems.clock import Arrival, finish_time, keep_first, work_seconds
 from fedfm.systems.profiles import SystemProfile, TraceError, client_profiles, read_trace
@@ -275,7 +275,7 @@ def test_max_staleness_rejects_with_the_reason(tiny_config, tmp_path):
 
 def test_a_killed_fedbuff_run_resumes_from_its_last_applied_buffer(tiny_config, tmp_path):
     from fedfm.api import prepare_run
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     class Crash(Exception):
         pass
@@ -348,7 +348,7 @@ def test_fedbuff_composes_with_compression_fedadam_and_a_robust_aggregator(tiny_
 
 def test_a_killed_synchronous_run_on_the_clock_resumes_with_its_clock(tiny_config, tmp_path):
     from fedfm.api import prepare_run
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     class Crash(Exception):
         pass

@@ -284,7 +284,7 @@ def test_a_threshold_that_needs_every_share_holder_is_warned_about(tiny_config):
 
 def test_a_refused_reply_takes_the_client_out_of_the_round_at_once():
     from fedfm.deploy.auth import Roster
-    from fedfm.engines.grpc import Coordinator
+    from fedfm.deploy.engine import Coordinator
 
     c = Coordinator(Roster([]), "", [], "run", round=4, waiting_for={1, 2})
     c.refuse(1, {"round": 3}, "not expecting a message for round 3")  # a stale message: not this reply
@@ -306,8 +306,8 @@ def test_heartbeats_keep_a_client_that_only_loads_its_model_connected(tmp_path, 
     from fedfm.deploy import auth, client
     from fedfm.deploy.auth import Roster
     from fedfm.deploy.client import ClientSecurity, Heartbeat, Identity
+    from fedfm.deploy.engine import Coordinator
     from fedfm.deploy.server import Security, start_server
-    from fedfm.engines.grpc import Coordinator
 
     monkeypatch.setattr(auth, "CONNECTED_S", 1.5)
     monkeypatch.setattr(client, "HEARTBEAT_S", 0.5)

@@ -108,7 +108,7 @@ def test_every_tracker_gets_config_rounds_clients_plots_and_the_adapter(tiny_con
 
 def test_a_resumed_run_continues_the_same_tracker_runs(tiny_config, tmp_path):
     from fedfm.api import prepare_run
-    from fedfm.loop import Run
+    from fedfm.server.driver import Run
 
     class Crash(Exception):
         pass
@@ -135,7 +135,7 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tiny_config, tmp_path):
 def test_a_sweep_logs_one_run_per_cell_grouped_and_secure_runs_show_no_clients(tiny_config, tmp_path):
     import tomli_w
 
-    from fedfm.sweep import run_sweep
+    from fedfm.api import run_sweep
 
     base = tmp_path / "base.toml"
     base.write_text(tomli_w.dumps(tiny_config(run={"trackers": ["mlflow"], "rounds": 1})))

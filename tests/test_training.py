@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from fedfm.algorithms.objectives import make_objective
-from fedfm.checkpoint import ClientStore, ServerState, save_checkpoint
+from fedfm.client.program import ClientJob, ClientProgram, batch_order, client_update, num_local_steps
 from fedfm.config import StrategySection, TrainingSection, make_config
 from fedfm.engines import EngineSetup, InProcessEngine
-from fedfm.experiment import build_task, prepare_data
 from fedfm.models.state import get_trainable_state
-from fedfm.training import ClientJob, ClientProgram, batch_order, client_update, num_local_steps
+from fedfm.server.checkpoint import ClientStore, ServerState, save_checkpoint
+from fedfm.tasks.setup import build_task, prepare_data
 from fedfm.transforms import Pipeline
 from fedfm.types import RoundContext
 
@@ -99,7 +99,7 @@ def test_engine_keeps_scaffold_state_per_client(setup, tmp_path):
 def test_init_step_final_is_client_update(setup):
     """Driving the steps by hand (as a batched engine would) gives client_update's result, with
     the step variants on: FedProx's penalty and gradient accumulation."""
-    from fedfm.training import client_final, client_init, client_step, local_batches
+    from fedfm.client.program import client_final, client_init, client_step, local_batches
 
     cfg, data, bundle, task = setup
     theta = get_trainable_state(bundle.trainable)

@@ -11,8 +11,8 @@ from tests.conftest import make_rows
 
 import fedfm
 from fedfm.algorithms.distill import distillation_loss, ensemble_logits
-from fedfm.checkpoint import ClientStore
 from fedfm.config import ConfigError, make_config
+from fedfm.server.checkpoint import ClientStore
 from fedfm.transforms.compression import serialized_nbytes
 
 

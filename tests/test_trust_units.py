@@ -75,7 +75,7 @@ def test_every_crashed_attempt_stays_charged(tmp_path):
 
 def test_a_late_upload_cannot_mark_the_next_round():
     from fedfm.deploy.auth import Roster
-    from fedfm.engines.grpc import Coordinator
+    from fedfm.deploy.engine import Coordinator
 
     coord = Coordinator(Roster([]), "", [], "run")
     coord.round, coord.step, coord.waiting_for = 4, None, {1, 2}

@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 import fedfm
-from fedfm.checkpoint import load_checkpoint
+from fedfm.client.program import ClientProgram
 from fedfm.config import ConfigError, RunConfig, make_config
 from fedfm.data.images import FASHION_MNIST_CLASSES, ImageDataset, load_image_source, read_image_folder
 from fedfm.data.sources import DataError
-from fedfm.experiment import build_task, client_jobs, prepare_data
 from fedfm.models.state import get_trainable_state
 from fedfm.models.vision import ImagePreprocessing
+from fedfm.server.checkpoint import load_checkpoint
 from fedfm.tasks.image import ImageTask, Pixels
-from fedfm.training import ClientProgram
+from fedfm.tasks.setup import build_task, client_jobs, prepare_data
 from fedfm.types import RoundContext
 
 # ---------------------------------------------------------------- tiny backbones (random weights)
@@ -528,7 +528,7 @@ def test_exact_lora_aggregation_of_convolution_factors(tiny_resnet_dir):
 
 
 def test_baselines_leave_the_loaded_statistics_in_place(tiny_resnet_dir):
-    from fedfm.training import train_from
+    from fedfm.client.program import train_from
 
     cfg, bundle, task, jobs = _setup(digits_config(tiny_resnet_dir, model={"batch_norm": "local"}))
     initial = _bn_stats(bundle.model)

@@ -6,8 +6,8 @@ import sys
 import typing
 from pathlib import Path
 
-from fedfm.components import registry_for
 from fedfm.config import RunConfig
+from fedfm.registry import registry_for
 
 
 def _type(annotation) -> str:
@@ -61,12 +61,19 @@ def render() -> str:
                 text = f"{text} Registered {kind}s: {names}."
             else:
                 shown = _type(f.annotation)
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            if "component" in extra:
+                text = f"{text} (Option of the {extra['component']}.)"
             lines.append(f"| `{name}` | {shown} | `{default!r}` | {text} |")
         lines.append("")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    # python tools/gen_config_docs.py [OUT] [PLUGIN_MODULE ...]: a reference with your plug-ins' options
+    from fedfm.registry import load_plugins
+
+    load_plugins(sys.argv[2:])
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")
     out.write_text(render())
     print(f"wrote {out}")

@@ -8,11 +8,10 @@ rows = fedfm.run_sweep("examples/sweeps/init-vs-noniid.toml")            # a gri
 fedfm.synthesize(fedfm.SynthSettings(labels=("sport", "tech")), "synth.jsonl")  # FM-made examples
 """
 
-from fedfm.api import run
+from fedfm.api import run, run_sweep
 from fedfm.config import ConfigError, RunConfig, load_config
-from fedfm.loop import RunResult
 from fedfm.models.resolve import ModelError
-from fedfm.sweep import run_sweep
+from fedfm.server.driver import RunResult
 from fedfm.synthetic.generate import SynthSettings, synthesize
 from fedfm.types import ClientResult, Params, RoundContext, Update
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedfm.config import ConfigError, RunConfig, load_config, make_config
-from fedfm.loop import RunResult
+from fedfm.server.driver import RunResult
 
 
 def _coerce(config: RunConfig | str | Path | Mapping[str, Any] | None, overrides: Iterable[str]) -> RunConfig:
@@ -73,7 +74,7 @@ def check_not_finished(run_dir: str | Path, overrides: Iterable[str] = ()) -> No
     ``overrides``) and its outputs are written (a run killed while writing them is resumed to write
     them again). ``fedfm run --resume`` asks this first; ``run(resume=...)`` of a finished run
     writes its outputs again and returns its result (what a sweep resuming a cell needs)."""
-    from fedfm.checkpoint import load_checkpoint
+    from fedfm.server.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -125,7 +126,7 @@ def natural_clients(cfg: RunConfig) -> RunConfig:
     import warnings
 
     from fedfm.data.sources import DataWarning
-    from fedfm.experiment import load_splits
+    from fedfm.tasks.setup import load_splits
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)  # the run says them once, when it loads the data
@@ -136,3 +137,74 @@ def natural_clients(cfg: RunConfig) -> RunConfig:
     data = cfg.model_dump()
     data["partition"]["num_clients"] = len({str(v) for v in values})
     return make_config(data)
+
+
+def run_sweep(
+    path: str | Path,
+    output: str | Path | None = None,
+    *,
+    progress: bool = True,
+    note: Callable[[str], None] = print,
+    overrides: list[str] = (),
+) -> list[dict]:
+    """Run every unfinished cell of the sweep in ``path``; write summary.csv, summary.md and plots.
+
+    ``overrides`` (``--set``) apply to every cell after the sweep's own fields (e.g. ``run.threads=1``).
+    A cell is finished when its folder holds ``cell.json``. A cell interrupted mid-run resumes from
+    its last checkpoint. Returns the summary rows in cell order.
+    """
+    from fedfm.reporting.sweep import (
+        Cell,
+        bytes_moved,
+        cell_summary,
+        check_cells,
+        counted_costs,
+        expand,
+        load_sweep,
+        wall_time,
+        write_summary,
+    )
+    from fedfm.server.driver import RunFailedError
+
+    spec = load_sweep(path)
+    grouped = [
+        f"run.tracker_group={json.dumps(spec.name)}"
+    ]  # trackers: one run per cell, grouped by the sweep
+    cells = [Cell(c.name, c.values, [*c.overrides, *overrides, *grouped]) for c in expand(spec)]
+    configs = check_cells(spec, cells)
+    out = Path(output) if output else Path(next(iter(configs.values())).run.output_root) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    from fedfm.reporting.console import Eta
+
+    rows, eta = [], None
+    for i, cell in enumerate(cells, 1):
+        folder, done = out / cell.name, out / cell.name / "cell.json"
+        if done.is_file():
+            note(f"[{i}/{len(cells)}] {cell.name}: finished earlier, kept")
+            rows.append(json.loads(done.read_text()))
+            continue
+        eta = eta or Eta(len(cells), i - 1)  # from the cells this process runs
+        eta.step(i - 1)
+        note(
+            f"[{i}/{len(cells)}] {cell.name}" + (f" (sweep ETA {eta.left()})" if eta.done > eta.first else "")
+        )
+        try:
+            if (folder / "checkpoint").exists():
+                result = run(resume=folder, progress=progress)
+            else:
+                result = run(configs[cell.name], output=folder, progress=progress)
+        except RunFailedError as err:  # recorded like any cell; the sweep goes on
+            note(f"[{i}/{len(cells)}] {cell.name}: {err}")
+            result = err.result
+        extra = {
+            "trainable": result.num_trainable,
+            "wall_s": round(wall_time(result.history), 1),
+            "bytes": bytes_moved(result.history),
+            **counted_costs(result.history),
+        }
+        row = cell_summary(cell, result.config, result.history, spec, extra)
+        done.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+    write_summary(out, spec, rows)
+    note(f"summary: {out / 'summary.md'}")
+    return rows

@@ -27,8 +27,21 @@ def _main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print fedfm's version and exit."
     ),
+    plugin: list[str] = typer.Option(
+        [],
+        "--plugin",
+        envvar="FEDFM_PLUGINS",
+        help="A module to import first, which registers components (repeatable; FEDFM_PLUGINS: "
+        "comma-separated). Its components and their options are then usable in every command.",
+    ),
 ) -> None:
     """Federated fine-tuning of foundation models."""
+    from fedfm.registry import load_plugins
+
+    try:
+        load_plugins(name for text in plugin for name in text.split(","))
+    except ImportError as err:
+        _fail(err)
 
 
 def _fail(err: Exception, status: int = 2) -> None:
@@ -39,11 +52,11 @@ def _fail(err: Exception, status: int = 2) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from fedfm.checkpoint import CheckpointError
     from fedfm.config import ConfigError
     from fedfm.data.partition import PartitionError
     from fedfm.data.sources import DataError
     from fedfm.models.resolve import ModelError
+    from fedfm.server.checkpoint import CheckpointError
 
     return CheckpointError, ConfigError, DataError, ModelError, PartitionError
 
@@ -66,7 +79,7 @@ def run(
     """Run a federated experiment; with no arguments, the embedded default experiment."""
     import fedfm
     from fedfm.api import RunFinished, RunInterrupted, check_not_finished
-    from fedfm.loop import RunFailedError
+    from fedfm.server.driver import RunFailedError
 
     if baselines:
         set_ = [*set_, "task.baselines=true"]
@@ -104,7 +117,7 @@ def export(
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base weights."),
 ) -> None:
     """Write a run's final model: a PEFT adapter folder, or with --merge a plain transformers folder."""
-    from fedfm.models.export import export_run
+    from fedfm.server.export import export_run
 
     try:
         with Console().status(
@@ -129,7 +142,7 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="Override a field in every cell (repeatable)."),
 ) -> None:
     """Run a grid of experiments (resumable); write summary.csv, summary.md and plots."""
-    from fedfm.sweep import run_sweep
+    from fedfm.api import run_sweep
 
     try:
         run_sweep(sweep_file, output, progress=not quiet, note=Console().print, overrides=set_)
@@ -251,7 +264,7 @@ def dashboard(
     """Serve a live page of one or more runs: progress, curves, the cohort, failures, ε, bytes."""
     import os
 
-    from fedfm.dashboard.app import DashboardError, make_server
+    from fedfm.reporting.dashboard.app import DashboardError, make_server
 
     token = token or os.environ.get("FEDFM_DASHBOARD_TOKEN")
     try:
@@ -309,7 +322,7 @@ def server(
     from fedfm.api import RunFinished, check_not_finished
     from fedfm.config import ConfigError, load_config
     from fedfm.deploy.server import DeployError, Security, serve
-    from fedfm.loop import RunFailedError
+    from fedfm.server.driver import RunFailedError
 
     try:
         if mode is not None and resume:

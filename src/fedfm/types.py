@@ -6,7 +6,8 @@ small family of typed payloads, each with a ``kind`` (its wire name) and ``tenso
 travels): ``Update`` (the dense delta θ_k − θ), ``Encoded`` (a compressed delta) and ``Masked``
 (a secure-aggregation input). ``Summed`` is the server's own: the unmasked sums of a secure
 round. New payload kinds (feature mixtures, logits on a transfer set, cut-layer activations,
-cluster models) join the family in ``PAYLOADS``; see docs/architecture.md.
+cluster models) join the family with ``@payload`` (the ``PAYLOADS`` registry); see
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ class Update:
     control_delta: Params | None = None
 
     kind = "update"
+    dense = True  # every trainable tensor, as it is: validation and robust aggregators read it
 
     def tensors(self) -> dict[str, Params]:
         return {"p": self.delta, "c": self.control_delta or {}}
+
+    @classmethod
+    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
+        return cls(groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,14 @@ class Encoded:
     metrics: Mapping[str, float] = field(default_factory=dict)
     control_delta: Params | None = None
     kind = "encoded"
+    dense = False
 
     def tensors(self) -> dict[str, Params]:
         return {"p": self.payload, "c": self.control_delta or {}}
+
+    @classmethod
+    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
+        return cls(groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,15 @@ class Masked:
     vector: Params
     metrics: Mapping[str, float] = field(default_factory=dict)
     kind = "masked"
+    dense = False
     num_examples = None
 
     def tensors(self) -> dict[str, Params]:
         return {"p": self.vector}
+
+    @classmethod
+    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
+        return cls(groups.get("p", {}), metrics)
 
 
 @dataclass(frozen=True)
@@ -108,9 +124,15 @@ class SplitUpdate:
     server_delta: Params = field(default_factory=dict)
     control_delta: Params | None = None
     kind = "split"
+    dense = False  # the client's part only
 
     def tensors(self) -> dict[str, Params]:
         return {"p": self.client_delta, "c": self.control_delta or {}}
+
+    @classmethod
+    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
+        """The server adds its own part (``fedfm.deploy.split``)."""
+        return cls(groups.get("p", {}), num_examples, metrics, {}, groups.get("c") or None)
 
     def merged(self) -> Update:
         delta = {**self.client_delta, **self.server_delta}
@@ -119,30 +141,46 @@ class SplitUpdate:
 
 @dataclass(frozen=True)
 class Logits:
-    """Knowledge transfer's payload (``fedfm.transfer``): a client's logits on the transfer set,
+    """Knowledge transfer's payload (``fedfm.protocols.transfer``): a client's logits on the transfer set,
     one row per transfer text, and its example count (the ensemble's weight). In-process only."""
 
     values: torch.Tensor
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     kind = "logits"
+    dense = False
 
     def tensors(self) -> dict[str, Params]:
         return {"p": {"logits": self.values}}
 
 
-PAYLOADS: dict[str, type] = {p.kind: p for p in (Update, Encoded, Masked)}  # wire name → type
+PAYLOADS: dict[str, type] = {}  # wire name → payload type (``payload`` adds one); types import nothing
+
+
+def payload(cls: type) -> type:
+    """Register a payload type under its ``kind`` (its wire name). It needs ``tensors()`` (what
+    travels, as named groups of tensors), a classmethod ``from_wire(groups, num_examples,
+    metrics)`` that rebuilds it on the receiving side, and ``dense`` (whether it is the whole
+    delta as it is)."""
+    for need in ("kind", "tensors", "from_wire", "dense"):
+        if not hasattr(cls, need):
+            raise TypeError(f"payload type {cls.__name__} has no {need!r}")
+    if cls.kind in PAYLOADS:
+        raise ValueError(f"payload kind {cls.kind!r} is already registered")
+    PAYLOADS[cls.kind] = cls
+    return cls
+
+
+for _kind in (Update, Encoded, Masked, SplitUpdate):
+    payload(_kind)
 
 
 def payload_from_wire(kind: str, groups: Mapping[str, Params], num_examples, metrics) -> Any:
     """A received payload rebuilt by its wire name (``ValueError`` for an unknown one)."""
-    if kind == "masked":
-        return Masked(groups.get("p", {}), metrics)
-    if kind == "split":  # the server adds its own part (fedfm.deploy.split)
-        return SplitUpdate(groups.get("p", {}), num_examples, metrics, {}, groups.get("c") or None)
-    if kind not in PAYLOADS:
-        raise ValueError(f"unknown payload kind {str(kind)[:40]!r}; known: {', '.join(sorted(PAYLOADS))}")
-    return PAYLOADS[kind](groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
+    if not isinstance(kind, str) or kind not in PAYLOADS:
+        known = ", ".join(sorted(PAYLOADS))
+        raise ValueError(f"unknown payload kind {str(kind)[:40]!r}; known: {known}")
+    return PAYLOADS[kind].from_wire(groups, num_examples, metrics)
 
 
 @dataclass(frozen=True)
@@ -188,3 +226,26 @@ class RoundContext:
     dp: Any = None  # DpRound (clients clip: client-level DP under secagg) or ExampleDp (DP-SGD)
     secure: Any = None  # fedfm.privacy.secure_round.SecureRound under secure aggregation
     noise: Any = None  # fedfm.seeding.NoiseSource: where privacy randomness comes from
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What the rest of fedfm asks of an engine, read from class attributes of its registered
+    factory (``fedfm.engines.base`` explains each)."""
+
+    remote: bool
+    in_process: bool
+    shared_base: bool
+    grouped: str | None  # the setting that makes it train clients in groups
+    section: str | None  # its own config section
+
+    @classmethod
+    def of(cls, factory, cfg) -> EngineTraits:
+        grouped = getattr(factory, "trains_in_groups", None)
+        return cls(
+            remote=bool(getattr(factory, "remote", False)),
+            in_process=bool(getattr(factory, "in_process", False)),
+            shared_base=bool(getattr(factory, "shared_base", True)),
+            grouped=grouped(cfg) if grouped is not None else None,
+            section=getattr(factory, "section", None),
+        )

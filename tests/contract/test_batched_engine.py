@@ -21,12 +21,12 @@ import torch
 from tests.conftest import save_tiny_bert
 
 import fedfm
-from fedfm.checkpoint import load_checkpoint
+from fedfm.client.program import ClientProgram
 from fedfm.config import RunConfig
 from fedfm.engines import ENGINES, EngineSetup
-from fedfm.experiment import build_task, client_jobs, prepare_data
 from fedfm.models.state import get_trainable_state
-from fedfm.training import ClientProgram
+from fedfm.server.checkpoint import load_checkpoint
+from fedfm.tasks.setup import build_task, client_jobs, prepare_data
 from fedfm.types import RoundContext
 
 SGD = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}

@@ -8,12 +8,11 @@ client's update, so server memory does not grow with the cohort.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Iterable
 
 import torch
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 from fedfm.types import Params
 
 Aggregator = Callable[[Iterable[tuple[Params, float]]], Params]
@@ -61,14 +60,12 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
 weighted_mean.bounds_influence = False  # every other rule is robust or bounding: one client is bounded
 
 
+def aggregator_options(strategy) -> dict:
+    """The configured aggregator's keyword parameters (``trim_ratio``, ``byzantine``, a plug-in's
+    own options, ...) bound from the ``[strategy]`` section by name."""
+    return bind_options(AGGREGATORS.get(strategy.aggregator), strategy)
+
+
 def make_aggregator(strategy) -> Aggregator:
-    """The configured aggregator with its keyword parameters (``trim_ratio``, ``byzantine``, ...)
-    bound from the ``[strategy]`` section by name."""
-    fn = AGGREGATORS.get(strategy.aggregator)
-    params = inspect.signature(fn).parameters
-    kwargs = {
-        name: getattr(strategy, name)
-        for name, p in params.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(strategy, name)
-    }
-    return functools.partial(fn, **kwargs)
+    """The configured aggregator with its keyword parameters bound (``aggregator_options``)."""
+    return functools.partial(AGGREGATORS.get(strategy.aggregator), **aggregator_options(strategy))

@@ -3,7 +3,7 @@
 A client fits, for every class it holds, a K-component Gaussian mixture to the features its
 frozen foundation model gives (scikit-learn's EM); it sends the mixtures once. The server draws
 features from every mixture and trains the classification head on them. Pure functions of
-arrays and an explicit generator; the driver is ``fedfm.oneshot``.
+arrays and an explicit generator; the driver is ``fedfm.protocols.fedpft``.
 """
 
 from __future__ import annotations

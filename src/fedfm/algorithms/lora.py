@@ -108,22 +108,105 @@ def rank_of(update: Mapping[str, torch.Tensor]) -> int | None:
     return int(update[a_key].shape[0])
 
 
+class FactorMean:
+    """``naive``: the weighted mean of each factor (zero-padded to the global rank)."""
+
+    products = False
+
+    def __init__(self) -> None:
+        self.a: torch.Tensor | float = 0.0
+        self.b: torch.Tensor | float = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float, rank: int) -> None:
+        self.a = self.a + weight * a.double()
+        self.b = self.b + weight * b.double()
+
+    def result(self, total: float, rank: int, prefix: str, a_key: str, b_key: str, like: Params) -> Params:
+        return _factors_delta(self.a / total, self.b / total, a_key, b_key, like)
+
+
+class ProductMean:
+    """The weighted mean of the products B·A (a LoRA on a convolution, A [r, in, k, k] and
+    B [out, r, 1, 1], multiplies as matrices), and the clients' mean row norm of A."""
+
+    products = True
+
+    def __init__(self) -> None:
+        self.product: torch.Tensor | float = 0.0
+        self.a_norm = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float, rank: int) -> None:
+        self.product = self.product + weight * (b.double().flatten(1) @ a.double().flatten(1))
+        self.a_norm += weight * float(a[:rank].norm()) / math.sqrt(rank)
+
+
+class ProductSvd(ProductMean):
+    """``exact``: the mean product, re-factorised to the global rank by a truncated SVD."""
+
+    def result(self, total: float, rank: int, prefix: str, a_key: str, b_key: str, like: Params) -> Params:
+        b, a = svd_factors(self.product / total, rank, self.a_norm / total)
+        a, b = a.reshape(like[a_key].shape), b.reshape(like[b_key].shape)
+        return _factors_delta(a, b, a_key, b_key, like)
+
+
+class ProductStack(ProductMean):
+    """``stack``: the mean product at full (stacked) rank under ``PREFIX#product``, for the
+    caller to merge into the base weights (FLoRA)."""
+
+    def result(self, total: float, rank: int, prefix: str, a_key: str, b_key: str, like: Params) -> Params:
+        return {f"{prefix}{PRODUCT}": (self.product / total).to(like[a_key].dtype)}
+
+
+def _factors_delta(a, b, a_key: str, b_key: str, like: Params) -> Params:
+    return {
+        a_key: a.to(like[a_key].dtype) - like[a_key],
+        b_key: b.to(like[b_key].dtype) - like[b_key],
+    }
+
+
+@dataclass(frozen=True)
+class LoraMode:
+    """A LoRA aggregation mode carries its maths: ``combine`` makes the accumulator of one LoRA
+    pair's client factors (``add`` per client, then ``result`` → the pair's entries of the
+    aggregate delta); ``lora_aware``: used for every LoRA run (not only with rank tiers, where
+    the configured aggregator would otherwise average the factors); ``merges_into_base``: the
+    round folds its products into the base weights."""
+
+    combine: type
+    lora_aware: bool = True
+    merges_into_base: bool = False
+
+    def __post_init__(self) -> None:
+        if not (
+            callable(getattr(self.combine, "add", None)) and callable(getattr(self.combine, "result", None))
+        ):
+            raise TypeError("a LoRA aggregation mode's combine needs add(a, b, weight, rank) and result(...)")
+
+
+LORA_AGGREGATION: Registry[LoraMode] = Registry("LoRA aggregation mode")
+LORA_AGGREGATION.register("naive")(LoraMode(FactorMean, lora_aware=False))
+LORA_AGGREGATION.register("exact")(LoraMode(ProductSvd))
+LORA_AGGREGATION.register("stack")(LoraMode(ProductStack, merges_into_base=True))
+
+
 def aggregate_lora(
-    updates: Iterable[tuple[Params, float]], global_params: Params, mode: str, rank: int
+    updates: Iterable[tuple[Params, float]], global_params: Params, mode: str | LoraMode, rank: int
 ) -> Params:
     """Aggregate delta over (possibly rank-truncated) client deltas, LoRA pairs by ``mode``.
 
     Client factors are rebuilt as (global truncated to the client's rank) + delta and zero-padded to
-    the global rank. ``naive``: weighted mean of the padded factors. ``exact``: weighted mean of the
-    products, re-factorised to ``rank`` by SVD. Other tensors: weighted mean of deltas. Returns
-    new − global, so the server optimizer steps with it like any aggregate (FedAvg lands exactly).
-    ``stack``: instead of factors, ``PREFIX#product`` holds the weighted mean product Σ w_k B_k A_k
-    / Σ w_k at full (stacked) rank, for the caller to merge into the base weights (FLoRA).
+    the global rank; each LoRA pair is combined by the mode's accumulator (``naive``: weighted mean
+    of the padded factors; ``exact``: weighted mean of the products, re-factorised to ``rank`` by
+    SVD; ``stack``: ``PREFIX#product`` holds the weighted mean product Σ w_k B_k A_k / Σ w_k at full
+    (stacked) rank, for the caller to merge into the base weights, FLoRA). Other tensors: weighted
+    mean of deltas. Returns new − global, so the server optimizer steps with it like any aggregate
+    (FedAvg lands exactly).
     """
+    mode = LORA_AGGREGATION.get(mode) if isinstance(mode, str) else mode
     pairs = lora_pairs(global_params)
     paired = {k for ab in pairs.values() for k in ab}
+    combined = {prefix: mode.combine() for prefix in pairs}
     sums: dict[str, torch.Tensor] = {}
-    a_norms: dict[str, float] = {}
     total = 0.0
     for delta, weight in updates:
         r = rank_of(delta) or rank
@@ -135,62 +218,27 @@ def aggregate_lora(
             if k not in paired:
                 sums[k] = sums.get(k, 0) + w * delta[k].double()
         for prefix, (a_key, b_key) in pairs.items():
-            if mode in ("exact", "stack"):
-                # LoRA on a convolution: A [r, in, k, k] and B [out, r, 1, 1] multiply as matrices
-                prod = factors[b_key].double().flatten(1) @ factors[a_key].double().flatten(1)
-                sums[prefix] = sums.get(prefix, 0) + w * prod
-                rms_row = float(factors[a_key][:r].norm()) / math.sqrt(r)
-                a_norms[prefix] = a_norms.get(prefix, 0.0) + w * rms_row
-            else:
-                for key in (a_key, b_key):
-                    sums[key] = sums.get(key, 0) + w * factors[key].double()
+            combined[prefix].add(factors[a_key], factors[b_key], w, r)
     if total <= 0:
         from fedfm.algorithms.aggregators import EmptyCohortError
 
         raise EmptyCohortError("no updates to aggregate")
-    out: Params = {}
-    for k, g in global_params.items():
-        if k not in paired:
-            out[k] = (sums[k] / total).to(g.dtype)
+    out: Params = {k: (sums[k] / total).to(g.dtype) for k, g in global_params.items() if k not in paired}
     for prefix, (a_key, b_key) in pairs.items():
-        if mode == "stack":
-            out[f"{prefix}{PRODUCT}"] = (sums[prefix] / total).to(global_params[a_key].dtype)
-            continue
-        if mode == "exact":
-            b, a = svd_factors(sums[prefix] / total, rank, a_norms[prefix] / total)
-            a, b = a.reshape(global_params[a_key].shape), b.reshape(global_params[b_key].shape)
-        else:
-            a, b = sums[a_key] / total, sums[b_key] / total
-        out[a_key] = a.to(global_params[a_key].dtype) - global_params[a_key]
-        out[b_key] = b.to(global_params[b_key].dtype) - global_params[b_key]
+        out.update(combined[prefix].result(total, rank, prefix, a_key, b_key, global_params))
     return out
-
-
-@dataclass(frozen=True)
-class LoraMode:
-    """A LoRA aggregation mode: whether it aggregates LoRA-aware (products or padded factors;
-    always so with rank tiers) and whether the round merges its products into the base weights."""
-
-    lora_aware: bool
-    merges_into_base: bool = False
-
-
-LORA_AGGREGATION: Registry[LoraMode] = Registry("LoRA aggregation mode")
-LORA_AGGREGATION.register("naive")(LoraMode(lora_aware=False))
-LORA_AGGREGATION.register("exact")(LoraMode(lora_aware=True))
-LORA_AGGREGATION.register("stack")(LoraMode(lora_aware=True, merges_into_base=True))
 
 
 def aggregation_rule(strategy, rank_tiers, rank: int, aggregator):
     """(updates, θ) → aggregate delta: LoRA-aware when the mode (or rank tiers) asks for it, else
     the configured aggregator over (delta, weight) pairs."""
-    name = strategy.lora_aggregation
-    if LORA_AGGREGATION.get(name).lora_aware or rank_tiers:
-        return functools.partial(_lora_rule, name, rank)
+    mode = LORA_AGGREGATION.get(strategy.lora_aggregation)
+    if mode.lora_aware or rank_tiers:
+        return functools.partial(_lora_rule, mode, rank)
     return functools.partial(_plain_rule, aggregator)
 
 
-def _lora_rule(mode: str, rank: int, updates, params):
+def _lora_rule(mode: LoraMode, rank: int, updates, params):
     return aggregate_lora(updates, params, mode, rank)
 
 

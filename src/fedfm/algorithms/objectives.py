@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 from fedfm.types import Params, RoundContext
 
 
@@ -51,25 +52,45 @@ HookFactory = Callable[[Params, RoundContext, "Params | None", "torch.device | s
 ControlUpdate = Callable[[Params, Params, int, int], Params]
 
 
+class ServerPart(Protocol):
+    """An objective's server half: state the server keeps (checkpointed, never sent) and a
+    correction of each round's aggregate delta before the server optimizer steps with it
+    (FedDyn's h, ``docs/extending.md``)."""
+
+    def init(self, params: Params) -> Params: ...
+
+    def correct(
+        self, delta: Params, state: Params, cohort: int, num_clients: int
+    ) -> tuple[Params, Params]: ...
+
+
 @dataclass(frozen=True)
 class Objective:
     """A client objective: the hooks of its local training and, for objectives with control
-    variates, the server's control update. The registered entry carries the behaviour (picklable
-    module functions, so engines in other processes get the same objective)."""
+    variates, the server's control update; ``server_part`` (a ``ServerPart``): state the server
+    keeps and a correction of the aggregate. The registered entry carries the behaviour
+    (picklable module functions, so engines in other processes get the same objective); a client's
+    own state is kept under ``state_key``."""
 
     name: str
     hook: HookFactory = plain_hook
     control_update: ControlUpdate | None = None  # set: the objective keeps control variates
+    server_part: ServerPart | None = None
 
     @property
     def uses_control_variates(self) -> bool:
         return self.control_update is not None
 
     @property
+    def state_key(self) -> str:
+        """The key of the state it keeps per client (its name: ``"scaffold"`` holds c_k)."""
+        return self.name
+
+    @property
     def per_example(self) -> bool:
         """Whether its local loss is a plain per-example loss (what DP-SGD needs): no proximal
-        term, no control variates."""
-        return self.hook is plain_hook and not self.uses_control_variates
+        term, no control variates, no server half."""
+        return self.hook is plain_hook and not self.uses_control_variates and self.server_part is None
 
     def client_hook(
         self,
@@ -85,6 +106,17 @@ class Objective:
         if self.uses_control_variates:
             return {k: torch.zeros_like(v) for k, v in params.items()}
         return None
+
+    def server_part_init(self, params: Params) -> Params | None:
+        return self.server_part.init(params) if self.server_part is not None else None
+
+    def correct(
+        self, delta: Params, state: Params | None, cohort: int, num_clients: int
+    ) -> tuple[Params, Params | None]:
+        """The aggregate delta after the server half's correction, and its new state."""
+        if self.server_part is None:
+            return delta, state
+        return self.server_part.correct(delta, state, cohort, num_clients)
 
     def server_update(
         self,
@@ -169,4 +201,6 @@ def scaffold(**_) -> Objective:
 
 
 def make_objective(strategy) -> Objective:
-    return OBJECTIVES.get(strategy.objective)(mu=strategy.mu)
+    """The configured objective, its keyword-only options bound from ``[strategy]`` by name."""
+    factory = OBJECTIVES.get(strategy.objective)
+    return factory(**bind_options(factory, strategy))

@@ -34,36 +34,61 @@ from dataclasses import dataclass
 from fedfm.registry import Registry
 from fedfm.types import Params
 
-PERSONAL_PARTS: Registry[Callable[[str], bool]] = Registry("personalization method")
-
 HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")  # sequence classifiers' heads (BERT, Llama, ViT)
 
 
-@PERSONAL_PARTS.register("none")
 def nothing(key: str) -> bool:
     return False
 
 
-@PERSONAL_PARTS.register("fedsa")
 def lora_b(key: str) -> bool:
     return ".lora_B." in key or key.endswith(".lora_B")
 
 
-@PERSONAL_PARTS.register("fedper")
 def head(key: str) -> bool:
     return HEAD.search(key) is not None
 
 
-PERSONAL_PARTS.register("fedrep")(head)
-
-
-@PERSONAL_PARTS.register("local")
 def everything(key: str) -> bool:
     return True
 
 
-PERSONAL_PARTS.register("ditto")(nothing)  # the personal adapter is a second copy, not a part
-PERSONAL_PARTS.register("ifca")(nothing)  # k global models: fedfm.algorithms.clusters
+@dataclass(frozen=True)
+class PersonalMethod:
+    """A personalization method and what other parts ask of it. Calling it with a tensor's key
+    says whether that tensor is personal (``parts``).
+
+    ``head_first``: each round trains the head alone before the body (FedRep); ``own_copy``: the
+    personal state is a whole second adapter trained after the global one (Ditto); ``clustered``:
+    k global models, each client trains the best (IFCA); ``needs``: what the run must have,
+    ``"lora"`` (LoRA factors to keep) or ``"head"`` (a classification head); ``sends_nothing``:
+    every tensor is personal (local training)."""
+
+    parts: Callable[[str], bool] = nothing
+    head_first: bool = False
+    own_copy: bool = False
+    clustered: bool = False
+    needs: str | None = None
+    sends_nothing: bool = False
+
+    def __call__(self, key: str) -> bool:
+        return self.parts(key)
+
+    @property
+    def phases(self) -> bool:
+        """Whether a client trains in two phases (head then body; global then personal adapter)."""
+        return self.head_first or self.own_copy
+
+
+PERSONAL_METHODS: Registry[PersonalMethod] = Registry("personalization method")
+PERSONAL_PARTS = PERSONAL_METHODS  # the name from before methods carried their capabilities
+PERSONAL_METHODS.register("none")(PersonalMethod())
+PERSONAL_METHODS.register("fedsa")(PersonalMethod(lora_b, needs="lora"))
+PERSONAL_METHODS.register("fedper")(PersonalMethod(head, needs="head"))
+PERSONAL_METHODS.register("fedrep")(PersonalMethod(head, head_first=True, needs="head"))
+PERSONAL_METHODS.register("local")(PersonalMethod(everything, sends_nothing=True))
+PERSONAL_METHODS.register("ditto")(PersonalMethod(own_copy=True))  # a second copy, not a part
+PERSONAL_METHODS.register("ifca")(PersonalMethod(clustered=True))  # fedfm.algorithms.clusters
 
 
 @dataclass(frozen=True)
@@ -78,13 +103,17 @@ class PersonalSpec:
     cluster_examples: int = 64  # ifca: training rows a client scores each cluster model on
 
     @property
+    def kind(self) -> PersonalMethod:
+        return PERSONAL_METHODS.get(self.method)
+
+    @property
     def is_personal(self) -> Callable[[str], bool]:
-        return PERSONAL_PARTS.get(self.method)
+        return self.kind
 
     @property
     def whole_copy(self) -> bool:
         """Ditto: the personal state is a whole second adapter, not a part of the global one."""
-        return self.method == "ditto"
+        return self.kind.own_copy
 
 
 def personal_keys(params: Mapping, is_personal: Callable[[str], bool]) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedfm.algorithms.aggregators import AGGREGATORS, EmptyCohortError
+from fedfm.algorithms.aggregators import AGGREGATORS, EmptyCohortError, aggregator_options
 from fedfm.types import Params
 
 
@@ -163,11 +163,21 @@ def geometric_median(
     return unflatten(z, like)
 
 
+def _krum_cohort(byzantine: int = 1, **_) -> int:
+    return 2 * byzantine + 3
+
+
+def _bulyan_cohort(byzantine: int = 1, **_) -> int:
+    return 4 * byzantine + 3
+
+
+krum.min_cohort = multi_krum.min_cohort = _krum_cohort  # n ≥ 2f + 3
+bulyan.min_cohort = _bulyan_cohort  # n ≥ 4f + 3
+
+
 def min_cohort(strategy) -> int:
-    """The fewest updates the configured rule accepts (1 for rules without a Byzantine bound)."""
-    f = strategy.byzantine
-    return {
-        "krum": 2 * f + 3,
-        "multi_krum": 2 * f + 3,
-        "bulyan": 4 * f + 3,
-    }.get(strategy.aggregator, 1)
+    """The fewest updates the configured rule accepts: its ``min_cohort(**its options)``
+    capability (1 for rules that declare none)."""
+    rule = AGGREGATORS.get(strategy.aggregator)
+    needs = getattr(rule, "min_cohort", None)
+    return 1 if needs is None else int(needs(**aggregator_options(strategy)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 from fedfm.types import Params, is_statistic
 
 ServerState = dict[str, Params]
@@ -112,10 +112,11 @@ for _name, _moment in (("adam", adam_moment), ("yogi", yogi_moment), ("adagrad",
 def make_server_optimizer(strategy) -> ServerOptimizer:
     """Build the configured server optimizer from a ``StrategySection``."""
     factory = SERVER_OPTIMIZERS.get(strategy.server_optimizer)
-    return factory(
-        lr=strategy.server_lr,
-        momentum=strategy.server_momentum,
-        beta1=strategy.beta1,
-        beta2=strategy.beta2,
-        tau=strategy.tau,
-    )
+    given = {
+        "lr": strategy.server_lr,
+        "momentum": strategy.server_momentum,
+        "beta1": strategy.beta1,
+        "beta2": strategy.beta2,
+        "tau": strategy.tau,
+    }
+    return factory(**bind_options(factory, strategy, **given))

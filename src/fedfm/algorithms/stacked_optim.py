@@ -87,7 +87,7 @@ class StackedSGD:
 
 
 def stacked_optimizer(stacks: Mapping[str, torch.Tensor], cfg):
-    """The stacked counterpart of ``fedfm.training.make_optimizer`` for ``training`` settings."""
+    """The stacked counterpart of ``fedfm.client.program.make_optimizer`` for ``training`` settings."""
     if cfg.optimizer == "sgd":
         return StackedSGD(stacks, cfg.lr, cfg.momentum, cfg.weight_decay)
     return StackedAdamW(stacks, cfg.lr, cfg.weight_decay)

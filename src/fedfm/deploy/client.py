@@ -1,7 +1,7 @@
 """A federated client over gRPC: joins with its token, pulls tasks, trains locally, sends updates.
 
 The client receives the run's resolved config when it joins and trains with the same code as a
-simulation (``fedfm.training.ClientProgram``: local steps, clip, DP noise, compression, masking).
+simulation (``fedfm.client.program.ClientProgram``: local steps, clip, DP noise, compression, masking).
 Its data never leaves it: a CSV/JSONL file with the config's text and label columns, or — for
 demos — a registered dataset cut by the config's partitioner, of which it takes one partition.
 Client state (SCAFFOLD's control variate, top-k residual) stays here, kept per round so that a
@@ -108,7 +108,7 @@ def local_data(cfg, source: str, label_names: list[str]):
     ``config`` (demos): the run's own dataset, cut by its partitioner. The server never sends its
     data paths, so a run on a file names the client's copy: ``config:FILE``."""
     from fedfm.data.sources import DataError, _read_rows, rows_to_dataset
-    from fedfm.experiment import FederatedData, prepare_data
+    from fedfm.tasks.setup import FederatedData, prepare_data
 
     if source == "config" or source.startswith("config:"):  # demo: the run's dataset, partitioned
         copy = source.partition(":")[2]
@@ -147,8 +147,8 @@ class Trainer:
     """The frozen base model, the task and the client program, shared by the identities of a process."""
 
     def __init__(self, cfg, data, registered: bool) -> None:
-        from fedfm.experiment import build_task
-        from fedfm.training import ClientProgram
+        from fedfm.client.program import ClientProgram
+        from fedfm.tasks.setup import build_task
 
         if cfg.run.threads:
             import torch
@@ -170,7 +170,7 @@ class Trainer:
         self, client_id: int, rows: np.ndarray, header: dict, groups: dict, state, secure=None, send=None
     ):
         """One round's local training; ``send``: split fine-tuning's cut exchange with the server."""
-        from fedfm.training import ClientJob
+        from fedfm.client.program import ClientJob
 
         ctx = context_from(dict(header), groups.get("c"), secure)
         job = ClientJob(client_id, rows, header.get("rank"))

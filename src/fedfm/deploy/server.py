@@ -1,8 +1,8 @@
 """The federated server over gRPC: the core round loop with an engine whose clients are remote.
 
-The round loop (``fedfm.loop.Run``) is unchanged: it samples the cohort, validates, aggregates,
+The round loop (``fedfm.server.driver.Run``) is unchanged: it samples the cohort, validates, aggregates,
 steps the server optimizer, evaluates, checkpoints after every round and resumes. Only the engine
-differs (``fedfm.engines.grpc``). Identities come from the transport (``fedfm.deploy.auth``):
+differs (``fedfm.deploy.engine``). Identities come from the transport (``fedfm.deploy.auth``):
 per-client tokens bound to their certificates under mutual TLS, or certificates alone.
 
 Nothing a client sends can crash the server. Every handler catches every error of its own
@@ -27,6 +27,7 @@ import grpc
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.auth import DeployError, Roster
+from fedfm.deploy.engine import Coordinator, GrpcEngine
 from fedfm.deploy.view import client_config_toml
 from fedfm.deploy.wire import (
     WireError,
@@ -37,7 +38,6 @@ from fedfm.deploy.wire import (
     received_metrics,
     unpack_tensors,
 )
-from fedfm.engines.grpc import Coordinator, GrpcEngine
 from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
 from fedfm.types import ClientFailure, ClientResult, payload_from_wire
 
@@ -308,7 +308,7 @@ def serve(
     overrides=(),
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
-    ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.dashboard``);
+    ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.reporting.dashboard``);
     ``overrides``: ``section.field=value`` for a resumed run (``run.rounds=N`` trains further).
 
     Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
@@ -316,8 +316,8 @@ def serve(
     ``round_timeout_s`` for the cohort's updates.
     """
     import fedfm.api as api
-    from fedfm.loop import Run
     from fedfm.reporting.console import ConsoleReporter
+    from fedfm.server.driver import Run
 
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
@@ -359,7 +359,7 @@ def serve(
     server, port = start_server(coord, address, security, note)
     page = None
     if dashboard_port is not None:
-        from fedfm.dashboard.app import serve_in_thread
+        from fedfm.reporting.dashboard.app import serve_in_thread
 
         page = serve_in_thread([run_dir], "127.0.0.1", dashboard_port)
         note(f"dashboard on http://127.0.0.1:{dashboard_port}/")
@@ -437,7 +437,7 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
             "decide the aggregate (or set strategy.weighting = 'uniform')"
         )
     from fedfm.attacks import ATTACKS
-    from fedfm.synthetic.modes import synthetic_mode
+    from fedfm.data.synthetic import synthetic_mode
 
     if ATTACKS.get(cfg.attack.kind).acts:
         raise DeployError("attack.* simulates attacks in-process; real clients send what they send")
@@ -475,8 +475,8 @@ def threshold_warnings(cfg) -> list[str]:
     """Under secure aggregation: a warning when the secret-sharing threshold is every one of a
     client's share holders, so that one client that drops out or sends a bad share spoils every
     round."""
+    from fedfm.algorithms.sampling import cohort_size
     from fedfm.privacy.secagg import threshold_for
-    from fedfm.sampling import cohort_size
 
     if not cfg.secagg.enabled:
         return []

@@ -268,8 +268,8 @@ class RemoteTask:
 def client_bundle(cfg, data):
     """(bundle, task, cut) of a deployed split client: the FM's bottom, its own tensors
     trainable, the cut hook on its last layer. Set ``cut.link`` to a ``Link`` while training."""
-    from fedfm.experiment import build_task
     from fedfm.models.layers import layer_list
+    from fedfm.tasks.setup import build_task
 
     bundle, task = build_task(client_split_config(cfg), data)
     cut, u = cfg.split.cut_layer, cfg.split.u_shaped
@@ -486,7 +486,7 @@ class SplitServer:
             return header_out, tensors
 
     def _session(self, client_id: int, rnd) -> Session:
-        from fedfm.training import make_optimizer
+        from fedfm.client.program import make_optimizer
 
         with self.lock:  # a message admitted in one round never opens a session of the next
             if rnd != self.round or client_id not in self.open:

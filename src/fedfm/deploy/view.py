@@ -8,7 +8,9 @@ sampling, validation or privacy-accounting settings, never ``privacy.noise_seed`
 is server-only unless it is listed in ``CLIENT_FIELDS``: a field added to the config later stays
 on the server until someone decides a client needs it (``tests/test_trust_units.py`` fills every
 field and checks the view against this list). A client rebuilds its config from the view; what
-the view leaves out takes its default there.
+the view leaves out takes its default there. A plug-in's own options travel when it is of a kind
+a client runs (``CLIENT_KINDS``: an objective's, a compression method's, ...); the client must
+load the same plug-in (``fedfm --plugin``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ CLIENT_FIELDS = frozenset(
 )  # fmt: skip
 
 
+# the kinds of component a client runs: a plug-in's options of these kinds travel to clients
+CLIENT_KINDS = frozenset(
+    {"objective", "compression method", "transform", "personalization method", "task", "partitioner"}
+)
+
+
+def client_fields(cfg) -> frozenset[str]:
+    """``CLIENT_FIELDS`` plus the options of registered plug-ins of the kinds a client runs."""
+    extra = set()
+    for section, field in type(cfg).model_fields.items():
+        model = field.annotation
+        for name, info in getattr(model, "model_fields", {}).items():
+            marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if marks.get("component_kind") in CLIENT_KINDS:
+                extra.add(f"{section}.{name}")
+    return CLIENT_FIELDS | extra
+
+
 def client_view(cfg) -> dict[str, dict[str, Any]]:
     """The allow-listed fields of ``cfg`` as nested sections, as TOML holds them (``plain``: an
     unset field whose default is set travels as ``"null"``), after the sharing mode's view of
@@ -70,7 +90,7 @@ def client_view(cfg) -> dict[str, dict[str, Any]]:
 
     held = plain(SHARING_MODES.get(cfg.sharing.mode).client_view(cfg))
     view: dict[str, dict[str, Any]] = {}
-    for dotted in sorted(CLIENT_FIELDS):
+    for dotted in sorted(client_fields(cfg)):
         section, name = dotted.split(".")
         if name in held[section]:
             view.setdefault(section, {})[name] = held[section][name]

@@ -8,8 +8,15 @@ the picklable ``ClientProgram`` in its ``EngineSetup``.
 Engines are built by their registered factory from an ``EngineSetup``. Optional parts of the
 protocol: ``start_secure(cohort, layout, secagg_cfg, graph_seed, round)`` when the engine's clients
 run secure aggregation elsewhere (remote clients), ``states`` (a ``ClientStates``) when the
-engine keeps per-client state for the checkpoint. ``remote`` (a class attribute, readable on the
-factory before the engine is built) says the clients hold their own data: a deployment.
+engine keeps per-client state for the checkpoint.
+
+What the rest of fedfm asks of an engine it asks of its capabilities (``EngineTraits``, read from
+class attributes of the registered factory before the engine is built), never of its name:
+``remote`` (the clients hold their own data: a deployment), ``in_process`` (clients train one at
+a time in this process, on this process's model: what split learning, FedPFT, offsite
+distillation and transfer need), ``shared_base`` (one base model a round may move),
+``trains_in_groups(cfg)`` (the setting that makes it train clients in groups, or None) and
+``section`` (the name of its own config section, or None). A subclass inherits them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from fedfm.registry import Registry
-from fedfm.types import ClientResult, Params, RoundContext
+from fedfm.types import ClientResult, EngineTraits, Params, RoundContext
 
 
 @runtime_checkable
@@ -58,6 +65,12 @@ class EngineSetup:
 ENGINES: Registry[Callable[[EngineSetup], Engine]] = Registry("engine")
 
 
-def engine(name: str):
-    """Register an engine factory (a class or function taking an ``EngineSetup``) as ``name``."""
-    return ENGINES.register(name)
+def engine_traits(cfg) -> EngineTraits:
+    """The configured engine's capabilities (``run.engine``)."""
+    return EngineTraits.of(ENGINES.get(cfg.run.engine), cfg)
+
+
+def engine(name: str, options: Any = None):
+    """Register an engine factory (a class or function taking an ``EngineSetup``) as ``name``;
+    ``options``: a model of its own settings, which join ``[run]``."""
+    return ENGINES.register(name, options=options)

@@ -14,7 +14,7 @@ decide its masks.
 
 Clients are grouped by step count (most steps first, ties in cohort order) so that a group's
 batches stay full; every client's result is the one it computes alone, whatever its group
-(``fedfm.group_training``), as long as the base model has no dropout of its own (its dropout
+(``fedfm.client.groups``), as long as the base model has no dropout of its own (its dropout
 masks are drawn over each group's combined batch: ``docs/performance.md``). Per-client state
 lives here as in the in-process engine.
 """
@@ -122,6 +122,7 @@ class BatchedEngine:
     """Trains each group of the cohort in one pass per step over one shared model."""
 
     remote = False
+    section = "batched"
 
     @staticmethod
     def trains_in_groups(cfg) -> str | None:

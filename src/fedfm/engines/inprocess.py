@@ -20,6 +20,7 @@ class InProcessEngine:
     """Runs clients one after another in this process on one shared model."""
 
     remote = False
+    in_process = True
 
     def __init__(self, setup: EngineSetup) -> None:
         self.bundle = setup.bundle

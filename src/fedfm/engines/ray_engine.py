@@ -74,6 +74,7 @@ class RayEngine:
     """Runs each cohort on ``ray.num_workers`` actors; the same results as ``InProcessEngine``."""
 
     remote = False
+    section = "ray"  # the [ray] section
     shared_base = False  # every worker holds its own base model: a round cannot move "the" base
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 Memory holds only what changed since the last checkpoint; everything else is read from the
 checkpoint's client store on demand, so neither memory nor a round's checkpoint write grows with
-the number of clients (``fedfm.checkpoint``).
+the number of clients (``fedfm.server.checkpoint``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class ClientStates:
 
     def __init__(self, store=None) -> None:
         self.by_client: dict[int, dict[str, Params]] = {}  # changed since the last commit
-        self.store = store  # fedfm.checkpoint.ClientStore, attached by the round loop
+        self.store = store  # fedfm.server.checkpoint.ClientStore, attached by the round loop
 
     def attach(self, store) -> None:
         self.store = store

@@ -167,12 +167,9 @@ class RunPrivacy:
     # ------------------------------------------------------------ example level (DP-SGD)
 
     def example_problem(self, metrics, num_examples: int | None, training) -> str | None:
-        from fedfm.training import num_local_steps
-
-        def steps_for(n: int) -> int:
-            return num_local_steps(n, training)
-
-        return dpsgd.report_problem(self.example, metrics, num_examples, training.batch_size, steps_for)
+        return dpsgd.report_problem(
+            self.example, metrics, num_examples, training.batch_size, training.steps_for
+        )
 
     def vet_and_charge(self, state: dict, t: int, client_id: int, metrics, num_examples=None) -> str | None:
         """DP-SGD: the mechanism a client states it ran must be the configured one; a matching

@@ -145,7 +145,7 @@ def write_outputs(run_dir: str | Path) -> Path:
     if tuned:
         extra.append(finetuned_html(tuned[-1]))
     if (run_dir / "baselines.json").is_file():
-        from fedfm.baselines import markdown
+        from fedfm.reporting.tables import baselines_markdown as markdown
 
         baselines = json.loads((run_dir / "baselines.json").read_text())
         extra.append(baselines_html(baselines, markdown(baselines)))

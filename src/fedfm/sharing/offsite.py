@@ -20,7 +20,7 @@ import torch
 
 from fedfm.models.build import ModelBundle
 from fedfm.models.resolve import ModelError
-from fedfm.sharing import SHARING_MODES, SharingMode
+from fedfm.sharing.base import SHARING_MODES, SharingMode
 from fedfm.types import Params
 
 OFFSITE_TASKS = ("classification", "instruction")
@@ -134,8 +134,8 @@ class ServerModel:
 
 
 def server_model(cfg, label_names) -> ServerModel:
-    from fedfm.experiment import build_bundle
     from fedfm.models.layers import layer_list
+    from fedfm.tasks.setup import build_bundle
 
     bundle = build_bundle(plugin_config(cfg), label_names)
     stack, _ = layer_list(bundle.model)
@@ -157,9 +157,9 @@ def distill_emulator(emulator, fm, plan: EmulatorPlan, texts: list[str], cfg) ->
     FM's after the FM's last middle layer (mean squared error over tokens), on public or
     synthetic texts only, for ``offsite.distill_steps`` AdamW steps; seeded, so a resumed run
     distils the same emulator again. Returns the loss before and after."""
+    from fedfm.client.steps import batch_order
     from fedfm.models.layers import layer_list
     from fedfm.seeding import seed_torch, torch_generator
-    from fedfm.training import batch_order
 
     o, k = cfg.offsite, cfg.offsite.adapter_layers
     _, stack = layer_list(emulator.model)
@@ -277,6 +277,7 @@ def describe(cfg) -> dict:
 
 def check_offsite(cfg) -> None:
     from fedfm.algorithms.lora import LORA_AGGREGATION
+    from fedfm.engines.base import engine_traits
 
     who = "sharing.mode = 'offsite'"
     if cfg.task.kind not in OFFSITE_TASKS:
@@ -310,7 +311,7 @@ def check_offsite(cfg) -> None:
                 "offsite.distill_steps needs texts to distil on: offsite.distill_path (public texts or "
                 "`fedfm synth` output) or synthetic.path; never client data"
             )
-        if cfg.run.engine != "inprocess":
+        if not engine_traits(cfg).in_process:
             raise ValueError(
                 f"offsite.distill_steps: the distilled emulator lives in this process; run.engine = "
                 f"{cfg.run.engine!r} builds clients' models elsewhere (use 'inprocess')"

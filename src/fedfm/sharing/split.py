@@ -30,7 +30,7 @@ import torch
 
 from fedfm.models.resolve import ModelError
 from fedfm.seeding import NoiseSource
-from fedfm.sharing import SHARING_MODES, SharingMode
+from fedfm.sharing.base import SHARING_MODES, SharingMode
 
 
 class CutError(ValueError):
@@ -229,6 +229,7 @@ def prepare_bundle(bundle, cfg) -> None:
 
 
 def check_split(cfg) -> None:
+    from fedfm.engines.base import engine_traits
     from fedfm.privacy.guarantees import dp_mode
 
     who = "sharing.mode = 'split'"
@@ -236,7 +237,7 @@ def check_split(cfg) -> None:
         raise ValueError(f"{who} cuts a transformer's layer stack; task.kind = {cfg.task.kind!r} has none")
     if cfg.peft.method not in ("lora", "full", "head"):
         raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
-    if cfg.run.engine != "inprocess":
+    if not engine_traits(cfg).in_process:
         raise ValueError(
             f"{who} is simulated in-process (run.engine = 'inprocess') or deployed with "
             "`fedfm server` (the per-batch exchange over gRPC, fedfm.deploy.split)"

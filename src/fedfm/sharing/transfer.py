@@ -3,16 +3,17 @@
 Clients train small models of their own (``transfer.client_models``, heterogeneous); knowledge
 moves only through logits on a transfer set that is public or FM-synthetic, never client data.
 Each round the FM's logits on the transfer set teach the sampled clients' models, and the
-weighted ensemble of their logits teaches the FM back. The loop is ``fedfm.transfer``; this
+weighted ensemble of their logits teaches the FM back. The loop is ``fedfm.protocols.transfer``; this
 module registers the mode and its rules.
 """
 
 from __future__ import annotations
 
-from fedfm.sharing import SHARING_MODES, SharingMode
+from fedfm.sharing.base import SHARING_MODES, SharingMode
 
 
 def check_transfer(cfg) -> None:
+    from fedfm.engines.base import engine_traits
     from fedfm.privacy.guarantees import dp_mode
 
     who = "sharing.mode = 'transfer'"
@@ -25,7 +26,7 @@ def check_transfer(cfg) -> None:
         )
     if cfg.peft.method not in ("lora", "head", "full"):
         raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
-    if cfg.run.engine != "inprocess" or cfg.run.protocol != "rounds":
+    if not engine_traits(cfg).in_process or cfg.run.protocol != "rounds":
         raise ValueError(
             f"{who} runs its own in-process loop: leave run.engine and run.protocol at their defaults"
         )

@@ -235,9 +235,11 @@ def _load(data_cfg):
 
 def _register() -> None:
     from fedfm.reporting.console import COLUMNS  # the console's default table is classification's
-    from fedfm.tasks import TASKS, TaskKind
+    from fedfm.tasks.base import TASKS, TaskKind
 
-    entry = TaskKind(_load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True, batchable=True)
+    entry = TaskKind(
+        _load, _bundle, _build, _evaluator, COLUMNS, has_head=True, labels_in_export=True, batchable=True
+    )
     TASKS.register("classification")(entry)
 
 

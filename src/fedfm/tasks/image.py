@@ -224,7 +224,7 @@ def _check(cfg) -> None:
             f"peft.method = {cfg.peft.method!r} is for text models; image_classification trains "
             f"{', '.join(IMAGE_PEFT)}"
         )
-    from fedfm.synthetic.modes import synthetic_mode
+    from fedfm.data.synthetic import synthetic_mode
 
     if synthetic_mode(cfg).loads:
         raise ValueError("synthetic.mode: synthetic data is text; image_classification has none")
@@ -285,11 +285,11 @@ def _check_batched(cfg, who: str) -> None:
 
 def _register() -> None:
     from fedfm.reporting.console import COLUMNS
-    from fedfm.tasks import TASKS, TaskKind
+    from fedfm.tasks.base import TASKS, TaskKind
 
     entry = TaskKind(
-        _load, _bundle, _build, _evaluator, COLUMNS, labels_in_export=True, check=_check, batchable=True,
-        check_batched=_check_batched,
+        _load, _bundle, _build, _evaluator, COLUMNS, has_head=True, labels_in_export=True, check=_check,
+        batchable=True, check_batched=_check_batched,
         # each group applies when its first field is left out: the packaged backbone at 32×32
         defaults=[
             {"model.name": "efficientnet-lite0", "model.image_size": 32}, {"data.name": "fashion-mnist"},

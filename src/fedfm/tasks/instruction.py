@@ -312,7 +312,7 @@ def _check(cfg) -> None:
     if cfg.peft.method == "head":
         raise ValueError("peft.method = 'head' has no meaning for a causal LM (no classification head)")
     from fedfm.algorithms.lora import LORA_AGGREGATION
-    from fedfm.synthetic.modes import synthetic_mode
+    from fedfm.data.synthetic import synthetic_mode
 
     if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base and cfg.task.baselines:
         raise ValueError(
@@ -338,7 +338,7 @@ COLUMNS = [
 
 
 def _register() -> None:
-    from fedfm.tasks import TASKS, TaskKind
+    from fedfm.tasks.base import TASKS, TaskKind
 
     kind = TaskKind(
         _load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True,

@@ -264,8 +264,8 @@ def _load(data_cfg):
 def _check(cfg) -> None:
     from fedfm.algorithms.lora import LORA_AGGREGATION
     from fedfm.attacks import ATTACKS
+    from fedfm.data.synthetic import synthetic_mode
     from fedfm.privacy.guarantees import dp_mode
-    from fedfm.synthetic.modes import synthetic_mode
 
     who = "task.kind = 'preference'"
     if cfg.peft.method in ("head", "full"):
@@ -303,7 +303,7 @@ COLUMNS = [
 
 
 def _register() -> None:
-    from fedfm.tasks import TASKS, TaskKind
+    from fedfm.tasks.base import TASKS, TaskKind
 
     kind = TaskKind(
         _load, _bundle, _build, _evaluator, COLUMNS, check=_check, own_metric=("reward_accuracy", True),

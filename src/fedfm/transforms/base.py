@@ -85,15 +85,22 @@ class TransformEntry:
 TRANSFORMS: Registry[TransformEntry] = Registry("transform")
 
 
-def transform(name: str, position: float, check: Callable[[Any], None] | None = None, named: bool = False):
+def transform(
+    name: str,
+    position: float,
+    check: Callable[[Any], None] | None = None,
+    named: bool = False,
+    options: Any = None,
+):
     """Register ``build(cfg) -> Transform | None`` as the transform ``name`` at ``position``.
 
     ``build`` decides from the config whether the transform is active (None: not this run). With
     ``named`` (a plug-in with no config section of its own) it is built only when the run names
-    it in ``pipeline.extra``."""
+    it in ``pipeline.extra``. ``options``: a model of its own settings, which join ``[pipeline]``
+    (``cfg.pipeline.<field>`` in ``build``)."""
 
     def decorator(build):
-        TRANSFORMS.register(name)(TransformEntry(position, build, check, named))
+        TRANSFORMS.register(name, options=options)(TransformEntry(position, build, check, named))
         return build
 
     return decorator

@@ -12,7 +12,7 @@ from dataclasses import replace
 from functools import partial
 
 from fedfm.algorithms.clusters import as_cluster, cluster_index, cluster_update, cluster_view, combine
-from fedfm.algorithms.personal import PERSONAL_PARTS, dense_again, shared_part
+from fedfm.algorithms.personal import PERSONAL_METHODS, dense_again, shared_part
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Update
 
@@ -21,7 +21,7 @@ class PersonalParts(Passthrough):
     name = "personal"
 
     def __init__(self, method: str) -> None:
-        self.method, self.is_personal = method, PERSONAL_PARTS.get(method)
+        self.method, self.is_personal = method, PERSONAL_METHODS.get(method)
 
     def prepare(self, rnd) -> dict:
         rnd.personal = self.is_personal  # secure aggregation masks only the shared part
@@ -111,37 +111,34 @@ def _named_cluster(held, metrics):
 
 
 def _check(cfg) -> None:
+    from fedfm.algorithms.objectives import make_objective
     from fedfm.privacy.guarantees import dp_mode
+    from fedfm.registry import registry_for
 
     p, who = cfg.personalization, f"personalization.method = {cfg.personalization.method!r}"
-    if p.method == "fedsa" and cfg.peft.method != "lora":
-        raise ValueError(f"{who} keeps LoRA's B matrices personal: peft.method must be 'lora'")
-    if cfg.strategy.objective == "scaffold":
+    method = PERSONAL_METHODS.get(p.method)
+    if method.needs == "lora" and cfg.peft.method != "lora":
+        raise ValueError(f"{who} keeps LoRA factors personal: peft.method must be 'lora'")
+    if make_objective(cfg.strategy).uses_control_variates:
         raise ValueError(f"{who} with strategy.objective = 'scaffold' is not built (its control variates "
                          "would have to skip the personal tensors)")  # fmt: skip
-    if p.method in ("fedper", "fedrep") and cfg.task.kind not in ("classification", "image_classification"):
+    if method.needs == "head" and not registry_for("task").get(cfg.task.kind).has_head:
         raise ValueError(
             f"{who} keeps a classification head personal; task.kind = {cfg.task.kind!r} has none"
         )
-    if p.method == "ifca" and (dp_mode(cfg).active or cfg.secagg.enabled):
+    if method.clustered and (dp_mode(cfg).active or cfg.secagg.enabled):
         raise ValueError(
             f"{who} reveals each client's cluster to the server, which secure aggregation would hide; "
             "it is refused with secagg.enabled and privacy.dp (mask per cluster is not built)"
         )
-    if p.method == "ifca":
+    if method.clustered:
         _check_ifca(cfg, who)
-    if p.method == "local" and (dp_mode(cfg).active or cfg.secagg.enabled):
+    if method.sends_nothing and (dp_mode(cfg).active or cfg.secagg.enabled):
         raise ValueError(f"{who} sends nothing: privacy.dp and secagg.enabled have nothing to protect")
-    if p.method in ("fedrep", "ditto") and dp_mode(cfg).example_level:
+    if method.phases and dp_mode(cfg).example_level:
         raise ValueError(
             f"{who} with privacy.dp = 'example': its extra local steps (the head's, the personal "
             "adapter's) are not DP-SGD steps; use privacy.dp = 'client'"
-        )
-    grouped = cfg.run.engine == "batched" or (cfg.run.engine == "ray" and cfg.ray.batched)
-    if grouped and p.method in ("fedrep", "ditto"):
-        raise ValueError(
-            f"{who} trains in two phases (head then body; global then personal adapter), which the "
-            "batched engine's groups do not: set run.engine = 'inprocess' (or ray.batched = false)"
         )
     if cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
         raise ValueError(
@@ -154,7 +151,7 @@ def _check(cfg) -> None:
 def _check_ifca(cfg, who: str) -> None:
     from fedfm.algorithms.robust import min_cohort
     from fedfm.attacks import ATTACKS
-    from fedfm.synthetic.modes import synthetic_mode
+    from fedfm.data.synthetic import synthetic_mode
 
     if cfg.task.baselines:
         raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
@@ -192,4 +189,4 @@ def personal_parts(cfg) -> PersonalParts | Clusters | None:
     p = cfg.personalization
     if p.method == "none":
         return None
-    return Clusters(p.clusters) if p.method == "ifca" else PersonalParts(p.method)
+    return Clusters(p.clusters) if PERSONAL_METHODS.get(p.method).clustered else PersonalParts(p.method)

@@ -8,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
+import tomli_w
 import torch
 
 import fedfm
 import fedfm_plugins  # noqa: F401  (registers the plug-ins)
-from fedfm.checkpoint import load_checkpoint
 from fedfm.reporting.metrics import read_jsonl
+from fedfm.server.checkpoint import load_checkpoint
 
 
 def delta(run_dir: Path, initial) -> float:
@@ -32,21 +33,60 @@ def main(base: dict, out: Path) -> None:
     plain = run("plain", training=sgd)
     start = load_checkpoint(plain.run_dir / "checkpoint")  # after one plain round from θ0
     from fedfm.config import make_config
-    from fedfm.experiment import build_task, prepare_data
     from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_task, prepare_data
 
     theta0 = get_trainable_state(build_task(make_config(base), prepare_data(make_config(base)))[0].trainable)
     moved = {k: start.params[k] - theta0[k] for k in theta0}
     half = run("half", training=sgd, strategy={"server_optimizer": "plugin-half"})
     half_params = load_checkpoint(half.run_dir / "checkpoint").params
     half_error = max(float((half_params[k] - theta0[k] - 0.5 * moved[k]).abs().max()) for k in theta0)
-    tagged = run("tag", pipeline={"extra": ["plugin-tag"]})
+    tagged = run("tag", pipeline={"extra": ["plugin-tag"], "plugin_tag_refuse": 2})
     clients = [r for r in read_jsonl(tagged.run_dir / "metrics.jsonl") if r.get("event") == "client"]
     reverse = run("reverse", run={"engine": "plugin-reverse"}, sampling={"fraction": 1.0})
     order = [r["client"] for r in read_jsonl(reverse.run_dir / "metrics.jsonl") if r.get("event") == "client"]
     heavy = run("heavy", partition={"method": "plugin-heavy", "num_clients": 4})
     sizes = [c["num_train"] for c in json.loads((heavy.run_dir / "partition.json").read_text())["clients"]]
     top2 = run("top2", task={"kind": "plugin-top2"})
+    # options of plug-ins, from a TOML file: FedDyn's alpha, the count-trimmed mean's count
+    every = {"fraction": 1.0}
+    toml = out.parent / "feddyn.toml"
+    cfg = {s: dict(v) for s, v in base.items()}
+    cfg.update(training={**cfg.get("training", {}), **sgd, "max_grad_norm": "null"}, sampling=every)
+    cfg["strategy"] = {**cfg.get("strategy", {}), "objective": "plugin-feddyn", "feddyn_alpha": 0.5}
+    toml.write_text(tomli_w.dumps(cfg))
+    feddyn = fedfm.run(fedfm.load_config(toml), output=out.parent / "feddyn", progress=False)
+    prox = run("fedprox", training=sgd, sampling=every, strategy={"objective": "fedprox", "mu": 0.5})
+    dyn_params = load_checkpoint(feddyn.run_dir / "checkpoint").params
+    prox_params = load_checkpoint(prox.run_dir / "checkpoint").params
+    twice = max(
+        float((dyn_params[k] - theta0[k] - 2 * (prox_params[k] - theta0[k])).abs().max()) for k in theta0
+    )
+    try:
+        fedfm.load_config(toml, ["strategy.feddyn_alfa=1.0"])
+        misspelt = ""
+    except fedfm.ConfigError as err:
+        misspelt = str(err)
+    four = {"method": "iid", "num_clients": 4}
+    trim = {"aggregator": "plugin-trim", "trim_count": 1}
+    by_count = run("trim", partition=four, sampling=every, training=sgd, strategy=trim)
+    by_ratio = run(
+        "trimmed", partition=four, sampling=every, training=sgd,
+        strategy={"aggregator": "trimmed_mean", "trim_ratio": 0.25},
+    )  # fmt: skip
+    a, b = (load_checkpoint(r.run_dir / "checkpoint").params for r in (by_count, by_ratio))
+    saved = (by_count.run_dir / "config.toml").read_text()
+    rounded = run("round", compression={"method": "plugin-round", "round_decimals": 0})
+    kept = run("round8", compression={"method": "plugin-round", "round_decimals": 8})
+    undone = run(
+        "factor", training=sgd, attack={"kind": "plugin-factor", "fraction": 1.0, "plugin_factor": -1.0}
+    )
+    undone_params = load_checkpoint(undone.run_dir / "checkpoint").params
+    lined = run("lines", run={"trackers": ["plugin-lines"], "plugin_lines_file": "mine.jsonl"})
+    lines = (lined.run_dir / "mine.jsonl").read_text().splitlines()
+    from fedfm.deploy.view import client_config_toml  # what a deployed client is told
+
+    told = client_config_toml(fedfm.load_config(toml, ["strategy.trim_count=3"]))
     report = {
         "plain_moved": float(sum(v.abs().sum() for v in moved.values())),
         "frozen_moved": delta(
@@ -61,6 +101,17 @@ def main(base: dict, out: Path) -> None:
         "heavy_sizes": sizes,
         "top2": top2.history[-1].get("test_top2_accuracy"),
         "top1": top2.history[-1].get("test_accuracy"),
+        "feddyn_moved": delta(feddyn.run_dir, theta0),
+        "feddyn_twice_fedprox_error": twice,
+        "feddyn_misspelt": misspelt,
+        "trim_count_error": max(float((a[k] - b[k]).abs().max()) for k in a),
+        "trim_count_saved": "trim_count = 1" in saved,
+        "round0_moved": delta(rounded.run_dir, theta0),
+        "round8_moved": delta(kept.run_dir, theta0),
+        "factor_error": max(float((undone_params[k] - theta0[k] + moved[k]).abs().max()) for k in theta0),
+        "lines_rounds": [json.loads(x)["round"] for x in lines],
+        "client_told_alpha": "feddyn_alpha = 0.5" in told,
+        "client_told_trim": "trim_count" in told,
     }
     out.write_text(json.dumps(report))
 

@@ -1,0 +1,79 @@
+"""Run protocols: how an experiment reaches its model, looked up by ``run.protocol``.
+
+``rounds`` is federated training round after round (``fedfm.server.driver``); ``fedpft`` is one-shot FL
+from FM features (``fedfm.protocols.fedpft``); ``transfer`` is knowledge transfer between the FM and small
+client models (``fedfm.protocols.transfer``), which ``sharing.mode = "transfer"`` selects. A protocol is
+``run(cfg, run_dir, progress=, callbacks=, resume=) → RunResult`` and an optional ``check(cfg)``
+that raises ``ValueError`` naming a field the protocol cannot run with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedfm.registry import Registry
+
+
+@dataclass(frozen=True)
+class Protocol:
+    run: Callable
+    check: Callable | None = None
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+
+
+def _rounds(cfg, run_dir, **options):
+    from fedfm.server.driver import Run
+
+    return Run(cfg, run_dir, **options).execute()
+
+
+def _fedpft(cfg, run_dir, **options):
+    from fedfm.protocols.fedpft import run_fedpft
+
+    return run_fedpft(cfg, run_dir, **options)
+
+
+FEATURE_TASKS = ("classification", "image_classification")
+
+
+def check_fedpft(cfg) -> None:
+    from fedfm.engines.base import engine_traits
+    from fedfm.privacy.guarantees import dp_mode
+
+    who = "run.protocol = 'fedpft'"
+    if cfg.task.kind not in FEATURE_TASKS:
+        raise ValueError(
+            f"{who} fits features of a classifier's backbone; task.kind = {cfg.task.kind!r} has none"
+        )
+    if cfg.peft.method != "head":
+        raise ValueError(f"{who} trains the head on sampled features: set peft.method = 'head'")
+    if not engine_traits(cfg).in_process:
+        raise ValueError(
+            f"{who} runs in-process (one message per client, no rounds): run.engine = 'inprocess'"
+        )
+    if dp_mode(cfg).active or cfg.secagg.enabled:
+        raise ValueError(
+            f"{who}: the mixtures' means and counts describe each client's data and are not "
+            "differentially private or securely aggregated; turn privacy.dp and secagg.enabled off"
+        )
+    if cfg.attack.kind != "none":
+        raise ValueError(f"{who} has no attack simulation: attack.kind = 'none'")
+
+
+def _transfer(cfg, run_dir, **options):
+    from fedfm.protocols.transfer import run_transfer
+
+    return run_transfer(cfg, run_dir, **options)
+
+
+def check_transfer_protocol(cfg) -> None:
+    if cfg.sharing.mode != "transfer":
+        raise ValueError("run.protocol = 'transfer' is set by sharing.mode = 'transfer'; set that instead")
+
+
+PROTOCOLS.register("rounds")(Protocol(_rounds))
+PROTOCOLS.register("transfer")(Protocol(_transfer, check_transfer_protocol))
+PROTOCOLS.register("fedpft")(Protocol(_fedpft, check_fedpft))
