@@ -242,8 +242,8 @@ class FedBuff:
             return
         self.buffer.append((f.version, with_staleness(result, tau)))
 
-    def step(self, t: int, bar) -> dict:
-        """Server step ``t``: fill the buffer, apply it; → the round record."""
+    def step(self, t: int, bar) -> tuple:
+        """Server step ``t``: fill the buffer, apply it; → (the new server state, the record)."""
         run = self.run
         start = self.clock.time
         self.fill()
@@ -258,9 +258,9 @@ class FedBuff:
     def _settle(
         self, state, record: dict, rnd, taus: list[int], start: float, mean: float | None = None
     ) -> dict:
-        """The step's record: the events since the last step (failures, dropouts, stale updates),
-        the staleness (``mean``: its mean, when not that of ``taus``), the clock; the run takes the
-        new state."""
+        """The new state and the step's record: the events since the last step (failures,
+        dropouts, stale updates), the staleness (``mean``: its mean, when not that of ``taus``),
+        the clock. The driver takes the new state (``Run.fedbuff_step``)."""
         events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
         record.update(
             failed=[*events["failed"], *record["failed"]],
@@ -273,8 +273,8 @@ class FedBuff:
             round_virtual_s=self.clock.time - start,
             **self.clock.totals,
         )
-        self.run.state, self.client_records = state, rnd.tally.client_records
-        return record
+        self.client_records = rnd.tally.client_records
+        return state, record
 
 
 class RemoteFedBuff(FedBuff):
@@ -409,7 +409,7 @@ class SecureFedBuff(FedBuff):
             if not wave.pending:
                 self.ready.append(f.wave)
 
-    def step(self, t: int, bar) -> dict:
+    def step(self, t: int, bar) -> tuple:
         run, start = self.run, self.clock.time
         while True:
             self.fill()

@@ -22,21 +22,22 @@ import numpy as np
 from fedfm.client.program import num_local_steps, train_from
 from fedfm.models.state import set_trainable_state
 from fedfm.reporting.tables import baselines_markdown as markdown
+from fedfm.server.parts import RunParts
 from fedfm.types import Params
 
 
-def own_test_rows(run, client: int) -> np.ndarray:
+def own_test_rows(run: RunParts, client: int) -> np.ndarray:
     groups = np.unique(run.data.train.labels[run.data.client_train[client]])
     return np.flatnonzero(np.isin(run.data.test.labels, groups))
 
 
-def _scores(run, params: Params, rows) -> dict:
+def _scores(run: RunParts, params: Params, rows) -> dict:
     set_trainable_state(run.bundle.trainable, params)
     m = run.task.evaluate(run.bundle.model, run.task.test, rows, run.cfg.eval.batch_size, run.bundle.device)
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 
-def _train(run, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
+def _train(run: RunParts, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
     cfg = run.cfg
     return train_from(run.bundle, run.task, rows, start, steps, cfg.training, cfg.run.seed, key)[0]
 
@@ -46,7 +47,7 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def run_baselines(run, final: Params, progress=None) -> dict:
+def run_baselines(run: RunParts, final: Params, progress=None) -> dict:
     cfg, data = run.cfg, run.data
     start = run.initial_params
     steps = [num_local_steps(len(rows), cfg.training) for rows in data.client_train]

@@ -43,6 +43,7 @@ from fedfm.server.checkpoint import (
     save_checkpoint,
 )
 from fedfm.server.export import export_adapter
+from fedfm.server.parts import RunParts
 from fedfm.server.personalization import active as personal_active
 from fedfm.server.personalization import clustered, server_params
 from fedfm.server.round import ServerRound, Strategy, apply_round, round_context, traffic
@@ -334,6 +335,16 @@ class Run:
         if self.privacy is not None:
             self.privacy.checkpointed()
 
+    def parts(self) -> RunParts:
+        """What scoring, baselines and exports read of this run (``fedfm.server.parts``)."""
+        states = getattr(self.engine, "states", None)
+        return RunParts(
+            self.cfg, self.data, self.bundle, self.task, self.initial_params, self.sample,
+            remote=self.remote,
+            client_state=states.get if states is not None else (lambda k: None),
+            cluster_sizes=self.cluster_sizes,
+        )  # fmt: skip
+
     def sample(self, t: int) -> list[int]:
         n, seed = self.data.num_clients, self.cfg.run.seed
         rng = self.privacy.cohort_rng(t) if self.privacy is not None else None  # DP: unpredictable
@@ -380,7 +391,7 @@ class Run:
     def fedbuff_step(self, t: int, bar) -> dict:
         """Server step ``t`` of an asynchronous run (``fedfm.server.asynchronous``)."""
         start = time.perf_counter()
-        record = self.fedbuff.step(t, bar)
+        self.state, record = self.fedbuff.step(t, bar)
         record["round_s"] = time.perf_counter() - start
         return self._round_done(t, "step", record, self.fedbuff.client_records)
 
@@ -422,7 +433,7 @@ class Run:
         server = self.server_model
         if server is None:
             with self.console.status("scoring every client on its own test split"):
-                return {**metrics, **client_scores(self, params)}
+                return {**metrics, **client_scores(self.parts(), params)}
         set_trainable_state(server.bundle.trainable, server.params(params))  # plugged into the FM
         with self.console.status(f"{self.evaluator.status} (the FM with the clients' adapter)"):
             plugged = self.evaluator(server.bundle, self.task)
@@ -458,7 +469,7 @@ class Run:
             from fedfm.server.baselines import run_baselines, write_baselines
 
             with self.console.status("training the local-only and centralized baselines"):
-                baselines = run_baselines(self, self.state.params, self.console.note)
+                baselines = run_baselines(self.parts(), self.state.params, self.console.note)
             write_baselines(self.run_dir, baselines)
         self._personal_finish()
         with self.console.status("writing adapter, plots and report"):
@@ -498,16 +509,16 @@ class Run:
         if clustered(cfg):
             self._export_clusters(labels)
         elif cfg.personalization.method != "none":
-            states = getattr(self.engine, "states", None)
+            parts = self.parts()
             for k in range(self.data.num_clients):
-                if states is not None and (states.get(k) or {}).get("personal"):
+                if (parts.client_state(k) or {}).get("personal"):
                     folder = self.run_dir / "personal" / f"client-{k}"
-                    export_adapter(self.bundle, own_params(self, params, k), folder, labels=labels)
+                    export_adapter(self.bundle, own_params(parts, params, k), folder, labels=labels)
         if cfg.personalization.finetune_steps:
             with self.console.status(
                 f"local fine-tuning: {cfg.personalization.finetune_steps} steps per client"
             ):
-                record = finetuned_scores(self, params)
+                record = finetuned_scores(self.parts(), params)
             steps = cfg.personalization.finetune_steps
             self.metrics.write({"event": "personalization", "finetune_steps": steps, **record})
             summary = {k: round(v, 4) for k, v in record.items() if k.endswith(("_mean", "_worst10"))}
@@ -525,7 +536,8 @@ class Run:
         params, folder = self.state.params, self.run_dir / "clusters"
         for j in range(clustered(self.cfg)):
             export_adapter(self.bundle, cluster_view(params, j), folder / f"cluster-{j}", labels=labels)
-        picks = {str(k): client_cluster(self, params, k) for k in range(self.data.num_clients)}
+        parts = self.parts()
+        picks = {str(k): client_cluster(parts, params, k) for k in range(self.data.num_clients)}
         (folder / "assignment.json").write_text(json.dumps(picks, indent=1) + "\n")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from fedfm.algorithms.personal import PERSONAL_PARTS, client_start
 from fedfm.models.state import set_trainable_state
+from fedfm.server.parts import RunParts
 from fedfm.tasks.metrics import summarize
 
 
@@ -50,7 +51,7 @@ def largest_cluster(sizes) -> int:
     return max(range(len(sizes)), key=lambda j: (sizes[j], -j)) if sizes else 0
 
 
-def client_cluster(run, params, client_id: int) -> int:
+def client_cluster(run: RunParts, params, client_id: int) -> int:
     """IFCA: the cluster client ``client_id`` picks now (its lowest loss on its training rows)."""
     from fedfm.client.program import ClientProgram, pick_cluster
     from fedfm.types import RoundContext
@@ -59,11 +60,11 @@ def client_cluster(run, params, client_id: int) -> int:
     ctx = RoundContext(round=run.cfg.run.rounds + 1, seed=run.cfg.run.seed)
     rows = run.data.client_train[client_id]
     if not len(rows):  # nothing to score the clusters on: the server's global one
-        return largest_cluster(getattr(run, "cluster_sizes", None))
+        return largest_cluster(run.cluster_sizes)
     return pick_cluster(run.bundle, run.task, client_id, rows, params, spec, ctx)[0]
 
 
-def own_params(run, params, client_id: int):
+def own_params(run: RunParts, params, client_id: int):
     """The model client ``client_id`` would use: the global one, with its personal tensors (under
     IFCA: the cluster model it picks)."""
     if clustered(run.cfg):
@@ -72,12 +73,10 @@ def own_params(run, params, client_id: int):
         return cluster_view(params, client_cluster(run, params, client_id))
     if run.cfg.personalization.method == "none":
         return params
-    states = getattr(run.engine, "states", None)
-    state = states.get(client_id) if states is not None else None
-    return client_start(params, (state or {}).get("personal"))
+    return client_start(params, (run.client_state(client_id) or {}).get("personal"))
 
 
-def client_scores(run, params) -> dict:
+def client_scores(run: RunParts, params) -> dict:
     """The global model's and each personal model's score on every client's own test split."""
     if run.remote or not active(run.cfg):
         return {}
@@ -85,7 +84,7 @@ def client_scores(run, params) -> dict:
     bundle, task, bs = run.bundle, run.task, run.cfg.eval.batch_size
     clients = [k for k, rows in enumerate(run.data.client_test) if len(rows)]
     out = {}
-    global_view = server_params(run.cfg, params, getattr(run, "cluster_sizes", None))
+    global_view = server_params(run.cfg, params, run.cluster_sizes)
     own = {"global": lambda k: global_view}
     if run.cfg.personalization.method != "none":
         own["personal"] = lambda k: own_params(run, params, k)
@@ -103,7 +102,7 @@ def client_scores(run, params) -> dict:
     return out
 
 
-def finetuned_scores(run, params) -> dict:
+def finetuned_scores(run: RunParts, params) -> dict:
     """Local fine-tuning after FL: each client's ``finetune_steps`` from its own model on its own
     training rows, then its score on its own test split; the summary and every client's score."""
     from fedfm.client.program import train_from
@@ -123,7 +122,7 @@ def finetuned_scores(run, params) -> dict:
                               run.cfg.run.seed, key=k)  # fmt: skip
         set_trainable_state(bundle.trainable, tuned)
         scores[k] = task.evaluate(bundle.model, task.train, rows, bs, bundle.device)[metric]
-    set_trainable_state(bundle.trainable, server_params(run.cfg, params, getattr(run, "cluster_sizes", None)))
+    set_trainable_state(bundle.trainable, server_params(run.cfg, params, run.cluster_sizes))
     return {**summarize(list(scores.values()), f"finetuned_local_{metric}", higher),
             "finetuned_by_client": {str(k): v for k, v in scores.items()}}  # fmt: skip
 
