@@ -127,3 +127,21 @@ def test_components_are_asked_for_capabilities_not_names():
     assert min_cohort(StrategySection(aggregator="bulyan", byzantine=2)) == 11
     assert min_cohort(StrategySection(aggregator="median")) == 1
     assert PERSONAL_METHODS.get("fedrep").phases and not PERSONAL_METHODS.get("fedper").phases
+
+
+def test_an_option_that_clashes_with_a_field_registers_nothing():
+    """A plug-in whose options clash with a field of the section is refused before any of its
+    fields is added, and its name is not registered."""
+    import pytest
+    from pydantic import BaseModel
+
+    from fedfm.algorithms.aggregators import AGGREGATORS
+    from fedfm.config import StrategySection
+
+    class Clash(BaseModel):
+        clash_probe_count: int = 1  # would be new
+        trim_ratio: int = 3  # the section's trim_ratio is a float, 0.1
+
+    with pytest.raises(TypeError, match="trim_ratio"):
+        AGGREGATORS.register("clash-probe", options=Clash)(lambda updates: None)
+    assert "clash_probe_count" not in StrategySection.model_fields and "clash-probe" not in AGGREGATORS

@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 
 from fedfm.config import RunConfig
+from fedfm.config.options import field_kind
 from fedfm.registry import registry_for
 
 
@@ -15,20 +16,6 @@ def _type(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         text = " \\| ".join(f'`"{a}"`' for a in typing.get_args(annotation))
     return text.replace("|", "\\|") if "`" not in text else text
-
-
-def _registry_kind(field) -> tuple[str, str] | None:
-    """(registry kind, shown type) of a field that names registered components, else None."""
-    for meta in field.metadata:
-        schema = getattr(meta, "json_schema", None)
-        if isinstance(schema, dict) and "registry" in schema:
-            return schema["registry"], "str (registered name)"
-    for arg in typing.get_args(field.annotation):  # list[Registered(kind)]
-        for meta in getattr(arg, "__metadata__", ()):
-            schema = getattr(meta, "json_schema", None)
-            if isinstance(schema, dict) and "registry" in schema:
-                return schema["registry"], "list of registered names"
-    return None
 
 
 def render() -> str:
@@ -54,9 +41,10 @@ def render() -> str:
         ]
         for name, f in model.model_fields.items():
             default = f.default if f.default_factory is None else f.default_factory()
-            named, text = _registry_kind(f), f.description or ""
+            named, text = field_kind(f), f.description or ""
             if named is not None:
-                kind, shown = named
+                kind, many = named
+                shown = "list of registered names" if many else "str (registered name)"
                 names = ", ".join(f"`{n}`" for n in registry_for(kind).names())
                 text = f"{text} Registered {kind}s: {names}."
             else:

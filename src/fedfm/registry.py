@@ -5,7 +5,7 @@ whose fields all have defaults. Its fields join the config section that names th
 (``[strategy]`` for an aggregator, objective or server optimizer, ``[pipeline]`` for a transform,
 ``[attack]`` for an attack, ...: the section with the ``Registered(kind)`` field), where they
 are validated, documented in the configuration reference and refused with a did-you-mean when
-misspelt, like the built-in fields (``fedfm.config.sections.host_options``).
+misspelt, like the built-in fields (``fedfm.config.options.add_options``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
-        self._options: dict[str, Any] = {}
 
     def register(self, name: str, *, options: Any = None) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -44,7 +43,6 @@ class Registry(Generic[T]):
                 _check_options(self.kind, name, options)
                 for listener in _LISTENERS:  # the configuration takes its fields (or refuses them)
                     listener(self.kind, name, options)
-                self._options[name] = options
                 _WITH_OPTIONS.append((self.kind, name, options))
             self._items[name] = item
             return item
@@ -56,10 +54,6 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
-
-    def options(self, name: str) -> Any:
-        """The options model ``name`` was registered with (None: it has no settings of its own)."""
-        return self._options.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -18,17 +18,19 @@ import numpy as np
 import torch
 
 
+def _seed_of(digest: bytes) -> int:
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def derive_seed(seed: int, *key: object) -> int:
     """A 63-bit seed that is a pure function of ``seed`` and ``key`` (e.g. round, client, purpose)."""
-    text = repr((int(seed), *key)).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+    return _seed_of(hashlib.sha256(repr((int(seed), *key)).encode()).digest())
 
 
 def keyed_seed(secret: bytes, *key: object) -> int:
     """A 63-bit seed as HMAC-SHA256 under a 256-bit ``secret``: without the secret, seeds for other
     keys (rounds, clients, purposes) cannot be computed, and the secret cannot be searched for."""
-    text = repr(tuple(key)).encode()
-    return int.from_bytes(hmac.new(secret, text, hashlib.sha256).digest()[:8], "little") >> 1
+    return _seed_of(hmac.new(secret, repr(tuple(key)).encode(), hashlib.sha256).digest())
 
 
 NOISE_KEY = "noise.key"

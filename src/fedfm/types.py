@@ -29,6 +29,11 @@ def is_statistic(key: str) -> bool:
     return key.endswith(STATISTIC_SUFFIXES)
 
 
+def _dense_from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
+    """A payload of (tensors, num_examples, metrics, control delta) as the wire carries it."""
+    return cls(groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
+
+
 @dataclass(frozen=True)
 class Update:
     """A client's dense update after local training.
@@ -44,14 +49,12 @@ class Update:
     control_delta: Params | None = None
 
     kind = "update"
-    dense = True  # every trainable tensor, as it is: validation and robust aggregators read it
+    dense = True  # the whole delta as it is: validation checks it, the aggregation rule reads it
 
     def tensors(self) -> dict[str, Params]:
         return {"p": self.delta, "c": self.control_delta or {}}
 
-    @classmethod
-    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
-        return cls(groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
+    from_wire = classmethod(_dense_from_wire)
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,7 @@ class Encoded:
     def tensors(self) -> dict[str, Params]:
         return {"p": self.payload, "c": self.control_delta or {}}
 
-    @classmethod
-    def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
-        return cls(groups.get("p", {}), num_examples, metrics, groups.get("c") or None)
+    from_wire = classmethod(_dense_from_wire)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,9 @@ PAYLOADS: dict[str, type] = {}  # wire name → payload type (``payload`` adds o
 def payload(cls: type) -> type:
     """Register a payload type under its ``kind`` (its wire name). It needs ``tensors()`` (what
     travels, as named groups of tensors), a classmethod ``from_wire(groups, num_examples,
-    metrics)`` that rebuilds it on the receiving side, and ``dense`` (whether it is the whole
-    delta as it is)."""
+    metrics)`` that rebuilds it on the receiving side, and ``dense``: whether it is the whole
+    delta as it is, with ``delta`` and ``num_examples`` as an ``Update`` has them (validation
+    checks dense payloads and rejects the others, which their own transforms turn dense)."""
     for need in ("kind", "tensors", "from_wire", "dense"):
         if not hasattr(cls, need):
             raise TypeError(f"payload type {cls.__name__} has no {need!r}")

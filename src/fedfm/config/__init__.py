@@ -207,11 +207,12 @@ def _component_checks(cfg: RunConfig) -> None:
         "protocol": cfg.run.protocol,
         "engine": cfg.run.engine,
     }
-    for kind, name in chosen.items():
-        check = getattr(registry_for(kind).get(name), "check", None)
+    entries = {kind: registry_for(kind).get(name) for kind, name in chosen.items()}
+    for entry in entries.values():
+        check = getattr(entry, "check", None)
         if check is not None:
             check(cfg)
-    traits = EngineTraits.of(registry_for("engine").get(cfg.run.engine), cfg)
+    traits = EngineTraits.of(entries["engine"], cfg)
     if traits.grouped:
         check_batchable(cfg, traits.grouped)
     if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base and not traits.shared_base:

@@ -70,7 +70,7 @@ class Validation(Passthrough):
             update = item.update
             problem = (
                 update_problem(update, rnd.reference(item.client_id), self.max_norm, rnd.max_examples)
-                if isinstance(update, Update)
+                if getattr(update, "dense", False)
                 else f"expected a dense update, got a {type(update).__name__} payload"
             )
             if problem is not None:
