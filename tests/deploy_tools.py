@@ -140,7 +140,7 @@ class Hostile:
         self.thetas: dict = {}
 
     def tasks(self):
-        from fedfm.deploy.wire import join, unpack_tensors
+        from fedfm.wire import join, unpack_tensors
 
         while True:
             replies = self.stub.GetTask(self.pb.TaskRequest(), metadata=self.meta, timeout=60)
@@ -157,7 +157,7 @@ class Hostile:
         return {"round": header["round"], "step": header["step"], "reply": answer}
 
     def honest_update(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
-        from fedfm.deploy.wire import payload_message, unpack_tensors
+        from fedfm.wire import payload_message, unpack_tensors
 
         rnd = header["round"]
         masker = self.secure.for_round(rnd) if header.get("secure") else None
@@ -168,7 +168,7 @@ class Hostile:
     def send(self, header: dict, payload: bytes = b""):
         import json
 
-        from fedfm.deploy.wire import chunks
+        from fedfm.wire import chunks
 
         pieces = list(chunks({}, payload))
         first = [self.pb.Chunk(header=json.dumps(header), data=pieces[0][1])]

@@ -71,8 +71,11 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 
 
 def test_the_top_level_holds_only_the_front_doors_and_the_vocabulary():
+    """The front doors (api, cli) and the vocabulary every layer shares: types, the registry,
+    seeding, and the wire format (what a payload is as bytes, used by the deployment and by split
+    fine-tuning's two halves)."""
     modules = sorted(p.stem for p in SRC.glob("*.py"))
-    assert modules == ["__init__", "api", "cli", "registry", "seeding", "types"]
+    assert modules == ["__init__", "api", "cli", "registry", "seeding", "types", "wire"]
 
 
 def test_the_layer_contract_names_every_package_and_module():

@@ -208,7 +208,7 @@ def test_malformed_updates_are_rejected_while_the_round_completes(tmp_path, tiny
     from fedfm.deploy.client import ClientSecurity
     from fedfm.deploy.fedfm_pb2_grpc import FedFMStub
     from fedfm.deploy.server import Security, serve
-    from fedfm.deploy.wire import chunks, join, pack_tensors, unpack_tensors
+    from fedfm.wire import chunks, join, pack_tensors, unpack_tensors
 
     cfg, path = deploy_config(tiny_config, tmp_path, run={"rounds": 2, "threads": 1})
     port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 3)

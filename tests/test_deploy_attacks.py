@@ -34,8 +34,8 @@ from fedfm.deploy import fedfm_pb2 as pb  # noqa: E402
 from fedfm.deploy.auth import DeployError, read_tokens  # noqa: E402
 from fedfm.deploy.client import ClientSecurity  # noqa: E402
 from fedfm.deploy.fedfm_pb2_grpc import FedFMStub  # noqa: E402
-from fedfm.deploy.wire import chunks, join, pack_tensors, unpack_tensors  # noqa: E402
 from fedfm.server.checkpoint import load_checkpoint  # noqa: E402
+from fedfm.wire import chunks, join, pack_tensors, unpack_tensors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

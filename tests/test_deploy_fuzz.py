@@ -38,7 +38,7 @@ from fedfm.deploy import fedfm_pb2 as pb  # noqa: E402
 from fedfm.deploy.client import ClientSecurity, Trainer, local_data  # noqa: E402
 from fedfm.deploy.fedfm_pb2_grpc import FedFMStub  # noqa: E402
 from fedfm.deploy.secure import ClientSecure  # noqa: E402
-from fedfm.deploy.wire import chunks, join, payload_message, unpack_tensors  # noqa: E402
+from fedfm.wire import chunks, join, payload_message, unpack_tensors  # noqa: E402
 
 HOSTILE = 3
 ROUNDS = 16

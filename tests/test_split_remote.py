@@ -1,6 +1,6 @@
-"""Split fine-tuning across processes (fedfm.deploy.split): the client's bottom and the server's
-sessions, exchanging through the wire encoding, train what the simulation's one-process split
-trains; what either side receives is checked."""
+"""Split fine-tuning across processes (fedfm.sharing.split.client and .server, over fedfm.deploy):
+the client's bottom and the server's sessions, exchanging through the wire encoding, train what
+the simulation's one-process split trains; what either side receives is checked."""
 
 from __future__ import annotations
 
@@ -11,20 +11,16 @@ from tests.conftest import save_tiny_bert, tiny_experiment
 from fedfm.algorithms.objectives import Objective
 from fedfm.client.program import ClientJob, client_update
 from fedfm.config import make_config
-from fedfm.deploy.split import (
-    Link,
-    SplitServer,
-    client_bundle,
-    decode,
-    encode,
-    received_gradient,
-)
-from fedfm.deploy.wire import WireError, pack_tensors, unpack_tensors
+from fedfm.deploy.client import split_send
 from fedfm.models.state import get_trainable_state
-from fedfm.sharing.split import CutError
+from fedfm.sharing.split.client import Link, client_bundle, received_gradient
+from fedfm.sharing.split.codec import decode, encode
+from fedfm.sharing.split.mode import CutError
+from fedfm.sharing.split.payload import client_part, split_update
+from fedfm.sharing.split.server import SplitServer
 from fedfm.tasks.setup import build_task, prepare_data
-from fedfm.transforms.split import client_part, split_update
 from fedfm.types import ClientResult, RoundContext
+from fedfm.wire import WireError, pack_tensors, unpack_tensors
 
 pytest.importorskip("grpc")
 
@@ -270,7 +266,6 @@ def test_a_frozen_server_cannot_hold_a_client_past_the_rounds_deadline():
     import grpc
 
     from fedfm.deploy import fedfm_pb2_grpc as rpc
-    from fedfm.deploy.split import grpc_send
 
     release = threading.Event()
 
@@ -287,12 +282,12 @@ def test_a_frozen_server_cannot_hold_a_client_past_the_rounds_deadline():
     try:
         stub = rpc.FedFMStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         began = time.monotonic()
-        send = grpc_send(stub, (), began + 1.0, 1 << 20)
+        send = split_send(stub, (), began + 1.0, 1 << 20)
         with pytest.raises(grpc.RpcError) as err:
             send({"round": 1, "micro": 0, "phase": "forward"}, {"h": encode(torch.ones(1, 2, 4), 32)})
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - began < 10
         with pytest.raises(CutError, match="deadline passed"):
-            grpc_send(stub, (), time.monotonic() - 1, 1 << 20)({"round": 1}, {})
+            split_send(stub, (), time.monotonic() - 1, 1 << 20)({"round": 1}, {})
     finally:
         release.set()
         server.stop(grace=None)

@@ -117,8 +117,8 @@ def test_a_config_with_nulls_reads_back_the_same(tmp_path):
 
 
 def test_seeds_sent_to_clients_are_hmac_sha256_under_the_runs_secret_key(tmp_path):
-    from fedfm.deploy.wire import context_header
     from fedfm.types import RoundContext
+    from fedfm.wire import context_header
 
     assert noise_key(tmp_path, create=False) is None
     key = noise_key(tmp_path, create=True)

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedfm.deploy.wire import (
+from fedfm.types import RoundContext
+from fedfm.wire import (
     WireError,
     chunks,
     context_from,
@@ -16,7 +17,6 @@ from fedfm.deploy.wire import (
     pack_tensors,
     unpack_tensors,
 )
-from fedfm.types import RoundContext
 
 
 @given(st.binary(max_size=5000), st.integers(min_value=1, max_value=700))

@@ -132,7 +132,7 @@ class SplitUpdate:
 
     @classmethod
     def from_wire(cls, groups: Mapping[str, Params], num_examples, metrics):
-        """The server adds its own part (``fedfm.deploy.split``)."""
+        """The server adds its own part (``fedfm.sharing.split.server``)."""
         return cls(groups.get("p", {}), num_examples, metrics, {}, groups.get("c") or None)
 
     def merged(self) -> Update:

@@ -31,7 +31,7 @@ import numpy as np
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S
-from fedfm.deploy.wire import chunks, context_from, join, payload_message, unpack_tensors
+from fedfm.wire import WireError, chunks, context_from, join, pack_tensors, payload_message, unpack_tensors
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -157,7 +157,7 @@ class Trainer:
         self.cfg, self.data, self.registered = cfg, data, registered
         self.cut = None  # split fine-tuning: the hook that exchanges with the server at the cut
         if cfg.sharing.mode == "split":  # only the FM's bottom layers are built here
-            from fedfm.deploy.split import client_bundle
+            from fedfm.sharing.split.client import client_bundle
 
             self.bundle, self.task, self.cut = client_bundle(cfg, data)
         else:
@@ -177,7 +177,7 @@ class Trainer:
         with self.lock:
             if self.cut is None:
                 return self.program(self.bundle, self.task, job, groups.get("p", {}), ctx, state)
-            from fedfm.deploy.split import Link
+            from fedfm.sharing.split.client import Link
 
             self.cut.link = Link(send, ctx.round)
             try:
@@ -416,10 +416,8 @@ def submit(
         secure = ident.secure.for_round(rnd) if header.get("secure") and ident.secure else None
         send = None
         if trainer.cut is not None:  # split: every batch crosses the cut, within the round's deadline
-            from fedfm.deploy.split import grpc_send
-
             deadline = time.monotonic() + min(float(header.get("deadline_s", timeout)), timeout)
-            send = grpc_send(stub, ident.metadata, deadline, trainer.cut.limit)
+            send = split_send(stub, ident.metadata, deadline, trainer.cut.limit)
         state = ident.state_before(rnd)
         update, state = trainer.train(ident.client_id, rows, header, groups, state, secure, send)
     except ClientError:
@@ -457,3 +455,25 @@ def run_eta(trainer: Trainer, rnd: int) -> str:
 
     left = (time.monotonic() - trainer.started) / rnd * max(0, cfg.run.rounds - rnd)
     return f"; round {rnd} of {cfg.run.rounds}, run ETA {duration(left)}"
+
+
+def split_send(stub, metadata, deadline: float, limit: int):
+    """``send`` of split fine-tuning's ``Link`` (``fedfm.sharing.split.client``) over the
+    ``SplitStep`` RPC; no call outlives ``deadline`` (a ``time.monotonic()`` instant: the round's
+    deadline)."""
+    from fedfm.sharing.split.mode import CutError
+
+    def send(header: dict, groups: dict):
+        blob = pack_tensors(groups)
+        stream = (pb.Chunk(header=t, data=d) for t, d in chunks(header, blob))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CutError("the round's deadline passed during the cut exchange")
+        replies = stub.SplitStep(stream, metadata=metadata, timeout=left)
+        try:
+            reply_header, reply = join(((c.header, c.data) for c in replies), max_bytes=limit)
+            return reply_header, unpack_tensors(reply)
+        except WireError as err:
+            raise CutError(f"the server's cut reply is malformed: {err}") from None
+
+    return send

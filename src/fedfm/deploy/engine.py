@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fedfm.deploy.auth import Roster
-from fedfm.deploy.wire import context_header, pack_tensors
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
+from fedfm.wire import context_header, pack_tensors
 
 HEADER_SLACK = 64 << 10  # payload bytes a message may carry beyond its expected size (safetensors header)
 STEP_BYTES_PER_PEER = 16 << 10  # a secure-aggregation reply: keys, shares, signatures per peer
@@ -46,7 +46,7 @@ class Coordinator:
     waiting_for: set[int] = field(default_factory=set)
     done: bool = False
     outcome: dict = field(default_factory=lambda: {"ok": True})  # what "done" tells clients
-    # split fine-tuning: the server's sessions (``fedfm.deploy.split.SplitServer``): open_round,
+    # split fine-tuning: the server's sessions (``fedfm.sharing.split.server.SplitServer``): open_round,
     # attach, close_round for the round loop; admit and step for the SplitStep handler
     split: object = None
     model_weights: tuple[dict, bytes] | None = None  # (header, blob) a client fetches with GetModel

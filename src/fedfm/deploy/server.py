@@ -29,7 +29,9 @@ from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.auth import DeployError, Roster
 from fedfm.deploy.engine import Coordinator, GrpcEngine
 from fedfm.deploy.view import client_config_toml
-from fedfm.deploy.wire import (
+from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
+from fedfm.types import ClientFailure, ClientResult, payload_from_wire
+from fedfm.wire import (
     WireError,
     bounded_int,
     chunks,
@@ -38,8 +40,6 @@ from fedfm.deploy.wire import (
     received_metrics,
     unpack_tensors,
 )
-from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
-from fedfm.types import ClientFailure, ClientResult, payload_from_wire
 
 __all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve", "start_server"]
 
@@ -353,7 +353,7 @@ def serve(
         coord.model_weights = distilled_emulator(run)
         note(f"distilled emulator to ship: {len(coord.model_weights[1]) / 1e6:.1f} MB")
     if cfg.sharing.mode == "split":  # the server's part of every client's per-batch exchange
-        from fedfm.deploy.split import SplitServer
+        from fedfm.sharing.split.server import SplitServer
 
         coord.split = SplitServer(cfg, run.bundle, run.task, coord.label_names)
     server, port = start_server(coord, address, security, note)

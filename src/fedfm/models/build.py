@@ -44,7 +44,9 @@ class ModelBundle:
     # (job, ctx) → a context manager around one client's local training, yielding a dict of metrics
     # it fills at the end (split fine-tuning's cut exchange); None: nothing around it
     training_context: Any = None
-    parts: Any = None  # split fine-tuning: which modules are the server's (fedfm.sharing.split.SplitCuts)
+    parts: Any = (
+        None  # split fine-tuning: which modules are the server's (fedfm.sharing.split.mode.SplitCuts)
+    )
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())

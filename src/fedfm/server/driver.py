@@ -205,7 +205,7 @@ class Run:
         ranks = [job.rank for job in self.jobs]
         sent = None
         if cfg.sharing.mode == "split":  # a split client holds, and is sent, only its bottom part
-            from fedfm.transforms.split import client_part
+            from fedfm.sharing.split.payload import client_part
 
             sent = functools.partial(client_part, cut_layer=cfg.split.cut_layer, u_shaped=cfg.split.u_shaped)
         count = functools.partial(traffic, ranks=ranks, num_total=self.bundle.num_total(), sent=sent)

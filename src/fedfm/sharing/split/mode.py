@@ -14,11 +14,11 @@ sends its bottom update (the ``split`` payload: only the client-side tensors tra
 server averages the bottom updates and its top copies as one FedAvg update.
 
 Across processes, ``fedfm server`` and ``fedfm client`` exchange every batch over gRPC
-(``fedfm.deploy.split``). In a simulation both parts run in one process and one autograd
-pass; the cut is an autograd function whose forward is the client → server message and whose
-backward is the server → client message, so the compression, the noise, the bytes and the
-validation are those of a real exchange. A split with no compression and no noise computes
-exactly the unsplit model's gradients.
+(``fedfm.sharing.split.client`` and ``.server``). In a simulation both parts run in one process
+and one autograd pass; the cut is an autograd function whose forward is the client → server
+message and whose backward is the server → client message, so the compression, the noise, the
+bytes and the validation are those of a real exchange. A split with no compression and no noise
+computes exactly the unsplit model's gradients.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def check_split(cfg) -> None:
     if not engine_traits(cfg).in_process:
         raise ValueError(
             f"{who} is simulated in-process (run.engine = 'inprocess') or deployed with "
-            "`fedfm server` (the per-batch exchange over gRPC, fedfm.deploy.split)"
+            "`fedfm server` (the per-batch exchange over gRPC, fedfm.sharing.split.server)"
         )
     if dp_mode(cfg).active or cfg.secagg.enabled:
         raise ValueError(
