@@ -69,7 +69,7 @@ def test_the_round_returns_a_new_state_and_leaves_the_given_one_alone(tiny_confi
     run = Run(cfg, tmp_path / "r", progress=False)
     before = run.state
     theta = {k: v.clone() for k, v in before.params.items()}
-    rnd = run.server_round(1, [0, 1, 2, 3])
+    rnd = run.server_round(run.state, 1, [0, 1, 2, 3])
     results = run.engine.run_cohort(before.params, rnd.cohort, RoundContext(1, 0))
     after, record = apply_round(before, results, rnd, run.strategy)
     assert after is not before and after.round == 1 and before.round == 0

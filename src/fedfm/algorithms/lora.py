@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 from fedfm.types import Params
 
 A_TAG, B_TAG = "lora_A", "lora_B"
@@ -190,7 +190,11 @@ LORA_AGGREGATION.register("stack")(LoraMode(ProductStack, merges_into_base=True)
 
 
 def aggregate_lora(
-    updates: Iterable[tuple[Params, float]], global_params: Params, mode: str | LoraMode, rank: int
+    updates: Iterable[tuple[Params, float]],
+    global_params: Params,
+    mode: str | LoraMode,
+    rank: int,
+    options: dict | None = None,
 ) -> Params:
     """Aggregate delta over (possibly rank-truncated) client deltas, LoRA pairs by ``mode``.
 
@@ -199,13 +203,14 @@ def aggregate_lora(
     of the padded factors; ``exact``: weighted mean of the products, re-factorised to ``rank`` by
     SVD; ``stack``: ``PREFIX#product`` holds the weighted mean product Σ w_k B_k A_k / Σ w_k at full
     (stacked) rank, for the caller to merge into the base weights, FLoRA). Other tensors: weighted
-    mean of deltas. Returns new − global, so the server optimizer steps with it like any aggregate
+    mean of deltas. ``options``: the mode's own (keyword arguments of its accumulator). Returns
+    new − global, so the server optimizer steps with it like any aggregate
     (FedAvg lands exactly).
     """
     mode = LORA_AGGREGATION.get(mode) if isinstance(mode, str) else mode
     pairs = lora_pairs(global_params)
     paired = {k for ab in pairs.values() for k in ab}
-    combined = {prefix: mode.combine() for prefix in pairs}
+    combined = {prefix: mode.combine(**(options or {})) for prefix in pairs}
     sums: dict[str, torch.Tensor] = {}
     total = 0.0
     for delta, weight in updates:
@@ -233,13 +238,13 @@ def aggregation_rule(strategy, rank_tiers, rank: int, aggregator):
     """(updates, θ) → aggregate delta: LoRA-aware when the mode (or rank tiers) asks for it, else
     the configured aggregator over (delta, weight) pairs."""
     mode = LORA_AGGREGATION.get(strategy.lora_aggregation)
-    if mode.lora_aware or rank_tiers:
-        return functools.partial(_lora_rule, mode, rank)
+    if mode.lora_aware or rank_tiers:  # the accumulator's keyword-only parameters are its options
+        return functools.partial(_lora_rule, mode, rank, bind_options(mode.combine, strategy))
     return functools.partial(_plain_rule, aggregator)
 
 
-def _lora_rule(mode: LoraMode, rank: int, updates, params):
-    return aggregate_lora(updates, params, mode, rank)
+def _lora_rule(mode: LoraMode, rank: int, options: dict, updates, params):
+    return aggregate_lora(updates, params, mode, rank, options)
 
 
 def _plain_rule(aggregator, updates, params):

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 from fedfm.types import Params
 
 HEAD = re.compile(r"(^|\.)(classifier|score)(\.|$)")  # sequence classifiers' heads (BERT, Llama, ViT)
@@ -79,6 +81,20 @@ class PersonalMethod:
         """Whether a client trains in two phases (head then body; global then personal adapter)."""
         return self.head_first or self.own_copy
 
+    def bound(self, options: Mapping[str, Any]) -> PersonalMethod:
+        """This method with its options (keyword-only parameters of ``parts``) set."""
+        return replace(self, parts=partial(self.parts, **options)) if options else self
+
+
+def method_options(section) -> dict[str, Any]:
+    """The chosen method's options as ``[personalization]`` sets them."""
+    return bind_options(PERSONAL_METHODS.get(section.method).parts, section)
+
+
+def personal_method(section) -> PersonalMethod:
+    """The method ``[personalization]`` chooses, with its options."""
+    return PERSONAL_METHODS.get(section.method).bound(method_options(section))
+
 
 PERSONAL_METHODS: Registry[PersonalMethod] = Registry("personalization method")
 PERSONAL_PARTS = PERSONAL_METHODS  # the name from before methods carried their capabilities
@@ -101,10 +117,11 @@ class PersonalSpec:
     personal_steps: int | None = None  # ditto: steps of the personal adapter (default: the local steps)
     clusters: int = 0  # ifca: the number of cluster models (0: not clustered)
     cluster_examples: int = 64  # ifca: training rows a client scores each cluster model on
+    options: tuple = ()  # the method's own options, (name, value) pairs
 
     @property
     def kind(self) -> PersonalMethod:
-        return PERSONAL_METHODS.get(self.method)
+        return PERSONAL_METHODS.get(self.method).bound(dict(self.options))
 
     @property
     def is_personal(self) -> Callable[[str], bool]:

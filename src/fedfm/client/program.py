@@ -25,6 +25,7 @@ from fedfm.algorithms.personal import (
     PersonalSpec,
     client_start,
     kept_personal,
+    method_options,
     personal_keys,
 )
 from fedfm.client.costs import CostMeter
@@ -344,8 +345,9 @@ class ClientProgram:
         personal = None
         if p.method != "none":
             k = p.clusters if PERSONAL_METHODS.get(p.method).clustered else 0
+            options = tuple(method_options(p).items())
             personal = PersonalSpec(
-                p.method, p.head_steps, p.ditto_lambda, p.personal_steps, k, p.cluster_examples
+                p.method, p.head_steps, p.ditto_lambda, p.personal_steps, k, p.cluster_examples, options
             )
         return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg), personal)
 

@@ -350,7 +350,7 @@ def serve(
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
     if cfg.sharing.mode == "offsite" and cfg.offsite.distill_steps:  # clients fetch the distilled middle
-        coord.model_weights = distilled_emulator(run)
+        coord.model_weights = distilled_emulator(run.bundle, cfg)
         note(f"distilled emulator to ship: {len(coord.model_weights[1]) / 1e6:.1f} MB")
     if cfg.sharing.mode == "split":  # the server's part of every client's per-batch exchange
         from fedfm.sharing.split.server import SplitServer
@@ -417,14 +417,14 @@ def check_client_view(cfg) -> None:
         raise DeployError(f"the clients' view of this config does not validate: {err}") from err
 
 
-def distilled_emulator(run) -> tuple[dict, bytes]:
+def distilled_emulator(bundle, cfg) -> tuple[dict, bytes]:
     """The GetModel message of an offsite run with distillation: the distilled middle layers
     (``fedfm.sharing.offsite.emulator_weights``) and their SHA-256."""
     import hashlib
 
     from fedfm.sharing.offsite import emulator_weights
 
-    blob = pack_tensors({"e": emulator_weights(run.bundle, run.cfg)})
+    blob = pack_tensors({"e": emulator_weights(bundle, cfg)})
     return {"kind": "offsite-emulator", "sha256": hashlib.sha256(blob).hexdigest()}, blob
 
 

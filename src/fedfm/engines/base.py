@@ -50,8 +50,9 @@ class Engine(Protocol):
 class EngineSetup:
     """What an engine is built from: this process's model bundle and task, every client's job,
     the client program, a picklable way to build the bundle again (a worker process builds its
-    own), the engine's own config section (``ray`` for the Ray engine; None if it has none), and
-    the ``batched`` section for engines that train clients in groups."""
+    own), the engine's own config section (``ray`` for the Ray engine; otherwise ``[run]``, where
+    the options of an engine registered with ``options=`` join), and the ``batched`` section for
+    engines that train clients in groups."""
 
     bundle: Any
     task: Any

@@ -120,7 +120,7 @@ def build_classifier(
     _quiet_transformers()
     from transformers import AutoModelForSequenceClassification
 
-    source = resolve_model(model_cfg.name)
+    source = resolve_model(model_cfg.name, model_cfg)
     tokenizer = load_tokenizer(source, model_cfg.name)
     seed_torch(seed, "model-init")
     model = load_labelled(AutoModelForSequenceClassification, source, model_cfg, label_names)
@@ -171,7 +171,7 @@ def build_causal_lm(
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = resolve_model(model_cfg.name)
+    source = resolve_model(model_cfg.name, model_cfg)
     tokenizer = load_tokenizer(source, model_cfg.name)
     if not getattr(tokenizer, "chat_template", None):  # base models (GPT-2, ...): a plain template
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE

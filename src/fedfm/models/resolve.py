@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedfm.data.sources import DataError, package_folder
-from fedfm.registry import Registry
+from fedfm.registry import Registry, bind_options
 
 MODELS: Registry[Callable[[], str]] = Registry("model")
 
@@ -37,11 +37,13 @@ def _smollm2() -> str:
     return str(cached_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"))
 
 
-def resolve_model(name: str) -> str:
-    """A path or hub id that ``from_pretrained`` accepts."""
+def resolve_model(name: str, section=None) -> str:
+    """A path or hub id that ``from_pretrained`` accepts. A registered model's keyword-only
+    parameters are its options, read from ``section`` (the ``[model]`` section) when given."""
     if name in MODELS:
+        factory = MODELS.get(name)
         try:
-            return MODELS.get(name)()
+            return factory(**(bind_options(factory, section) if section is not None else {}))
         except DataError as err:
             raise ModelError(f"model {name!r}: {err}") from None
     if Path(name).expanduser().is_dir():  # absolute: an exported adapter names it from anywhere

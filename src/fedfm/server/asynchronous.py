@@ -30,11 +30,16 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from fedfm.algorithms.staleness import staleness_weight
+from fedfm.config import RunConfig
+from fedfm.engines.base import Engine
 from fedfm.seeding import numpy_rng
-from fedfm.server.round import apply_round, round_context
+from fedfm.server.checkpoint import ServerState
+from fedfm.server.round import ServerRound, Strategy, apply_round, round_context
+from fedfm.server.systems import SystemsClock
 from fedfm.server.tally import payload_nbytes
 from fedfm.transforms.compression import serialized_nbytes
 from fedfm.types import ClientResult, payload_from_wire
@@ -84,14 +89,30 @@ def with_staleness(result: ClientResult, tau: int) -> ClientResult:
     )
 
 
-class FedBuff:
-    """The asynchronous driver of a ``fedfm.server.driver.Run``: ``step(t, bar)`` fills a buffer and applies
-    it (one server step); ``state()`` is what the checkpoint keeps."""
+@dataclass(frozen=True)
+class AsyncParts:
+    """What FedBuff reads of a run: its config, the virtual clock, the cohort size (the default
+    concurrency), the engine, the strategy, and ``server_round(state, t, cohort,
+    on_client)``, the ``ServerRound`` of a task or step on a given server state."""
 
-    def __init__(self, run) -> None:
-        self.run, self.cfg, self.clock = run, run.cfg.fedbuff, run.clock
-        self.concurrency = self.cfg.concurrency or run.cohort
-        saved = run.state.clock
+    cfg: RunConfig
+    clock: SystemsClock
+    cohort: int
+    engine: Engine
+    strategy: Strategy  # its pipeline builds each task's context
+    server_round: Callable[..., ServerRound]
+
+
+class FedBuff:
+    """The asynchronous driver of a run: ``step(state, t, bar)`` fills a buffer and applies it (one
+    server step) to the server state it is given, and returns the new one; ``state()`` is what the
+    checkpoint keeps. Between steps it trains clients on the last state it returned."""
+
+    def __init__(self, parts: AsyncParts, state: ServerState) -> None:
+        self.parts, self.cfg, self.clock = parts, parts.cfg.fedbuff, parts.clock
+        self.server = state  # the current version: what dispatched clients train on
+        self.concurrency = self.cfg.concurrency or parts.cohort
+        saved = state.clock
         self.seq = int(saved.get("seq", 0))  # orders the heap of updates in flight
         self.dispatches = int(saved.get("dispatches", 0))
         self.in_flight = [
@@ -150,7 +171,7 @@ class FedBuff:
 
     def _pick(self, eligible: list[int], size: int) -> list[int]:
         """``size`` of ``eligible``, uniformly, from the run seed and the dispatch count."""
-        rng = numpy_rng(self.run.cfg.run.seed, "fedbuff", self.dispatches)
+        rng = numpy_rng(self.parts.cfg.run.seed, "fedbuff", self.dispatches)
         self.dispatches += 1
         return sorted(int(c) for c in rng.choice(eligible, size=size, replace=False))
 
@@ -158,12 +179,12 @@ class FedBuff:
         """Train ``picks`` now on the current version (the context of round ``task_round``) and put
         each update in flight until its virtual delivery, or until its client goes offline (its work
         lost); → (the ServerRound the context came from, the clients that failed)."""
-        run, version, start = self.run, self.run.state.round, self.clock.time
-        rnd = run.server_round(task_round, picks)
-        ctx = round_context(rnd, run.pipeline)
+        run, version, start = self.parts, self.server.round, self.clock.time
+        rnd = run.server_round(self.server, task_round, picks)
+        ctx = round_context(rnd, run.strategy.pipeline)
         down = {c: serialized_nbytes(rnd.sent(c)) for c in picks}
         failed = []
-        for result in run.engine.run_cohort(run.state.params, picks, ctx):
+        for result in run.engine.run_cohort(self.server.params, picks, ctx):
             c = result.client_id
             if result.failure is not None:
                 failed.append(result)
@@ -171,7 +192,7 @@ class FedBuff:
             steps = float(result.update.metrics.get("steps", 0.0))
             done = self.clock.arrival(c, start, steps, down[c], payload_nbytes(result.update)).finish
             if done is None:  # it goes offline first: its slot frees then
-                done, result = run.clock.profiles[c].availability.online_until(start), None
+                done, result = self.clock.profiles[c].availability.online_until(start), None
             heapq.heappush(self.in_flight, InFlight(done, self._next_seq(), c, version, start, result, wave))
         return rnd, failed
 
@@ -182,7 +203,7 @@ class FedBuff:
             return
         picks = self._pick(eligible, min(free, len(eligible)))
         # the context a synchronous round v + 1 would give (FedBuff at zero staleness is FedAvg)
-        _, failed = self._launch(picks, self.run.state.round + 1)
+        _, failed = self._launch(picks, self.server.round + 1)
         self.events["failed"] += [result.failure.as_dict() for result in failed]
 
     def _next_online(self) -> float:
@@ -234,7 +255,7 @@ class FedBuff:
     def _admit(self, f: InFlight, result: ClientResult) -> None:
         """A delivery joins the buffer with the staleness the server counts, unless it is staler
         than ``max_staleness`` (rejected, with the reason)."""
-        tau = self.run.state.round - f.version
+        tau = self.server.round - f.version
         if self.cfg.max_staleness is not None and tau > self.cfg.max_staleness:
             why = f"stale: trained on version {f.version}, {tau} server steps old"
             limit = f"fedbuff.max_staleness = {self.cfg.max_staleness}"
@@ -242,25 +263,25 @@ class FedBuff:
             return
         self.buffer.append((f.version, with_staleness(result, tau)))
 
-    def step(self, t: int, bar) -> tuple:
-        """Server step ``t``: fill the buffer, apply it; → (the new server state, the record)."""
-        run = self.run
-        start = self.clock.time
+    def step(self, state: ServerState, t: int, bar) -> tuple:
+        """Server step ``t`` on ``state``: fill the buffer, apply it; → (the new server state, the
+        record)."""
+        self.server, start = state, self.clock.time
         self.fill()
         taken, self.buffer = self.buffer[: self.cfg.buffer_size], self.buffer[self.cfg.buffer_size :]
         cohort = [r.client_id for _, r in taken]
-        rnd = run.server_round(t, cohort, bar.start_round(t, len(cohort)))
+        rnd = self.parts.server_round(state, t, cohort, bar.start_round(t, len(cohort)))
         cfg = self.cfg
         rnd.staleness = lambda tau: staleness_weight(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
-        state, record = apply_round(run.state, [r for _, r in taken], rnd, run.strategy)
-        return self._settle(state, record, rnd, [run.state.round - v for v, _ in taken], start)
+        new, record = apply_round(state, [r for _, r in taken], rnd, self.parts.strategy)
+        return self._settle(new, record, rnd, [state.round - v for v, _ in taken], start)
 
     def _settle(
         self, state, record: dict, rnd, taus: list[int], start: float, mean: float | None = None
     ) -> dict:
         """The new state and the step's record: the events since the last step (failures,
         dropouts, stale updates), the staleness (``mean``: its mean, when not that of ``taus``),
-        the clock. The driver takes the new state (``Run.fedbuff_step``)."""
+        the clock. Later dispatches train on the new state; the driver takes it too."""
         events, self.events = self.events, {"failed": [], "dropped": [], "rejected": []}
         record.update(
             failed=[*events["failed"], *record["failed"]],
@@ -274,6 +295,7 @@ class FedBuff:
             **self.clock.totals,
         )
         self.client_records = rnd.tally.client_records
+        self.server = state
         return state, record
 
 
@@ -287,9 +309,9 @@ class RemoteFedBuff(FedBuff):
     timeout has its task withdrawn (a late reply is refused) and fails with the reason. Tasks in
     flight when a server is killed are not resumed (their clients get new ones after the restart)."""
 
-    def __init__(self, run) -> None:
-        super().__init__(run)
-        self.engine, self.timeout_s = run.engine, run.engine.round_timeout_s
+    def __init__(self, parts: AsyncParts, state: ServerState) -> None:
+        super().__init__(parts, state)
+        self.engine, self.timeout_s = parts.engine, parts.engine.round_timeout_s
         self.in_flight = []  # the tasks of a server that was killed died with it
         self.t0 = time.monotonic() - self.clock.time
 
@@ -304,11 +326,11 @@ class RemoteFedBuff(FedBuff):
         if not eligible:
             return
         picks = self._pick(eligible, min(free, len(eligible)))
-        run, now = self.run, self._now()
-        rnd = run.server_round(self.dispatches, picks)  # a task number no other task has: its seeds
-        self.engine.post_each(run.state.params, picks, round_context(rnd, run.pipeline))
+        now, server = self._now(), self.server
+        rnd = self.parts.server_round(server, self.dispatches, picks)  # a task number no other has: its seeds
+        self.engine.post_each(server.params, picks, round_context(rnd, self.parts.strategy.pipeline))
         for c in picks:
-            self.in_flight.append(InFlight(now + self.timeout_s, self._next_seq(), c, run.state.round, now))
+            self.in_flight.append(InFlight(now + self.timeout_s, self._next_seq(), c, server.round, now))
 
     def fill(self) -> None:
         while len(self.buffer) < self.cfg.buffer_size:
@@ -363,8 +385,8 @@ class SecureFedBuff(FedBuff):
     ``max_staleness`` is rejected whole. The checkpoint keeps the clock but not the waves in
     flight (their protocol state is the clients'): a resumed run dispatches new waves."""
 
-    def __init__(self, run) -> None:
-        super().__init__(run)
+    def __init__(self, parts: AsyncParts, state: ServerState) -> None:
+        super().__init__(parts, state)
         self.in_flight = []
         self.waves: dict[int, Wave] = {}
         self.ready: list[int] = []
@@ -378,7 +400,7 @@ class SecureFedBuff(FedBuff):
             eligible = self._eligible()
             if len(eligible) < k:
                 return
-            picks, version = self._pick(eligible, k), self.run.state.round
+            picks, version = self._pick(eligible, k), self.server.round
             wave_id = self._next_seq()
             rnd, failed = self._launch(picks, self.dispatches, wave_id)  # its own keys, graph and seeds
             wave = self.waves[wave_id] = Wave(
@@ -409,12 +431,12 @@ class SecureFedBuff(FedBuff):
             if not wave.pending:
                 self.ready.append(f.wave)
 
-    def step(self, t: int, bar) -> tuple:
-        run, start = self.run, self.clock.time
+    def step(self, state: ServerState, t: int, bar) -> tuple:
+        self.server, start = state, self.clock.time
         while True:
             self.fill()
             wave = self.waves.pop(self.ready.pop(0))
-            tau = run.state.round - wave.version
+            tau = state.round - wave.version
             if self.cfg.max_staleness is None or tau <= self.cfg.max_staleness:
                 break
             why = f"stale: its wave trained on version {wave.version}, {tau} server steps old"
@@ -424,6 +446,6 @@ class SecureFedBuff(FedBuff):
         rnd, cfg = wave.rnd, self.cfg
         rnd.t, rnd.tau, rnd.on_client = t, tau, bar.start_round(t, len(rnd.cohort))
         rnd.staleness = lambda x: staleness_weight(x, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
-        state, record = apply_round(run.state, wave.results, rnd, run.strategy)
+        new, record = apply_round(state, wave.results, rnd, self.parts.strategy)
         record["secagg"] = rnd.secure.report()
-        return self._settle(state, record, rnd, [tau] * len(rnd.tally.accepted), start, mean=float(tau))
+        return self._settle(new, record, rnd, [tau] * len(rnd.tally.accepted), start, mean=float(tau))

@@ -123,7 +123,7 @@ class Run:
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.jobs = client_jobs(self.data, cfg.peft)
         builder = BundleBuilder.of(client_cfg, self.data.train.label_names)
-        options = getattr(cfg, traits.section) if traits.section else None
+        options = getattr(cfg, traits.section) if traits.section else cfg.run  # [run]: a plug-in's options
         setup = EngineSetup(self.bundle, self.task, self.jobs, program, builder, options, cfg.batched)
         self.engine = make_engine(setup)
         if getattr(self.engine, "summary", None):
@@ -167,12 +167,16 @@ class Run:
 
             self.trackers = Trackers(cfg, run_dir, None if self.fresh else self.state.round)
         if cfg.run.mode == "async":
-            from fedfm.server.asynchronous import FedBuff, RemoteFedBuff, SecureFedBuff
+            from fedfm.server.asynchronous import AsyncParts, FedBuff, RemoteFedBuff, SecureFedBuff
 
             driver = RemoteFedBuff if self.remote else SecureFedBuff if cfg.secagg.enabled else FedBuff
-            self.fedbuff = driver(self)
+            parts = AsyncParts(cfg, self.clock, self.cohort, self.engine, self.strategy, self.server_round)
+            self.fedbuff = driver(parts, self.state)
         if sharing.prepare_run is not None:  # offsite: distil the emulator (again, when resuming)
-            sharing.prepare_run(self)
+            held_out = self.data.test.texts
+            record = sharing.prepare_run(cfg, self.bundle, self.server_model, held_out, self.console)
+            if record is not None and self.fresh:
+                self.metrics.write(record)
         if self.fresh:
             if sharing.describe is not None:
                 self._describe_sharing(sharing.describe(cfg))
@@ -354,8 +358,8 @@ class Run:
             return poisson_cohort(n, self.cohort / n, seed, t, rng)
         return sample_cohort(n, self.cohort, seed, t, rng)
 
-    def server_round(self, t: int, cohort: list[int], on_client=lambda: None) -> ServerRound:
-        s = self.state
+    def server_round(self, s: ServerState, t: int, cohort: list[int], on_client=lambda: None) -> ServerRound:
+        """The inputs of round (or FedBuff task) ``t`` of ``cohort`` on server state ``s``."""
         return ServerRound(
             t, cohort, self.cfg.run.seed, s.params, s.server_control, self.reference, self.max_examples,
             self.privacy, s.privacy, self.engine, on_client,
@@ -365,7 +369,7 @@ class Run:
         start = time.perf_counter()
         clock = self.clock
         cohort = self.sample(t)
-        rnd = self.server_round(t, cohort, bar.start_round(t, len(cohort)))
+        rnd = self.server_round(self.state, t, cohort, bar.start_round(t, len(cohort)))
         ctx = round_context(rnd, self.pipeline)
         results = self.engine.run_cohort(self.state.params, cohort, ctx)
         timing = {}
@@ -391,7 +395,7 @@ class Run:
     def fedbuff_step(self, t: int, bar) -> dict:
         """Server step ``t`` of an asynchronous run (``fedfm.server.asynchronous``)."""
         start = time.perf_counter()
-        self.state, record = self.fedbuff.step(t, bar)
+        self.state, record = self.fedbuff.step(self.state, t, bar)
         record["round_s"] = time.perf_counter() - start
         return self._round_done(t, "step", record, self.fedbuff.client_records)
 

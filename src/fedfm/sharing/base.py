@@ -16,9 +16,9 @@ class SharingMode:
     describe: Callable | None = None  # (cfg) → dict recorded in metrics.jsonl ("sharing" event)
     prepare_bundle: Callable | None = None  # (bundle, cfg): after the clients' model is built
     protocol: str | None = None  # the run protocol this mode runs as (transfer: its own loop)
-    prepare_run: Callable | None = (
-        None  # (run): once its models and state are set up (offsite's distillation)
-    )
+    # (cfg, clients' bundle, server model, held-out texts, console) → a record for metrics.jsonl
+    # or None: once the run's models and state are set up (offsite's distillation)
+    prepare_run: Callable | None = None
 
 
 SHARING_MODES: Registry[SharingMode] = Registry("sharing mode")

@@ -245,24 +245,24 @@ def load_emulator_weights(emulator, cfg, weights) -> None:
             own[key].copy_(t)
 
 
-def prepare_run(run) -> None:
-    """Before round 1 (and again on resume, identically): distil the emulator, if asked."""
-    cfg = run.cfg
+def prepare_run(cfg, bundle, server_model, held_out, console) -> dict | None:
+    """Before round 1 (and again on resume, identically): distil the emulator (``bundle``, the
+    clients' model) from the FM (``server_model``) on the distillation texts less ``held_out``
+    (the test texts), if asked; → the distillation's record, or None."""
     if cfg.offsite.distill_steps == 0:
-        return
+        return None
     from fedfm.data.sources import read_texts
 
     texts = read_texts(cfg.offsite.distill_path or cfg.synthetic.path)
-    held = set(run.data.test.texts)
+    held = set(held_out)
     texts = [t for t in dict.fromkeys(texts) if t not in held]
-    with run.console.status(f"distilling the emulator on {len(texts)} texts"):
-        record = distill_emulator(run.bundle, run.server_model.bundle, run.server_model.plan, texts, cfg)
-    run.console.note(
+    with console.status(f"distilling the emulator on {len(texts)} texts"):
+        record = distill_emulator(bundle, server_model.bundle, server_model.plan, texts, cfg)
+    console.note(
         f"emulator distilled: {record['steps']} steps on {len(texts)} texts, MSE "
         f"{record['loss_first']:.4f} → {record['loss_last']:.4f}"
     )
-    if run.fresh:
-        run.metrics.write(record)
+    return record
 
 
 def describe(cfg) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from functools import partial
 
 from fedfm.algorithms.clusters import as_cluster, cluster_index, cluster_update, cluster_view, combine
-from fedfm.algorithms.personal import PERSONAL_METHODS, dense_again, shared_part
+from fedfm.algorithms.personal import PERSONAL_METHODS, dense_again, personal_method, shared_part
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Update
 
@@ -20,8 +20,9 @@ from fedfm.types import Aggregate, ClientResult, Update
 class PersonalParts(Passthrough):
     name = "personal"
 
-    def __init__(self, method: str) -> None:
-        self.method, self.is_personal = method, PERSONAL_METHODS.get(method)
+    def __init__(self, method: str, is_personal=None) -> None:
+        self.method = method
+        self.is_personal = is_personal if is_personal is not None else PERSONAL_METHODS.get(method)
 
     def prepare(self, rnd) -> dict:
         rnd.personal = self.is_personal  # secure aggregation masks only the shared part
@@ -189,4 +190,5 @@ def personal_parts(cfg) -> PersonalParts | Clusters | None:
     p = cfg.personalization
     if p.method == "none":
         return None
-    return Clusters(p.clusters) if PERSONAL_METHODS.get(p.method).clustered else PersonalParts(p.method)
+    method = personal_method(p)
+    return Clusters(p.clusters) if method.clustered else PersonalParts(p.method, method)

@@ -29,7 +29,23 @@ def main(base: dict, out: Path) -> None:
             cfg.setdefault(s, {}).update(v)
         return fedfm.run(cfg, output=out.parent / name, progress=False)
 
-    sgd = {"optimizer": "sgd", "max_grad_norm": None}
+    def run_toml(name, **sections):
+        """A run whose config is read from a TOML file (how a user sets a plug-in's options)."""
+        cfg = {s: dict(v) for s, v in base.items()}
+        for s, v in sections.items():
+            cfg.setdefault(s, {}).update(v)
+        path = out.parent / f"{name}.toml"
+        path.write_text(tomli_w.dumps(cfg))
+        return fedfm.run(fedfm.load_config(path), output=out.parent / name, progress=False)
+
+    def params(result):
+        return load_checkpoint(result.run_dir / "checkpoint").params
+
+    def moved_by(result, keep):
+        after = params(result)
+        return float(sum((after[k] - theta0[k]).abs().sum() for k in after if keep(k)))
+
+    sgd = {"optimizer": "sgd", "max_grad_norm": "null"}
     plain = run("plain", training=sgd)
     start = load_checkpoint(plain.run_dir / "checkpoint")  # after one plain round from θ0
     from fedfm.config import make_config
@@ -41,13 +57,57 @@ def main(base: dict, out: Path) -> None:
     half = run("half", training=sgd, strategy={"server_optimizer": "plugin-half"})
     half_params = load_checkpoint(half.run_dir / "checkpoint").params
     half_error = max(float((half_params[k] - theta0[k] - 0.5 * moved[k]).abs().max()) for k in theta0)
+    quarter = params(
+        run_toml(
+            "quarter", training=sgd, strategy={"server_optimizer": "plugin-half", "plugin_step_scale": 0.25}
+        )
+    )
+    quarter_error = max(float((quarter[k] - theta0[k] - 0.25 * moved[k]).abs().max()) for k in theta0)
     tagged = run("tag", pipeline={"extra": ["plugin-tag"], "plugin_tag_refuse": 2})
     clients = [r for r in read_jsonl(tagged.run_dir / "metrics.jsonl") if r.get("event") == "client"]
     reverse = run("reverse", run={"engine": "plugin-reverse"}, sampling={"fraction": 1.0})
     order = [r["client"] for r in read_jsonl(reverse.run_dir / "metrics.jsonl") if r.get("event") == "client"]
     heavy = run("heavy", partition={"method": "plugin-heavy", "num_clients": 4})
     sizes = [c["num_train"] for c in json.loads((heavy.run_dir / "partition.json").read_text())["clients"]]
+    heavier = run_toml(
+        "heavier", partition={"method": "plugin-heavy", "num_clients": 4, "plugin_rows_each": 2}
+    )
+    heavier_sizes = [
+        c["num_train"] for c in json.loads((heavier.run_dir / "partition.json").read_text())["clients"]
+    ]
+    forward = run_toml("forward", run={**base["run"], "engine": "plugin-reverse", "plugin_reverse": False})
+    forward_order = [
+        r["client"] for r in read_jsonl(forward.run_dir / "metrics.jsonl") if r.get("event") == "client"
+    ]
     top2 = run("top2", task={"kind": "plugin-top2"})
+    top1 = run_toml("top1", task={"kind": "plugin-top2", "plugin_top_k": 1}).history[-1]
+    # a model, a dataset, a LoRA mode, a personalization method, a sharing mode, a protocol and a
+    # payload type, each with its own option read from TOML
+    model_dir = base["model"]["name"]
+    shallow = run_toml("shallow", model={**base["model"], "name": "plugin-shallow", "plugin_base": model_dir})
+    headed = run_toml("head", data={**base["data"], "name": "plugin-head", "plugin_rows": 20})
+    head_rows = sum(
+        c["num_train"] for c in json.loads((headed.run_dir / "partition.json").read_text())["clients"]
+    )
+    plain_rows = sum(
+        c["num_train"] for c in json.loads((plain.run_dir / "partition.json").read_text())["clients"]
+    )
+    lora = {"lora_aggregation": "plugin-scaled"}
+    still = run_toml("lora0", training=sgd, strategy={**lora, "plugin_lora_scale": 0.0})
+    scaled_one = params(run_toml("lora1", training=sgd, strategy={**lora, "plugin_lora_scale": 1.0}))
+    plain_params = params(plain)
+    pattern = run_toml(
+        "pattern", training=sgd, data={**base["data"], "client_test_fraction": 0.25},
+        personalization={"method": "plugin-pattern", "plugin_personal_pattern": "lora_A"},
+    )  # fmt: skip
+    bottom = run_toml("bottom", sharing={"mode": "plugin-bottom", "plugin_keep_layers": 1})
+    stopped = run_toml(
+        "stop", run={**base["run"], "rounds": 3, "protocol": "plugin-stop", "plugin_stop_after": 1}
+    )
+    narrow = run_toml(
+        "narrow", training=sgd, pipeline={"extra": ["plugin-narrow"], "plugin_narrow_dtype": "bfloat16"}
+    )
+    narrow_params = params(narrow)
     # options of plug-ins, from a TOML file: FedDyn's alpha, the count-trimmed mean's count
     every = {"fraction": 1.0}
     toml = out.parent / "feddyn.toml"
@@ -94,6 +154,31 @@ def main(base: dict, out: Path) -> None:
         ),
         "zero_moved": delta(run("zero", strategy={"aggregator": "plugin-zero"}).run_dir, theta0),
         "half_error": half_error,
+        "quarter_error": quarter_error,
+        "heavier_sizes": heavier_sizes,
+        "forward_order": forward_order,
+        "top1_plugin": top1.get("test_top1_accuracy"),
+        "top1_task": top1.get("test_accuracy"),
+        "shallow_layers": sorted(
+            {k.split(".layer.")[1].split(".")[0] for k in params(shallow) if ".layer." in k}
+        ),
+        "plain_layers": sorted({k.split(".layer.")[1].split(".")[0] for k in plain_params if ".layer." in k}),
+        "head_rows": head_rows,
+        "plain_rows": plain_rows,
+        "lora0_lora_moved": moved_by(still, lambda k: "lora_" in k),
+        "lora0_other_moved": moved_by(still, lambda k: "lora_" not in k),
+        "lora1_error": max(float((scaled_one[k] - plain_params[k]).abs().max()) for k in plain_params),
+        "pattern_a_moved": moved_by(pattern, lambda k: "lora_A" in k),
+        "plain_a_moved": moved_by(plain, lambda k: "lora_A" in k),
+        "pattern_b_moved": moved_by(pattern, lambda k: "lora_B" in k),
+        "bottom_layers": sorted(
+            {k.split(".layer.")[1].split(".")[0] for k in params(bottom) if ".layer." in k}
+        ),
+        "stop_rounds": [r["round"] for r in stopped.history],
+        "narrow_bytes_up": narrow.history[-1]["bytes_up"],
+        "plain_bytes_up": plain.history[-1]["bytes_up"],
+        "narrow_error": max(float((narrow_params[k] - plain_params[k]).abs().max()) for k in plain_params),
+        "narrow_moved": delta(narrow.run_dir, theta0),
         "tags": sorted(r.get("plugin_tag") for r in clients),
         "tag_rejected": tagged.history[-1]["rejected"],
         "tag_num_clients": tagged.history[-1]["num_clients"],
