@@ -12,7 +12,8 @@ import fedfm
 from fedfm.config import ConfigError, make_config
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.server.driver import RunFailedError
-from fedfm.sharing.split.mode import CutError, Exchange, roundtrip
+from fedfm.sharing.split.codec import CutError, roundtrip
+from fedfm.sharing.split.mode import Exchange
 from fedfm.sharing.split.payload import client_part, is_server_key, split_update
 from fedfm.tasks.setup import build_bundle
 from fedfm.types import Update

@@ -14,8 +14,7 @@ from fedfm.config import make_config
 from fedfm.deploy.client import split_send
 from fedfm.models.state import get_trainable_state
 from fedfm.sharing.split.client import Link, client_bundle, received_gradient
-from fedfm.sharing.split.codec import decode, encode
-from fedfm.sharing.split.mode import CutError
+from fedfm.sharing.split.codec import CutError, decode, encode
 from fedfm.sharing.split.payload import client_part, split_update
 from fedfm.sharing.split.server import SplitServer
 from fedfm.tasks.setup import build_task, prepare_data

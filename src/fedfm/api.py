@@ -121,7 +121,9 @@ def natural_clients(cfg: RunConfig) -> RunConfig:
     """``partition.method = "natural"`` without ``num_clients``: one client per distinct value of
     ``partition.column`` in the training rows (the number is then written into config.toml)."""
     p = cfg.partition
-    if p.method != "natural" or not p.column or "num_clients" in p.model_fields_set:
+    from fedfm.data.partition import by_column
+
+    if not by_column(p) or not p.column or "num_clients" in p.model_fields_set:
         return cfg
     import warnings
 

@@ -57,7 +57,21 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
     return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}
 
 
-weighted_mean.bounds_influence = False  # every other rule is robust or bounding: one client is bounded
+# capabilities other parts ask: ``linear``, the aggregate is Σ w·Δ / Σ w and can be computed from
+# sums (secure aggregation, client-level DP, LoRA-aware modes); ``bounds_influence``, one client
+# cannot move the aggregate arbitrarily far (robust and bounding rules declare it; a rule that
+# does not is treated as unbounded)
+weighted_mean.linear = True
+
+
+def is_linear(strategy) -> bool:
+    """Whether the configured aggregator is the weighted mean of the updates (computable from sums)."""
+    return bool(getattr(AGGREGATORS.get(strategy.aggregator), "linear", False))
+
+
+def bounds_influence(strategy) -> bool:
+    """Whether the configured aggregator bounds one client's influence on the aggregate."""
+    return bool(getattr(AGGREGATORS.get(strategy.aggregator), "bounds_influence", False))
 
 
 def aggregator_options(strategy) -> dict:

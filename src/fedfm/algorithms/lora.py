@@ -253,16 +253,19 @@ def _plain_rule(aggregator, updates, params):
 
 def check_lora(cfg) -> None:
     """What the LoRA aggregation modes and rank tiers compose with (config validation calls this)."""
+    from fedfm.algorithms.aggregators import is_linear
+    from fedfm.algorithms.server_optimizers import make_server_optimizer
+
     s, mode = cfg.strategy, LORA_AGGREGATION.get(cfg.strategy.lora_aggregation)
     modes = "strategy.lora_aggregation = 'exact'/'stack' and peft.rank_tiers"
     if (mode.lora_aware or cfg.peft.rank_tiers) and cfg.peft.method != "lora":
         raise ValueError(f"{modes} need peft.method = 'lora'")
-    if (mode.lora_aware or cfg.peft.rank_tiers) and s.aggregator != "mean":
+    if (mode.lora_aware or cfg.peft.rank_tiers) and not is_linear(s):
         raise ValueError(
             f"{modes} aggregate with the weighted mean; "
             f"strategy.aggregator = {s.aggregator!r} is not supported with them"
         )
-    if mode.merges_into_base and (s.server_optimizer, s.server_lr, s.server_momentum) != ("sgd", 1, 0):
+    if mode.merges_into_base and not getattr(make_server_optimizer(s), "adds_aggregate", False):
         raise ValueError(
             f"strategy.lora_aggregation = {s.lora_aggregation!r} merges the average into the base "
             "weights (FedAvg): "

@@ -82,6 +82,11 @@ class Objective:
         return self.control_update is not None
 
     @property
+    def plain(self) -> bool:
+        """Local training is plain loss minimisation: no hook, no control variates, no server part."""
+        return self.hook is plain_hook and self.control_update is None and self.server_part is None
+
+    @property
     def state_key(self) -> str:
         """The key of the state it keeps per client (its name: ``"scaffold"`` holds c_k)."""
         return self.name

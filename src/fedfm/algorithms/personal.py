@@ -67,6 +67,7 @@ class PersonalMethod:
     every tensor is personal (local training)."""
 
     parts: Callable[[str], bool] = nothing
+    active: bool = True  # False only for "none": no personalization at all
     head_first: bool = False
     own_copy: bool = False
     clustered: bool = False
@@ -91,6 +92,11 @@ def method_options(section) -> dict[str, Any]:
     return bind_options(PERSONAL_METHODS.get(section.method).parts, section)
 
 
+def personalizes(section) -> bool:
+    """Whether ``[personalization]`` chooses a method (anything but ``none``)."""
+    return PERSONAL_METHODS.get(section.method).active
+
+
 def personal_method(section) -> PersonalMethod:
     """The method ``[personalization]`` chooses, with its options."""
     return PERSONAL_METHODS.get(section.method).bound(method_options(section))
@@ -98,7 +104,7 @@ def personal_method(section) -> PersonalMethod:
 
 PERSONAL_METHODS: Registry[PersonalMethod] = Registry("personalization method")
 PERSONAL_PARTS = PERSONAL_METHODS  # the name from before methods carried their capabilities
-PERSONAL_METHODS.register("none")(PersonalMethod())
+PERSONAL_METHODS.register("none")(PersonalMethod(active=False))
 PERSONAL_METHODS.register("fedsa")(PersonalMethod(lora_b, needs="lora"))
 PERSONAL_METHODS.register("fedper")(PersonalMethod(head, needs="head"))
 PERSONAL_METHODS.register("fedrep")(PersonalMethod(head, head_first=True, needs="head"))

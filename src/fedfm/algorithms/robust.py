@@ -171,6 +171,8 @@ def _bulyan_cohort(byzantine: int = 1, **_) -> int:
     return 4 * byzantine + 3
 
 
+for _rule in (median, trimmed_mean, krum, multi_krum, bulyan, norm_bound, geometric_median):
+    _rule.bounds_influence = True  # robust or bounding: one client's influence is bounded
 krum.min_cohort = multi_krum.min_cohort = _krum_cohort  # n ≥ 2f + 3
 bulyan.min_cohort = _bulyan_cohort  # n ≥ 4f + 3
 

@@ -43,6 +43,16 @@ class ServerOptimizer:
     tau: float = 1e-3
     second_moment: SecondMoment | None = None
 
+    @property
+    def stateful(self) -> bool:
+        """Whether it keeps state across rounds (momentum, moments)."""
+        return self.beta1 != 0 or self.second_moment is not None
+
+    @property
+    def adds_aggregate(self) -> bool:
+        """Whether a step is exactly θ + Δ (FedAvg's server step)."""
+        return not self.stateful and self.lr == 1
+
     def init(self, params: Params) -> ServerState:
         state: ServerState = {"m": {k: torch.zeros_like(v) for k, v in params.items()}}
         if self.second_moment is not None:

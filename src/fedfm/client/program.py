@@ -27,6 +27,7 @@ from fedfm.algorithms.personal import (
     kept_personal,
     method_options,
     personal_keys,
+    personalizes,
 )
 from fedfm.client.costs import CostMeter
 from fedfm.client.steps import (
@@ -343,7 +344,7 @@ class ClientProgram:
     def from_config(cls, cfg) -> ClientProgram:
         p = cfg.personalization
         personal = None
-        if p.method != "none":
+        if personalizes(p):
             k = p.clusters if PERSONAL_METHODS.get(p.method).clustered else 0
             options = tuple(method_options(p).items())
             personal = PersonalSpec(

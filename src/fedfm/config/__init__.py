@@ -152,8 +152,10 @@ class RunConfig(_Section):
                 f"peft.layers does not apply to peft.method = {self.peft.method!r} (only to lora and full); "
                 "leave it unset"
             )
-        if self.partition.method == "natural" and not self.partition.column:
-            raise ValueError("partition.column is required for partition.method = 'natural'")
+        from fedfm.data.partition import by_column
+
+        if by_column(self.partition) and not self.partition.column:
+            raise ValueError(f"partition.column is required for partition.method = {self.partition.method!r}")
         _component_checks(self)
         from fedfm.config.rules import check_systems
 

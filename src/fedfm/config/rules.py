@@ -57,6 +57,10 @@ def check_systems(cfg) -> None:
 
 
 def check_fedbuff(cfg, dp: bool) -> None:
+    from fedfm.algorithms.objectives import make_objective
+    from fedfm.algorithms.personal import personalizes
+    from fedfm.registry import registry_for
+
     why = {
         "privacy.dp": dp
         and "FedBuff's updates arrive when clients finish, not from a sampled cohort: the subsampling "
@@ -65,15 +69,16 @@ def check_fedbuff(cfg, dp: bool) -> None:
         and _concurrency(cfg) < cfg.fedbuff.buffer_size
         and "a secure buffer is a wave of K clients online together, running one masking protocol; "
         "fedbuff.concurrency must leave room for one (concurrency ≥ buffer_size)",
-        "personalization.method": cfg.personalization.method != "none"
+        "personalization.method": personalizes(cfg.personalization)
         and "personal state and cluster choices are per round (use run.mode = 'sync')",
-        "sharing.mode": cfg.sharing.mode != "none"
+        "sharing.mode": registry_for("sharing mode").get(cfg.sharing.mode).changes_model
         and "offsite, split and transfer sharing run in rounds (use run.mode = 'sync')",
-        "strategy.objective": cfg.strategy.objective == "scaffold"
-        and "SCAFFOLD's control variates assume every client corrects towards the same c (stale ones do not)",
-        "attack.kind": cfg.attack.kind != "none"
+        "strategy.objective": make_objective(cfg.strategy).uses_control_variates
+        and "control variates (SCAFFOLD) assume every client corrects towards the same c (stale ones do not)",
+        "attack.kind": registry_for("attack").get(cfg.attack.kind).acts
         and "simulated attackers are drawn per round cohort; FedBuff has no cohort",
-        "run.protocol": cfg.run.protocol != "rounds" and "the one-shot protocols have no rounds to buffer",
+        "run.protocol": not registry_for("protocol").get(cfg.run.protocol).rounds
+        and "the one-shot protocols have no rounds to buffer",
     }
     from fedfm.algorithms.lora import LORA_AGGREGATION
 

@@ -124,6 +124,14 @@ def _natural(labels, groups, cfg, rng) -> list[np.ndarray]:
     return parts
 
 
+_natural.by_column = True  # a capability: clients are the values of partition.column
+
+
+def by_column(section) -> bool:
+    """Whether the configured partitioner makes one client per value of ``partition.column``."""
+    return bool(getattr(PARTITIONERS.get(section.method), "by_column", False))
+
+
 def label_counts(labels: np.ndarray, parts: Sequence[np.ndarray], num_labels: int) -> np.ndarray:
     """A clients × labels matrix of example counts."""
     return np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])

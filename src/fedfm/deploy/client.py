@@ -31,6 +31,7 @@ import numpy as np
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S
+from fedfm.sharing import sharing_mode
 from fedfm.wire import WireError, chunks, context_from, join, pack_tensors, payload_message, unpack_tensors
 
 RETRYABLE = {
@@ -156,10 +157,9 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.data, self.registered = cfg, data, registered
         self.cut = None  # split fine-tuning: the hook that exchanges with the server at the cut
-        if cfg.sharing.mode == "split":  # only the FM's bottom layers are built here
-            from fedfm.sharing.split.client import client_bundle
-
-            self.bundle, self.task, self.cut = client_bundle(cfg, data)
+        remote = sharing_mode(cfg).remote
+        if remote is not None:  # split: only the FM's bottom layers are built here
+            self.bundle, self.task, self.cut = remote.client(cfg, data)
         else:
             self.bundle, self.task = build_task(cfg, data)
         self.program = ClientProgram.from_config(cfg)
@@ -461,7 +461,7 @@ def split_send(stub, metadata, deadline: float, limit: int):
     """``send`` of split fine-tuning's ``Link`` (``fedfm.sharing.split.client``) over the
     ``SplitStep`` RPC; no call outlives ``deadline`` (a ``time.monotonic()`` instant: the round's
     deadline)."""
-    from fedfm.sharing.split.mode import CutError
+    from fedfm.sharing.split.codec import CutError
 
     def send(header: dict, groups: dict):
         blob = pack_tensors(groups)

@@ -29,6 +29,7 @@ from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.auth import DeployError, Roster
 from fedfm.deploy.engine import Coordinator, GrpcEngine
 from fedfm.deploy.view import client_config_toml
+from fedfm.sharing import sharing_mode
 from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
 from fedfm.types import ClientFailure, ClientResult, payload_from_wire
 from fedfm.wire import (
@@ -349,13 +350,13 @@ def serve(
     factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
     coord.label_names = list(run.data.train.label_names)
-    if cfg.sharing.mode == "offsite" and cfg.offsite.distill_steps:  # clients fetch the distilled middle
-        coord.model_weights = distilled_emulator(run.bundle, cfg)
+    sharing = sharing_mode(cfg)
+    shipped = sharing.client_weights(run.bundle, cfg) if sharing.client_weights is not None else None
+    if shipped is not None:  # offsite: clients fetch the distilled middle
+        coord.model_weights = weights_message(shipped)
         note(f"distilled emulator to ship: {len(coord.model_weights[1]) / 1e6:.1f} MB")
-    if cfg.sharing.mode == "split":  # the server's part of every client's per-batch exchange
-        from fedfm.sharing.split.server import SplitServer
-
-        coord.split = SplitServer(cfg, run.bundle, run.task, coord.label_names)
+    if sharing.remote is not None:  # the server's part of every client's per-batch exchange
+        coord.split = sharing.remote.server(cfg, run.bundle, run.task, coord.label_names)
     server, port = start_server(coord, address, security, note)
     page = None
     if dashboard_port is not None:
@@ -417,14 +418,12 @@ def check_client_view(cfg) -> None:
         raise DeployError(f"the clients' view of this config does not validate: {err}") from err
 
 
-def distilled_emulator(bundle, cfg) -> tuple[dict, bytes]:
-    """The GetModel message of an offsite run with distillation: the distilled middle layers
-    (``fedfm.sharing.offsite.emulator_weights``) and their SHA-256."""
+def weights_message(weights) -> tuple[dict, bytes]:
+    """The GetModel message of tensors a sharing mode ships to clients (offsite with distillation:
+    the distilled middle layers) and their SHA-256."""
     import hashlib
 
-    from fedfm.sharing.offsite import emulator_weights
-
-    blob = pack_tensors({"e": emulator_weights(bundle, cfg)})
+    blob = pack_tensors({"e": weights})
     return {"kind": "offsite-emulator", "sha256": hashlib.sha256(blob).hexdigest()}, blob
 
 
@@ -445,19 +444,12 @@ def check_deployable(cfg, security: Security | None = None) -> list[str]:
         raise DeployError("synthetic.mode is for simulations (clients bring their own data in a deployment)")
     if cfg.task.baselines:
         raise DeployError("task.baselines needs every client's data in one place: simulation only")
-    if cfg.sharing.mode == "split":
-        if cfg.strategy.objective != "plain" or cfg.peft.rank_tiers:
-            raise DeployError(
-                "sharing.mode = 'split' over gRPC trains the server's part with the plain objective "
-                "at one rank: set strategy.objective = 'plain' and leave peft.rank_tiers unset"
-            )
-        if cfg.training.count_costs:
-            raise DeployError("training.count_costs measures split fine-tuning in simulation only")
-        if cfg.strategy.lora_aggregation == "stack":
-            raise DeployError(
-                "sharing.mode = 'split' over gRPC: strategy.lora_aggregation = 'stack' merges into the "
-                "base every round, which the server's session copy and the clients' bottoms do not follow"
-            )
+    remote = sharing_mode(cfg).remote
+    if remote is not None and remote.check is not None:
+        try:
+            remote.check(cfg)
+        except ValueError as err:
+            raise DeployError(str(err)) from None
     if cfg.secagg.signatures and (security is None or not security.client_ca):
         raise DeployError(
             "secagg.signatures needs mutual TLS (--client-ca): clients sign with their provisioned "

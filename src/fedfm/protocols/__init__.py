@@ -12,13 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedfm.registry import Registry
+from fedfm.registry import Registry, registry_for
 
 
 @dataclass(frozen=True)
 class Protocol:
+    """``rounds``: it runs the round loop (``fedfm.server.driver``), so what acts on rounds
+    (personalization, computation sharing, the update pipeline) applies to it."""
+
     run: Callable
     check: Callable | None = None
+    rounds: bool = False
 
 
 PROTOCOLS: Registry[Protocol] = Registry("protocol")
@@ -36,15 +40,12 @@ def _fedpft(cfg, run_dir, **options):
     return run_fedpft(cfg, run_dir, **options)
 
 
-FEATURE_TASKS = ("classification", "image_classification")
-
-
 def check_fedpft(cfg) -> None:
     from fedfm.engines.base import engine_traits
     from fedfm.privacy.guarantees import dp_mode
 
     who = "run.protocol = 'fedpft'"
-    if cfg.task.kind not in FEATURE_TASKS:
+    if not registry_for("task").get(cfg.task.kind).features:
         raise ValueError(
             f"{who} fits features of a classifier's backbone; task.kind = {cfg.task.kind!r} has none"
         )
@@ -59,7 +60,7 @@ def check_fedpft(cfg) -> None:
             f"{who}: the mixtures' means and counts describe each client's data and are not "
             "differentially private or securely aggregated; turn privacy.dp and secagg.enabled off"
         )
-    if cfg.attack.kind != "none":
+    if registry_for("attack").get(cfg.attack.kind).acts:
         raise ValueError(f"{who} has no attack simulation: attack.kind = 'none'")
 
 
@@ -70,10 +71,10 @@ def _transfer(cfg, run_dir, **options):
 
 
 def check_transfer_protocol(cfg) -> None:
-    if cfg.sharing.mode != "transfer":
+    if registry_for("sharing mode").get(cfg.sharing.mode).protocol != "transfer":
         raise ValueError("run.protocol = 'transfer' is set by sharing.mode = 'transfer'; set that instead")
 
 
-PROTOCOLS.register("rounds")(Protocol(_rounds))
+PROTOCOLS.register("rounds")(Protocol(_rounds, rounds=True))
 PROTOCOLS.register("transfer")(Protocol(_transfer, check_transfer_protocol))
 PROTOCOLS.register("fedpft")(Protocol(_fedpft, check_fedpft))

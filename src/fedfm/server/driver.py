@@ -21,6 +21,7 @@ import torch
 from fedfm.algorithms.aggregators import make_aggregator
 from fedfm.algorithms.clusters import stack_clusters
 from fedfm.algorithms.lora import LORA_AGGREGATION, aggregation_rule, truncate_rank
+from fedfm.algorithms.personal import personalizes
 from fedfm.algorithms.sampling import cohort_size, poisson_cohort, sample_cohort
 from fedfm.algorithms.server_optimizers import make_server_optimizer
 from fedfm.client.program import ClientProgram
@@ -208,10 +209,9 @@ class Run:
         fold = self._fold if self.lora_mode.merges_into_base else None
         ranks = [job.rank for job in self.jobs]
         sent = None
-        if cfg.sharing.mode == "split":  # a split client holds, and is sent, only its bottom part
-            from fedfm.sharing.split.payload import client_part
-
-            sent = functools.partial(client_part, cut_layer=cfg.split.cut_layer, u_shaped=cfg.split.u_shaped)
+        held = SHARING_MODES.get(cfg.sharing.mode).held
+        if held is not None:  # a split client holds, and is sent, only its bottom part
+            sent = held(cfg)
         count = functools.partial(traffic, ranks=ranks, num_total=self.bundle.num_total(), sent=sent)
         return Strategy(
             self.pipeline, rule, cfg.strategy.weighting == "uniform", self.server_optimizer, self.objective,
@@ -507,12 +507,12 @@ class Run:
         from fedfm.server.personalization import finetuned_scores, own_params
 
         cfg, params = self.cfg, self.state.params
-        if self.remote or not (cfg.personalization.method != "none" or cfg.personalization.finetune_steps):
+        if self.remote or not (personalizes(cfg.personalization) or cfg.personalization.finetune_steps):
             return
         labels = task_kind(cfg).labels_in_export and cfg.model.init == "pretrained"
         if clustered(cfg):
             self._export_clusters(labels)
-        elif cfg.personalization.method != "none":
+        elif personalizes(cfg.personalization):
             parts = self.parts()
             for k in range(self.data.num_clients):
                 if (parts.client_state(k) or {}).get("personal"):

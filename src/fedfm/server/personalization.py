@@ -12,7 +12,7 @@ clients, so the server scores only the global model.
 
 from __future__ import annotations
 
-from fedfm.algorithms.personal import PERSONAL_PARTS, client_start
+from fedfm.algorithms.personal import PERSONAL_PARTS, client_start, personalizes
 from fedfm.models.state import set_trainable_state
 from fedfm.server.parts import RunParts
 from fedfm.tasks.metrics import summarize
@@ -26,8 +26,9 @@ def task_metric(task_kind: str) -> tuple[str, bool]:
 
 
 def active(cfg) -> bool:
+    """Whether clients are scored on their own data: a personalization method, or fine-tuning."""
     p = cfg.personalization
-    return p.method != "none" or p.finetune_steps > 0
+    return personalizes(p) or p.finetune_steps > 0
 
 
 def clustered(cfg) -> int:
@@ -71,7 +72,7 @@ def own_params(run: RunParts, params, client_id: int):
         from fedfm.algorithms.clusters import cluster_view
 
         return cluster_view(params, client_cluster(run, params, client_id))
-    if run.cfg.personalization.method == "none":
+    if not personalizes(run.cfg.personalization):
         return params
     return client_start(params, (run.client_state(client_id) or {}).get("personal"))
 
@@ -86,7 +87,7 @@ def client_scores(run: RunParts, params) -> dict:
     out = {}
     global_view = server_params(run.cfg, params, run.cluster_sizes)
     own = {"global": lambda k: global_view}
-    if run.cfg.personalization.method != "none":
+    if personalizes(run.cfg.personalization):
         own["personal"] = lambda k: own_params(run, params, k)
     for name, model_of in own.items():
         scores = []

@@ -13,6 +13,6 @@ from __future__ import annotations
 from fedfm.sharing import offsite as _offsite  # noqa: E402,F401  (registration)
 from fedfm.sharing import split as _split  # noqa: E402,F401
 from fedfm.sharing import transfer as _transfer  # noqa: E402,F401
-from fedfm.sharing.base import SHARING_MODES, SharingMode  # noqa: F401
+from fedfm.sharing.base import SHARING_MODES, RemoteHalves, SharingMode, sharing_mode  # noqa: F401
 
-__all__ = ["SHARING_MODES", "SharingMode"]
+__all__ = ["SHARING_MODES", "RemoteHalves", "SharingMode", "sharing_mode"]

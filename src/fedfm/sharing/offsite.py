@@ -23,8 +23,6 @@ from fedfm.models.resolve import ModelError
 from fedfm.sharing.base import SHARING_MODES, SharingMode
 from fedfm.types import Params
 
-OFFSITE_TASKS = ("classification", "instruction")
-
 
 @dataclass(frozen=True)
 class EmulatorPlan:
@@ -278,13 +276,11 @@ def describe(cfg) -> dict:
 def check_offsite(cfg) -> None:
     from fedfm.algorithms.lora import LORA_AGGREGATION
     from fedfm.engines.base import engine_traits
+    from fedfm.registry import registry_for
 
     who = "sharing.mode = 'offsite'"
-    if cfg.task.kind not in OFFSITE_TASKS:
-        raise ValueError(
-            f"{who} thins a transformer's layer stack; task.kind = {cfg.task.kind!r} is not one of "
-            f"{', '.join(OFFSITE_TASKS)}"
-        )
+    if not registry_for("task").get(cfg.task.kind).layer_stack:
+        raise ValueError(f"{who} thins a transformer's layer stack; task.kind = {cfg.task.kind!r} has none")
     if cfg.peft.method not in ("lora", "full"):
         raise ValueError(
             f"{who} tunes the adapter layers with LoRA, or every weight of them with 'full'; "
@@ -303,7 +299,7 @@ def check_offsite(cfg) -> None:
             f"{who}: strategy.lora_aggregation = {cfg.strategy.lora_aggregation!r} merges updates into "
             "the clients' base, the emulator, which the server's FM does not share"
         )
-    if cfg.run.protocol != "rounds":
+    if not registry_for("protocol").get(cfg.run.protocol).rounds:
         raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
     if cfg.offsite.distill_steps:
         if not (cfg.offsite.distill_path or cfg.synthetic.path):
@@ -323,6 +319,19 @@ def check_offsite(cfg) -> None:
     emulator_plan(num_layers, cfg.offsite.adapter_layers, cfg.offsite.emulator_layers)  # names the field
 
 
+def shipped_emulator(bundle, cfg):
+    """What a deployed client fetches beside the global state: the distilled middle layers, when
+    the emulator is distilled (``offsite.distill_steps``); else None."""
+    return emulator_weights(bundle, cfg) if cfg.offsite.distill_steps else None
+
+
 SHARING_MODES.register("offsite")(
-    SharingMode(emulator_config, server_model, check_offsite, describe, prepare_run=prepare_run)
+    SharingMode(
+        emulator_config,
+        server_model,
+        check_offsite,
+        describe,
+        prepare_run=prepare_run,
+        client_weights=shipped_emulator,
+    )  # fmt: skip
 )

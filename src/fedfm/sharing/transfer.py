@@ -13,12 +13,18 @@ from fedfm.sharing.base import SHARING_MODES, SharingMode
 
 
 def check_transfer(cfg) -> None:
+    from fedfm.data.synthetic import synthetic_mode
     from fedfm.engines.base import engine_traits
     from fedfm.privacy.guarantees import dp_mode
+    from fedfm.registry import registry_for
+    from fedfm.transforms.compression import compresses
 
     who = "sharing.mode = 'transfer'"
-    if cfg.task.kind != "classification":
-        raise ValueError(f"{who} distils class logits; task.kind = {cfg.task.kind!r} is not 'classification'")
+    kind = registry_for("task").get(cfg.task.kind)
+    if not (kind.has_head and kind.layer_stack):
+        raise ValueError(
+            f"{who} distils class logits of a text classifier; task.kind = {cfg.task.kind!r} is not one"
+        )
     if not (cfg.transfer.path or cfg.synthetic.path):
         raise ValueError(
             f"{who} needs a transfer set: transfer.path (public texts, or `fedfm synth` output), or "
@@ -26,7 +32,7 @@ def check_transfer(cfg) -> None:
         )
     if cfg.peft.method not in ("lora", "head", "full"):
         raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
-    if not engine_traits(cfg).in_process or cfg.run.protocol != "rounds":
+    if not engine_traits(cfg).in_process or not registry_for("protocol").get(cfg.run.protocol).rounds:
         raise ValueError(
             f"{who} runs its own in-process loop: leave run.engine and run.protocol at their defaults"
         )
@@ -35,11 +41,11 @@ def check_transfer(cfg) -> None:
             f"{who}: the clients' logits on the transfer set are neither clipped and noised nor masked; "
             "turn privacy.dp and secagg.enabled off"
         )
-    if cfg.attack.kind != "none" or cfg.compression.method != "none":
+    if registry_for("attack").get(cfg.attack.kind).acts or compresses(cfg):
         raise ValueError(
             f"{who} sends logits, not updates: attack.kind and compression.method must be 'none'"
         )
-    if cfg.task.baselines or cfg.synthetic.mode not in ("none", "warmup"):
+    if cfg.task.baselines or synthetic_mode(cfg).augment or synthetic_mode(cfg).replaces:
         raise ValueError(
             f"{who}: task.baselines and synthetic.mode other than 'warmup' (the FM's warm-up on the "
             "labelled synthetic data before round 1) do not apply: the clients' data is their own"

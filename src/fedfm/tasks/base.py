@@ -17,6 +17,9 @@ class TaskKind:
     ``loss``, ``evaluate``; the task's data); ``evaluator(cfg, data)`` → ``evaluate(bundle,
     task) → dict`` of server metrics (with a ``status`` text); ``columns``: the console's table;
     ``has_head``: its model ends in a classification head (personal heads: FedPer, FedRep);
+    ``layer_stack``: its model is a text transformer whose stack of layers can be cut or thinned
+    (split fine-tuning, offsite tuning); ``features``: a classifier on a backbone's pooled
+    features (FedPFT fits them);
     ``own_metric``: (metric, higher is better) that scores a client on its own held-out data
     (personalization) and a baseline; ``labels_in_export``: whether the exported model records
     ``num_labels`` / ``id2label`` / ``label2id``; ``check(cfg)`` raises ``ValueError`` naming a
@@ -33,6 +36,8 @@ class TaskKind:
     evaluator: Callable
     columns: list = field(default_factory=list)
     has_head: bool = False
+    layer_stack: bool = False
+    features: bool = False
     own_metric: tuple = ("accuracy", True)
     labels_in_export: bool = False
     check: Callable | None = None

@@ -238,7 +238,16 @@ def _register() -> None:
     from fedfm.tasks.base import TASKS, TaskKind
 
     entry = TaskKind(
-        _load, _bundle, _build, _evaluator, COLUMNS, has_head=True, labels_in_export=True, batchable=True
+        _load,
+        _bundle,
+        _build,
+        _evaluator,
+        COLUMNS,
+        has_head=True,
+        labels_in_export=True,
+        batchable=True,
+        layer_stack=True,
+        features=True,
     )
     TASKS.register("classification")(entry)
 

@@ -224,7 +224,9 @@ def _check(cfg) -> None:
             f"peft.method = {cfg.peft.method!r} is for text models; image_classification trains "
             f"{', '.join(IMAGE_PEFT)}"
         )
+    from fedfm.algorithms.lora import LORA_AGGREGATION
     from fedfm.data.synthetic import synthetic_mode
+    from fedfm.privacy.guarantees import dp_mode
 
     if synthetic_mode(cfg).loads:
         raise ValueError("synthetic.mode: synthetic data is text; image_classification has none")
@@ -233,7 +235,7 @@ def _check(cfg) -> None:
             raise ValueError(
                 f"{field} chooses layers of a transformer's stack; image_classification has none"
             )
-    if cfg.model.batch_norm == "aggregated" and cfg.privacy.dp != "none":
+    if cfg.model.batch_norm == "aggregated" and dp_mode(cfg).active:
         raise ValueError(
             f"model.batch_norm = 'aggregated' with privacy.dp = {cfg.privacy.dp!r}: the statistics would "
             "be clipped and noised with the weights (noise can make a variance negative) and their "
@@ -241,12 +243,12 @@ def _check(cfg) -> None:
         )
     if cfg.model.batch_norm == "aggregated":
         _check_aggregated_statistics(cfg)
-    if cfg.peft.method == "lora" and cfg.strategy.lora_aggregation == "stack":
+    if cfg.peft.method == "lora" and LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base:
         raise ValueError(
-            "strategy.lora_aggregation = 'stack' merges LoRA products into linear base weights; an "
-            "image backbone's LoRA adapts convolutions too (use 'naive' or 'exact')"
+            f"strategy.lora_aggregation = {cfg.strategy.lora_aggregation!r} merges LoRA products into "
+            "linear base weights; an image backbone's LoRA adapts convolutions too (use 'naive' or 'exact')"
         )
-    if cfg.model.batch_norm != "frozen" and cfg.privacy.dp == "example":
+    if cfg.model.batch_norm != "frozen" and dp_mode(cfg).example_level:
         raise ValueError(
             f"model.batch_norm = {cfg.model.batch_norm!r} with privacy.dp = 'example': DP-SGD clips "
             "each example's gradient, and BatchNorm in training mode mixes the examples of a batch "
@@ -257,21 +259,25 @@ def _check(cfg) -> None:
 def _check_aggregated_statistics(cfg) -> None:
     """BatchNorm statistics averaged with the payload need the plain weighted mean: every other
     transform or rule would treat them as weights (clip, quantise, sparsify, select)."""
+    from fedfm.algorithms.aggregators import is_linear
+    from fedfm.algorithms.objectives import make_objective
+    from fedfm.transforms.compression import compresses
+
     s, why = (
         cfg.strategy,
         "model.batch_norm = 'aggregated' averages BatchNorm statistics with the weighted mean",
     )
     if cfg.secagg.enabled:
         raise ValueError(f"{why}; secure aggregation's fixed-point range would clip them (secagg.enabled)")
-    if cfg.compression.method != "none":
+    if compresses(cfg):
         raise ValueError(
             f"{why}; compression.method = {cfg.compression.method!r} would quantise or drop them "
             "(a variance could turn negative)"
         )
-    if s.aggregator != "mean":
+    if not is_linear(s):
         raise ValueError(f"{why}; strategy.aggregator = {s.aggregator!r} would select or rescale them")
-    if s.objective == "scaffold":
-        raise ValueError(f"{why}; strategy.objective = 'scaffold' would build control variates for them")
+    if make_objective(s).uses_control_variates:
+        raise ValueError(f"{why}; strategy.objective = {s.objective!r} would build control variates for them")
 
 
 def _check_batched(cfg, who: str) -> None:
@@ -289,7 +295,7 @@ def _register() -> None:
 
     entry = TaskKind(
         _load, _bundle, _build, _evaluator, COLUMNS, has_head=True, labels_in_export=True, check=_check,
-        batchable=True, check_batched=_check_batched,
+        features=True, batchable=True, check_batched=_check_batched,
         # each group applies when its first field is left out: the packaged backbone at 32×32
         defaults=[
             {"model.name": "efficientnet-lite0", "model.image_size": 32}, {"data.name": "fashion-mnist"},

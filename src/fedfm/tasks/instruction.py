@@ -341,7 +341,7 @@ def _register() -> None:
     from fedfm.tasks.base import TASKS, TaskKind
 
     kind = TaskKind(
-        _load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True,
+        _load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True, layer_stack=True,
         own_metric=("perplexity", False),
     )  # fmt: skip
     TASKS.register("instruction")(kind)

@@ -266,6 +266,7 @@ def _check(cfg) -> None:
     from fedfm.attacks import ATTACKS
     from fedfm.data.synthetic import synthetic_mode
     from fedfm.privacy.guarantees import dp_mode
+    from fedfm.registry import registry_for
 
     who = "task.kind = 'preference'"
     if cfg.peft.method in ("head", "full"):
@@ -281,7 +282,7 @@ def _check(cfg) -> None:
         )
     if cfg.model.name == "minilm":
         raise ValueError(f"{who} needs a causal LM (e.g. model.name = 'smollm2-135m')")
-    if synthetic_mode(cfg).loads or cfg.sharing.mode != "none":
+    if synthetic_mode(cfg).loads or registry_for("sharing mode").get(cfg.sharing.mode).changes_model:
         raise ValueError(f"{who}: synthetic.mode and sharing.mode are not built for preference pairs")
     if dp_mode(cfg).example_level:
         raise ValueError(

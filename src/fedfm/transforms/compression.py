@@ -139,13 +139,20 @@ def densify(idx: torch.Tensor, val: torch.Tensor, like: torch.Tensor) -> torch.T
 @dataclass(frozen=True)
 class Codec:
     """A compression method: the client half (delta, settings, generator, residual) → (payload,
-    new residual) and the server half (payload, settings, reference) → dense delta."""
+    new residual) and the server half (payload, settings, reference) → dense delta; ``identity``:
+    the update travels as it is (``none``)."""
 
     encode: Callable[..., tuple[Params, Params | None]]
     decode: Callable[..., Params]
+    identity: bool = False
 
 
 CODECS: Registry[Codec] = Registry("compression method")
+
+
+def compresses(cfg) -> bool:
+    """Whether the configured compression method changes the update (``compression.method``)."""
+    return not CODECS.get(cfg.compression.method).identity
 
 
 def _same_encode(delta: Params, cfg, generator, residual) -> tuple[Params, None]:
@@ -206,7 +213,7 @@ def _random(acc, cfg, generator):
     return random_k(acc, cfg.ratio, generator)
 
 
-CODECS.register("none")(Codec(_same_encode, _same_decode))
+CODECS.register("none")(Codec(_same_encode, _same_decode, identity=True))
 for _name, _dtype in _CASTS.items():
     CODECS.register(_name)(Codec(functools.partial(_cast_encode, _dtype), _cast_decode))
 for _name, _bits in (("q8", 8), ("q4", 4)):
@@ -279,4 +286,4 @@ class Compression(Passthrough):
 
 @transform("compression", 40)
 def compression(cfg) -> Compression | None:
-    return Compression(cfg.compression) if cfg.compression.method != "none" else None
+    return Compression(cfg.compression) if compresses(cfg) else None

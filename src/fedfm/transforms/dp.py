@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fedfm.algorithms.aggregators import EmptyCohortError
+from fedfm.algorithms.aggregators import EmptyCohortError, is_linear
 from fedfm.privacy import dp
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Summed, Update
@@ -95,7 +95,7 @@ def _check(cfg) -> None:
                 "privacy.dp = 'client' bounds each client's influence by C, which example-count weights "
                 "would break: set strategy.weighting = 'uniform'"
             )
-        if s.aggregator != "mean":
+        if not is_linear(s):
             raise ValueError(
                 f"privacy.dp = 'client' is analysed for the noised mean; strategy.aggregator = "
                 f"{s.aggregator!r} has no such guarantee"

@@ -94,8 +94,10 @@ class SecureMasking(Passthrough):
 
 def _check(cfg) -> None:
     """What secure aggregation composes with: the server sees only the sum."""
+    from fedfm.algorithms.aggregators import is_linear
     from fedfm.attacks import ATTACKS
     from fedfm.privacy.guarantees import require_privacy_extra
+    from fedfm.transforms.compression import compresses
     from fedfm.transforms.dp import lora_aware
 
     sa, s = cfg.secagg, cfg.strategy
@@ -103,11 +105,11 @@ def _check(cfg) -> None:
         return
     require_privacy_extra("secagg.enabled")
     why = "the server sees only the sum under secure aggregation"
-    if s.aggregator != "mean":
+    if not is_linear(s):
         raise ValueError(f"secagg needs strategy.aggregator = 'mean' ({why}; robust rules need each update)")
     if lora_aware(cfg):
         raise ValueError("secagg needs strategy.lora_aggregation = 'naive' and no peft.rank_tiers")
-    if cfg.compression.method != "none":
+    if compresses(cfg):
         raise ValueError("secagg quantizes updates itself: set compression.method = 'none'")
     attack = ATTACKS.get(cfg.attack.kind)
     if attack.corrupt is not None or attack.craft is not None:

@@ -12,7 +12,13 @@ from dataclasses import replace
 from functools import partial
 
 from fedfm.algorithms.clusters import as_cluster, cluster_index, cluster_update, cluster_view, combine
-from fedfm.algorithms.personal import PERSONAL_METHODS, dense_again, personal_method, shared_part
+from fedfm.algorithms.personal import (
+    PERSONAL_METHODS,
+    dense_again,
+    personal_method,
+    personalizes,
+    shared_part,
+)
 from fedfm.transforms.base import Passthrough, transform
 from fedfm.types import Aggregate, ClientResult, Update
 
@@ -141,23 +147,28 @@ def _check(cfg) -> None:
             f"{who} with privacy.dp = 'example': its extra local steps (the head's, the personal "
             "adapter's) are not DP-SGD steps; use privacy.dp = 'client'"
         )
-    if cfg.sharing.mode != "none" or cfg.run.protocol != "rounds":
+    changes_model = registry_for("sharing mode").get(cfg.sharing.mode).changes_model
+    if changes_model or not registry_for("protocol").get(cfg.run.protocol).rounds:
         raise ValueError(
             f"{who} runs federated rounds without computation sharing (sharing.mode, run.protocol)"
         )
-    if cfg.peft.rank_tiers or cfg.strategy.lora_aggregation != "naive":
+    if (
+        cfg.peft.rank_tiers
+        or registry_for("LoRA aggregation mode").get(cfg.strategy.lora_aggregation).lora_aware
+    ):
         raise ValueError(f"{who}: peft.rank_tiers and strategy.lora_aggregation must keep their defaults")
 
 
 def _check_ifca(cfg, who: str) -> None:
     from fedfm.algorithms.robust import min_cohort
+    from fedfm.algorithms.server_optimizers import make_server_optimizer
     from fedfm.attacks import ATTACKS
     from fedfm.data.synthetic import synthetic_mode
 
     if cfg.task.baselines:
         raise ValueError(f"{who}: task.baselines compares one global model; turn it off")
     s = cfg.strategy
-    if s.server_optimizer != "sgd" or s.server_momentum:
+    if getattr(make_server_optimizer(s), "stateful", True):
         raise ValueError(
             f"{who}: strategy.server_optimizer = {s.server_optimizer!r} (or server_momentum) keeps state "
             "that would move a cluster nobody picked; use 'sgd' without momentum"
@@ -177,18 +188,18 @@ def _check_ifca(cfg, who: str) -> None:
 
 def _check_all(cfg) -> None:
     p = cfg.personalization
-    if (p.method != "none" or p.finetune_steps) and cfg.data.client_test_fraction == 0:
+    if (personalizes(p) or p.finetune_steps) and cfg.data.client_test_fraction == 0:
         raise ValueError(
             "personalization is scored on each client's own held-out data: set data.client_test_fraction > 0"
         )
-    if p.method != "none":
+    if personalizes(p):
         _check(cfg)
 
 
 @transform("personal", 5, check=_check_all)
 def personal_parts(cfg) -> PersonalParts | Clusters | None:
     p = cfg.personalization
-    if p.method == "none":
+    if not personalizes(p):
         return None
     method = personal_method(p)
     return Clusters(p.clusters) if method.clustered else PersonalParts(p.method, method)

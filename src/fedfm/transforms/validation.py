@@ -88,7 +88,7 @@ UNBOUNDED_WARNING = (
 
 def influence_bound(cfg) -> str | None:
     """What bounds how far one deployed client can move the aggregate (a sentence), or None."""
-    from fedfm.algorithms.aggregators import AGGREGATORS
+    from fedfm.algorithms.aggregators import bounds_influence
     from fedfm.privacy.guarantees import dp_mode
 
     if cfg.validation.max_update_norm is not None:
@@ -97,7 +97,7 @@ def influence_bound(cfg) -> str | None:
         return "client-level DP clips every update"
     if cfg.secagg.enabled:
         return "secure sums outside the range honest inputs can produce are refused"
-    if getattr(AGGREGATORS.get(cfg.strategy.aggregator), "bounds_influence", True):
+    if bounds_influence(cfg.strategy):
         return f"strategy.aggregator = {cfg.strategy.aggregator!r} bounds each client's influence"
     return None
 

@@ -260,6 +260,9 @@ def trim_by_count(updates, *, trim_count: int = 1):
     return unflatten(coordinate_trimmed_mean(x, trim_count), like)
 
 
+trim_by_count.bounds_influence = True  # a capability a deployment asks (one client's influence is bounded)
+
+
 class RoundOptions(BaseModel):
     round_decimals: int = Field(6, ge=0, le=12, description="Decimals plugin-round keeps.")
 
@@ -396,7 +399,7 @@ def _stop_early(cfg, run_dir, **options):
     return PROTOCOLS.get("rounds").run(short, run_dir, **options)
 
 
-PROTOCOLS.register("plugin-stop", options=StopOptions)(Protocol(_stop_early))
+PROTOCOLS.register("plugin-stop", options=StopOptions)(Protocol(_stop_early, rounds=True))
 
 
 @payload

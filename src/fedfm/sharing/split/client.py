@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fedfm.seeding import NoiseSource
-from fedfm.sharing.split.codec import SLACK, activation_limit, decode, encode
-from fedfm.sharing.split.mode import CutError, check_cut_gradient
+from fedfm.sharing.split.codec import SLACK, CutError, activation_limit, check_cut_gradient, decode, encode
 from fedfm.sharing.split.payload import client_part, is_server_key
 from fedfm.wire import WireError
 

@@ -1,17 +1,48 @@
 """Split fine-tuning's cut tensors as they travel: float32, bfloat16, or int8 with a per-row
-absmax scale (the simulation's ``roundtrip``, as real bytes), and the most bytes a cut message may
-carry. Shared by the client half (``client.py``) and the server half (``server.py``)."""
+absmax scale (``roundtrip`` in a simulation; ``encode``/``decode`` as real bytes), the check of a
+received gradient, and the most bytes a cut message may carry. Shared by the in-process cut
+(``mode.py``), the client half (``client.py``) and the server half (``server.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from fedfm.sharing.split.mode import int8_absmax
 from fedfm.types import Params
 from fedfm.wire import WireError
 
 IGNORE = -100  # label of a token that carries no loss
 SLACK = 64 << 10  # bytes a message may carry beyond its tensors (safetensors header)
+
+
+class CutError(ValueError):
+    """What arrived at the cut cannot be used (non-finite, too large)."""
+
+
+def roundtrip(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``t`` as the other side receives it after encoding to ``bits`` per value, and the bytes sent.
+    32: as is; 16: bfloat16; 8: int8 with one absmax scale (float32) per row of the last axis."""
+    if bits == 32:
+        return t, t.numel() * 4
+    if bits == 16:
+        return t.to(torch.bfloat16).to(t.dtype), t.numel() * 2
+    q, scale = int8_absmax(t)
+    rows = t.numel() // max(t.shape[-1], 1)
+    return q.to(t.dtype) * scale, t.numel() + 4 * rows
+
+
+def int8_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float scale per row of the last axis) with t ≈ values · scale."""
+    scale = t.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.clamp(torch.round(t.detach() / scale), -127, 127).to(torch.int8), scale
+
+
+def check_cut_gradient(g: torch.Tensor, max_norm: float | None, what: str) -> None:
+    if not torch.isfinite(g).all():
+        raise CutError(f"{what} is not finite")
+    if max_norm is not None:
+        norm = float(g.norm())
+        if norm > max_norm:
+            raise CutError(f"{what} has norm {norm:.3g} > split.max_cut_grad_norm = {max_norm:g}")
 
 
 def encode(t: torch.Tensor, bits: int) -> Params:

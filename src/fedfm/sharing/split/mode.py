@@ -24,35 +24,17 @@ computes exactly the unsplit model's gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from fedfm.models.resolve import ModelError
 from fedfm.seeding import NoiseSource
-from fedfm.sharing.base import SHARING_MODES, SharingMode
-
-
-class CutError(ValueError):
-    """What arrived at the cut cannot be used (non-finite, too large)."""
-
-
-def roundtrip(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
-    """``t`` as the other side receives it after encoding to ``bits`` per value, and the bytes sent.
-    32: as is; 16: bfloat16; 8: int8 with one absmax scale (float32) per row of the last axis."""
-    if bits == 32:
-        return t, t.numel() * 4
-    if bits == 16:
-        return t.to(torch.bfloat16).to(t.dtype), t.numel() * 2
-    q, scale = int8_absmax(t)
-    rows = t.numel() // max(t.shape[-1], 1)
-    return q.to(t.dtype) * scale, t.numel() + 4 * rows
-
-
-def int8_absmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values, float scale per row of the last axis) with t ≈ values · scale."""
-    scale = t.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-    return torch.clamp(torch.round(t.detach() / scale), -127, 127).to(torch.int8), scale
+from fedfm.sharing.base import SHARING_MODES, RemoteHalves, SharingMode
+from fedfm.sharing.split.codec import check_cut_gradient, roundtrip
+from fedfm.sharing.split.payload import client_part
+from fedfm.transforms.compression import compresses
 
 
 @dataclass
@@ -99,15 +81,6 @@ class Exchange:
             "cut_bytes_down": float(self.bytes_down),
             "cut_messages": float(self.messages),
         }
-
-
-def check_cut_gradient(g: torch.Tensor, max_norm: float | None, what: str) -> None:
-    if not torch.isfinite(g).all():
-        raise CutError(f"{what} is not finite")
-    if max_norm is not None:
-        norm = float(g.norm())
-        if norm > max_norm:
-            raise CutError(f"{what} has norm {norm:.3g} > split.max_cut_grad_norm = {max_norm:g}")
 
 
 class _Cut(torch.autograd.Function):
@@ -231,9 +204,10 @@ def prepare_bundle(bundle, cfg) -> None:
 def check_split(cfg) -> None:
     from fedfm.engines.base import engine_traits
     from fedfm.privacy.guarantees import dp_mode
+    from fedfm.registry import registry_for
 
     who = "sharing.mode = 'split'"
-    if cfg.task.kind not in ("classification", "instruction"):
+    if not registry_for("task").get(cfg.task.kind).layer_stack:
         raise ValueError(f"{who} cuts a transformer's layer stack; task.kind = {cfg.task.kind!r} has none")
     if cfg.peft.method not in ("lora", "full", "head"):
         raise ValueError(f"{who} trains LoRA, the head or every weight; peft.method = {cfg.peft.method!r}")
@@ -248,7 +222,7 @@ def check_split(cfg) -> None:
             "neither client-level DP of the round's update nor secure aggregation covers; turn "
             "privacy.dp and secagg.enabled off (split.activation_noise noises the activations)"
         )
-    if cfg.run.protocol != "rounds":
+    if not registry_for("protocol").get(cfg.run.protocol).rounds:
         raise ValueError(f"{who} runs federated rounds: run.protocol = 'rounds'")
     from fedfm.sharing.offsite import fm_num_layers
 
@@ -261,7 +235,7 @@ def check_split(cfg) -> None:
             f"split.cut_layer = {cfg.split.cut_layer}: the model has {num_layers} layers; the cut must "
             f"leave at least one on each side (1..{num_layers - 1})"
         )
-    if cfg.compression.method != "none" or cfg.attack.kind != "none":
+    if compresses(cfg) or registry_for("attack").get(cfg.attack.kind).acts:
         raise ValueError(
             f"{who}: compression.method and attack.kind act on a whole-model update; the cut has its "
             "own compression (split.activation_bits). Set them to 'none'"
@@ -279,6 +253,37 @@ def describe(cfg) -> dict:
     }
 
 
+def held(cfg):
+    """θ → the part a split client holds and is sent each round: its bottom layers."""
+    return functools.partial(client_part, cut_layer=cfg.split.cut_layer, u_shaped=cfg.split.u_shaped)
+
+
+def _remote_client(cfg, data):
+    from fedfm.sharing.split.client import client_bundle
+
+    return client_bundle(cfg, data)
+
+
+def _remote_server(cfg, bundle, task, label_names):
+    from fedfm.sharing.split.server import SplitServer
+
+    return SplitServer(cfg, bundle, task, label_names)
+
+
+def _remote_check(cfg) -> None:
+    from fedfm.sharing.split.server import check_remote
+
+    check_remote(cfg)
+
+
 SHARING_MODES.register("split")(
-    SharingMode(lambda cfg: cfg, lambda cfg, labels: None, check_split, describe, prepare_bundle)
+    SharingMode(
+        lambda cfg: cfg,
+        lambda cfg, labels: None,
+        check_split,
+        describe,
+        prepare_bundle,
+        held=held,
+        remote=RemoteHalves(_remote_client, _remote_server, _remote_check),
+    )  # fmt: skip
 )

@@ -26,9 +26,9 @@ from dataclasses import replace as dc_replace
 import torch
 
 from fedfm.seeding import seed_torch
-from fedfm.sharing.split.codec import IGNORE, activation_limit, decode, encode
-from fedfm.sharing.split.mode import check_cut_gradient
+from fedfm.sharing.split.codec import IGNORE, activation_limit, check_cut_gradient, decode, encode
 from fedfm.sharing.split.payload import client_part, is_server_key
+from fedfm.tasks.base import task_kind
 from fedfm.types import ClientFailure, ClientResult, Params, SplitUpdate
 from fedfm.wire import WireError, pack_tensors
 
@@ -82,7 +82,7 @@ class SplitServer:
             p.requires_grad_(False)  # only the sessions' own leaves train
         path, stack = layer_list(self.model)
         self.width = int(self.model.config.hidden_size)
-        self.num_labels = len(label_names) if cfg.task.kind == "classification" else None
+        self.num_labels = len(label_names) if task_kind(cfg).has_head else None
         self.vocab = int(self.model.config.vocab_size)
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
         for layer in stack[: self.cut]:
@@ -341,3 +341,25 @@ def _pass_through(layer: torch.nn.Module) -> None:
         return (h, *([None] * form["rest"])) if form["tuple"] else h
 
     layer.forward = forward
+
+
+def check_remote(cfg) -> None:
+    """What the deployed exchange cannot run (``ValueError`` naming the field): the server's
+    session trains its part with the plain objective at one rank, and does not follow a base that
+    changes every round."""
+    from fedfm.algorithms.lora import LORA_AGGREGATION
+    from fedfm.algorithms.objectives import make_objective
+
+    if not make_objective(cfg.strategy).plain or cfg.peft.rank_tiers:
+        raise ValueError(
+            "sharing.mode = 'split' over gRPC trains the server's part with the plain objective "
+            "at one rank: set strategy.objective = 'plain' and leave peft.rank_tiers unset"
+        )
+    if cfg.training.count_costs:
+        raise ValueError("training.count_costs measures split fine-tuning in simulation only")
+    if LORA_AGGREGATION.get(cfg.strategy.lora_aggregation).merges_into_base:
+        raise ValueError(
+            f"sharing.mode = 'split' over gRPC: strategy.lora_aggregation = "
+            f"{cfg.strategy.lora_aggregation!r} merges into the base every round, which the server's "
+            "session copy and the clients' bottoms do not follow"
+        )
