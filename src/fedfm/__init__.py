@@ -11,11 +11,14 @@ fedfm.synthesize(fedfm.SynthSettings(labels=("sport", "tech")), "synth.jsonl")  
 from fedfm.api import run, run_sweep
 from fedfm.config import ConfigError, RunConfig, load_config
 from fedfm.models.resolve import ModelError
+from fedfm.registry import load_components
 from fedfm.server.driver import RunResult
 from fedfm.synthetic.generate import SynthSettings, synthesize
 from fedfm.types import ClientResult, Params, RoundContext, Update
 
 __version__ = "0.1.0"
+
+load_components()  # every built-in component registered, its options in the config sections
 
 __all__ = [
     "ClientResult",

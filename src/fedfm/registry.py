@@ -5,7 +5,9 @@ whose fields all have defaults. Its fields join the config section that names th
 (``[strategy]`` for an aggregator, objective or server optimizer, ``[pipeline]`` for a transform,
 ``[attack]`` for an attack, ...: the section with the ``Registered(kind)`` field), where they
 are validated, documented in the configuration reference and refused with a did-you-mean when
-misspelt, like the built-in fields (``fedfm.config.options.add_options``).
+misspelt, like the built-in fields (``fedfm.config.options.add_options``). A component with many
+settings may instead bring a section of its own: ``register(name, options=Model,
+section="offsite")`` makes ``[offsite]``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-# called as listener(kind, name, options) for every registration that brings options, and for
-# those made before the listener subscribed (the configuration subscribes on import)
-_LISTENERS: list[Callable[[str, str, Any], None]] = []
-_WITH_OPTIONS: list[tuple[str, str, Any]] = []
+# called as listener(kind, name, options, section) for every registration that brings options,
+# and for those made before the listener subscribed (the configuration subscribes on import)
+_LISTENERS: list[Callable[[str, str, Any, str | None], None]] = []
+_WITH_OPTIONS: list[tuple[str, str, Any, str | None]] = []
 
 
-def on_options(listener: Callable[[str, str, Any], None]) -> None:
-    """Call ``listener(kind, name, options)`` for every component registered with options."""
+def on_options(listener: Callable[[str, str, Any, str | None], None]) -> None:
+    """Call ``listener(kind, name, options, section)`` for every component registered with options
+    (``section``: the name of the section they form, or None when they join the naming one)."""
     _LISTENERS.append(listener)
     for entry in list(_WITH_OPTIONS):
         listener(*entry)
@@ -35,15 +38,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str, *, options: Any = None) -> Callable[[T], T]:
+    def register(self, name: str, *, options: Any = None, section: str | None = None) -> Callable[[T], T]:
+        if section is not None and options is None:
+            raise TypeError(f"{self.kind} {name!r}: a section of its own needs its options model")
+
         def decorator(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             if options is not None:
                 _check_options(self.kind, name, options)
                 for listener in _LISTENERS:  # the configuration takes its fields (or refuses them)
-                    listener(self.kind, name, options)
-                _WITH_OPTIONS.append((self.kind, name, options))
+                    listener(self.kind, name, options, section)
+                _WITH_OPTIONS.append((self.kind, name, options, section))
             self._items[name] = item
             return item
 
@@ -122,6 +128,15 @@ _KINDS = {
     "personalization method": ("fedfm.algorithms.personal", "PERSONAL_METHODS"),
     "tracker": ("fedfm.reporting.trackers", "TRACKERS"),
 }
+
+
+def load_components() -> None:
+    """Import every module that registers a kind of component, so that their options have joined
+    the config sections before any config is read (``fedfm/__init__`` calls this)."""
+    import importlib
+
+    for module, _ in _KINDS.values():
+        importlib.import_module(module)
 
 
 def registry_for(kind: str) -> Registry:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from pydantic import BaseModel, Field
 
 from fedfm.registry import Registry, bind_options
 from fedfm.types import Params, RoundContext
@@ -195,7 +196,11 @@ def plain(**_) -> Objective:
     return Objective("plain")
 
 
-@OBJECTIVES.register("fedprox")
+class FedProxOptions(BaseModel):
+    mu: float = Field(0.01, ge=0, description="The proximal weight μ of μ/2·‖w − w_global‖².")
+
+
+@OBJECTIVES.register("fedprox", options=FedProxOptions)
 def fedprox(*, mu: float = 0.01, **_) -> Objective:
     return Objective("fedprox", functools.partial(fedprox_hook, mu))
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from fedfm.registry import Registry, bind_options
 from fedfm.types import Params
 
@@ -107,10 +109,38 @@ PERSONAL_PARTS = PERSONAL_METHODS  # the name from before methods carried their 
 PERSONAL_METHODS.register("none")(PersonalMethod(active=False))
 PERSONAL_METHODS.register("fedsa")(PersonalMethod(lora_b, needs="lora"))
 PERSONAL_METHODS.register("fedper")(PersonalMethod(head, needs="head"))
-PERSONAL_METHODS.register("fedrep")(PersonalMethod(head, head_first=True, needs="head"))
+
+
+class FedRepOptions(BaseModel):
+    head_steps: int = Field(2, ge=1, description="Steps of the head alone (body frozen) each round.")
+
+
+class DittoOptions(BaseModel):
+    ditto_lambda: float = Field(
+        0.1, ge=0, description="λ of λ/2·‖v − w‖², the pull towards the global state."
+    )
+    personal_steps: int | None = Field(
+        None, ge=1, description="Steps of the personal adapter each round; default: the local steps."
+    )
+
+
+class IfcaOptions(BaseModel):
+    clusters: int = Field(2, ge=2, le=32, description="The number of cluster models k.")
+    cluster_examples: int = Field(
+        64, ge=1, description="Training rows a client scores each cluster model on."
+    )
+
+
+PERSONAL_METHODS.register("fedrep", options=FedRepOptions)(
+    PersonalMethod(head, head_first=True, needs="head")
+)
 PERSONAL_METHODS.register("local")(PersonalMethod(everything, sends_nothing=True))
-PERSONAL_METHODS.register("ditto")(PersonalMethod(own_copy=True))  # a second copy, not a part
-PERSONAL_METHODS.register("ifca")(PersonalMethod(clustered=True))  # fedfm.algorithms.clusters
+PERSONAL_METHODS.register("ditto", options=DittoOptions)(
+    PersonalMethod(own_copy=True)
+)  # a second copy, not a part
+PERSONAL_METHODS.register("ifca", options=IfcaOptions)(
+    PersonalMethod(clustered=True)
+)  # fedfm.algorithms.clusters
 
 
 @dataclass(frozen=True)

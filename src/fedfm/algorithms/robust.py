@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from pydantic import BaseModel, Field
 
 from fedfm.algorithms.aggregators import AGGREGATORS, EmptyCohortError, aggregator_options
 from fedfm.types import Params
@@ -89,7 +90,27 @@ def median(updates: Iterable[tuple[Params, float]]) -> Params:
     return unflatten(coordinate_median(x), like)
 
 
-@AGGREGATORS.register("trimmed_mean")
+class TrimOptions(BaseModel):
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="Share β cut from each end, per coordinate.")
+
+
+class ByzantineOptions(BaseModel):
+    byzantine: int = Field(1, ge=0, description="Byzantine clients f tolerated.")
+
+
+class MultiKrumOptions(ByzantineOptions):
+    krum_m: int | None = Field(None, ge=1, description="Updates averaged (default n − f).")
+
+
+class NormBoundOptions(BaseModel):
+    norm_bound: float = Field(1.0, gt=0, description="L2 bound each update is scaled to.")
+
+
+class WeiszfeldOptions(BaseModel):
+    gm_iters: int = Field(10, ge=1, description="Smoothed Weiszfeld iterations.")
+
+
+@AGGREGATORS.register("trimmed_mean", options=TrimOptions)
 def trimmed_mean(updates: Iterable[tuple[Params, float]], *, trim_ratio: float = 0.1) -> Params:
     x, _, like = _stack(updates)
     n = x.shape[0]
@@ -98,12 +119,12 @@ def trimmed_mean(updates: Iterable[tuple[Params, float]], *, trim_ratio: float =
     return unflatten(coordinate_trimmed_mean(x, k), like)
 
 
-@AGGREGATORS.register("krum")
+@AGGREGATORS.register("krum", options=ByzantineOptions)
 def krum(updates: Iterable[tuple[Params, float]], *, byzantine: int = 1) -> Params:
     return multi_krum(updates, byzantine=byzantine, krum_m=1)
 
 
-@AGGREGATORS.register("multi_krum")
+@AGGREGATORS.register("multi_krum", options=MultiKrumOptions)
 def multi_krum(
     updates: Iterable[tuple[Params, float]], *, byzantine: int = 1, krum_m: int | None = None
 ) -> Params:
@@ -115,7 +136,7 @@ def multi_krum(
     return unflatten(x[chosen].mean(dim=0), like)
 
 
-@AGGREGATORS.register("bulyan")
+@AGGREGATORS.register("bulyan", options=ByzantineOptions)
 def bulyan(updates: Iterable[tuple[Params, float]], *, byzantine: int = 1) -> Params:
     x, _, like = _stack(updates)
     n, f = x.shape[0], byzantine
@@ -133,7 +154,7 @@ def bulyan(updates: Iterable[tuple[Params, float]], *, byzantine: int = 1) -> Pa
     return unflatten(torch.gather(s, 0, closest).mean(dim=0), like)
 
 
-@AGGREGATORS.register("norm_bound")
+@AGGREGATORS.register("norm_bound", options=NormBoundOptions)
 def norm_bound(updates: Iterable[tuple[Params, float]], *, norm_bound: float = 1.0) -> Params:
     x, w, like = _stack(updates)
     norms = x.norm(dim=1, keepdim=True)
@@ -143,7 +164,7 @@ def norm_bound(updates: Iterable[tuple[Params, float]], *, norm_bound: float = 1
     return unflatten((x * scale * w[:, None]).sum(dim=0) / w.sum(), like)
 
 
-@AGGREGATORS.register("geometric_median")
+@AGGREGATORS.register("geometric_median", options=WeiszfeldOptions)
 def geometric_median(
     updates: Iterable[tuple[Params, float]], *, gm_iters: int = 10, gm_eps: float = 1e-6
 ) -> Params:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, Field
 
 from fedfm.registry import Registry, bind_options
 from fedfm.types import Params, is_statistic
@@ -102,7 +103,19 @@ Factory = Callable[..., ServerOptimizer]
 SERVER_OPTIMIZERS: Registry[Factory] = Registry("server optimizer")
 
 
-@SERVER_OPTIMIZERS.register("sgd")
+class SgdOptions(BaseModel):
+    server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="Server momentum (FedAvgM).")
+
+
+class FedOptOptions(BaseModel):
+    server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description="Adaptivity (epsilon).")
+
+
+@SERVER_OPTIMIZERS.register("sgd", options=SgdOptions)
 def sgd(*, lr: float = 1.0, momentum: float = 0.0, **_: float) -> ServerOptimizer:
     return ServerOptimizer("sgd", lr=lr, beta1=momentum)
 
@@ -116,7 +129,7 @@ def _adaptive(name: str, moment: SecondMoment) -> Factory:
 
 
 for _name, _moment in (("adam", adam_moment), ("yogi", yogi_moment), ("adagrad", adagrad_moment)):
-    SERVER_OPTIMIZERS.register(_name)(_adaptive(_name, _moment))
+    SERVER_OPTIMIZERS.register(_name, options=FedOptOptions)(_adaptive(_name, _moment))
 
 
 def make_server_optimizer(strategy) -> ServerOptimizer:

@@ -31,6 +31,7 @@ from statistics import NormalDist
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
 
 from fedfm.registry import Registry
 from fedfm.seeding import numpy_rng, torch_generator
@@ -110,11 +111,30 @@ def _non_finite(bad: float):
     return corrupt
 
 
-ATTACKS.register("sign_flip")(
+class ScaleOptions(BaseModel):
+    scale: float = Field(10.0, description="Factor applied to the update (sign_flip: its negative).")
+
+
+class GaussianOptions(BaseModel):
+    noise_std: float = Field(1.0, ge=0, description="Standard deviation of the sent noise.")
+
+
+class BackdoorOptions(BaseModel):
+    target_label: int = Field(0, ge=0, description="The label the trigger should produce.")
+    trigger: str = Field("cf mn bb", min_length=1, description="Phrase prepended to the text.")
+    poison_fraction: float = Field(0.5, gt=0, le=1, description="Share of poisoned rows per batch.")
+    patch_size: int = Field(
+        3, ge=1, description="On images: side of the white square stamped bottom-right (pixels)."
+    )
+
+
+ATTACKS.register("sign_flip", options=ScaleOptions)(
     AttackKind(corrupt=lambda plan, d, g: {k: -plan.scale * v for k, v in d.items()})
 )
-ATTACKS.register("scale")(AttackKind(corrupt=lambda plan, d, g: {k: plan.scale * v for k, v in d.items()}))
-ATTACKS.register("gaussian")(
+ATTACKS.register("scale", options=ScaleOptions)(
+    AttackKind(corrupt=lambda plan, d, g: {k: plan.scale * v for k, v in d.items()})
+)
+ATTACKS.register("gaussian", options=GaussianOptions)(
     AttackKind(
         corrupt=lambda plan, d, g: {
             k: torch.randn(v.shape, generator=g, dtype=v.dtype) * plan.noise_std for k, v in d.items()
@@ -174,7 +194,7 @@ def backdoor_batch(plan: AttackPlan, task, rows: torch.Tensor, generator, device
 
 ATTACKS.register("alie")(AttackKind(craft=alie_delta))
 ATTACKS.register("label_flip")(AttackKind(poison=flipped_batch))
-ATTACKS.register("backdoor")(AttackKind(poison=backdoor_batch, triggered=True))
+ATTACKS.register("backdoor", options=BackdoorOptions)(AttackKind(poison=backdoor_batch, triggered=True))
 
 
 def poison_batch(plan: AttackPlan, task, rows: torch.Tensor, generator: torch.Generator, device) -> dict:

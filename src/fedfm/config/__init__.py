@@ -15,36 +15,29 @@ from typing import Any
 import tomli_w
 from pydantic import Field, ValidationError, model_validator
 
-from fedfm.config.options import add_options, registered_kinds
+from fedfm.config.options import add_options, add_section, registered_kinds
 from fedfm.config.sections import (  # noqa: F401  (re-exported: the sections are part of the config API)
     AttackSection,
-    BatchedSection,
     CompressionSection,
     DataSection,
     EvalSection,
     FedBuffSection,
-    FedPftSection,
     ModelSection,
-    OffsiteSection,
     PartitionSection,
     PeftSection,
     PersonalizationSection,
     PipelineSection,
     PrivacySection,
-    RaySection,
     Registered,
     RunSection,
     SamplingSection,
     SecAggSection,
     SharingSection,
-    SplitSection,
     StrategySection,
     SyntheticSection,
     SystemsSection,
     TaskSection,
     TrainingSection,
-    TransferModelSection,
-    TransferSection,
     ValidationSection,
     _Section,
     plain,
@@ -76,13 +69,7 @@ class RunConfig(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
-    ray: RaySection = Field(default_factory=RaySection)
-    batched: BatchedSection = Field(default_factory=BatchedSection)
-    fedpft: FedPftSection = Field(default_factory=FedPftSection)
     sharing: SharingSection = Field(default_factory=SharingSection)
-    offsite: OffsiteSection = Field(default_factory=OffsiteSection)
-    split: SplitSection = Field(default_factory=SplitSection)
-    transfer: TransferSection = Field(default_factory=TransferSection)
     personalization: PersonalizationSection = Field(default_factory=PersonalizationSection)
     systems: SystemsSection = Field(default_factory=SystemsSection)
     fedbuff: FedBuffSection = Field(default_factory=FedBuffSection)
@@ -179,7 +166,10 @@ def option_host(kind: str) -> str | None:
     return None
 
 
-def _host_options(kind: str, name: str, options) -> None:
+def _host_options(kind: str, name: str, options, own: str | None = None) -> None:
+    if own is not None:  # a section of its own: [own]
+        add_section(RunConfig, own, options, f"{kind} {name!r}", kind)
+        return
     section = option_host(kind)
     if section is None:
         raise TypeError(f"{kind} {name!r}: no config section names a {kind}, so it cannot bring options")

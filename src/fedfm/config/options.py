@@ -37,7 +37,7 @@ def add_options(section: type[BaseModel], kind: str, name: str, options: type[Ba
     the same field (two components may share an option, like ``byzantine``); otherwise it is a
     ``TypeError`` and the section is left as it was."""
     fields = section.__pydantic_fields__
-    new = {}
+    new, shared = {}, []
     for field_name, info in options.model_fields.items():
         have = fields.get(field_name)
         if have is None:
@@ -49,12 +49,44 @@ def add_options(section: type[BaseModel], kind: str, name: str, options: type[Ba
                 f"{kind} {name!r}: option {field_name!r} is already a different field of "
                 f"[{_section_name(section)}]; choose another name"
             )
+        shared.append(field_name)
     for field_name, info in new.items():
         added = copy.copy(info)
         extra = dict(added.json_schema_extra or {}) if isinstance(added.json_schema_extra, dict) else {}
-        added.json_schema_extra = {**extra, "component": f"{kind} {name!r}", "component_kind": kind}
+        added.json_schema_extra = {**extra, **_marks(kind, [name])}
         fields[field_name] = added
+    for field_name in shared:  # the same option of several components: each is named
+        extra = fields[field_name].json_schema_extra
+        if (
+            isinstance(extra, dict)
+            and extra.get("component_kind") == kind
+            and name not in extra["components"]
+        ):
+            extra.update(_marks(kind, [*extra["components"], name]))
     section.model_rebuild(force=True)
+
+
+def _marks(kind: str, names: list[str]) -> dict:
+    """What the configuration reference says of an option: whose it is."""
+    owners = f"{kind} {names[0]!r}" if len(names) == 1 else f"{kind}s " + ", ".join(map(repr, names))
+    return {"component": owners, "components": names, "component_kind": kind}
+
+
+def add_section(root: type[BaseModel], name: str, model: type[BaseModel], owner: str, kind: str) -> None:
+    """Add ``[name]``, holding ``model``, to ``root`` (a component's section of its own) and
+    rebuild it; a name the config already has is a ``TypeError``."""
+    from pydantic import Field
+    from pydantic.fields import FieldInfo
+
+    if name in root.model_fields:
+        raise TypeError(f"{owner}: the config already has a section [{name}]; choose another name")
+    doc = " ".join((model.__doc__ or "").split())
+    marks = {"component": owner, "components": [owner.split(" ", 1)[-1].strip("'")], "component_kind": kind}
+    info = FieldInfo.from_annotated_attribute(
+        model, Field(default_factory=model, description=doc, json_schema_extra=marks)
+    )
+    root.__pydantic_fields__[name] = info
+    root.model_rebuild(force=True)
 
 
 def _section_name(section: type[BaseModel]) -> str:

@@ -212,11 +212,6 @@ class DataSection(_Section):
 class PartitionSection(_Section):
     method: Registered("partitioner") = Field("dirichlet", description="Partitioner (registered name).")
     num_clients: int = Field(10, ge=1, description="Number of clients the training data is split among.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
-    min_size: int = Field(10, ge=0, description="Dirichlet: minimum examples per client.")
-    classes_per_client: int = Field(2, ge=1, description="Shards: label shards per client.")
-    column: str | None = Field(None, description="Natural: the column whose values are clients.")
-    sigma: float = Field(1.0, ge=0, description="Quantity: log-normal spread of client sizes.")
 
 
 class SamplingSection(_Section):
@@ -266,11 +261,6 @@ class StrategySection(_Section):
     server_optimizer: Registered("server optimizer") = Field(
         "sgd", description="sgd (FedAvg/FedAvgM), adam, yogi, adagrad."
     )
-    server_lr: float = Field(1.0, gt=0, le=100, description="Server learning rate (1.0 with sgd is FedAvg).")
-    server_momentum: float = Field(0.0, ge=0, lt=1, description="sgd server momentum (FedAvgM).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay.")
-    beta2: float = Field(0.99, ge=0, lt=1, description="FedOpt second-moment decay.")
-    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon).")
     objective: Registered("objective") = Field(
         "plain", description="Client objective: plain, fedprox, scaffold."
     )
@@ -278,12 +268,6 @@ class StrategySection(_Section):
         "naive",
         description="LoRA pairs: average A and B; average B·A, SVD to rank r; or merge B·A into the base.",
     )
-    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share β cut from each end.")
-    byzantine: int = Field(1, ge=0, description="krum/multi_krum/bulyan: Byzantine clients f tolerated.")
-    krum_m: int | None = Field(None, ge=1, description="multi_krum: updates averaged (default n − f).")
-    norm_bound: float = Field(1.0, gt=0, description="norm_bound: L2 bound each update is scaled to.")
-    gm_iters: int = Field(10, ge=1, description="geometric_median: smoothed Weiszfeld iterations.")
-    mu: float = Field(0.01, ge=0, description="FedProx proximal weight.")
 
 
 class PipelineSection(_Section):
@@ -314,14 +298,6 @@ class ValidationSection(_Section):
 class AttackSection(_Section):
     kind: Registered("attack") = Field("none", description="Simulated attack (see fedfm.attacks).")
     fraction: float = Field(0.2, ge=0, le=1, description="Share of each cohort that is malicious.")
-    scale: float = Field(10.0, description="sign_flip / scale: factor applied to the update.")
-    noise_std: float = Field(1.0, ge=0, description="gaussian: standard deviation of the sent noise.")
-    target_label: int = Field(0, ge=0, description="backdoor: the label the trigger should produce.")
-    trigger: str = Field("cf mn bb", min_length=1, description="backdoor: phrase prepended to the text.")
-    poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of poisoned rows per batch.")
-    patch_size: int = Field(
-        3, ge=1, description="backdoor on images: side of the white square stamped bottom-right (pixels)."
-    )
 
 
 class CompressionSection(_Section):
@@ -330,9 +306,6 @@ class CompressionSection(_Section):
         description="Upload compression (registered name): none, fp16, bf16, q8, q4, topk, randk "
         "(see fedfm.transforms.compression).",
     )
-    block_size: int = Field(0, ge=0, description="q8/q4: values per scale block; 0: one scale per tensor.")
-    ratio: float = Field(0.01, gt=0, le=1, description="topk/randk: share of entries sent.")
-    error_feedback: bool = Field(True, description="topk: carry the unsent rest into the next round.")
 
 
 class TaskSection(_Section):
@@ -341,29 +314,8 @@ class TaskSection(_Section):
         description="classification (encoder or decoder + head), image_classification, instruction "
         "tuning of a causal LM, or preference (DPO/IPO alignment of a causal LM).",
     )
-    packing: bool = Field(False, description="instruction: pack each batch's examples into full rows.")
-    system_prompt: str | None = Field(
-        None, description="instruction: a system message put before every conversation."
-    )
-    eval_prompts: list[str] | None = Field(
-        None, description="instruction: prompts answered greedily each eval; default: held-out ones."
-    )
-    num_eval_prompts: int = Field(8, ge=0, description="instruction: held-out prompts generated each eval.")
-    max_new_tokens: int = Field(32, ge=1, description="instruction: generation length for eval prompts.")
     baselines: bool = Field(
         False, description="Also train local-only and centralized baselines after the run (or --baselines)."
-    )
-    preference_loss: Literal["dpo", "ipo"] = Field(
-        "dpo", description="preference: DPO (−log σ(β·h)) or IPO ((h − 1/(2β))²) on the pairs."
-    )
-    beta: float = Field(0.1, gt=0, description="preference: β, the strength of the pull towards π_ref.")
-    sft_weight: float = Field(
-        0.0, ge=0, description="preference: weight of an SFT term (the chosen replies' token-mean NLL)."
-    )
-    reference_adapter: str | None = Field(
-        None,
-        description="preference: an exported adapter folder (an SFT run's 'adapter') merged into the base "
-        "before training; π_ref and the start. Default: the base FM.",
     )
 
 
@@ -431,46 +383,6 @@ class SecAggSection(_Section):
     )
 
 
-class RaySection(_Section):
-    address: str | None = Field(
-        None, description="Ray cluster to join (ray.init(address)); default: start a local one."
-    )
-    num_workers: int = Field(2, ge=1, description="Long-lived workers, each with one copy of the base model.")
-    cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
-    )
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU).")
-    batched: bool = Field(
-        False,
-        description="Each worker trains its share of the cohort in groups, as the batched engine does "
-        "([batched] settings).",
-    )
-
-
-class BatchedSection(_Section):
-    clients_per_group: int | None = Field(
-        None,
-        ge=1,
-        description="Clients trained together in one pass over the base model (the batched engine, and "
-        "Ray workers with ray.batched); default: as many as batched.memory_gb holds.",
-    )
-    memory_gb: float | None = Field(
-        None,
-        gt=0,
-        description="Memory for one group's adapters, optimizer state and activations (GiB); default: "
-        "80% of the free GPU memory, or on a CPU half of the available memory up to cpu_memory_gb.",
-    )
-    max_clients_per_group: int = Field(
-        32, ge=1, description="Upper limit of the group size chosen from the memory budget."
-    )
-    cpu_memory_gb: float = Field(
-        2.0,
-        gt=0,
-        description="On a CPU, the default budget is at most this (GiB): a bigger combined batch runs "
-        "slower there (docs/performance.md).",
-    )
-
-
 class SyntheticSection(_Section):
     mode: Registered("synthetic mode") = Field(
         "none",
@@ -489,23 +401,6 @@ class SyntheticSection(_Section):
     max_examples: int | None = Field(None, ge=1, description="Use at most this many synthetic examples.")
 
 
-class FedPftSection(_Section):
-    """run.protocol = "fedpft": per-class Gaussian mixtures of frozen FM features (Beitollahi et al.)."""
-
-    components: int = Field(4, ge=1, description="Mixture components per class per client.")
-    covariance: Literal["diag", "full", "spherical"] = Field(
-        "diag", description="Covariance of each component (full sends d² values per component)."
-    )
-    reg_covar: float = Field(1e-4, gt=0, description="Added to every variance (EM's regulariser).")
-    samples_per_example: float = Field(
-        1.0, gt=0, description="Server draws this many features per client example of each class."
-    )
-    head_epochs: int = Field(30, ge=1, description="Passes of the server's head training over the samples.")
-    head_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of the server's head training.")
-    head_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the head training.")
-    head_batch_size: int = Field(256, ge=1, description="Mini-batch of the server's head training.")
-
-
 class SharingSection(_Section):
     """Computation sharing: clients too small for the FM still take part (docs/computation-sharing.md)."""
 
@@ -514,30 +409,6 @@ class SharingSection(_Section):
         description="none (every client runs the whole FM), offsite (clients tune an emulator), or split "
         "(clients run the bottom layers, the server the rest).",
     )
-
-
-class OffsiteSection(_Section):
-    """sharing.mode = "offsite": offsite tuning (Xiao et al. 2023) on an emulator of the FM."""
-
-    adapter_layers: int = Field(
-        1, ge=1, description="Layers at the bottom and at the top (each) that clients tune: the adapter."
-    )
-    emulator_layers: int | None = Field(
-        None,
-        ge=0,
-        description="Middle layers the emulator keeps, evenly spaced (uniform layer drop); default: half "
-        "of the middle, rounded up. All of them: the emulator is the FM.",
-    )
-    distill_steps: int = Field(
-        0,
-        ge=0,
-        description="Server steps distilling the emulator's middle into the FM's before round 1 (0: none).",
-    )
-    distill_path: str | None = Field(
-        None,
-        description="Texts to distil on (JSONL/CSV 'text': public or `fedfm synth`); default synthetic.path.",
-    )
-    distill_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the emulator's distillation.")
 
 
 class PersonalizationSection(_Section):
@@ -551,79 +422,12 @@ class PersonalizationSection(_Section):
         "regularised towards the global one); ifca (clustered FL: k global adapters, each client trains "
         "the one with its lowest loss); local (local-only: every tensor personal, nothing travels).",
     )
-    head_steps: int = Field(2, ge=1, description="fedrep: steps of the head alone (body frozen) each round.")
-    ditto_lambda: float = Field(
-        0.1, ge=0, description="ditto: λ of λ/2·‖v − w‖², the pull towards the global state."
-    )
-    personal_steps: int | None = Field(
-        None, ge=1, description="ditto: steps of the personal adapter each round; default: the local steps."
-    )
-    clusters: int = Field(2, ge=2, le=32, description="ifca: the number of cluster models k.")
-    cluster_examples: int = Field(
-        64, ge=1, description="ifca: training rows a client scores each cluster model on to pick one."
-    )
     finetune_steps: int = Field(
         0, ge=0, description="After the last round, each client fine-tunes this many steps from its model "
         "and is scored again (local fine-tuning after FL); 0: off.",
     )  # fmt: skip
     finetune_lr: float | None = Field(
         None, gt=0, description="Local fine-tuning's learning rate; default training.lr."
-    )
-
-
-class SplitSection(_Section):
-    """sharing.mode = "split": split fine-tuning (SplitFed-v1 rounds, docs/computation-sharing.md)."""
-
-    cut_layer: int = Field(
-        2, ge=1, description="The client runs the embeddings and layers 0..cut_layer-1; the server the rest."
-    )
-    u_shaped: bool = Field(
-        False, description="The head runs on the client too (labels never leave it): two cuts per batch."
-    )
-    activation_bits: Literal[32, 16, 8] = Field(
-        32, description="Bits per value of what crosses the cut (16: bfloat16; 8: int8, a scale per row)."
-    )
-    activation_noise: float = Field(
-        0.0, ge=0, description="Std of Gaussian noise the client adds to the cut activations it sends."
-    )
-    max_cut_grad_norm: float | None = Field(
-        None, gt=0, description="A client refuses a gradient at the cut with a larger L2 norm (per batch)."
-    )
-
-
-class TransferModelSection(_Section):
-    """One client architecture of knowledge transfer (client k gets entry k mod the list's length)."""
-
-    name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
-    layers: list[int] | None = Field(
-        None, description="Keep only these layers of its stack (as model.layers)."
-    )
-    init: Literal["pretrained", "random"] = Field("pretrained", description="Pretrained or fresh weights.")
-
-
-class TransferSection(_Section):
-    """sharing.mode = "transfer": knowledge transfer between the FM and small client models through
-    logits on a public or FM-synthetic transfer set (docs/computation-sharing.md)."""
-
-    client_models: list[TransferModelSection] = Field(
-        default_factory=lambda: [TransferModelSection(layers=[0, 1])],
-        description="The clients' small models (default: MiniLM's first two layers), with peft.* applied.",
-    )
-    path: str | None = Field(
-        None,
-        description="Transfer set: JSONL or CSV with a 'text' column (public or `fedfm synth`); "
-        "default: synthetic.path. Never client data.",
-    )
-    max_examples: int | None = Field(500, ge=1, description="Use at most this many transfer texts.")
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of both distillations.")
-    client_weight: float = Field(
-        1.0, ge=0, description="Weight of the FM's teaching (KL to its logits) in a client's local loss."
-    )
-    server_steps: int = Field(
-        30, ge=0, description="Server steps distilling the clients' ensemble into the FM."
-    )
-    server_lr: float | None = Field(
-        None, gt=0, description="The FM's distillation learning rate; default training.lr."
     )
 
 
@@ -689,3 +493,6 @@ class FedBuffSection(_Section):
     max_per_client: int = Field(
         1, ge=1, description="Updates one client may have in a buffer (in flight or delivered)."
     )
+
+
+Section = _Section  # the base of every section, a component's own section too

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from fedfm.registry import Registry
 
@@ -100,19 +101,41 @@ def _check(num_examples: int, parts: int, what: str = "clients") -> None:
 
 Partitioner = Callable[..., list[np.ndarray]]
 PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
+
+
+class MinSizeOptions(BaseModel):
+    min_size: int = Field(10, ge=0, description="Minimum examples per client.")
+
+
+class DirichletOptions(MinSizeOptions):
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID).")
+
+
+class ShardOptions(BaseModel):
+    classes_per_client: int = Field(2, ge=1, description="Label shards per client.")
+
+
+class QuantityOptions(MinSizeOptions):
+    sigma: float = Field(1.0, ge=0, description="Log-normal spread of client sizes.")
+
+
+class ColumnOptions(BaseModel):
+    column: str | None = Field(None, description="The column whose values are clients.")
+
+
 PARTITIONERS.register("iid")(lambda labels, groups, cfg, rng: iid(len(labels), cfg.num_clients, rng))
-PARTITIONERS.register("dirichlet")(
+PARTITIONERS.register("dirichlet", options=DirichletOptions)(
     lambda labels, groups, cfg, rng: dirichlet(labels, cfg.num_clients, cfg.alpha, rng, cfg.min_size)
 )
-PARTITIONERS.register("shards")(
+PARTITIONERS.register("shards", options=ShardOptions)(
     lambda labels, groups, cfg, rng: shards(labels, cfg.num_clients, cfg.classes_per_client, rng)
 )
-PARTITIONERS.register("quantity")(
+PARTITIONERS.register("quantity", options=QuantityOptions)(
     lambda labels, groups, cfg, rng: quantity(len(labels), cfg.num_clients, cfg.sigma, rng, cfg.min_size)
 )
 
 
-@PARTITIONERS.register("natural")
+@PARTITIONERS.register("natural", options=ColumnOptions)
 def _natural(labels, groups, cfg, rng) -> list[np.ndarray]:
     """``groups`` is the ``partition.column`` values; ``prepare_data`` checks the column exists."""
     parts, _ = natural(groups)

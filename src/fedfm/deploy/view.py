@@ -10,7 +10,8 @@ on the server until someone decides a client needs it (``tests/test_trust_units.
 field and checks the view against this list). A client rebuilds its config from the view; what
 the view leaves out takes its default there. A plug-in's own options travel when it is of a kind
 a client runs (``CLIENT_KINDS``: an objective's, a compression method's, ...); the client must
-load the same plug-in (``fedfm --plugin``).
+load the same plug-in (``fedfm --plugin``); an option marked ``json_schema_extra={"server_only":
+True}`` stays on the server.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def client_fields(cfg) -> frozenset[str]:
         model = field.annotation
         for name, info in getattr(model, "model_fields", {}).items():
             marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            if marks.get("component_kind") in CLIENT_KINDS:
+            if marks.get("component_kind") in CLIENT_KINDS and not marks.get("server_only"):
                 extra.add(f"{section}.{name}")
     return CLIENT_FIELDS | extra
 

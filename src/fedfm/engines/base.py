@@ -71,7 +71,8 @@ def engine_traits(cfg) -> EngineTraits:
     return EngineTraits.of(ENGINES.get(cfg.run.engine), cfg)
 
 
-def engine(name: str, options: Any = None):
+def engine(name: str, options: Any = None, section: str | None = None):
     """Register an engine factory (a class or function taking an ``EngineSetup``) as ``name``;
-    ``options``: a model of its own settings, which join ``[run]``."""
-    return ENGINES.register(name, options=options)
+    ``options``: a model of its own settings, which join ``[run]``, or form ``[section]`` (then
+    the factory's ``section`` attribute names it, and ``setup.options`` is that section)."""
+    return ENGINES.register(name, options=options, section=section)

@@ -24,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pydantic import Field
+
+from fedfm.config.sections import Section
 from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
 from fedfm.types import ClientResult, Params, RoundContext
@@ -117,7 +120,33 @@ def groups(cohort: Sequence[int], size: int, steps) -> list[list[int]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-@engine("batched")
+class BatchedSection(Section):
+    """Training clients in groups: run.engine = "batched", and Ray workers with ray.batched."""
+
+    clients_per_group: int | None = Field(
+        None,
+        ge=1,
+        description="Clients trained together in one pass over the base model (the batched engine, and "
+        "Ray workers with ray.batched); default: as many as batched.memory_gb holds.",
+    )
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory for one group's adapters, optimizer state and activations (GiB); default: "
+        "80% of the free GPU memory, or on a CPU half of the available memory up to cpu_memory_gb.",
+    )
+    max_clients_per_group: int = Field(
+        32, ge=1, description="Upper limit of the group size chosen from the memory budget."
+    )
+    cpu_memory_gb: float = Field(
+        2.0,
+        gt=0,
+        description="On a CPU, the default budget is at most this (GiB): a bigger combined batch runs "
+        "slower there (docs/performance.md).",
+    )
+
+
+@engine("batched", options=BatchedSection, section="batched")
 class BatchedEngine:
     """Trains each group of the cohort in one pass per step over one shared model."""
 

@@ -26,6 +26,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+from pydantic import Field
+
+from fedfm.config.sections import Section
 from fedfm.engines.base import EngineSetup, engine
 from fedfm.engines.state import ClientStates
 from fedfm.types import ClientResult, Params, RoundContext
@@ -69,7 +72,25 @@ class _Worker:
         ]
 
 
-@engine("ray")
+class RaySection(Section):
+    """run.engine = "ray": workers on a Ray cluster (local by default)."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to join (ray.init(address)); default: start a local one."
+    )
+    num_workers: int = Field(2, ge=1, description="Long-lived workers, each with one copy of the base model.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker (also its torch threads)."
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one GPU).")
+    batched: bool = Field(
+        False,
+        description="Each worker trains its share of the cohort in groups, as the batched engine does "
+        "([batched] settings).",
+    )
+
+
+@engine("ray", options=RaySection, section="ray")
 class RayEngine:
     """Runs each cohort on ``ray.num_workers`` actors; the same results as ``InProcessEngine``."""
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import Field
+
+from fedfm.config.sections import Section
 from fedfm.registry import Registry, registry_for
 
 
@@ -77,4 +81,23 @@ def check_transfer_protocol(cfg) -> None:
 
 PROTOCOLS.register("rounds")(Protocol(_rounds, rounds=True))
 PROTOCOLS.register("transfer")(Protocol(_transfer, check_transfer_protocol))
-PROTOCOLS.register("fedpft")(Protocol(_fedpft, check_fedpft))
+
+
+class FedPftSection(Section):
+    """run.protocol = "fedpft": per-class Gaussian mixtures of frozen FM features (Beitollahi et al.)."""
+
+    components: int = Field(4, ge=1, description="Mixture components per class per client.")
+    covariance: Literal["diag", "full", "spherical"] = Field(
+        "diag", description="Covariance of each component (full sends d² values per component)."
+    )
+    reg_covar: float = Field(1e-4, gt=0, description="Added to every variance (EM's regulariser).")
+    samples_per_example: float = Field(
+        1.0, gt=0, description="Server draws this many features per client example of each class."
+    )
+    head_epochs: int = Field(30, ge=1, description="Passes of the server's head training over the samples.")
+    head_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of the server's head training.")
+    head_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the head training.")
+    head_batch_size: int = Field(256, ge=1, description="Mini-batch of the server's head training.")
+
+
+PROTOCOLS.register("fedpft", options=FedPftSection, section="fedpft")(Protocol(_fedpft, check_fedpft))

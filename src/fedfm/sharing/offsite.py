@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
+from fedfm.config.sections import Section
 from fedfm.models.build import ModelBundle
 from fedfm.models.resolve import ModelError
 from fedfm.sharing.base import SHARING_MODES, SharingMode
@@ -325,7 +327,31 @@ def shipped_emulator(bundle, cfg):
     return emulator_weights(bundle, cfg) if cfg.offsite.distill_steps else None
 
 
-SHARING_MODES.register("offsite")(
+class OffsiteSection(Section):
+    """sharing.mode = "offsite": offsite tuning (Xiao et al. 2023) on an emulator of the FM."""
+
+    adapter_layers: int = Field(
+        1, ge=1, description="Layers at the bottom and at the top (each) that clients tune: the adapter."
+    )
+    emulator_layers: int | None = Field(
+        None,
+        ge=0,
+        description="Middle layers the emulator keeps, evenly spaced (uniform layer drop); default: half "
+        "of the middle, rounded up. All of them: the emulator is the FM.",
+    )
+    distill_steps: int = Field(
+        0,
+        ge=0,
+        description="Server steps distilling the emulator's middle into the FM's before round 1 (0: none).",
+    )
+    distill_path: str | None = Field(
+        None,
+        description="Texts to distil on (JSONL/CSV 'text': public or `fedfm synth`); default synthetic.path.",
+    )
+    distill_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the emulator's distillation.")
+
+
+SHARING_MODES.register("offsite", options=OffsiteSection, section="offsite")(
     SharingMode(
         emulator_config,
         server_model,

@@ -9,6 +9,11 @@ module registers the mode and its rules.
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from fedfm.config.sections import Section
 from fedfm.sharing.base import SHARING_MODES, SharingMode
 
 
@@ -54,6 +59,42 @@ def check_transfer(cfg) -> None:
         raise ValueError(f"{who}: peft.rank_tiers does not apply (client models differ anyway)")
 
 
-SHARING_MODES.register("transfer")(
+class TransferModelSection(Section):
+    """One client architecture of knowledge transfer (client k gets entry k mod the list's length)."""
+
+    name: str = Field("minilm", description="Registered name, local folder, or Hugging Face id.")
+    layers: list[int] | None = Field(
+        None, description="Keep only these layers of its stack (as model.layers)."
+    )
+    init: Literal["pretrained", "random"] = Field("pretrained", description="Pretrained or fresh weights.")
+
+
+class TransferSection(Section):
+    """sharing.mode = "transfer": knowledge transfer between the FM and small client models through
+    logits on a public or FM-synthetic transfer set (docs/computation-sharing.md)."""
+
+    client_models: list[TransferModelSection] = Field(
+        default_factory=lambda: [TransferModelSection(layers=[0, 1])],
+        description="The clients' small models (default: MiniLM's first two layers), with peft.* applied.",
+    )
+    path: str | None = Field(
+        None,
+        description="Transfer set: JSONL or CSV with a 'text' column (public or `fedfm synth`); "
+        "default: synthetic.path. Never client data.",
+    )
+    max_examples: int | None = Field(500, ge=1, description="Use at most this many transfer texts.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of both distillations.")
+    client_weight: float = Field(
+        1.0, ge=0, description="Weight of the FM's teaching (KL to its logits) in a client's local loss."
+    )
+    server_steps: int = Field(
+        30, ge=0, description="Server steps distilling the clients' ensemble into the FM."
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="The FM's distillation learning rate; default training.lr."
+    )
+
+
+SHARING_MODES.register("transfer", options=TransferSection, section="transfer")(
     SharingMode(lambda cfg: cfg, lambda cfg, labels: None, check_transfer, protocol="transfer")
 )

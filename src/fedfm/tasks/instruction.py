@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import nn
 
 from fedfm.data.dataset import TextDataset
@@ -337,6 +338,25 @@ COLUMNS = [
 ]
 
 
+SERVER_ONLY = {"server_only": True}  # the server's evaluation: never sent to a deployed client
+
+
+class InstructionOptions(BaseModel):
+    packing: bool = Field(False, description="Pack each batch's examples into full rows.")
+    system_prompt: str | None = Field(None, description="A system message put before every conversation.")
+    eval_prompts: list[str] | None = Field(
+        None,
+        description="Prompts answered greedily each eval; default: held-out ones.",
+        json_schema_extra=SERVER_ONLY,
+    )
+    num_eval_prompts: int = Field(
+        8, ge=0, description="Held-out prompts generated each eval.", json_schema_extra=SERVER_ONLY
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, description="Generation length for eval prompts.", json_schema_extra=SERVER_ONLY
+    )
+
+
 def _register() -> None:
     from fedfm.tasks.base import TASKS, TaskKind
 
@@ -344,7 +364,7 @@ def _register() -> None:
         _load, _bundle, _build, _evaluator, COLUMNS, check=_check, batchable=True, layer_stack=True,
         own_metric=("perplexity", False),
     )  # fmt: skip
-    TASKS.register("instruction")(kind)
+    TASKS.register("instruction", options=InstructionOptions)(kind)
 
 
 _register()

@@ -22,15 +22,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedfm.algorithms.preference import IGNORE, PREFERENCE_LOSSES, reward_metrics, sequence_logprobs
 from fedfm.data.dataset import TextDataset
 from fedfm.data.preference import pair_of
-from fedfm.tasks.instruction import format_conversation, greedy_answers, pad_batch, with_system
+from fedfm.tasks.instruction import (
+    InstructionOptions,
+    format_conversation,
+    greedy_answers,
+    pad_batch,
+    with_system,
+)
 
 
 @dataclass(frozen=True)
@@ -303,6 +311,21 @@ COLUMNS = [
 ]
 
 
+class PreferenceOptions(InstructionOptions):
+    preference_loss: Literal["dpo", "ipo"] = Field(
+        "dpo", description="DPO (−log σ(β·h)) or IPO ((h − 1/(2β))²) on the pairs."
+    )
+    beta: float = Field(0.1, gt=0, description="β, the strength of the pull towards π_ref.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an SFT term (the chosen replies' token-mean NLL)."
+    )
+    reference_adapter: str | None = Field(
+        None,
+        description="An exported adapter folder (an SFT run's 'adapter') merged into the base before "
+        "training; π_ref and the start. Default: the base FM.",
+    )
+
+
 def _register() -> None:
     from fedfm.tasks.base import TASKS, TaskKind
 
@@ -310,7 +333,7 @@ def _register() -> None:
         _load, _bundle, _build, _evaluator, COLUMNS, check=_check, own_metric=("reward_accuracy", True),
         defaults=[{"model.name": "smollm2-135m"}, {"data.name": "chatterbot-preference"}],
     )  # fmt: skip
-    TASKS.register("preference")(kind)
+    TASKS.register("preference", options=PreferenceOptions)(kind)
 
 
 _register()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, Field
 
 from fedfm.registry import Registry
 from fedfm.seeding import torch_generator
@@ -214,14 +215,32 @@ def _random(acc, cfg, generator):
 
 
 CODECS.register("none")(Codec(_same_encode, _same_decode, identity=True))
+
+
+class BlockOptions(BaseModel):
+    block_size: int = Field(0, ge=0, description="Values per scale block; 0: one scale per tensor.")
+
+
+class SparseOptions(BaseModel):
+    ratio: float = Field(0.01, gt=0, le=1, description="Share of entries sent.")
+
+
+class TopkOptions(SparseOptions):
+    error_feedback: bool = Field(True, description="Carry the unsent rest into the next round.")
+
+
 for _name, _dtype in _CASTS.items():
     CODECS.register(_name)(Codec(functools.partial(_cast_encode, _dtype), _cast_decode))
 for _name, _bits in (("q8", 8), ("q4", 4)):
-    CODECS.register(_name)(
+    CODECS.register(_name, options=BlockOptions)(
         Codec(functools.partial(_quantize_encode, _bits), functools.partial(_quantize_decode, _bits))
     )
-CODECS.register("topk")(Codec(functools.partial(_sparse_encode, _top, True), _sparse_decode))
-CODECS.register("randk")(Codec(functools.partial(_sparse_encode, _random, False), _sparse_decode))
+CODECS.register("topk", options=TopkOptions)(
+    Codec(functools.partial(_sparse_encode, _top, True), _sparse_decode)
+)
+CODECS.register("randk", options=SparseOptions)(
+    Codec(functools.partial(_sparse_encode, _random, False), _sparse_decode)
+)
 
 
 def encode(

@@ -26,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from fedfm.config.sections import Section
 from fedfm.models.resolve import ModelError
 from fedfm.seeding import NoiseSource
 from fedfm.sharing.base import SHARING_MODES, RemoteHalves, SharingMode
@@ -276,7 +279,27 @@ def _remote_check(cfg) -> None:
     check_remote(cfg)
 
 
-SHARING_MODES.register("split")(
+class SplitSection(Section):
+    """sharing.mode = "split": split fine-tuning (SplitFed-v1 rounds, docs/computation-sharing.md)."""
+
+    cut_layer: int = Field(
+        2, ge=1, description="The client runs the embeddings and layers 0..cut_layer-1; the server the rest."
+    )
+    u_shaped: bool = Field(
+        False, description="The head runs on the client too (labels never leave it): two cuts per batch."
+    )
+    activation_bits: Literal[32, 16, 8] = Field(
+        32, description="Bits per value of what crosses the cut (16: bfloat16; 8: int8, a scale per row)."
+    )
+    activation_noise: float = Field(
+        0.0, ge=0, description="Std of Gaussian noise the client adds to the cut activations it sends."
+    )
+    max_cut_grad_norm: float | None = Field(
+        None, gt=0, description="A client refuses a gradient at the cut with a larger L2 norm (per batch)."
+    )
+
+
+SHARING_MODES.register("split", options=SplitSection, section="split")(
     SharingMode(
         lambda cfg: cfg,
         lambda cfg, labels: None,
