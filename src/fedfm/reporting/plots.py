@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported when a plot is drawn (not at start-up:
+    it is half a second of ``fedfm --help``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _series(history: list[dict], key: str, x: str = "round", scale: float = 1.0):
@@ -22,6 +29,7 @@ X_AXES = {"round": ("round", 1.0), "virtual_time_s": ("virtual time (hours)", 36
 def curves_figure(history: list[dict], keys: list[tuple[str, str]], ylabel: str, x: str = "round"):
     """One line per key over ``x``: the round (whole-number ticks), or the virtual clock
     (``virtual_time_s``, in hours)."""
+    plt = pyplot()
     xlabel, scale = X_AXES[x]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for key, label in keys:
@@ -43,6 +51,7 @@ def curves_figure(history: list[dict], keys: list[tuple[str, str]], ylabel: str,
 def plot_curves(
     history: list[dict], keys: list[tuple[str, str]], ylabel: str, path: Path, x: str = "round"
 ) -> Path:
+    plt = pyplot()
     fig = curves_figure(history, keys, ylabel, x)
     fig.savefig(path)
     plt.close(fig)
@@ -51,6 +60,7 @@ def plot_curves(
 
 def label_colours(n: int) -> list:
     """``n`` distinct colours: tab10 / tab20 while they last, then evenly spaced hues."""
+    plt = pyplot()
     if n <= 10:
         return [plt.get_cmap("tab10")(i) for i in range(n)]
     if n <= 20:
@@ -60,6 +70,7 @@ def label_colours(n: int) -> list:
 
 def plot_partition(partition: dict, path: Path) -> Path:
     """Stacked bars: examples of each label held by each client."""
+    plt = pyplot()
     names = partition["label_names"]
     counts = np.array([[c["label_counts"][n] for n in names] for c in partition["clients"]])
     legend_cols = 1 + len(names) // 16 if len(names) <= 40 else 0  # more labels than that: no legend
@@ -86,6 +97,7 @@ def plot_partition(partition: dict, path: Path) -> Path:
 
 def plot_client_samples(samples: list[tuple[int, np.ndarray, list[str]]], path: Path) -> Path:
     """A row per client: its first few training images ``[n, H, W, C]`` uint8, titled by label."""
+    plt = pyplot()
     cols = max((len(images) for _, images, _ in samples), default=1) or 1
     fig, axes = plt.subplots(len(samples), cols, figsize=(1.1 * cols, 1.2 * len(samples)), dpi=100,
                              squeeze=False)  # fmt: skip

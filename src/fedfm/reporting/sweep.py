@@ -305,7 +305,9 @@ def write_summary(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, legend_size: int, path: Path) -> Path:
-    from fedfm.reporting.plots import plt
+    from fedfm.reporting.plots import pyplot
+
+    plt = pyplot()
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -318,7 +320,9 @@ def _finish(fig, ax, xlabel: str, ylabel: str, legend_size: int, path: Path) -> 
 
 
 def plot_curves(spec: SweepSpec, rows: list[dict], path: Path) -> Path:
-    from fedfm.reporting.plots import plt
+    from fedfm.reporting.plots import pyplot
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     for r in rows:
@@ -332,7 +336,9 @@ def plot_curves(spec: SweepSpec, rows: list[dict], path: Path) -> Path:
 
 def plot_final_against(spec: SweepSpec, rows: list[dict], axis: str, path: Path) -> Path:
     """Final metric against one numeric swept field, one line per combination of the other axes."""
-    from fedfm.reporting.plots import plt
+    from fedfm.reporting.plots import pyplot
+
+    plt = pyplot()
 
     others = [a for a in spec.axes if a != axis]
     lines: dict[tuple, list[tuple[float, float]]] = {}
