@@ -73,7 +73,7 @@ class LocalTraining:
     rank_mask: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     micro: int = 0  # micro-batches run (gradient accumulation steps once per `grad_accumulation`)
-    dp_sgd: object = None  # fedfm.privacy.dpsgd.DpSgdRun: the DP-SGD step variant
+    dp_sgd: object = None  # fedfm.privacy.dpsgd.DpSgdState: the DP-SGD step variant
     client_state: Params | None = None
 
 
@@ -110,65 +110,85 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
     )  # fmt: skip
 
 
-def local_batches(run: LocalTraining):
+def local_batches(training: LocalTraining):
     """The client's batches of row positions, drawn lazily: seeded permutations (``steps ×
     grad_accumulation`` micro-batches), or DP-SGD's Poisson batches (one per step)."""
-    n, cfg = len(run.rows), run.cfg
-    if run.dp_sgd is not None:
-        return poisson_batches(n, cfg.batch_size, run.steps, run.generator)
-    return batch_order(n, cfg.batch_size, run.steps * cfg.grad_accumulation, run.generator)
+    n, cfg = len(training.rows), training.cfg
+    if training.dp_sgd is not None:
+        return poisson_batches(n, cfg.batch_size, training.steps, training.generator)
+    return batch_order(n, cfg.batch_size, training.steps * cfg.grad_accumulation, training.generator)
 
 
-def client_step(run: LocalTraining, positions: torch.Tensor) -> None:
+def client_step(training: LocalTraining, positions: torch.Tensor) -> None:
     """One micro-batch: forward, the objective's penalty, backward; every ``grad_accumulation``
     micro-batches the objective's gradient adjustment, rank masks, clipping and the optimizer step.
     DP-SGD's variant: one Opacus step (per-sample clipping and noise) on a Poisson batch."""
-    if run.dp_sgd is not None:
+    if training.dp_sgd is not None:
         dp_sgd_step(
-            run.dp_sgd, run.bundle.trainable, run.task, run.rows[positions], run.bundle.device, run.losses
+            training.dp_sgd,
+            training.bundle.trainable,
+            training.task,
+            training.rows[positions],
+            training.bundle.device,
+            training.losses,
         )
         return
-    cfg, ctx, task, hook, trainable = run.cfg, run.ctx, run.task, run.hook, run.bundle.trainable
-    device, accum = run.bundle.device, cfg.grad_accumulation
-    batch = client_batch(task, ctx, run.job, run.rows[positions], run.generator, device)
+    cfg, ctx, task, hook, trainable = (
+        training.cfg,
+        training.ctx,
+        training.task,
+        training.hook,
+        training.bundle.trainable,
+    )
+    device, accum = training.bundle.device, cfg.grad_accumulation
+    batch = client_batch(task, ctx, training.job, training.rows[positions], training.generator, device)
     with autocast_context(cfg.precision, device):
-        loss = task.loss(run.bundle.model, batch)
-    run.losses.append(float(loss.detach()))
+        loss = task.loss(training.bundle.model, batch)
+    training.losses.append(float(loss.detach()))
     if hook.penalty is not None:
         loss = loss + hook.penalty(trainable)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss at local step {run.micro // accum + 1}")
+        raise FloatingPointError(f"non-finite training loss at local step {training.micro // accum + 1}")
     (loss / accum).backward()
-    run.micro += 1
-    if run.micro % accum:  # gradient accumulation: step once per `accum` micro-batches
+    training.micro += 1
+    if training.micro % accum:  # gradient accumulation: step once per `accum` micro-batches
         return
     if hook.adjust_gradients is not None:
         hook.adjust_gradients(trainable)
-    _apply_masks(trainable, run.rank_mask, params=False)
+    _apply_masks(trainable, training.rank_mask, params=False)
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    training.optimizer.step()
+    training.optimizer.zero_grad(set_to_none=True)
 
 
-def client_final(run: LocalTraining) -> tuple[Update, Params | None]:
+def client_final(training: LocalTraining) -> tuple[Update, Params | None]:
     """The update θ_k − θ with its metrics, and the client's new state (SCAFFOLD's control
     variate; DP-SGD's accountant history)."""
-    final = get_trainable_state(run.bundle.trainable)
-    n, steps = len(run.rows), run.steps
-    if run.dp_sgd is not None:
-        delta = {k: final[k] - run.global_params[k] for k in run.global_params}
-        dp_sgd_final(run.dp_sgd)
+    final = get_trainable_state(training.bundle.trainable)
+    n, steps = len(training.rows), training.steps
+    if training.dp_sgd is not None:
+        delta = {k: final[k] - training.global_params[k] for k in training.global_params}
+        dp_sgd_final(training.dp_sgd)
         metrics = {
-            "train_loss": float(np.mean(run.losses)) if run.losses else float("nan"),
+            "train_loss": float(np.mean(training.losses)) if training.losses else float("nan"),
             "steps": float(steps),
-            "dp_epsilon": run.dp_sgd.epsilon,
-            "dp_noise_multiplier": run.dp_sgd.noise_multiplier,
-            "dp_sample_rate": min(1.0, run.cfg.batch_size / n),
+            "dp_epsilon": training.dp_sgd.epsilon,
+            "dp_noise_multiplier": training.dp_sgd.noise_multiplier,
+            "dp_sample_rate": min(1.0, training.cfg.batch_size / n),
             "dp_steps": float(steps),
         }
-        return Update(delta, n, metrics), {"history": run.dp_sgd.history}
-    return finish_update(run.hook, final, run.global_params, n, steps, run.losses, run.cfg, run.client_state)
+        return Update(delta, n, metrics), {"history": training.dp_sgd.history}
+    return finish_update(
+        training.hook,
+        final,
+        training.global_params,
+        n,
+        steps,
+        training.losses,
+        training.cfg,
+        training.client_state,
+    )
 
 
 def client_update(
@@ -185,24 +205,24 @@ def client_update(
     """Train one client from ``global_params``: init → step per batch → final. ``party``: a
     client (the bundle's ``training_context`` wraps it: split's cut); false: the server's own
     training (a baseline, the synthetic warm-up), which crosses no cut."""
-    run = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
+    training = client_init(bundle, task, job, global_params, ctx, cfg, objective, client_state)
     meter = CostMeter(bundle.model, bundle.trainable, bundle.parts) if cfg.count_costs else None
     wrap = bundle.training_context if party else None
     around = wrap(job, ctx) if wrap else contextlib.nullcontext({})
     try:
         with around as extra, meter.counting() if meter else contextlib.nullcontext():
-            for positions in local_batches(run):
-                client_step(run, positions)
+            for positions in local_batches(training):
+                client_step(training, positions)
                 if meter:
                     meter.step()
     except BaseException:
-        if run.dp_sgd is not None:
-            dp_sgd_final(run.dp_sgd)  # the base model is shared: take Opacus' hooks off again
+        if training.dp_sgd is not None:
+            dp_sgd_final(training.dp_sgd)  # the base model is shared: take Opacus' hooks off again
         raise
-    update, state = client_final(run)
+    update, state = client_final(training)
     update.metrics.update(extra)
     if meter:
-        update.metrics.update(meter.record(run.optimizer))
+        update.metrics.update(meter.record(training.optimizer))
     return update, state
 
 
@@ -246,12 +266,12 @@ def ditto_personal(bundle, task, job, mine: Params, anchor: Params, ctx, cfg, sp
 
     steps = spec.personal_steps or num_local_steps(len(job.indices), cfg)
     own_ctx = dc_replace(ctx, seed=derive_seed(ctx.seed, "ditto"))
-    run = client_init(
+    training = client_init(
         bundle, task, job, mine, own_ctx, cfg.model_copy(update={"local_steps": steps}), Objective("plain")
     )
-    run.hook = fedprox_hook(spec.lam, anchor, own_ctx, None, bundle.device)
-    for positions in local_batches(run):
-        client_step(run, positions)
+    training.hook = fedprox_hook(spec.lam, anchor, own_ctx, None, bundle.device)
+    for positions in local_batches(training):
+        client_step(training, positions)
     return get_trainable_state(bundle.trainable)
 
 

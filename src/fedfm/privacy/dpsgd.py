@@ -72,7 +72,7 @@ def noise_for(settings: ExampleDp, sample_rate: float, steps_per_round: int) -> 
 
 
 @dataclass
-class DpSgdRun:
+class DpSgdState:
     """One client's DP-SGD in progress: Opacus' per-sample-gradient module and DP optimizer on
     the shared model, and this client's accountant history with this round's steps charged."""
 
@@ -83,8 +83,8 @@ class DpSgdRun:
     noise_multiplier: float
 
 
-def dp_sgd_init(model, optimizer, settings: ExampleDp, ctx) -> DpSgdRun:
-    """Charge this round's steps (before they run) and put Opacus' hooks on the shared model.
+def dp_sgd_init(model, optimizer, settings: ExampleDp, ctx) -> DpSgdState:
+    """Charge this round's steps (before they dp) and put Opacus' hooks on the shared model.
     ``ctx`` has ``n``, ``batch_size``, ``steps``, ``generator``, ``history``."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -108,10 +108,10 @@ def dp_sgd_init(model, optimizer, settings: ExampleDp, ctx) -> DpSgdRun:
         generator=ctx.generator,
     )
     history = torch.tensor(accountant.history, dtype=torch.float64)
-    return DpSgdRun(gsm, dp_optimizer, history, after, z)
+    return DpSgdState(gsm, dp_optimizer, history, after, z)
 
 
-def dp_sgd_step(run: DpSgdRun, trainable: dict, task, rows, device, losses: list) -> None:
+def dp_sgd_step(dp: DpSgdState, trainable: dict, task, rows, device, losses: list) -> None:
     """One DP-SGD step on a Poisson batch (possibly empty: noise only, no data)."""
     if len(rows) == 0:
         for p in trainable.values():
@@ -120,31 +120,31 @@ def dp_sgd_step(run: DpSgdRun, trainable: dict, task, rows, device, losses: list
         with warnings.catch_warnings():
             # Opacus' hooks on a frozen base whose inputs need no gradient: expected, not actionable
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            loss = task.loss(run.gsm, task.batch(task.train, rows, device))
+            loss = task.loss(dp.gsm, task.batch(task.train, rows, device))
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"non-finite training loss at local step {len(losses) + 1}")
             losses.append(float(loss.detach()))
             loss.backward()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    dp.optimizer.step()
+    dp.optimizer.zero_grad(set_to_none=True)
 
 
-def dp_sgd_final(run: DpSgdRun) -> None:
+def dp_sgd_final(dp: DpSgdState) -> None:
     """Take Opacus' hooks off the shared base model again (also after a failed step)."""
-    run.gsm._close()
+    dp.gsm._close()
 
 
 def train_dp_sgd(model, trainable: dict, optimizer, task, batches, settings: ExampleDp, ctx):
     """All local DP-SGD steps at once (init → steps → final). Returns (losses, new history
     tensor, ε after these steps, z)."""
-    run = dp_sgd_init(model, optimizer, settings, ctx)
+    dp = dp_sgd_init(model, optimizer, settings, ctx)
     losses: list = []
     try:
         for rows in batches:
-            dp_sgd_step(run, trainable, task, rows, ctx.device, losses)
+            dp_sgd_step(dp, trainable, task, rows, ctx.device, losses)
     finally:
-        dp_sgd_final(run)
-    return losses, run.history, run.epsilon, run.noise_multiplier
+        dp_sgd_final(dp)
+    return losses, dp.history, dp.epsilon, dp.noise_multiplier
 
 
 def poisson_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

@@ -26,20 +26,22 @@ from fedfm.server.parts import RunParts
 from fedfm.types import Params
 
 
-def own_test_rows(run: RunParts, client: int) -> np.ndarray:
-    groups = np.unique(run.data.train.labels[run.data.client_train[client]])
-    return np.flatnonzero(np.isin(run.data.test.labels, groups))
+def own_test_rows(parts: RunParts, client: int) -> np.ndarray:
+    groups = np.unique(parts.data.train.labels[parts.data.client_train[client]])
+    return np.flatnonzero(np.isin(parts.data.test.labels, groups))
 
 
-def _scores(run: RunParts, params: Params, rows) -> dict:
-    set_trainable_state(run.bundle.trainable, params)
-    m = run.task.evaluate(run.bundle.model, run.task.test, rows, run.cfg.eval.batch_size, run.bundle.device)
+def _scores(parts: RunParts, params: Params, rows) -> dict:
+    set_trainable_state(parts.bundle.trainable, params)
+    m = parts.task.evaluate(
+        parts.bundle.model, parts.task.test, rows, parts.cfg.eval.batch_size, parts.bundle.device
+    )
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 
-def _train(run: RunParts, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
-    cfg = run.cfg
-    return train_from(run.bundle, run.task, rows, start, steps, cfg.training, cfg.run.seed, key)[0]
+def _train(parts: RunParts, rows: np.ndarray, steps: int, key: int, start: Params) -> Params:
+    cfg = parts.cfg
+    return train_from(parts.bundle, parts.task, rows, start, steps, cfg.training, cfg.run.seed, key)[0]
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -47,21 +49,21 @@ def _mean(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def run_baselines(run: RunParts, final: Params, progress=None) -> dict:
-    cfg, data = run.cfg, run.data
-    start = run.initial_params
+def run_baselines(parts: RunParts, final: Params, progress=None) -> dict:
+    cfg, data = parts.cfg, parts.data
+    start = parts.initial_params
     steps = [num_local_steps(len(rows), cfg.training) for rows in data.client_train]
     rounds = cfg.run.rounds
-    total = sum(steps[k] for t in range(1, rounds + 1) for k in run.sample(t))
+    total = sum(steps[k] for t in range(1, rounds + 1) for k in parts.sample(t))
     clients = range(data.num_clients)
     note = progress or (lambda text: None)
 
     def row(params_of, kind: str) -> dict:
-        own = [_scores(run, params_of(k), own_test_rows(run, k)) for k in clients]
-        all_data = [_scores(run, params_of(k), None) for k in clients] if kind == "local-only" else None
+        own = [_scores(parts, params_of(k), own_test_rows(parts, k)) for k in clients]
+        all_data = [_scores(parts, params_of(k), None) for k in clients] if kind == "local-only" else None
         return {
             "setting": kind,
-            "all_held_out": _mean(all_data) if all_data else _scores(run, params_of(0), None),
+            "all_held_out": _mean(all_data) if all_data else _scores(parts, params_of(0), None),
             "own_held_out_mean": _mean(own),
             "own_held_out_worst": max(own, key=lambda r: r["loss"]),
         }
@@ -73,14 +75,14 @@ def run_baselines(run: RunParts, final: Params, progress=None) -> dict:
 
     eta, local = Eta(len(clients)), {}
     for i, k in enumerate(clients):
-        local[k] = _train(run, data.client_train[k], rounds * steps[k], k, start)
+        local[k] = _train(parts, data.client_train[k], rounds * steps[k], k, start)
         eta.step(i + 1)
         if len(clients) > 1 and i + 1 < len(clients):
             note(f"baselines: local-only, {i + 1}/{len(clients)} clients trained (ETA {eta.left()})")
     results.append(row(lambda k: local[k], "local-only"))
     note(f"baselines: centralized, {total} steps on the pooled data")
     pooled = np.sort(np.concatenate(data.client_train))
-    central = _train(run, pooled, total, -1, start)
+    central = _train(parts, pooled, total, -1, start)
     results.append(row(lambda k: central, "centralized"))
     return {"rounds": rounds, "federated_total_steps": total, "local_steps": steps, "rows": results}
 

@@ -52,49 +52,49 @@ def largest_cluster(sizes) -> int:
     return max(range(len(sizes)), key=lambda j: (sizes[j], -j)) if sizes else 0
 
 
-def client_cluster(run: RunParts, params, client_id: int) -> int:
+def client_cluster(parts: RunParts, params, client_id: int) -> int:
     """IFCA: the cluster client ``client_id`` picks now (its lowest loss on its training rows)."""
     from fedfm.client.program import ClientProgram, pick_cluster
     from fedfm.types import RoundContext
 
-    spec = ClientProgram.from_config(run.cfg).personal
-    ctx = RoundContext(round=run.cfg.run.rounds + 1, seed=run.cfg.run.seed)
-    rows = run.data.client_train[client_id]
+    spec = ClientProgram.from_config(parts.cfg).personal
+    ctx = RoundContext(round=parts.cfg.run.rounds + 1, seed=parts.cfg.run.seed)
+    rows = parts.data.client_train[client_id]
     if not len(rows):  # nothing to score the clusters on: the server's global one
-        return largest_cluster(run.cluster_sizes)
-    return pick_cluster(run.bundle, run.task, client_id, rows, params, spec, ctx)[0]
+        return largest_cluster(parts.cluster_sizes)
+    return pick_cluster(parts.bundle, parts.task, client_id, rows, params, spec, ctx)[0]
 
 
-def own_params(run: RunParts, params, client_id: int):
+def own_params(parts: RunParts, params, client_id: int):
     """The model client ``client_id`` would use: the global one, with its personal tensors (under
     IFCA: the cluster model it picks)."""
-    if clustered(run.cfg):
+    if clustered(parts.cfg):
         from fedfm.algorithms.clusters import cluster_view
 
-        return cluster_view(params, client_cluster(run, params, client_id))
-    if not personalizes(run.cfg.personalization):
+        return cluster_view(params, client_cluster(parts, params, client_id))
+    if not personalizes(parts.cfg.personalization):
         return params
-    return client_start(params, (run.client_state(client_id) or {}).get("personal"))
+    return client_start(params, (parts.client_state(client_id) or {}).get("personal"))
 
 
-def client_scores(run: RunParts, params) -> dict:
+def client_scores(parts: RunParts, params) -> dict:
     """The global model's and each personal model's score on every client's own test split."""
-    if run.remote or not active(run.cfg):
+    if parts.remote or not active(parts.cfg):
         return {}
-    metric, higher = task_metric(run.cfg.task.kind)
-    bundle, task, bs = run.bundle, run.task, run.cfg.eval.batch_size
-    clients = [k for k, rows in enumerate(run.data.client_test) if len(rows)]
+    metric, higher = task_metric(parts.cfg.task.kind)
+    bundle, task, bs = parts.bundle, parts.task, parts.cfg.eval.batch_size
+    clients = [k for k, rows in enumerate(parts.data.client_test) if len(rows)]
     out = {}
-    global_view = server_params(run.cfg, params, run.cluster_sizes)
+    global_view = server_params(parts.cfg, params, parts.cluster_sizes)
     own = {"global": lambda k: global_view}
-    if personalizes(run.cfg.personalization):
-        own["personal"] = lambda k: own_params(run, params, k)
+    if personalizes(parts.cfg.personalization):
+        own["personal"] = lambda k: own_params(parts, params, k)
     for name, model_of in own.items():
         scores = []
         for k in clients:
             set_trainable_state(bundle.trainable, model_of(k))
             scores.append(
-                task.evaluate(bundle.model, task.train, run.data.client_test[k], bs, bundle.device)[metric]
+                task.evaluate(bundle.model, task.train, parts.data.client_test[k], bs, bundle.device)[metric]
             )
         out.update(summarize(scores, f"{name}_local_{metric}", higher))
     if "personal" not in own:  # no personal tensors: each client's model is the global one
@@ -103,27 +103,27 @@ def client_scores(run: RunParts, params) -> dict:
     return out
 
 
-def finetuned_scores(run: RunParts, params) -> dict:
+def finetuned_scores(parts: RunParts, params) -> dict:
     """Local fine-tuning after FL: each client's ``finetune_steps`` from its own model on its own
     training rows, then its score on its own test split; the summary and every client's score."""
     from fedfm.client.program import train_from
 
-    p = run.cfg.personalization
-    if run.remote or p.finetune_steps == 0:
+    p = parts.cfg.personalization
+    if parts.remote or p.finetune_steps == 0:
         return {}
-    metric, higher = task_metric(run.cfg.task.kind)
-    bundle, task, bs = run.bundle, run.task, run.cfg.eval.batch_size
-    training = run.cfg.training.model_copy(update={"lr": p.finetune_lr or run.cfg.training.lr})
+    metric, higher = task_metric(parts.cfg.task.kind)
+    bundle, task, bs = parts.bundle, parts.task, parts.cfg.eval.batch_size
+    training = parts.cfg.training.model_copy(update={"lr": p.finetune_lr or parts.cfg.training.lr})
     scores = {}
-    for k, rows in enumerate(run.data.client_test):
-        if not len(rows) or not len(run.data.client_train[k]):
+    for k, rows in enumerate(parts.data.client_test):
+        if not len(rows) or not len(parts.data.client_train[k]):
             continue
-        start = own_params(run, params, k)
-        tuned, _ = train_from(bundle, task, run.data.client_train[k], start, p.finetune_steps, training,
-                              run.cfg.run.seed, key=k)  # fmt: skip
+        start = own_params(parts, params, k)
+        tuned, _ = train_from(bundle, task, parts.data.client_train[k], start, p.finetune_steps, training,
+                              parts.cfg.run.seed, key=k)  # fmt: skip
         set_trainable_state(bundle.trainable, tuned)
         scores[k] = task.evaluate(bundle.model, task.train, rows, bs, bundle.device)[metric]
-    set_trainable_state(bundle.trainable, server_params(run.cfg, params, run.cluster_sizes))
+    set_trainable_state(bundle.trainable, server_params(parts.cfg, params, parts.cluster_sizes))
     return {**summarize(list(scores.values()), f"finetuned_local_{metric}", higher),
             "finetuned_by_client": {str(k): v for k, v in scores.items()}}  # fmt: skip
 
