@@ -107,12 +107,12 @@ def test_init_step_final_is_client_update(setup):
     obj = make_objective(StrategySection(objective="fedprox", mu=0.5))
     training = cfg.training.model_copy(update={"grad_accumulation": 2})
     want, _ = client_update(bundle, task, job, theta, RoundContext(1, 0), training, obj)
-    run = client_init(bundle, task, job, theta, RoundContext(1, 0), training, obj)
+    local = client_init(bundle, task, job, theta, RoundContext(1, 0), training, obj)
     steps = 0
-    for positions in local_batches(run):
-        client_step(run, positions)
+    for positions in local_batches(local):
+        client_step(local, positions)
         steps += 1
-    got, _ = client_final(run)
+    got, _ = client_final(local)
     assert steps == 2 * want.metrics["steps"]  # micro-batches: steps × grad_accumulation
     assert all(torch.equal(got.delta[k], want.delta[k]) for k in theta)
     assert got.metrics == want.metrics
