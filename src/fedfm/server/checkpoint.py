@@ -10,14 +10,21 @@ rewrote 310 MB a round). SQLite's journal makes the commit atomic and durable (`
 FULL``); each row carries a SHA-256 so a damaged file is reported as such, never half-read.
 
 Rows hold ``torch.save`` bytes of plain dicts of tensors and numbers, read back with
-``weights_only=True`` (no pickled code). A run folder of fedfm 0.1 (``checkpoint/state.pt``)
-still resumes.
+``weights_only=True`` (no pickled code). A state whose tensors exceed ``INLINE_MAX`` bytes (a
+full fine-tuning θ with FedAdam's two moments passes SQLite's 1,000,000,000-byte row limit long
+before it fills a disk) keeps its tensors in a safetensors file beside the database instead,
+named by its SHA-256; the row holds the rest and the file's name and digest. The file is written
+and fsynced, then renamed into place and the folder fsynced, and only then is the row committed,
+so a kill at any point leaves the last committed row and the file it names whole; files no
+committed row names (the previous round's, one cut short) are removed after the next commit. A
+run folder of fedfm 0.1 (``checkpoint/state.pt``) still resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,8 +35,11 @@ import torch
 from fedfm.types import Params
 
 FORMAT = 2
+FORMAT_FILES = 3  # the row names a safetensors file holding the state's tensors
 FILENAME = "state.sqlite"
 LEGACY = "state.pt"  # fedfm 0.1: one torch file, rewritten whole every round
+INLINE_MAX = 256 << 20  # bytes of tensors a row holds itself; a larger state's go to a file
+TENSOR = "__tensor__"  # the skeleton's stand-in for a tensor kept in the file
 
 
 class CheckpointError(ValueError):
@@ -68,6 +78,108 @@ def _loads(blob: bytes, digest: str, what: str, path: Path):
         raise CheckpointError(f"{path}: {what} does not load ({type(err).__name__}: {err})") from None
 
 
+def _split(value, tensors: dict):
+    """``value`` with every tensor replaced by ``{TENSOR: key}`` and put in ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value
+        return {TENSOR: key}
+    if isinstance(value, dict):
+        return {k: _split(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_split(v, tensors) for v in value)
+    return value
+
+
+def _join(value, tensors: Mapping):
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_join(v, tensors) for v in value)
+    return value
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(folder: Path, stem: str, tensors: dict) -> tuple[str, str]:
+    """``tensors`` as ``{stem}-{sha256}.safetensors`` in ``folder``, durable before it is named;
+    → (file name, digest)."""
+    from safetensors.torch import save_file
+
+    seen, flat = set(), {}
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        flat[key] = t.clone() if ptr in seen else t  # safetensors refuses shared storage
+        seen.add(ptr)
+    tmp = folder / f".{stem}.tmp-{os.getpid()}"
+    save_file(flat, str(tmp))
+    _fsync(tmp)
+    digest = _file_digest(tmp)
+    name = f"{stem}-{digest}.safetensors"
+    os.replace(tmp, folder / name)
+    _fsync(folder)
+    return name, digest
+
+
+def _row(value: dict, folder: Path, stem: str, inline_max: int) -> tuple[int, str, bytes, str | None]:
+    """(format, digest, blob, tensor file or None) of a state: inline while its tensors are at most
+    ``inline_max`` bytes, else its tensors in a file (``_write_tensors``)."""
+    tensors: dict = {}
+    skeleton = _split(value, tensors)
+    if sum(t.numel() * t.element_size() for t in tensors.values()) <= inline_max:
+        return FORMAT, *_blob_row(value), None
+    name, digest = _write_tensors(folder, stem, tensors)
+    blob = _dumps({"skeleton": skeleton, "file": name, "sha256": digest})
+    return FORMAT_FILES, hashlib.sha256(blob).hexdigest(), blob, name
+
+
+def _value(fmt: int, blob: bytes, digest: str, what: str, path: Path):
+    """The state a row holds (reading its tensor file when it names one)."""
+    value = _loads(blob, digest, what, path)
+    if fmt == FORMAT:
+        return value
+    if fmt != FORMAT_FILES:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {fmt}")
+    from safetensors.torch import load_file
+
+    file = path.parent / str(value["file"])
+    if not file.is_file():
+        raise CheckpointError(f"{path}: {what}'s tensors ({file.name}) are missing; the run cannot resume")
+    if _file_digest(file) != value["sha256"]:
+        raise CheckpointError(f"{file}: {what}'s tensors are damaged (checksum mismatch)")
+    return _join(value["skeleton"], load_file(str(file)))
+
+
+def _remove_unnamed(folder: Path, db: sqlite3.Connection) -> None:
+    """Tensor files no committed row names (the rows before this commit, or a write cut short)."""
+    named = set()
+    for (blob,) in db.execute(
+        "SELECT state FROM server WHERE format = ? UNION ALL SELECT state FROM clients WHERE format = ?",
+        (FORMAT_FILES, FORMAT_FILES),
+    ):
+        named.add(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["file"])
+    for file in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp-*")]:
+        if file.name not in named:
+            file.unlink(missing_ok=True)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN / COMMIT below
     db.execute("PRAGMA synchronous = FULL")
@@ -79,27 +191,40 @@ def _connect(path: Path) -> sqlite3.Connection:
         "CREATE TABLE IF NOT EXISTS clients (client INTEGER PRIMARY KEY, round INTEGER, sha256 TEXT, "
         "state BLOB)"
     )
+    columns = [row[1] for row in db.execute("PRAGMA table_info(clients)")]
+    if "format" not in columns:  # a database written before client rows could name a file
+        db.execute(f"ALTER TABLE clients ADD COLUMN format INTEGER DEFAULT {FORMAT}")
     return db
 
 
 def save_checkpoint(
-    folder: str | Path, state: ServerState, clients: Mapping[int, dict] | None = None
+    folder: str | Path,
+    state: ServerState,
+    clients: Mapping[int, dict] | None = None,
+    inline_max: int = INLINE_MAX,
 ) -> Path:
-    """Commit the server state and the changed clients' states in one transaction."""
+    """Commit the server state and the changed clients' states in one transaction (a state whose
+    tensors exceed ``inline_max`` bytes: its tensors in a file, durable before the commit)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILENAME
-    blob = _dumps(state.__dict__)
-    rows = [(int(k), state.round, *_blob_row(v)) for k, v in (clients or {}).items()]
+    fmt, digest, blob, file = _row(state.__dict__, folder, "server", inline_max)
+    rows = []
+    for k, v in (clients or {}).items():
+        c_fmt, c_digest, c_blob, c_file = _row(v, folder, f"client-{int(k)}", inline_max)
+        rows.append((int(k), state.round, c_digest, c_blob, c_fmt))
+        file = file or c_file
     db = _connect(path)
     try:
         db.execute("BEGIN IMMEDIATE")
-        db.execute(
-            "INSERT OR REPLACE INTO server VALUES (0, ?, ?, ?, ?)",
-            (FORMAT, state.round, hashlib.sha256(blob).hexdigest(), blob),
+        db.execute("INSERT OR REPLACE INTO server VALUES (0, ?, ?, ?, ?)", (fmt, state.round, digest, blob))
+        db.executemany(
+            "INSERT OR REPLACE INTO clients (client, round, sha256, state, format) VALUES (?, ?, ?, ?, ?)",
+            rows,
         )
-        db.executemany("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?)", rows)
         db.execute("COMMIT")
+        if file is not None or any(folder.glob("*.safetensors")):
+            _remove_unnamed(folder, db)
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
@@ -140,9 +265,9 @@ def load_checkpoint(folder: str | Path) -> ServerState | None:
     if row is None:
         return None  # created, never committed
     fmt, digest, blob = row
-    if fmt != FORMAT:
+    if fmt not in (FORMAT, FORMAT_FILES):
         raise CheckpointError(f"{path}: unsupported checkpoint format {fmt}")
-    return ServerState(**_loads(blob, digest, "the server state", path))
+    return ServerState(**_value(fmt, blob, digest, "the server state", path))
 
 
 def _load_legacy(path: Path) -> ServerState | None:
@@ -171,14 +296,17 @@ class ClientStore:
             return states.get(str(client_id))
         db = _open(self.path)
         try:
-            row = db.execute(
-                "SELECT sha256, state FROM clients WHERE client = ?", (int(client_id),)
-            ).fetchone()
+            row = db.execute("SELECT * FROM clients WHERE client = ?", (int(client_id),)).fetchone()
         except sqlite3.DatabaseError as err:
             raise CheckpointError(f"{self.path} is not a readable checkpoint ({err})") from None
         finally:
             db.close()
-        return None if row is None else _loads(row[1], row[0], f"client {client_id}'s state", self.path)
+        return None if row is None else self._state(row)
+
+    def _state(self, row: tuple) -> dict:
+        """A client row (client, round, sha256, state[, format]) as the state it holds."""
+        fmt = row[4] if len(row) > 4 and row[4] is not None else FORMAT
+        return _value(fmt, row[3], row[2], f"client {row[0]}'s state", self.path)
 
     def all(self) -> dict[int, dict]:
         """Every stored client state (tests and tools; a round never needs this)."""
@@ -186,10 +314,10 @@ class ClientStore:
             return {}
         db = _open(self.path)
         try:
-            rows = db.execute("SELECT client, sha256, state FROM clients").fetchall()
+            rows = db.execute("SELECT * FROM clients").fetchall()
         finally:
             db.close()
-        return {k: _loads(blob, d, f"client {k}'s state", self.path) for k, d, blob in rows}
+        return {row[0]: self._state(row) for row in rows}
 
     def written_in(self, round_: int) -> list[int]:
         """The clients whose state the commit of ``round_`` wrote."""
