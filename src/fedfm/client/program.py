@@ -29,6 +29,7 @@ from fedfm.algorithms.personal import (
     personal_keys,
     personalizes,
 )
+from fedfm.algorithms.schedules import lr_at
 from fedfm.client.costs import CostMeter
 from fedfm.client.steps import (
     ClientJob,
@@ -47,11 +48,29 @@ from fedfm.transforms.base import ClientStep
 from fedfm.types import ClientResult, Params, RoundContext, Update
 
 
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+def scheduled_training(cfg):
+    """``cfg.training`` with its learning-rate schedule spanning the run (``lr_rounds``, default
+    ``run.rounds``): what every client's optimizer reads its round's learning rate from."""
+    training = cfg.training
+    if training.lr_schedule != "constant" and training.lr_rounds is None:
+        training = training.model_copy(update={"lr_rounds": cfg.run.rounds})
+    return training
+
+
+def round_lr(training, t: int) -> float:
+    """The local learning rate of round ``t`` (``training.lr_schedule``; without ``lr_rounds``
+    set, only the warm-up applies: ``scheduled_training`` fills it in from run.rounds)."""
+    s = training
+    return lr_at(s.lr, t, s.lr_schedule, s.lr_rounds, s.lr_warmup_rounds, s.lr_min)
+
+
+def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
+    """A fresh local optimizer over the trainable ``params`` at ``lr`` (default ``cfg.lr``)."""
     params = [p for p in params if p.requires_grad]  # statistics travel but are not optimised
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -92,7 +111,7 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
     seed_torch(ctx.seed, ctx.round, job.client_id, "dropout")
     generator = torch_generator(ctx.seed, ctx.round, job.client_id, "shuffle")
     hook = objective.client_hook(global_params, ctx, client_state, device)
-    optimizer = make_optimizer(list(trainable.values()), cfg)
+    optimizer = make_optimizer(list(trainable.values()), cfg, round_lr(cfg, ctx.round))
     rows = torch.as_tensor(job.indices, dtype=torch.long)
     bundle.model.train()
     steps, dp_sgd = num_local_steps(n, cfg), None
@@ -370,7 +389,7 @@ class ClientProgram:
             personal = PersonalSpec(
                 p.method, p.head_steps, p.ditto_lambda, p.personal_steps, k, p.cluster_examples, options
             )
-        return cls(cfg.training, make_objective(cfg.strategy), Pipeline.build(cfg), personal)
+        return cls(scheduled_training(cfg), make_objective(cfg.strategy), Pipeline.build(cfg), personal)
 
     def __call__(
         self,

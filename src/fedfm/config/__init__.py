@@ -139,6 +139,16 @@ class RunConfig(_Section):
                 f"peft.layers does not apply to peft.method = {self.peft.method!r} (only to lora and full); "
                 "leave it unset"
             )
+        t = self.training
+        if t.lr_schedule != "constant" or t.lr_warmup_rounds:
+            span = t.lr_rounds or self.run.rounds
+            if t.lr_warmup_rounds >= span and t.lr_schedule != "constant":
+                raise ValueError(
+                    f"training.lr_warmup_rounds = {t.lr_warmup_rounds} leaves no round of the "
+                    f"{t.lr_schedule} decay (it spans {span} rounds: training.lr_rounds or run.rounds)"
+                )
+            if t.lr_min > t.lr:
+                raise ValueError(f"training.lr_min = {t.lr_min:g} is above training.lr = {t.lr:g}")
         from fedfm.data.partition import by_column
 
         if by_column(self.partition) and not self.partition.column:

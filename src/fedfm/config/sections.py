@@ -229,7 +229,17 @@ class TrainingSection(_Section):
     local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
     batch_size: int = Field(16, ge=1, description="Local mini-batch size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
-    lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate.")
+    lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate (the schedule's peak).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="The local learning rate across rounds: constant, or decaying to lr_min by the last "
+        "round linearly or by cosine annealing (FlowerTune's recipes; fedfm.algorithms.schedules).",
+    )
+    lr_warmup_rounds: int = Field(0, ge=0, description="Rounds of linear warm-up to lr before the decay.")
+    lr_min: float = Field(0.0, ge=0, description="The learning rate the schedule decays to.")
+    lr_rounds: int | None = Field(
+        None, ge=1, description="Rounds the schedule spans; default run.rounds (rounds after it keep lr_min)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="Local weight decay.")
     count_costs: bool = Field(
         False,

@@ -43,7 +43,8 @@ CLIENT_FIELDS = frozenset(
         "training.local_epochs", "training.local_steps", "training.batch_size", "training.optimizer",
         "training.lr", "training.weight_decay", "training.count_costs", "training.momentum",
         "training.max_grad_norm", "training.grad_accumulation", "training.precision",
-        "training.gradient_checkpointing",
+        "training.gradient_checkpointing", "training.lr_schedule", "training.lr_warmup_rounds",
+        "training.lr_min", "training.lr_rounds",
         "strategy.objective", "strategy.mu", "strategy.weighting", "strategy.lora_aggregation",
         "eval.batch_size",  # batches of the preference task's reference log-probabilities
         # the client halves of the update transforms

@@ -24,7 +24,7 @@ from fedfm.algorithms.lora import LORA_AGGREGATION, aggregation_rule, truncate_r
 from fedfm.algorithms.personal import personalizes
 from fedfm.algorithms.sampling import cohort_size, poisson_cohort, sample_cohort
 from fedfm.algorithms.server_optimizers import make_server_optimizer
-from fedfm.client.program import ClientProgram
+from fedfm.client.program import ClientProgram, round_lr
 from fedfm.config import RunConfig
 from fedfm.data.sources import DataNote, DataWarning
 from fedfm.data.synthetic import synthetic_mode
@@ -120,7 +120,7 @@ class Run:
         outputs.note_model_files(run_dir, cfg.model.name, getattr(self.bundle, "source", None))
         outputs.write_client_samples(run_dir, self.data)
         program = ClientProgram.from_config(cfg)
-        self.objective, self.pipeline = program.objective, program.pipeline
+        self.objective, self.pipeline, self.training = program.objective, program.pipeline, program.training
         self.server_optimizer = make_server_optimizer(cfg.strategy)
         self.jobs = client_jobs(self.data, cfg.peft)
         builder = BundleBuilder.of(client_cfg, self.data.train.label_names)
@@ -386,6 +386,8 @@ class Run:
             if picked:  # a round nobody delivered in leaves the largest cluster as it was
                 self.cluster_sizes = record["cluster_sizes"]
         record.update({"round_s": time.perf_counter() - start, **self.privacy_record()})
+        if self.training.lr_schedule != "constant" or self.training.lr_warmup_rounds:
+            record["lr"] = round_lr(self.training, t)  # the clients' local learning rate this round
         if rnd.secure is not None:
             record["secagg"] = rnd.secure.report()
         if rnd.attack is not None:

@@ -192,7 +192,7 @@ class SplitServer:
             return header_out, tensors
 
     def _session(self, client_id: int, rnd) -> Session:
-        from fedfm.client.program import make_optimizer
+        from fedfm.client.program import make_optimizer, round_lr, scheduled_training
 
         with self.lock:  # a message admitted in one round never opens a session of the next
             if rnd != self.round or client_id not in self.open:
@@ -202,7 +202,8 @@ class SplitServer:
                     name: self.start[key].to(self.device).clone().requires_grad_(True)
                     for key, name in self.names.items()
                 }
-                optimizer = make_optimizer(list(params.values()), self.cfg.training)
+                training = scheduled_training(self.cfg)  # the clients' schedule
+                optimizer = make_optimizer(list(params.values()), training, round_lr(training, rnd))
                 self.sessions[client_id] = Session(client_id, params, optimizer)
             return self.sessions[client_id]
 
