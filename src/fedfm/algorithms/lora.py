@@ -260,6 +260,14 @@ def check_lora(cfg) -> None:
     modes = "strategy.lora_aggregation = 'exact'/'stack' and peft.rank_tiers"
     if (mode.lora_aware or cfg.peft.rank_tiers) and cfg.peft.method != "lora":
         raise ValueError(f"{modes} need peft.method = 'lora'")
+    if cfg.peft.dora and cfg.peft.method != "lora":
+        raise ValueError("peft.dora is a kind of LoRA: it needs peft.method = 'lora'")
+    if cfg.peft.dora and (mode.lora_aware or cfg.peft.rank_tiers):
+        raise ValueError(
+            f"peft.dora with strategy.lora_aggregation = {s.lora_aggregation!r} or peft.rank_tiers: those "
+            "combine or pad the products B·A, while DoRA normalises W + B·A per column and rescales it by "
+            "its magnitude vector, which they do not account for; use 'naive' without rank tiers"
+        )
     if (mode.lora_aware or cfg.peft.rank_tiers) and not is_linear(s):
         raise ValueError(
             f"{modes} aggregate with the weighted mean; "

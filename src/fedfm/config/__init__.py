@@ -236,6 +236,10 @@ def check_batchable(cfg, who: str) -> None:
             f"{who} batches LoRA and heads; peft.method = {cfg.peft.method!r} does not batch "
             "(use run.engine = 'inprocess')"
         )
+    if cfg.peft.dora:
+        raise ValueError(
+            f"{who} batches plain LoRA; peft.dora is not built there (use run.engine = 'inprocess')"
+        )
     if dp_mode(cfg).example_level:
         raise ValueError(
             f"{who} cannot run DP-SGD (privacy.dp = 'example'): Opacus clips per example on one "

@@ -146,6 +146,11 @@ class PeftSection(_Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    dora: bool = Field(
+        False,
+        description="LoRA as DoRA (Liu et al. 2024; PEFT's use_dora): W' = m · (W + s·B·A) / ‖W + s·B·A‖ per "
+        "column; the magnitude vectors m train and travel with A and B and are averaged like them.",
+    )
     target_modules: list[str] | None = Field(
         None, description="Modules to adapt; default: PEFT's per-architecture choice."
     )

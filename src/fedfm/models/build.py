@@ -278,6 +278,7 @@ def peft_config(
             r=peft_cfg.r,
             lora_alpha=peft_cfg.alpha,
             lora_dropout=peft_cfg.dropout,
+            use_dora=peft_cfg.dora,
             target_modules=peft_cfg.target_modules,
             # no task type (image models): PEFT does not know the head, so it is named here
             modules_to_save=None if task_type else [n for n in HEAD_MODULES if hasattr(model, n)] or None,

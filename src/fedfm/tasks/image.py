@@ -224,6 +224,8 @@ def _check(cfg) -> None:
             f"peft.method = {cfg.peft.method!r} is for text models; image_classification trains "
             f"{', '.join(IMAGE_PEFT)}"
         )
+    if cfg.peft.dora:
+        raise ValueError("peft.dora is built for text models; an image backbone's LoRA adapts convolutions")
     from fedfm.algorithms.lora import LORA_AGGREGATION
     from fedfm.data.synthetic import synthetic_mode
     from fedfm.privacy.guarantees import dp_mode

@@ -112,6 +112,11 @@ def _check(cfg) -> None:
             "privacy.dp = 'example' (DP-SGD) needs strategy.objective = 'plain' and no peft.rank_tiers: "
             "proximal terms and control variates are not per-example gradients"
         )
+    if mode.example_level and cfg.peft.dora:
+        raise ValueError(
+            "privacy.dp = 'example' (DP-SGD) with peft.dora: Opacus computes per-example gradients of "
+            "standard layers, and DoRA's column-normalised layer is not one; use LoRA or client-level DP"
+        )
     if p.noise == "distributed" and p.accountant == "pld":
         raise ValueError("privacy.accountant = 'pld' applies to central noise; distributed noise uses RDP")
     if not mode.active and p.noise_seed is not None:
