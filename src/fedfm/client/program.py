@@ -64,10 +64,32 @@ def round_lr(training, t: int) -> float:
     return lr_at(s.lr, t, s.lr_schedule, s.lr_rounds, s.lr_warmup_rounds, s.lr_min)
 
 
+def check_optimizer_device(training, device: torch.device) -> None:
+    """``ValueError`` (naming the field) when the local optimizer cannot run on ``device``."""
+    if training.optimizer != "adamw8bit":
+        return
+    if device.type != "cuda":
+        raise ValueError(
+            f"training.optimizer = 'adamw8bit' is bitsandbytes' 8-bit AdamW, which runs on a CUDA GPU; "
+            f"this run's device is {device.type!r}. Use training.optimizer = 'adamw' here."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "training.optimizer = 'adamw8bit' needs the bitsandbytes package: pip install bitsandbytes"
+        )
+
+
 def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
     """A fresh local optimizer over the trainable ``params`` at ``lr`` (default ``cfg.lr``)."""
     params = [p for p in params if p.requires_grad]  # statistics travel but are not optimised
     lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "adamw8bit":
+        check_optimizer_device(cfg, params[0].device if params else torch.device("cpu"))
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)

@@ -149,6 +149,11 @@ class RunConfig(_Section):
                 )
             if t.lr_min > t.lr:
                 raise ValueError(f"training.lr_min = {t.lr_min:g} is above training.lr = {t.lr:g}")
+        if t.optimizer == "adamw8bit" and self.run.device == "cpu":
+            raise ValueError(
+                "training.optimizer = 'adamw8bit' runs on a CUDA GPU (bitsandbytes) and run.device = 'cpu'; "
+                "use training.optimizer = 'adamw'"
+            )
         from fedfm.data.partition import by_column
 
         if by_column(self.partition) and not self.partition.column:
@@ -239,6 +244,10 @@ def check_batchable(cfg, who: str) -> None:
     if cfg.peft.dora:
         raise ValueError(
             f"{who} batches plain LoRA; peft.dora is not built there (use run.engine = 'inprocess')"
+        )
+    if cfg.training.optimizer == "adamw8bit":
+        raise ValueError(
+            f"{who} steps stacked AdamW or SGD; training.optimizer = 'adamw8bit' is not built there"
         )
     if dp_mode(cfg).example_level:
         raise ValueError(

@@ -233,7 +233,11 @@ class TrainingSection(_Section):
     local_epochs: float = Field(1.0, gt=0, description="Passes over local data per round.")
     local_steps: int | None = Field(None, ge=1, description="Fixed local steps; overrides epochs.")
     batch_size: int = Field(16, ge=1, description="Local mini-batch size.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer (fresh every round).")
+    optimizer: Literal["adamw", "sgd", "adamw8bit"] = Field(
+        "adamw",
+        description="Local optimizer (fresh every round); adamw8bit: bitsandbytes' 8-bit AdamW (its two "
+        "moments in 8 bits), on a CUDA GPU only.",
+    )
     lr: float = Field(5e-3, gt=0, le=100, description="Local learning rate (the schedule's peak).")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",

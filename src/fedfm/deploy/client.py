@@ -148,7 +148,7 @@ class Trainer:
     """The frozen base model, the task and the client program, shared by the identities of a process."""
 
     def __init__(self, cfg, data, registered: bool) -> None:
-        from fedfm.client.program import ClientProgram
+        from fedfm.client.program import ClientProgram, check_optimizer_device
         from fedfm.tasks.setup import build_task
 
         if cfg.run.threads:
@@ -162,6 +162,7 @@ class Trainer:
             self.bundle, self.task, self.cut = remote.client(cfg, data)
         else:
             self.bundle, self.task = build_task(cfg, data)
+        check_optimizer_device(cfg.training, self.bundle.device)  # a clear error now, not every round
         self.program = ClientProgram.from_config(cfg)
         self.lock = threading.Lock()
         self.started = time.monotonic()  # the run's ETA, as this client sees its rounds go by

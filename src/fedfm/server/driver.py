@@ -24,7 +24,7 @@ from fedfm.algorithms.lora import LORA_AGGREGATION, aggregation_rule, truncate_r
 from fedfm.algorithms.personal import personalizes
 from fedfm.algorithms.sampling import cohort_size, poisson_cohort, sample_cohort
 from fedfm.algorithms.server_optimizers import make_server_optimizer
-from fedfm.client.program import ClientProgram, round_lr
+from fedfm.client.program import ClientProgram, check_optimizer_device, round_lr
 from fedfm.config import RunConfig
 from fedfm.data.sources import DataNote, DataWarning
 from fedfm.data.synthetic import synthetic_mode
@@ -115,6 +115,7 @@ class Run:
                 (self.console.note if issubclass(w.category, DataNote) else self.console.warn)(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        check_optimizer_device(cfg.training, self.bundle.device)  # before any round, not in each client
         self.initial_params = get_trainable_state(self.bundle.trainable)  # the baselines start here
         outputs.write_partition(run_dir, self.data.partition_summary(cfg.partition.method))
         outputs.note_model_files(run_dir, cfg.model.name, getattr(self.bundle, "source", None))

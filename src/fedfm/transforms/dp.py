@@ -112,6 +112,8 @@ def _check(cfg) -> None:
             "privacy.dp = 'example' (DP-SGD) needs strategy.objective = 'plain' and no peft.rank_tiers: "
             "proximal terms and control variates are not per-example gradients"
         )
+    if mode.example_level and cfg.training.optimizer == "adamw8bit":
+        raise ValueError("privacy.dp = 'example' (DP-SGD) with training.optimizer = 'adamw8bit' is not built")
     if mode.example_level and cfg.peft.dora:
         raise ValueError(
             "privacy.dp = 'example' (DP-SGD) with peft.dora: Opacus computes per-example gradients of "
