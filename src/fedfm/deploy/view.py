@@ -29,7 +29,7 @@ CLIENT_FIELDS = frozenset(
         "task.kind", "task.packing", "task.system_prompt", "task.preference_loss", "task.beta",
         "task.sft_weight", "task.reference_adapter",
         "model.name", "model.init", "model.max_length", "model.quantization", "model.image_size",
-        "model.batch_norm", "model.batch_norm_momentum", "model.layers",
+        "model.batch_norm", "model.batch_norm_momentum", "model.layers", "model.dtype",
         "peft.method", "peft.r", "peft.alpha", "peft.dropout", "peft.dora", "peft.target_modules",
         "peft.num_virtual_tokens", "peft.layers", "peft.rank_tiers", "peft.rank_assignment",
         # the data's format, and how a demo dataset is cut (``--data config``); never a path

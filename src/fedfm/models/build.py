@@ -97,6 +97,11 @@ def label_fields(label_names: list[str]) -> dict:
     }
 
 
+def base_dtype(model_cfg) -> torch.dtype:
+    """The dtype the base weights load and stay in (``model.dtype``)."""
+    return torch.bfloat16 if getattr(model_cfg, "dtype", "float32") == "bfloat16" else torch.float32
+
+
 def load_labelled(auto_class, source: str, model_cfg, label_names: list[str]) -> nn.Module:
     """``auto_class`` (a transformers Auto class) for ``source`` with the run's labels: pretrained
     (a checkpoint whose head has another label count gets a fresh head) or freshly initialised."""
@@ -106,9 +111,11 @@ def load_labelled(auto_class, source: str, model_cfg, label_names: list[str]) ->
     try:
         if model_cfg.init == "pretrained":
             return auto_class.from_pretrained(
-                source, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
+                source, dtype=base_dtype(model_cfg), ignore_mismatched_sizes=True, **labels
             )
-        return auto_class.from_config(AutoConfig.from_pretrained(source, **labels), dtype=torch.float32)
+        return auto_class.from_config(
+            AutoConfig.from_pretrained(source, **labels), dtype=base_dtype(model_cfg)
+        )
     except Exception as err:
         raise load_error(model_cfg.name, err) from None
 
@@ -181,9 +188,11 @@ def build_causal_lm(
     try:
         if model_cfg.init == "pretrained":
             extra = {"quantization_config": quant, "device_map": {"": dev.index or 0}} if quant else {}
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=base_dtype(model_cfg), **extra)
         else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(source), dtype=base_dtype(model_cfg)
+            )
     except Exception as err:
         raise load_error(model_cfg.name, err) from None
     if model.config.pad_token_id is None:
