@@ -19,7 +19,7 @@ def test_refused_at_config_time_on_an_explicit_cpu(tiny_config):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
 def test_refused_before_the_first_round_when_the_device_is_automatic(tiny_config, tmp_path):
     cfg = make_config(tiny_config(training={"optimizer": "adamw8bit"}))  # run.device = "auto"
-    with pytest.raises(ValueError, match="runs on a CUDA GPU; this run's device is 'cpu'"):
+    with pytest.raises(ValueError, match="needs bitsandbytes on a CUDA GPU; this run's device is 'cpu'"):
         fedfm.run(cfg, output=tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "checkpoint" / "state.sqlite").exists()  # no round ran
 

@@ -39,7 +39,7 @@ from fedfm.client.steps import (
     finish_update,
     num_local_steps,
 )
-from fedfm.models.build import ModelBundle
+from fedfm.models.build import ModelBundle, require_bitsandbytes
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy.dpsgd import ExampleDp, dp_sgd_final, dp_sgd_init, dp_sgd_step, poisson_batches
 from fedfm.seeding import NoiseSource, seed_torch, torch_generator
@@ -68,17 +68,9 @@ def check_optimizer_device(training, device: torch.device) -> None:
     """``ValueError`` (naming the field) when the local optimizer cannot run on ``device``."""
     if training.optimizer != "adamw8bit":
         return
-    if device.type != "cuda":
-        raise ValueError(
-            f"training.optimizer = 'adamw8bit' is bitsandbytes' 8-bit AdamW, which runs on a CUDA GPU; "
-            f"this run's device is {device.type!r}. Use training.optimizer = 'adamw' here."
-        )
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            "training.optimizer = 'adamw8bit' needs the bitsandbytes package: pip install bitsandbytes"
-        )
+    require_bitsandbytes(
+        "training.optimizer = 'adamw8bit' (8-bit AdamW)", "training.optimizer = 'adamw'", device
+    )
 
 
 def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:

@@ -140,22 +140,26 @@ def build_classifier(
     return ModelBundle(model, tokenizer, trainable_parameters(model), source, dev)
 
 
-def quantization_config(model_cfg, device: torch.device):
-    """bitsandbytes settings for ``model.quantization`` (QLoRA), or a clear error where unsupported."""
-    if model_cfg.quantization == "none":
-        return None
+def require_bitsandbytes(setting: str, instead: str, device: torch.device) -> None:
+    """``ModelError`` unless bitsandbytes can run ``setting`` here: a CUDA device and the package."""
     import importlib.util
 
     if device.type != "cuda":
         raise ModelError(
-            f"model.quantization = {model_cfg.quantization!r} needs bitsandbytes on a CUDA GPU; this run's "
-            f"device is {device.type!r}. Use model.quantization = 'none' here."
+            f"{setting} needs bitsandbytes on a CUDA GPU; this run's device is {device.type!r}. "
+            f"Use {instead} here."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(
-            f"model.quantization = {model_cfg.quantization!r} needs the bitsandbytes package: "
-            "pip install bitsandbytes"
-        )
+        raise ModelError(f"{setting} needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def quantization_config(model_cfg, device: torch.device):
+    """bitsandbytes settings for ``model.quantization`` (QLoRA), or a clear error where unsupported."""
+    if model_cfg.quantization == "none":
+        return None
+    require_bitsandbytes(
+        f"model.quantization = {model_cfg.quantization!r}", "model.quantization = 'none'", device
+    )
     from transformers import BitsAndBytesConfig
 
     if model_cfg.quantization == "8bit":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fedfm.reporting.metrics import fsync_folder
 from fedfm.types import Params
 
 FORMAT = 2
@@ -109,14 +110,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(folder: Path, stem: str, tensors: dict) -> tuple[str, str]:
     """``tensors`` as ``{stem}-{sha256}.safetensors`` in ``folder``, durable before it is named;
     → (file name, digest)."""
@@ -130,11 +123,11 @@ def _write_tensors(folder: Path, stem: str, tensors: dict) -> tuple[str, str]:
         seen.add(ptr)
     tmp = folder / f".{stem}.tmp-{os.getpid()}"
     save_file(flat, str(tmp))
-    _fsync(tmp)
+    fsync_folder(tmp)  # a file syncs the same way
     digest = _file_digest(tmp)
     name = f"{stem}-{digest}.safetensors"
     os.replace(tmp, folder / name)
-    _fsync(folder)
+    fsync_folder(folder)
     return name, digest
 
 
