@@ -99,6 +99,10 @@ if stop == "before-commit":  # the file is written and durable; the row never co
         original(*args)
         os._exit(9)
     checkpoint._write_tensors = write_then_die
+if stop == "after-commit":  # the row is committed; the last round's file is not removed yet
+    def die(*args):
+        os._exit(9)
+    checkpoint._remove_unnamed = die
 print("saving", flush=True)
 save_checkpoint(folder, state(2))
 print("saved", flush=True)
@@ -127,6 +131,12 @@ def test_a_state_above_one_gib_survives_a_kill_in_the_middle_of_its_next_commit(
     kept = load_checkpoint(folder)
     assert kept.round == 1 and kept.params["w"].shape == (BIG,) and bool((kept.params["w"] == 1).all())
     del kept
+    # killed after the commit, before the clean-up: round 2 stands; round 1's file lingers until the next
+    cut = _writer(folder, "after-commit")
+    assert cut.wait(timeout=300) == 9, cut.stderr.read()
+    kept = load_checkpoint(folder)
+    assert kept.round == 2 and bool((kept.params["w"] == 2).all()) and first.exists()
+    del kept
     # killed with SIGKILL at an arbitrary moment of the next commit: round 1 or round 2, never neither
     for delay in (0.5, 2.0):
         proc = _writer(folder, "anywhere")
@@ -145,3 +155,4 @@ def test_a_state_above_one_gib_survives_a_kill_in_the_middle_of_its_next_commit(
     kept = load_checkpoint(folder)
     assert kept.round == 2 and bool((kept.params["w"] == 2).all())
     assert len(list(folder.glob("*.safetensors"))) == 1 and not list(folder.glob(".*.tmp-*"))
+    assert not first.exists()  # round 1's file went with the first commit after it

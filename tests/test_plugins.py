@@ -51,6 +51,7 @@ def test_plugins_registered_outside_the_package_are_used(tiny_config, tmp_path):
     assert r["factor_error"] < 1e-6  # plugin_factor = -1 from every client undoes the plain round
     # a deployed client is told the options of the plug-ins it runs (FedDyn's α), not the server's
     assert r["client_told_alpha"] and not r["client_told_trim"]
+    assert r["client_told_model_option"]  # a client builds the model itself: it needs the model's options
     assert r["lines_rounds"] == [0, 1]  # the tracker wrote its file under the name its option gave
     # the options of the first plug-ins, each changing what they do
     assert r["quarter_error"] < 1e-6  # plugin_step_scale = 0.25: a quarter of the FedAvg step

@@ -53,6 +53,17 @@ def test_schedules_that_cannot_run_are_refused_naming_the_field(tiny_config):
         make_config(tiny_config(training={"lr_schedule": "linear", "lr": 0.01, "lr_min": 0.1}))
     with pytest.raises(ConfigError, match="lr_schedule"):
         make_config(tiny_config(training={"lr_schedule": "step"}))
+    cosine = {"lr_schedule": "cosine"}
+    for sections in (  # where the rate does not follow the round, a schedule is refused, not ignored
+        {"run": {"mode": "async"}, "fedbuff": {"buffer_size": 2}},
+        {"run": {"engine": "batched"}},
+        {"sharing": {"mode": "transfer"}, "transfer": {"path": "texts.jsonl"}},
+    ):
+        cfg = tiny_config(training=cosine)
+        for name, values in sections.items():
+            cfg[name] = {**cfg.get(name, {}), **values}
+        with pytest.raises(ConfigError, match="lr_schedule"):
+            make_config(cfg)
 
 
 def test_clients_train_at_the_scheduled_rate(tiny_config, tmp_path):
@@ -77,3 +88,46 @@ def test_clients_train_at_the_scheduled_rate(tiny_config, tmp_path):
     )
     c = load_checkpoint(full.run_dir / "checkpoint").params
     assert any(not torch.equal(c[k], b[k]) for k in b)  # the rate matters: 0.1 ends elsewhere
+
+
+def test_scaffold_controls_use_the_rate_the_round_trained_at(tiny_config):
+    """c_k⁺ = c_k − c + (θ − y)/(K·η): with c = c_k = 0 it is −Δ/(K·η_t), η_t the round's rate."""
+    from fedfm.algorithms.objectives import make_objective
+    from fedfm.client.program import ClientJob, client_update, scheduled_training
+    from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_task, prepare_data
+    from fedfm.types import RoundContext
+
+    sgd = {"optimizer": "sgd", "lr": 0.1, "local_steps": 2, "max_grad_norm": None}
+    training = {**sgd, "lr_schedule": "linear"}
+    cfg = make_config(tiny_config(run={"rounds": 4}, strategy={"objective": "scaffold"}, training=training))
+    data = prepare_data(cfg)
+    bundle, task = build_task(cfg, data)
+    theta = get_trainable_state(bundle.trainable)
+    zero = {k: torch.zeros_like(v) for k, v in theta.items()}
+    training = scheduled_training(cfg)
+    update, state = client_update(
+        bundle, task, ClientJob(0, data.client_train[0]), theta, RoundContext(3, 0, server_control=zero),
+        training, make_objective(cfg.strategy), None,
+    )  # fmt: skip
+    eta = lr_at(0.1, 3, "linear", 4)  # 0.025
+    assert eta == pytest.approx(0.025)
+    for k, d in update.delta.items():
+        assert torch.allclose(state[k], -d / (2 * eta), atol=1e-6)
+
+
+def test_training_outside_the_rounds_ignores_the_schedule(tiny_config):
+    """A baseline, the synthetic warm-up and fine-tuning after FL train at their own rate."""
+    from fedfm.client.program import train_from
+    from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_task, prepare_data
+
+    plain = make_config(tiny_config(training={"optimizer": "sgd"}))
+    warm = make_config(tiny_config(run={"rounds": 8}, training={"optimizer": "sgd", "lr_warmup_rounds": 4}))
+    data = prepare_data(plain)
+    bundle, task = build_task(plain, data)
+    start = get_trainable_state(bundle.trainable)
+    rows = data.client_train[0]
+    a, _ = train_from(bundle, task, rows, start, 2, plain.training, seed=0)
+    b, _ = train_from(bundle, task, rows, start, 2, warm.training, seed=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -212,16 +212,11 @@ def client_final(training: LocalTraining) -> tuple[Update, Params | None]:
             "dp_steps": float(steps),
         }
         return Update(delta, n, metrics), {"history": training.dp_sgd.history}
+    lr = round_lr(training.cfg, training.ctx.round)  # the rate this round trained at (SCAFFOLD's η)
     return finish_update(
-        training.hook,
-        final,
-        training.global_params,
-        n,
-        steps,
-        training.losses,
-        training.cfg,
-        training.client_state,
-    )
+        training.hook, final, training.global_params, n, steps, training.losses, training.cfg,
+        training.client_state, lr,
+    )  # fmt: skip
 
 
 def client_update(
@@ -328,7 +323,8 @@ def train_from(
 ) -> tuple[Params, float]:
     """Train ``rows`` from ``start`` for ``steps`` with the plain objective, on one party's behalf
     (a baseline, or the server's synthetic warm-up); returns the new state and the mean loss."""
-    training = cfg.model_copy(update={"local_steps": steps})
+    # one party's training outside the rounds: at its own rate, no schedule across rounds
+    training = cfg.model_copy(update={"local_steps": steps, "lr_schedule": "constant", "lr_warmup_rounds": 0})
     ctx = RoundContext(round=0, seed=seed)
     with own_statistics(bundle, {}):  # FedBN: a party of its own, from the loaded statistics
         update, _ = client_update(

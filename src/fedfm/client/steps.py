@@ -57,12 +57,15 @@ def client_batch(task, ctx: RoundContext, job: ClientJob, rows: torch.Tensor, ge
     return task.batch(task.train, rows, device)
 
 
-def finish_update(hook, final: Params, global_params: Params, n: int, steps: int, losses, cfg, client_state):
+def finish_update(
+    hook, final: Params, global_params: Params, n: int, steps: int, losses, cfg, client_state, lr=None
+):
     """The update θ_k − θ of a client whose training ended at ``final``, its metrics, and the
-    objective's finish (SCAFFOLD's control delta and new control variate)."""
+    objective's finish (SCAFFOLD's control delta and new control variate, from the learning rate
+    the round trained at: ``lr``, default ``cfg.lr``)."""
     delta = {k: final[k] - global_params[k] for k in global_params}
     control_delta, new_state = None, client_state
     if hook.finish is not None:
-        control_delta, new_state = hook.finish(final, steps, cfg.lr)
+        control_delta, new_state = hook.finish(final, steps, cfg.lr if lr is None else lr)
     metrics = {"train_loss": float(np.mean(losses)), "steps": float(steps)}
     return Update(delta, n, metrics, control_delta), new_state

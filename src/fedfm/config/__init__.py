@@ -249,6 +249,8 @@ def check_batchable(cfg, who: str) -> None:
         raise ValueError(
             f"{who} steps stacked AdamW or SGD; training.optimizer = 'adamw8bit' is not built there"
         )
+    if cfg.training.lr_schedule != "constant" or cfg.training.lr_warmup_rounds:
+        raise ValueError(f"{who} steps groups at training.lr; training.lr_schedule is not built there")
     if dp_mode(cfg).example_level:
         raise ValueError(
             f"{who} cannot run DP-SGD (privacy.dp = 'example'): Opacus clips per example on one "

@@ -67,7 +67,16 @@ CLIENT_FIELDS = frozenset(
 
 # the kinds of component a client runs: a plug-in's options of these kinds travel to clients
 CLIENT_KINDS = frozenset(
-    {"objective", "compression method", "transform", "personalization method", "task", "partitioner"}
+    {
+        "objective",
+        "compression method",
+        "transform",
+        "personalization method",
+        "task",
+        "partitioner",
+        "model",
+        "dataset",
+    }
 )
 
 

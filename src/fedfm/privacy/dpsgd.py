@@ -84,7 +84,7 @@ class DpSgdState:
 
 
 def dp_sgd_init(model, optimizer, settings: ExampleDp, ctx) -> DpSgdState:
-    """Charge this round's steps (before they dp) and put Opacus' hooks on the shared model.
+    """Charge this round's steps (before they run) and put Opacus' hooks on the shared model.
     ``ctx`` has ``n``, ``batch_size``, ``steps``, ``generator``, ``history``."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer

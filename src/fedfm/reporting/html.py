@@ -267,7 +267,7 @@ def _held(sharing: dict) -> str:
 
 def _sharing_text(sharing: dict) -> str:
     mode = html.escape(str(sharing.get("mode")))
-    if mode == "transfer":
+    if "client_models" in sharing:  # knowledge transfer: small models of their own
         models = ", ".join(
             f"{html.escape(str(m['name']))}"
             + (f" (layers {m['layers']})" if m.get("layers") else "")

@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import sqlite3
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,11 @@ def _value(fmt: int, blob: bytes, digest: str, what: str, path: Path):
     return _join(value["skeleton"], load_file(str(file)))
 
 
+def _temporaries(folder: Path) -> list[Path]:
+    """Tensor files this module began and never renamed (a write cut short)."""
+    return [*folder.glob(".server.tmp-*"), *folder.glob(".client-*.tmp-*")]
+
+
 def _remove_unnamed(folder: Path, db: sqlite3.Connection) -> None:
     """Tensor files no committed row names (the rows before this commit, or a write cut short)."""
     named = set()
@@ -168,7 +174,7 @@ def _remove_unnamed(folder: Path, db: sqlite3.Connection) -> None:
         (FORMAT_FILES, FORMAT_FILES),
     ):
         named.add(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["file"])
-    for file in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp-*")]:
+    for file in [*folder.glob("*.safetensors"), *_temporaries(folder)]:
         if file.name not in named:
             file.unlink(missing_ok=True)
 
@@ -216,12 +222,16 @@ def save_checkpoint(
             rows,
         )
         db.execute("COMMIT")
-        if file is not None or any(folder.glob("*.safetensors")):
-            _remove_unnamed(folder, db)
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+    else:  # committed: what no row names any more goes; failing to remove it loses nothing
+        if file is not None or any(folder.glob("*.safetensors")) or _temporaries(folder):
+            try:
+                _remove_unnamed(folder, db)
+            except OSError as err:
+                warnings.warn(f"{folder}: an old checkpoint file could not be removed ({err})", stacklevel=2)
     finally:
         db.close()
     (folder / LEGACY).unlink(missing_ok=True)  # a resumed 0.1 folder now lives in the database

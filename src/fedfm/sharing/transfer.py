@@ -46,6 +46,8 @@ def check_transfer(cfg) -> None:
             f"{who}: the clients' logits on the transfer set are neither clipped and noised nor masked; "
             "turn privacy.dp and secagg.enabled off"
         )
+    if cfg.training.lr_schedule != "constant" or cfg.training.lr_warmup_rounds:
+        raise ValueError(f"{who} trains at training.lr every round; training.lr_schedule is not built there")
     if registry_for("attack").get(cfg.attack.kind).acts or compresses(cfg):
         raise ValueError(
             f"{who} sends logits, not updates: attack.kind and compression.method must be 'none'"

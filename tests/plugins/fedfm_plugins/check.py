@@ -147,6 +147,7 @@ def main(base: dict, out: Path) -> None:
     from fedfm.deploy.view import client_config_toml  # what a deployed client is told
 
     told = client_config_toml(fedfm.load_config(toml, ["strategy.trim_count=3"]))
+    told_model = client_config_toml(fedfm.load_config(out.parent / "shallow.toml"))
     report = {
         "plain_moved": float(sum(v.abs().sum() for v in moved.values())),
         "frozen_moved": delta(
@@ -197,6 +198,7 @@ def main(base: dict, out: Path) -> None:
         "lines_rounds": [json.loads(x)["round"] for x in lines],
         "client_told_alpha": "feddyn_alpha = 0.5" in told,
         "client_told_trim": "trim_count" in told,
+        "client_told_model_option": "plugin_layers = 1" in told_model,
     }
     out.write_text(json.dumps(report))
 
