@@ -140,7 +140,7 @@ class RunConfig(_Section):
                 "leave it unset"
             )
         t = self.training
-        if t.lr_schedule != "constant" or t.lr_warmup_rounds:
+        if t.scheduled:
             span = t.lr_rounds or self.run.rounds
             if t.lr_warmup_rounds >= span and t.lr_schedule != "constant":
                 raise ValueError(
@@ -183,7 +183,7 @@ def option_host(kind: str) -> str | None:
 
 def _host_options(kind: str, name: str, options, own: str | None = None) -> None:
     if own is not None:  # a section of its own: [own]
-        add_section(RunConfig, own, options, f"{kind} {name!r}", kind)
+        add_section(RunConfig, own, options, kind, name)
         return
     section = option_host(kind)
     if section is None:
@@ -249,7 +249,7 @@ def check_batchable(cfg, who: str) -> None:
         raise ValueError(
             f"{who} steps stacked AdamW or SGD; training.optimizer = 'adamw8bit' is not built there"
         )
-    if cfg.training.lr_schedule != "constant" or cfg.training.lr_warmup_rounds:
+    if cfg.training.scheduled:
         raise ValueError(f"{who} steps groups at training.lr; training.lr_schedule is not built there")
     if dp_mode(cfg).example_level:
         raise ValueError(

@@ -72,18 +72,17 @@ def _marks(kind: str, names: list[str]) -> dict:
     return {"component": owners, "components": names, "component_kind": kind}
 
 
-def add_section(root: type[BaseModel], name: str, model: type[BaseModel], owner: str, kind: str) -> None:
+def add_section(root: type[BaseModel], name: str, model: type[BaseModel], kind: str, owner: str) -> None:
     """Add ``[name]``, holding ``model``, to ``root`` (a component's section of its own) and
     rebuild it; a name the config already has is a ``TypeError``."""
     from pydantic import Field
     from pydantic.fields import FieldInfo
 
     if name in root.model_fields:
-        raise TypeError(f"{owner}: the config already has a section [{name}]; choose another name")
+        raise TypeError(f"{kind} {owner!r}: the config already has a section [{name}]; choose another name")
     doc = " ".join((model.__doc__ or "").split())
-    marks = {"component": owner, "components": [owner.split(" ", 1)[-1].strip("'")], "component_kind": kind}
     info = FieldInfo.from_annotated_attribute(
-        model, Field(default_factory=model, description=doc, json_schema_extra=marks)
+        model, Field(default_factory=model, description=doc, json_schema_extra=_marks(kind, [owner]))
     )
     root.__pydantic_fields__[name] = info
     root.model_rebuild(force=True)

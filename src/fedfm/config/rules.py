@@ -79,7 +79,7 @@ def check_fedbuff(cfg, dp: bool) -> None:
         and "simulated attackers are drawn per round cohort; FedBuff has no cohort",
         "run.protocol": not registry_for("protocol").get(cfg.run.protocol).rounds
         and "the one-shot protocols have no rounds to buffer",
-        "training.lr_schedule": (cfg.training.lr_schedule != "constant" or cfg.training.lr_warmup_rounds > 0)
+        "training.lr_schedule": cfg.training.scheduled
         and "a schedule across rounds follows the round, and asynchronous tasks are numbered by dispatch "
         "(not built; use a constant training.lr)",
     }

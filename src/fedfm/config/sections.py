@@ -268,6 +268,11 @@ class TrainingSection(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations (less memory).")
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the local learning rate changes across rounds (a schedule or a warm-up)."""
+        return self.lr_schedule != "constant" or self.lr_warmup_rounds > 0
+
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps of one client's local training on ``num_examples`` rows: ``local_steps``
         if set, else ceil(local_epochs · n / (batch_size · grad_accumulation)), at least 1."""

@@ -132,16 +132,16 @@ def _write_tensors(folder: Path, stem: str, tensors: dict) -> tuple[str, str]:
     return name, digest
 
 
-def _row(value: dict, folder: Path, stem: str, inline_max: int) -> tuple[int, str, bytes, str | None]:
-    """(format, digest, blob, tensor file or None) of a state: inline while its tensors are at most
-    ``inline_max`` bytes, else its tensors in a file (``_write_tensors``)."""
+def _row(value: dict, folder: Path, stem: str, inline_max: int) -> tuple[int, str, bytes]:
+    """(format, digest, blob) of a state: inline while its tensors are at most ``inline_max``
+    bytes, else its tensors in a file (``_write_tensors``) that the blob names."""
     tensors: dict = {}
     skeleton = _split(value, tensors)
     if sum(t.numel() * t.element_size() for t in tensors.values()) <= inline_max:
-        return FORMAT, *_blob_row(value), None
+        return FORMAT, *_blob_row(value)
     name, digest = _write_tensors(folder, stem, tensors)
     blob = _dumps({"skeleton": skeleton, "file": name, "sha256": digest})
-    return FORMAT_FILES, hashlib.sha256(blob).hexdigest(), blob, name
+    return FORMAT_FILES, hashlib.sha256(blob).hexdigest(), blob
 
 
 def _value(fmt: int, blob: bytes, digest: str, what: str, path: Path):
@@ -207,12 +207,11 @@ def save_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILENAME
-    fmt, digest, blob, file = _row(state.__dict__, folder, "server", inline_max)
+    fmt, digest, blob = _row(state.__dict__, folder, "server", inline_max)
     rows = []
     for k, v in (clients or {}).items():
-        c_fmt, c_digest, c_blob, c_file = _row(v, folder, f"client-{int(k)}", inline_max)
+        c_fmt, c_digest, c_blob = _row(v, folder, f"client-{int(k)}", inline_max)
         rows.append((int(k), state.round, c_digest, c_blob, c_fmt))
-        file = file or c_file
     db = _connect(path)
     try:
         db.execute("BEGIN IMMEDIATE")
@@ -227,7 +226,7 @@ def save_checkpoint(
             db.execute("ROLLBACK")
         raise
     else:  # committed: what no row names any more goes; failing to remove it loses nothing
-        if file is not None or any(folder.glob("*.safetensors")) or _temporaries(folder):
+        if any(folder.glob("*.safetensors")) or _temporaries(folder):
             try:
                 _remove_unnamed(folder, db)
             except OSError as err:

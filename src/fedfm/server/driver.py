@@ -387,7 +387,7 @@ class Run:
             if picked:  # a round nobody delivered in leaves the largest cluster as it was
                 self.cluster_sizes = record["cluster_sizes"]
         record.update({"round_s": time.perf_counter() - start, **self.privacy_record()})
-        if self.training.lr_schedule != "constant" or self.training.lr_warmup_rounds:
+        if self.training.scheduled:
             record["lr"] = round_lr(self.training, t)  # the clients' local learning rate this round
         if rnd.secure is not None:
             record["secagg"] = rnd.secure.report()

@@ -46,7 +46,7 @@ def check_transfer(cfg) -> None:
             f"{who}: the clients' logits on the transfer set are neither clipped and noised nor masked; "
             "turn privacy.dp and secagg.enabled off"
         )
-    if cfg.training.lr_schedule != "constant" or cfg.training.lr_warmup_rounds:
+    if cfg.training.scheduled:
         raise ValueError(f"{who} trains at training.lr every round; training.lr_schedule is not built there")
     if registry_for("attack").get(cfg.attack.kind).acts or compresses(cfg):
         raise ValueError(
