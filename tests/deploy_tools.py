@@ -168,9 +168,9 @@ class Hostile:
     def send(self, header: dict, payload: bytes = b""):
         import json
 
-        from fedfm.wire import chunks
+        from fedfm.wire import chunks, declared
 
-        pieces = list(chunks({}, payload))
-        first = [self.pb.Chunk(header=json.dumps(header), data=pieces[0][1])]
+        pieces = list(chunks({}, payload))  # a hostile site declares what it sends, to be read at all
+        first = [self.pb.Chunk(header=json.dumps({**header, **declared(payload)}), data=pieces[0][1])]
         message = first + [self.pb.Chunk(data=d) for _, d in pieces[1:]]
         return self.stub.SubmitUpdate(iter(message), metadata=self.meta, timeout=60)

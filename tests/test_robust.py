@@ -9,14 +9,12 @@ from fedfm.algorithms.robust import (
     CohortTooSmallError,
     bulyan,
     coordinate_median,
-    flatten,
     geometric_median,
     krum,
     median,
     multi_krum,
     norm_bound,
     trimmed_mean,
-    unflatten,
 )
 
 RULES = {
@@ -50,12 +48,6 @@ def test_identical_updates_come_back_unchanged(vec, rule, weights):
     out = RULES[rule](updates)
     torch.testing.assert_close(out["w"], torch.tensor(vec), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out["b"], torch.tensor([vec[0]]), atol=1e-4, rtol=1e-5)
-
-
-def test_flatten_round_trip():
-    p = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
-    back = unflatten(flatten(p), p)
-    assert all(torch.equal(back[k], p[k]) for k in p)
 
 
 def test_median_resists_a_minority_and_breaks_at_half():

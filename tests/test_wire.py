@@ -24,7 +24,12 @@ def test_chunks_join_back_to_the_same_message(blob, size):
     pieces = list(chunks({"round": 3}, blob, size))
     assert all(len(d) <= size for _, d in pieces) and pieces[0][0] and not any(h for h, _ in pieces[1:])
     assert len(pieces) == max(1, -(-len(blob) // size))
-    assert join(pieces) == ({"round": 3}, blob)
+    header, data = join(pieces)
+    assert data == blob and header["round"] == 3 and header.get("nbytes", 0) == len(blob)
+    if blob:  # the size and digest ride in the header; a changed byte is refused
+        bad = [(pieces[0][0], bytes([pieces[0][1][0] ^ 1]) + pieces[0][1][1:]), *pieces[1:]]
+        with pytest.raises(WireError, match="SHA-256"):
+            join(bad)
 
 
 def test_join_refuses_broken_streams():

@@ -1,7 +1,10 @@
 """Byzantine-robust aggregators: pure functions from a list of (delta, weight) to one delta.
 
-Each works on the updates flattened to vectors, documents how many Byzantine clients f it
-tolerates, and refuses a cohort too small for it with ``CohortTooSmallError``.
+Each reads the cohort one tensor name at a time (``Cohort.blocks``: the n × size matrix of that
+tensor across the updates), so that updates spilled to disk by a deployment (``fedfm.wire.stream``)
+are never all in memory at once: the server holds one tensor of every update, the distances
+between updates (n × n) and the result. Each documents how many Byzantine clients f it tolerates,
+and refuses a cohort too small for it with ``CohortTooSmallError``.
 
 - ``median``: coordinate-wise median (Yin et al., 2018). Breakdown point 1/2: tolerates f < n/2.
 - ``trimmed_mean``: per coordinate, drop the ⌊βn⌋ largest and smallest values and average the
@@ -23,7 +26,7 @@ Unless stated, the rules ignore the example weights (an attacker can lie about i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from pydantic import BaseModel, Field
@@ -36,26 +39,50 @@ class CohortTooSmallError(EmptyCohortError):
     """The cohort has too few updates for the rule's Byzantine assumption."""
 
 
-def flatten(params: Params) -> torch.Tensor:
-    return torch.cat([params[k].reshape(-1).to(torch.float64) for k in sorted(params)])
+class Cohort:
+    """The updates of a round, read one tensor name at a time (in sorted name order)."""
 
+    def __init__(self, updates: Iterable[tuple[Params, float]]) -> None:
+        items = list(updates)
+        if not items:
+            raise EmptyCohortError("no updates to aggregate")
+        self.deltas = [d for d, _ in items]
+        self.weights = torch.tensor([float(w) for _, w in items], dtype=torch.float64)
+        self.n = len(items)
+        self.keys = sorted(self.deltas[0])
+        self.meta: dict[str, tuple[torch.Size, torch.dtype]] = {}  # name → (shape, dtype), once read
 
-def unflatten(vector: torch.Tensor, like: Params) -> Params:
-    out, offset = {}, 0
-    for k in sorted(like):
-        n = like[k].numel()
-        out[k] = vector[offset : offset + n].reshape(like[k].shape).to(like[k].dtype)
-        offset += n
-    return out
+    def blocks(
+        self, rows: list[int] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Size, torch.dtype]]:
+        """(name, the rows' values of that tensor as a float64 matrix, its shape, its dtype)."""
+        for k in self.keys:
+            picked = range(self.n) if rows is None else rows
+            tensors = [self.deltas[i][k] for i in picked]
+            self.meta[k] = (tensors[0].shape, tensors[0].dtype)
+            block = torch.stack([t.reshape(-1).to(torch.float64) for t in tensors])
+            del tensors
+            yield k, block, *self.meta[k]
 
+    def map(self, per_coordinate: Callable[[torch.Tensor], torch.Tensor], rows=None) -> Params:
+        """Each tensor of the aggregate from its block (n × size → size)."""
+        return {k: per_coordinate(b).reshape(shape).to(dtype) for k, b, shape, dtype in self.blocks(rows)}
 
-def _stack(updates: Iterable[tuple[Params, float]]) -> tuple[torch.Tensor, torch.Tensor, Params]:
-    items = list(updates)
-    if not items:
-        raise EmptyCohortError("no updates to aggregate")
-    vectors = torch.stack([flatten(d) for d, _ in items])
-    weights = torch.tensor([float(w) for _, w in items], dtype=torch.float64)
-    return vectors, weights, items[0][0]
+    def squared_distances(self) -> torch.Tensor:
+        """‖Δ_i − Δ_j‖² for every pair, summed block by block (n × n, float64)."""
+        d2 = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for _, b, _, _ in self.blocks():
+            d2 += torch.stack([(b - b[i]).pow(2).sum(dim=1) for i in range(self.n)])
+        return d2
+
+    def squared_norms(self, centre: Params | None = None) -> torch.Tensor:
+        """‖Δ_i − c‖² for every update (c: 0, or a point given tensor by tensor)."""
+        out = torch.zeros(self.n, dtype=torch.float64)
+        for k, b, _, _ in self.blocks():
+            if centre is not None:
+                b = b - centre[k].reshape(-1)
+            out += b.pow(2).sum(dim=1)
+        return out
 
 
 def _require(n: int, needed: int, rule: str, assumption: str) -> None:
@@ -75,10 +102,11 @@ def coordinate_trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     return s[k : x.shape[0] - k].mean(dim=0)
 
 
-def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Sum of squared distances from each row to its n − f − 2 nearest other rows."""
-    d2 = torch.cdist(x, x).pow(2)
-    n = x.shape[0]
+def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
+    """Sum of squared distances from each update to its n − f − 2 nearest others (``d2``: the
+    squared distances between them)."""
+    n = d2.shape[0]
+    d2 = d2.clone()
     d2.fill_diagonal_(float("inf"))
     nearest, _ = torch.sort(d2, dim=1)
     return nearest[:, : max(n - f - 2, 1)].sum(dim=1)
@@ -86,8 +114,7 @@ def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
 
 @AGGREGATORS.register("median")
 def median(updates: Iterable[tuple[Params, float]]) -> Params:
-    x, _, like = _stack(updates)
-    return unflatten(coordinate_median(x), like)
+    return Cohort(updates).map(coordinate_median)
 
 
 class TrimOptions(BaseModel):
@@ -112,11 +139,10 @@ class WeiszfeldOptions(BaseModel):
 
 @AGGREGATORS.register("trimmed_mean", options=TrimOptions)
 def trimmed_mean(updates: Iterable[tuple[Params, float]], *, trim_ratio: float = 0.1) -> Params:
-    x, _, like = _stack(updates)
-    n = x.shape[0]
-    k = math.floor(trim_ratio * n)
-    _require(n, 2 * k + 1, "trimmed_mean", f"n > 2·⌊β·n⌋ with β = {trim_ratio}")
-    return unflatten(coordinate_trimmed_mean(x, k), like)
+    cohort = Cohort(updates)
+    k = math.floor(trim_ratio * cohort.n)
+    _require(cohort.n, 2 * k + 1, "trimmed_mean", f"n > 2·⌊β·n⌋ with β = {trim_ratio}")
+    return cohort.map(lambda x: coordinate_trimmed_mean(x, k))
 
 
 @AGGREGATORS.register("krum", options=ByzantineOptions)
@@ -128,40 +154,44 @@ def krum(updates: Iterable[tuple[Params, float]], *, byzantine: int = 1) -> Para
 def multi_krum(
     updates: Iterable[tuple[Params, float]], *, byzantine: int = 1, krum_m: int | None = None
 ) -> Params:
-    x, _, like = _stack(updates)
-    n = x.shape[0]
+    cohort = Cohort(updates)
+    n = cohort.n
     _require(n, 2 * byzantine + 3, "krum", f"n ≥ 2f + 3 with f = {byzantine}")
     m = n - byzantine if krum_m is None else min(krum_m, n)
-    chosen = torch.argsort(krum_scores(x, byzantine), stable=True)[:m]
-    return unflatten(x[chosen].mean(dim=0), like)
+    chosen = torch.argsort(krum_scores(cohort.squared_distances(), byzantine), stable=True)[:m]
+    return cohort.map(lambda x: x.mean(dim=0), rows=chosen.tolist())
 
 
 @AGGREGATORS.register("bulyan", options=ByzantineOptions)
 def bulyan(updates: Iterable[tuple[Params, float]], *, byzantine: int = 1) -> Params:
-    x, _, like = _stack(updates)
-    n, f = x.shape[0], byzantine
+    cohort = Cohort(updates)
+    n, f = cohort.n, byzantine
     _require(n, 4 * f + 3, "bulyan", f"n ≥ 4f + 3 with f = {f}")
+    d2 = cohort.squared_distances()
     remaining = list(range(n))
     selected = []
     for _ in range(n - 2 * f):  # repeated Krum over what is left
-        scores = krum_scores(x[remaining], f) if len(remaining) > 2 else torch.zeros(len(remaining))
+        sub = d2[remaining][:, remaining]
+        scores = krum_scores(sub, f) if len(remaining) > 2 else torch.zeros(len(remaining))
         best = int(torch.argmin(scores))
         selected.append(remaining.pop(best))
-    s = x[selected]
-    beta = s.shape[0] - 2 * f
-    med = coordinate_median(s)
-    closest = torch.argsort((s - med).abs(), dim=0, stable=True)[:beta]
-    return unflatten(torch.gather(s, 0, closest).mean(dim=0), like)
+    beta = len(selected) - 2 * f
+
+    def closest_to_median(s: torch.Tensor) -> torch.Tensor:
+        closest = torch.argsort((s - coordinate_median(s)).abs(), dim=0, stable=True)[:beta]
+        return torch.gather(s, 0, closest).mean(dim=0)
+
+    return cohort.map(closest_to_median, rows=selected)
 
 
 @AGGREGATORS.register("norm_bound", options=NormBoundOptions)
 def norm_bound(updates: Iterable[tuple[Params, float]], *, norm_bound: float = 1.0) -> Params:
-    x, w, like = _stack(updates)
-    norms = x.norm(dim=1, keepdim=True)
-    scale = torch.clamp(norm_bound / norms.clamp_min(1e-12), max=1.0)
+    cohort = Cohort(updates)
+    w = cohort.weights
     if w.sum() <= 0:
         raise EmptyCohortError("the aggregation weights sum to zero")
-    return unflatten((x * scale * w[:, None]).sum(dim=0) / w.sum(), like)
+    scale = torch.clamp(norm_bound / cohort.squared_norms().sqrt().clamp_min(1e-12), max=1.0)
+    return cohort.map(lambda x: (x * (scale * w)[:, None]).sum(dim=0) / w.sum())
 
 
 @AGGREGATORS.register("geometric_median", options=WeiszfeldOptions)
@@ -169,19 +199,22 @@ def geometric_median(
     updates: Iterable[tuple[Params, float]], *, gm_iters: int = 10, gm_eps: float = 1e-6
 ) -> Params:
     """Weighted geometric median, smoothed Weiszfeld (RFA); uses the example weights."""
-    x, w, like = _stack(updates)
+    cohort = Cohort(updates)
+    w = cohort.weights
     if w.sum() <= 0:
         raise EmptyCohortError("the aggregation weights sum to zero")
     alpha = w / w.sum()
-    z = (alpha[:, None] * x).sum(dim=0)
+    mix = lambda a: lambda x: (a[:, None] * x).sum(dim=0) / a.sum()  # noqa: E731
+    z = {k: mix(alpha)(b) for k, b, _, _ in cohort.blocks()}  # float64, flat
     for _ in range(gm_iters):
-        beta = alpha / torch.clamp((x - z).norm(dim=1), min=gm_eps)
-        z_new = (beta[:, None] * x).sum(dim=0) / beta.sum()
-        if torch.norm(z_new - z) <= gm_eps * max(1.0, float(torch.norm(z))):
-            z = z_new
-            break
+        beta = alpha / torch.clamp(cohort.squared_norms(z).sqrt(), min=gm_eps)
+        z_new = {k: mix(beta)(b) for k, b, _, _ in cohort.blocks()}
+        moved = math.sqrt(sum(float((z_new[k] - z[k]).pow(2).sum()) for k in z))
+        size = math.sqrt(sum(float(v.pow(2).sum()) for v in z.values()))
         z = z_new
-    return unflatten(z, like)
+        if moved <= gm_eps * max(1.0, size):
+            break
+    return {k: z[k].reshape(shape).to(dtype) for k, (shape, dtype) in cohort.meta.items()}
 
 
 def _krum_cohort(byzantine: int = 1, **_) -> int:

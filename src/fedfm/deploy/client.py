@@ -30,9 +30,10 @@ import numpy as np
 
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
-from fedfm.deploy.server import MAX_MESSAGE, POLL_S
+from fedfm.deploy.server import MAX_MESSAGE, POLL_S, STALL_S, Watchdog
 from fedfm.sharing import sharing_mode
-from fedfm.wire import WireError, chunks, context_from, join, pack_tensors, payload_message, unpack_tensors
+from fedfm.wire import WireError, chunks, context_from, join, pack_tensors, payload_stream, unpack_tensors
+from fedfm.wire.stream import BROKEN, BrokenStream, TensorStream, load_groups, spool, transfer_s
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -40,7 +41,8 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); an upload gets --give-up
+CALL_S = 60.0  # deadline of a call (a long poll waits POLL_S of it); a transfer adds transfer_s(bytes)
+UPLOAD_TRIES = 3  # an update whose stream broke is sent again, this many times in all
 HEARTBEAT_S = 5.0  # a sign of life this often, loading and training included (auth.CONNECTED_S: 3 missed)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -341,7 +343,6 @@ def _serve_identity(
     def deadline() -> float:  # no call outlives the give-up time
         return max(1.0, min(CALL_S, give_up_s - (time.monotonic() - last_contact)))
 
-    upload_s = give_up_s  # an upload (or a frozen server) never holds the client past the give-up time
     while True:
         channel = security.channel(server)
         stub = rpc.FedFMStub(channel)
@@ -354,10 +355,7 @@ def _serve_identity(
             trainer = trainer_for(joined, stub, ident.metadata)
             while True:
                 request = pb.TaskRequest(last_round=ident.last_round)
-                poll = max(deadline(), POLL_S + 1)  # a long poll answers within POLL_S
-                header, blob = join(
-                    (c.header, c.data) for c in stub.GetTask(request, metadata=ident.metadata, timeout=poll)
-                )
+                header, groups = fetch_task(stub, request, ident.metadata, silence_s=deadline())
                 last_contact = time.monotonic()
                 if header.get("status") == "done":
                     if header.get("ok") is False:
@@ -365,10 +363,15 @@ def _serve_identity(
                     note(f"client {ident.client_id}: the run is done")
                     return
                 if header.get("status") == "secagg":
-                    answer_step(stub, ident, header, note, upload_s)
+                    answer_step(stub, ident, header, note, deadline())
                 elif header.get("status") == "train":
-                    submit(stub, ident, trainer, header, blob, note, upload_s, delay_s)
+                    submit(stub, ident, trainer, header, groups, note, give_up_s, delay_s)
                 last_contact = time.monotonic()
+        except BrokenStream as err:  # a task's download broke: poll for it again
+            if time.monotonic() - last_contact > give_up_s:
+                raise ClientError(f"no complete task from {server} for {give_up_s:g} s; giving up") from None
+            note(f"client {ident.client_id}: {err}; asking for the task again in {retry_s:g} s")
+            time.sleep(retry_s)
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -383,6 +386,31 @@ def _serve_identity(
             time.sleep(retry_s)
         finally:
             channel.close()
+
+
+def fetch_task(stub, request, metadata, silence_s: float = STALL_S) -> tuple[dict, dict]:
+    """The next poll reply and its tensors. The task streams into a spill file and is then read
+    into memory (never held twice); the call is cut when no chunk comes for ``silence_s`` seconds
+    (at most ``STALL_S``; the long poll answers within ``POLL_S``), or when it takes longer than
+    ``CALL_S`` plus the time its declared size may take."""
+    call = stub.GetTask(request, metadata=metadata)
+    stall = Watchdog(max(POLL_S + 1, min(STALL_S, silence_s)), call.cancel)
+    timer: list[threading.Timer] = []
+
+    def sized(header: dict) -> None:  # the header says how many bytes follow: the deadline fits them
+        nbytes = header.get("nbytes", 0)
+        allowed = CALL_S + transfer_s(nbytes if isinstance(nbytes, int) and nbytes > 0 else 0)
+        timer.append(threading.Timer(allowed, call.cancel))
+        timer[0].daemon = True
+        timer[0].start()
+
+    try:
+        header, path = spool(stall.passing((c.header, c.data) for c in call), None, admit=sized)
+        return header, load_groups(path)
+    finally:
+        stall.stop()
+        for t in timer:
+            t.cancel()
 
 
 def answer_step(stub, ident: Identity, header: dict, note, timeout: float) -> None:
@@ -405,45 +433,64 @@ def submit(
     ident: Identity,
     trainer: Trainer,
     header: dict,
-    blob: bytes,
+    groups: dict,
     note,
-    timeout: float,
+    give_up_s: float = 600.0,
     delay_s: float = 0.0,
 ) -> None:
     rnd, started = int(header["round"]), time.monotonic()
     try:
-        groups = unpack_tensors(blob)
         rows = ident.rows(trainer)
         secure = ident.secure.for_round(rnd) if header.get("secure") and ident.secure else None
         send = None
         if trainer.cut is not None:  # split: every batch crosses the cut, within the round's deadline
-            deadline = time.monotonic() + min(float(header.get("deadline_s", timeout)), timeout)
+            deadline = time.monotonic() + float(header.get("deadline_s", CALL_S))
             send = split_send(stub, ident.metadata, deadline, trainer.cut.limit)
         state = ident.state_before(rnd)
         update, state = trainer.train(ident.client_id, rows, header, groups, state, secure, send)
     except ClientError:
         raise
     except Exception as err:  # the server hears why, and the round goes on without us
-        reply_header, payload = {"round": rnd, "failed": f"{type(err).__name__}: {err}"}, b""
+        reply_header, payload = {"round": rnd, "failed": f"{type(err).__name__}: {err}"}, TensorStream({})
         note(f"client {ident.client_id}: round {rnd} failed: {err}")
     else:
         ident.keep_state(rnd, state)
-        reply_header, payload = payload_message(rnd, update)
+        reply_header, payload = payload_stream(rnd, update)
     if delay_s:
         time.sleep(delay_s)
-    reply = stub.SubmitUpdate(
-        (pb.Chunk(header=t, data=d) for t, d in chunks(reply_header, payload)),
-        metadata=ident.metadata,
-        timeout=timeout,
-    )
+    reply = upload(stub, ident, reply_header, payload, note, give_up_s)
     ident.last_round = rnd
     if not reply.accepted:
         note(f"client {ident.client_id}: round {rnd} update refused: {reply.reason}")
     elif "failed" not in reply_header:  # one line per update: what this client is doing, in a log too
         took = time.monotonic() - started
-        sent = f"update sent ({len(payload) / 1e6:.2f} MB, {took:.1f} s)"
+        sent = f"update sent ({payload.nbytes / 1e6:.2f} MB, {took:.1f} s)"
         eta = "" if header.get("asynchronous") else run_eta(trainer, rnd)
         note(f"client {ident.client_id}: round {rnd}: {sent}{eta}")
+
+
+def upload(stub, ident: Identity, header: dict, payload: TensorStream, note, give_up_s: float = 600.0):
+    """Stream an update to the server from its tensors. Each try has the give-up time plus the
+    time its size may take (``transfer_s``); a stream that breaks (the network, a deadline, the
+    server saying it arrived short) is sent again, ``UPLOAD_TRIES`` tries in all while the give-up
+    time since the first has not passed, and then the last error goes up."""
+    timeout, began = give_up_s + transfer_s(payload.nbytes), time.monotonic()
+    for attempt in range(1, UPLOAD_TRIES + 1):
+        message = (pb.Chunk(header=t, data=d) for t, d in payload.message(header))
+        try:
+            reply = stub.SubmitUpdate(message, metadata=ident.metadata, timeout=timeout)
+        except grpc.RpcError as err:
+            last = attempt == UPLOAD_TRIES or time.monotonic() - began > give_up_s
+            if err.code() not in RETRYABLE or last:
+                raise
+            why = f"{err.code().name}: {err.details()}"
+        else:
+            if reply.accepted or not reply.reason.startswith(BROKEN) or attempt == UPLOAD_TRIES:
+                return reply
+            why = reply.reason
+        again = f"sending again ({attempt + 1} of {UPLOAD_TRIES})"
+        note(f"client {ident.client_id}: the upload broke ({why}); {again}")
+    raise AssertionError("unreachable")
 
 
 def run_eta(trainer: Trainer, rnd: int) -> str:

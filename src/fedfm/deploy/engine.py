@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from fedfm.deploy.auth import Roster
 from fedfm.types import ClientFailure, ClientResult, Params, RoundContext
-from fedfm.wire import context_header, pack_tensors
+from fedfm.wire import context_header
+from fedfm.wire.stream import TensorStream, transfer_s
 
 HEADER_SLACK = 64 << 10  # payload bytes a message may carry beyond its expected size (safetensors header)
 STEP_BYTES_PER_PEER = 16 << 10  # a secure-aggregation reply: keys, shares, signatures per peer
@@ -38,7 +39,8 @@ class Coordinator:
     label_names: list[str]
     run_name: str
     cond: threading.Condition = field(default_factory=threading.Condition)
-    tasks: dict[int, tuple[int, str, bytes]] = field(default_factory=dict)  # id → (round, header, blob)
+    # id → (round, header, payload): one TensorStream per round, streamed to every client from θ itself
+    tasks: dict[int, tuple[int, str, TensorStream]] = field(default_factory=dict)
     limits: dict[int, int] = field(default_factory=dict)  # id → most bytes its reply may carry
     results: queue.Queue = field(default_factory=queue.Queue)
     round: int = 0
@@ -50,6 +52,7 @@ class Coordinator:
     # attach, close_round for the round loop; admit and step for the SplitStep handler
     split: object = None
     model_weights: tuple[dict, bytes] | None = None  # (header, blob) a client fetches with GetModel
+    spool_dir: str | None = None  # where arriving updates are spilled (the run folder's spool/)
     # "async" (FedBuff): every client has its own task; the version a reply counts against is the
     # one the server recorded when it posted the task, whatever round the reply's header names
     mode: str = "sync"
@@ -155,19 +158,25 @@ class GrpcEngine:
             time.sleep(0.2)
         return len(self.coord.connected())
 
-    def _post(self, rnd: int, step: str | None, headers: dict[int, dict], blob: bytes, limits) -> None:
+    def _post(
+        self, rnd: int, step: str | None, headers: dict[int, dict], stream: TensorStream, limits
+    ) -> None:
         c = self.coord
         with c.cond:
             c.round, c.step = rnd, step
-            c.tasks = {k: (rnd, json.dumps(h), blob) for k, h in headers.items()}
+            c.tasks = {k: (rnd, json.dumps(h), stream) for k, h in headers.items()}
             c.limits = {k: limits for k in headers}
             c.waiting_for = set(c.tasks)
             c.cond.notify_all()
 
-    def _collect(self, rnd: int, step: str | None, pending: set[int]) -> Iterator[tuple[int, object]]:
-        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed."""
+    def _collect(
+        self, rnd: int, step: str | None, pending: set[int], moved: int = 0
+    ) -> Iterator[tuple[int, object]]:
+        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed:
+        the round's timeout plus the time ``moved`` bytes (the task down, the update up) may take
+        on the slowest link planned for."""
         c = self.coord
-        deadline = time.monotonic() + self.round_timeout_s
+        deadline = time.monotonic() + self.round_timeout_s + transfer_s(moved)
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -191,7 +200,7 @@ class GrpcEngine:
             k: {"status": "secagg", "round": rnd, "step": step, "message": m} for k, m in messages.items()
         }
         limit = HEADER_SLACK + STEP_BYTES_PER_PEER * max(1, len(messages))
-        self._post(rnd, step, {k: h for k, h in headers.items() if k in online}, b"", limit)
+        self._post(rnd, step, {k: h for k, h in headers.items() if k in online}, TensorStream({}), limit)
         replies = {}
         for client, header in self._collect(rnd, step, set(messages) & online):
             if "error" in header or not isinstance(header.get("reply"), dict):
@@ -241,7 +250,7 @@ class GrpcEngine:
         sent = global_params
         if split is not None:  # split: clients get only their part; the server keeps the rest
             sent = split.open_round(global_params, [k for k in cohort if k in online], ctx)
-        blob = pack_tensors({"p": sent, "c": ctx.server_control})
+        stream = TensorStream({"p": sent, "c": ctx.server_control})
         out_of_protocol = set()
         if ctx.secure is not None:  # only clients that set up this round's protocol can take part
             out_of_protocol = online - set(ctx.secure.server.shared)
@@ -252,7 +261,8 @@ class GrpcEngine:
             k: {**base, **context_header(ctx, k), "rank": self.jobs[k].rank} for k in cohort if k in online
         }
         length = ctx.secure.layout.length if ctx.secure is not None else None
-        self._post(ctx.round, None, headers, blob, payload_limit(sent, ctx.server_control, length))
+        limit = payload_limit(sent, ctx.server_control, length)
+        self._post(ctx.round, None, headers, stream, limit)
         for k in absent:
             if k in out_of_protocol:
                 why = "dropped out of this round's secure-aggregation key exchange"
@@ -263,21 +273,22 @@ class GrpcEngine:
                 )
         pending = set(headers)
         try:
-            for _, result in self._collect(ctx.round, None, pending):
+            for _, result in self._collect(ctx.round, None, pending, stream.nbytes + limit):
                 yield split.attach(result) if split is not None else result
         finally:
             if split is not None:
                 split.close_round()
 
         for k in sorted(pending):
-            reason = f"no update within the round deadline ({self.round_timeout_s:g} s)"
+            allowed = self.round_timeout_s + transfer_s(stream.nbytes + limit)
+            reason = f"no update within the round deadline ({allowed:.3g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
 
     # -- asynchronous mode (fedfm.deploy.asynchronous): one task per client, results as they come
     def post_each(self, global_params: Params, clients: Sequence[int], ctx: RoundContext) -> None:
         """Hand each of ``clients`` a training task on ``global_params``, leaving other clients'
         tasks in place (the coordinator then admits each client's reply to its own task)."""
-        blob = pack_tensors({"p": global_params, "c": ctx.server_control})
+        stream = TensorStream({"p": global_params, "c": ctx.server_control})
         base = {"status": "train", "deadline_s": self.round_timeout_s, "asynchronous": True}
         limit = payload_limit(global_params, ctx.server_control, None)
         c = self.coord
@@ -285,7 +296,7 @@ class GrpcEngine:
             c.mode, c.round, c.step = "async", None, None
             for k in clients:
                 header = {**base, **context_header(ctx, k), "rank": self.jobs[k].rank}
-                c.tasks[k] = (None, json.dumps(header), blob)
+                c.tasks[k] = (None, json.dumps(header), stream)
                 c.limits[k] = limit
                 c.waiting_for.add(k)
             c.cond.notify_all()

@@ -41,6 +41,7 @@ from fedfm.wire import (
     received_metrics,
     unpack_tensors,
 )
+from fedfm.wire.stream import BrokenStream, TensorStream, open_groups, spool
 
 __all__ = ["DeployError", "GrpcEngine", "Security", "check_deployable", "serve", "start_server"]
 
@@ -126,17 +127,17 @@ class FedFMServicer(rpc.FedFMServicer):
                 while True:
                     task = c.tasks.get(m.client_id)
                     if c.done:
-                        header, blob = json.dumps({"status": "done", **c.outcome}), b""
+                        header, stream = json.dumps({"status": "done", **c.outcome}), TensorStream({})
                         break
                     if task is not None and m.client_id in c.waiting_for:  # not yet answered
-                        _, header, blob = task
+                        _, header, stream = task
                         break
                     left = deadline - time.monotonic()
                     if left <= 0 or not context.is_active():
-                        header, blob = json.dumps({"status": "wait"}), b""
+                        header, stream = json.dumps({"status": "wait"}), TensorStream({})
                         break
                     c.cond.wait(left)
-            for text, data in chunks(json.loads(header), blob):
+            for text, data in stream.message(json.loads(header)):  # from θ's tensors, chunk by chunk
                 yield pb.Chunk(header=text, data=data)
         finally:
             c.roster.leave(m)
@@ -212,27 +213,34 @@ class FedFMServicer(rpc.FedFMServicer):
                 raise WireError(str(err)) from None
 
         try:
-            header, blob = join(((ch.header, ch.data) for ch in request_iterator), admit=admit)
+            header, path = spool(((ch.header, ch.data) for ch in request_iterator), c.spool_dir, admit=admit)
+        except BrokenStream as err:  # the client is still expected: it may send again
+            return pb.SubmitReply(accepted=False, reason=str(err))
         except WireError as err:  # a refused reply takes the client out of the round at once
             c.refuse(m.client_id, seen.get("header"), str(err))
             return pb.SubmitReply(accepted=False, reason=str(err))
         rnd, step = header["round"], header.get("step")
         if not c.delivered(m.client_id, rnd, step):  # still expected now, under the same lock
+            if path is not None:
+                path.unlink(missing_ok=True)
             return pb.SubmitReply(
                 accepted=False, reason="a reply from this client is already in, or too late"
             )
-        item = header if step else decode_result(m.client_id, header, blob)
+        item = header if step else decode_result(m.client_id, header, path)
         c.results.put((rnd, step, m.client_id, item))
         return pb.SubmitReply(accepted=True)
 
 
-def decode_result(client_id: int, header: dict, blob: bytes) -> ClientResult:
-    """A client's message as the round loop's ClientResult; anything malformed becomes a failure
-    of that client at stage ``decode`` with the reason."""
+def decode_result(client_id: int, header: dict, path) -> ClientResult:
+    """A client's message as the round loop's ClientResult, its tensors read from the spill file
+    ``path`` one at a time when the round asks for them (the file goes with the result); anything
+    malformed becomes a failure of that client at stage ``decode`` with the reason."""
     if header.get("failed"):
+        if path is not None:
+            path.unlink(missing_ok=True)
         return ClientResult(client_id, failure=ClientFailure(client_id, "train", str(header["failed"])[:500]))
     try:
-        groups = unpack_tensors(blob)
+        groups = open_groups(path)
         if set(groups) - {"p", "c"}:
             raise WireError(f"unexpected payload groups {sorted(groups)[:4]}")
         metrics = received_metrics(header.get("metrics", {}))
@@ -338,7 +346,8 @@ def serve(
     note = ConsoleReporter(enabled=progress).note
     if security.insecure:
         console.warn("insecure mode: traffic and tokens travel in plaintext")
-    coord = Coordinator(roster, client_config_toml(cfg), [], run_dir.name)
+    spill = str(spool_folder(run_dir))
+    coord = Coordinator(roster, client_config_toml(cfg), [], run_dir.name, spool_dir=spill)
     least = cfg.sampling.min_clients if min_available is None else min_available
 
     verifier = None
@@ -416,6 +425,17 @@ def check_client_view(cfg) -> None:
         make_config(tomllib.loads(client_config_toml(cfg)))
     except ValueError as err:
         raise DeployError(f"the clients' view of this config does not validate: {err}") from err
+
+
+def spool_folder(run_dir: Path) -> Path:
+    """``RUN/spool``: where arriving updates are spilled until their round has read them (mode
+    0700; what a crash left there is removed when the server starts)."""
+    import shutil
+
+    folder = Path(run_dir) / "spool"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700, parents=True)
+    return folder
 
 
 def weights_message(weights) -> tuple[dict, bytes]:

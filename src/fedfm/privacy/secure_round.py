@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ class SecureRound:
 
     def accept(self, client_id: int, payload: Params) -> bool:
         """Stage 2 at the server: take a masked input, or count the client as dropped (with why)."""
-        masked = MaskedInput(client_id, payload.get("masked") if isinstance(payload, dict) else None)
+        masked = MaskedInput(client_id, payload.get("masked") if isinstance(payload, Mapping) else None)
         problem = self.server.input_problem(masked)
         if problem is not None:
             self.rejected.append({"client": client_id, "reason": problem})

@@ -9,6 +9,7 @@ Messages are streamed as chunks of at most ``CHUNK`` bytes (pure functions below
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -64,11 +65,13 @@ def blob_metadata(blob: bytes) -> dict:
 
 
 def chunks(header: dict, blob: bytes, size: int = CHUNK) -> Iterator[tuple[str, bytes]]:
-    """(header JSON, data) pairs: the header rides on the first chunk; at least one chunk."""
-    text = json.dumps(header)
+    """(header JSON, data) pairs: the header rides on the first chunk, with the payload's size and
+    SHA-256 when there is one; at least one chunk. (Tensors stream without a blob:
+    ``fedfm.wire.stream.TensorStream``.)"""
     if not blob:
-        yield text, b""
+        yield json.dumps(header), b""
         return
+    text = json.dumps({**header, **declared(blob)})
     for i, start in enumerate(range(0, len(blob), size)):
         yield (text if i == 0 else ""), blob[start : start + size]
 
@@ -93,14 +96,36 @@ def parse_header(text: str) -> dict:
     return header
 
 
+def declared(blob: bytes) -> dict:
+    """What a message header says of a payload blob: its size and SHA-256 (nothing if empty)."""
+    return {"nbytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()} if blob else {}
+
+
+def declared_size(header: dict, limit: int | None) -> tuple[int, str | None]:
+    """The payload size and digest a message header declares (``nbytes``, ``sha256``), checked
+    against ``limit`` before any payload is read (``WireError`` otherwise)."""
+    nbytes, sha = header.get("nbytes", 0), header.get("sha256")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise WireError(f"nbytes must be a non-negative integer, got {str(nbytes)[:40]!r}")
+    if nbytes and not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+        raise WireError("a message with a payload must declare its sha256 (64 lowercase hex digits)")
+    if limit is not None and nbytes > limit:
+        raise WireError(
+            f"the payload declares {nbytes} bytes, more than {limit}, the most this message may carry"
+        )
+    return nbytes, sha
+
+
 def join(pieces: Iterable[tuple[str, bytes]], max_bytes: int | None = None, admit=None) -> tuple[dict, bytes]:
-    """The header and the whole payload of a chunk stream.
+    """The header and the whole payload of a small chunk stream (a cut exchange, a poll reply).
 
     ``admit(header)`` runs on the first chunk, before any more is read: it returns the byte limit
     for the payload (or raises ``WireError`` to refuse the message); ``max_bytes`` caps it too.
-    Reading stops as soon as the payload passes its limit.
+    The declared size is checked against the limit before reading, every chunk against the
+    declared size, and the SHA-256 at the end. Large payloads are spooled to a file instead
+    (``fedfm.wire.stream.spool``).
     """
-    header, parts, size = None, [], 0
+    header, parts, size, nbytes, sha = None, [], 0, 0, None
     for text, data in pieces:
         if header is None:
             if not text:
@@ -109,13 +134,19 @@ def join(pieces: Iterable[tuple[str, bytes]], max_bytes: int | None = None, admi
             if admit is not None:
                 limit = admit(header)
                 max_bytes = limit if max_bytes is None else min(max_bytes, limit)
+            nbytes, sha = declared_size(header, max_bytes)
         size += len(data)
-        if max_bytes is not None and size > max_bytes:
-            raise WireError(f"the payload passes {max_bytes} bytes, the most this message may carry")
+        if size > nbytes:
+            raise WireError(f"the payload passes the {nbytes} bytes its header declared")
         parts.append(data)
     if header is None:
         raise WireError("empty message: no chunks")
-    return header, b"".join(parts)
+    if size < nbytes:
+        raise WireError(f"the stream ended after {size} of {nbytes} bytes")
+    blob = b"".join(parts)
+    if nbytes and hashlib.sha256(blob).hexdigest() != sha:
+        raise WireError("the payload's SHA-256 differs from the one its header declared")
+    return header, blob
 
 
 PRIVACY_PURPOSES = ("dp", "dp-sgd")  # the draws a client makes from the noise source
@@ -174,16 +205,24 @@ def float_metrics(metrics: dict) -> dict:
     return out
 
 
-def payload_message(rnd: int, payload) -> tuple[dict, bytes]:
+def payload_stream(rnd: int, payload):
     """A client's payload as it travels: the header (round, payload kind, weight, metrics) and its
-    tensors as one blob; the server rebuilds it with ``fedfm.types.payload_from_wire``."""
+    tensors as a ``TensorStream``; the server rebuilds it with ``fedfm.types.payload_from_wire``."""
+    from fedfm.wire.stream import TensorStream
+
     header = {
         "round": rnd,
         "payload": payload.kind,
         "num_examples": payload.num_examples,
         "metrics": float_metrics(payload.metrics),
     }
-    return header, pack_tensors({k: v or None for k, v in payload.tensors().items()})
+    return header, TensorStream({k: v or None for k, v in payload.tensors().items()})
+
+
+def payload_message(rnd: int, payload) -> tuple[dict, bytes]:
+    """``payload_stream`` as a header (with the payload's size and digest) and one blob (tests)."""
+    header, stream = payload_stream(rnd, payload)
+    return {**header, **stream.declared()}, stream.blob()
 
 
 MAX_METRICS = 64
