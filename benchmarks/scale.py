@@ -13,7 +13,7 @@ The server validates every update (names, shapes, finite values, L2 norm) and ag
 - ``old-mean``: the path before streaming, emulated on the same server: each update joined into
   one bytes object and unpacked into memory on arrival, and held until aggregation.
 
-Each configuration runs in a fresh server process; its peak RSS is ``ru_maxrss`` at the end.
+Each configuration runs in a fresh server process; its peak RSS is ``VmHWM`` at the end.
 Upload and download throughput are the senders' own (bytes / seconds of the call).
 
     python benchmarks/scale.py [--gib 1] [--senders 1 4 8] [--out benchmarks/results/scale.json]
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -80,7 +79,7 @@ def server(args) -> None:
 
         srv.open_groups = in_memory
     theta = {k: torch.empty(n).fill_(0.01) for k, n in shapes(args.gib).items()}
-    rss_theta = rss_mb()
+    rss_theta = status_mb("VmRSS")
     roster = Roster.from_file(args.tokens, mutual_tls=False)
     coord = Coordinator(roster, "", [], "scale", spool_dir=args.spool)
     grpc_server, _ = srv.start_server(
@@ -100,7 +99,7 @@ def server(args) -> None:
     aggregate = rule(list(pairs) if args.rule == "median" else pairs)
     wall = time.perf_counter() - start
     grpc_server.stop(grace=1.0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     out = {
         "rule": args.rule,
         "senders": args.senders,
@@ -114,9 +113,11 @@ def server(args) -> None:
     print(json.dumps(out), flush=True)
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A /proc/self/status size in MB: VmRSS now, VmHWM the peak (of this process image only:
+    ``ru_maxrss`` would carry the parent's size across fork and exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -154,7 +155,7 @@ def sender(args) -> None:
     start = time.perf_counter()
     reply = stub.SubmitUpdate(message(), metadata=meta, timeout=3600)
     up_s = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     print(
         json.dumps(
             {

@@ -435,6 +435,41 @@ def client(
 
 
 @app.command()
+def federate(
+    config: Path = typer.Argument(..., help="TOML experiment file: the server's side (model, PEFT, rounds)."),
+    command: list[str] = typer.Argument(
+        ..., help="After --: your Trainer script and its arguments; {k} becomes each client's index."
+    ),
+    clients: int = typer.Option(2, "--clients", help="Client processes, each running the script.", min=1),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for updates."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Federate your own Hugging Face Trainer script on this machine: a fedfm server and --clients
+    processes of the script, each calling fedfm.hf.federate(trainer) (docs/trainer-scripts.md)."""
+    from fedfm.deploy.client import ClientError
+    from fedfm.deploy.server import DeployError
+    from fedfm.hf import simulate
+    from fedfm.server.driver import RunFailedError
+
+    try:
+        simulate(
+            config,
+            command,
+            clients,
+            output=output,
+            overrides=set_,
+            round_timeout_s=round_timeout,
+            progress=not quiet,
+        )
+    except (ClientError, DeployError, OSError, *_user_errors()) as err:
+        _fail(err)
+    except RunFailedError as err:
+        _fail(err, status=1)
+
+
+@app.command()
 def provision(
     output: Path = typer.Argument(..., help="A new folder for the CA and the startup kits."),
     site: list[str] = typer.Option(..., "--site", help="A site (client) name; repeat for each site."),

@@ -54,7 +54,8 @@ def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:
     total, dtypes, weight_sum = _accumulate(updates)
     if weight_sum <= 0:
         raise EmptyCohortError("the aggregation weights sum to zero")
-    return {k: (v / weight_sum).to(dtypes[k]) for k, v in total.items()}
+    # each float64 sum is freed as its result is made: the peak is the sums, not sums + result
+    return {k: (total.pop(k) / weight_sum).to(dtypes[k]) for k in list(total)}
 
 
 # capabilities other parts ask: ``linear``, the aggregate is Σ w·Δ / Σ w and can be computed from
