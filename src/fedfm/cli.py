@@ -390,6 +390,17 @@ def client(
     delay: float = typer.Option(
         0.0, "--delay", help="Seconds each update waits before its upload (emulates a slower device).", min=0
     ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Train this client on N processes (torch.distributed, gloo): each takes a share of every batch.",
+        min=1,
+    ),
+    rank_timeout: float = typer.Option(
+        300.0,
+        "--rank-timeout",
+        help="With --nproc: seconds a rank waits for the others before the round fails.",
+    ),
 ) -> None:
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
     import os
@@ -429,6 +440,8 @@ def client(
             give_up_s=give_up,
             note=Console().print,
             delay_s=delay,
+            nproc=nproc,
+            rank_timeout_s=rank_timeout,
         )
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
         _fail(err)

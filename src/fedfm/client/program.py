@@ -31,6 +31,7 @@ from fedfm.algorithms.personal import (
 )
 from fedfm.algorithms.schedules import lr_at
 from fedfm.client.costs import CostMeter
+from fedfm.client.ranks import current as current_ranks
 from fedfm.client.steps import (
     ClientJob,
     autocast_context,
@@ -108,6 +109,7 @@ class LocalTraining:
     micro: int = 0  # micro-batches run (gradient accumulation steps once per `grad_accumulation`)
     dp_sgd: object = None  # fedfm.privacy.dpsgd.DpSgdState: the DP-SGD step variant
     client_state: Params | None = None
+    ranks: object = None  # fedfm.client.ranks.Ranks: this client trains on several processes
 
 
 def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective, client_state=None):
@@ -137,9 +139,12 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
             history=(client_state or {}).get("history"), device=device,
         )  # fmt: skip
         dp_sgd = dp_sgd_init(bundle.model, optimizer, ctx.dp, settings)
+    ranks = current_ranks()
+    if ranks is not None and dp_sgd is not None:
+        raise ValueError("DP-SGD cannot train on several processes: run this client with --nproc 1")
     return LocalTraining(
         bundle, task, job, global_params, ctx, cfg, hook, optimizer, steps, rows, generator,
-        rank_mask=rank_mask, dp_sgd=dp_sgd, client_state=client_state,
+        rank_mask=rank_mask, dp_sgd=dp_sgd, client_state=client_state, ranks=ranks,
     )  # fmt: skip
 
 
@@ -173,19 +178,29 @@ def client_step(training: LocalTraining, positions: torch.Tensor) -> None:
         training.hook,
         training.bundle.trainable,
     )
-    device, accum = training.bundle.device, cfg.grad_accumulation
-    batch = client_batch(task, ctx, training.job, training.rows[positions], training.generator, device)
-    with autocast_context(cfg.precision, device):
-        loss = task.loss(training.bundle.model, batch)
-    training.losses.append(float(loss.detach()))
-    if hook.penalty is not None:
-        loss = loss + hook.penalty(trainable)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss at local step {training.micro // accum + 1}")
-    (loss / accum).backward()
+    device, accum, ranks = training.bundle.device, cfg.grad_accumulation, training.ranks
+    mine, scale = positions, 1.0
+    if ranks is not None:  # several processes: this rank's share of the batch, weighted by its size
+        mine = ranks.share(positions)
+        scale = len(mine) / len(positions)
+    if len(mine):
+        batch = client_batch(task, ctx, training.job, training.rows[mine], training.generator, device)
+        with autocast_context(cfg.precision, device):
+            loss = task.loss(training.bundle.model, batch)
+        value = float(loss.detach())
+        if hook.penalty is not None:
+            loss = loss + hook.penalty(trainable)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at local step {training.micro // accum + 1}")
+        (loss * scale / accum).backward()
+    else:
+        value = 0.0
+    training.losses.append(value if ranks is None else ranks.sum_value(value * scale))
     training.micro += 1
     if training.micro % accum:  # gradient accumulation: step once per `accum` micro-batches
         return
+    if ranks is not None:  # every rank now holds the whole batch's gradient
+        ranks.sum_gradients(trainable.values())
     if hook.adjust_gradients is not None:
         hook.adjust_gradients(trainable)
     _apply_masks(trainable, training.rank_mask, params=False)

@@ -227,13 +227,23 @@ def run_identities(
     give_up_s: float = 600.0,
     note: Callable[[str], None] = print,
     delay_s: float = 0.0,
+    nproc: int = 1,
+    rank_timeout_s: float = 300.0,
 ) -> list[Identity]:
     """Serve one or more client identities from this process until the server says the run is done.
 
     The identities share one model (training takes turns), which is how a load test runs many light
     clients in a few processes. ``delay_s``: each update waits this long before its upload (a slower
-    device or link, for tests and demonstrations of asynchronous mode).
+    device or link, for tests and demonstrations of asynchronous mode). ``nproc``: one identity
+    trains on this many processes (``fedfm.client.ranks``; this process is rank 0 and talks to the
+    server); a collective that waits ``rank_timeout_s`` for a dead rank fails the round.
     """
+    if nproc > 1:
+        if len(identities) != 1:
+            raise ClientError("--nproc trains one client on several processes: give one identity")
+        return run_ranked(
+            server, identities[0], source, security, nproc, rank_timeout_s, retry_s, give_up_s, note
+        )
     shared: dict = {}
     build = threading.Lock()
     errors: list[BaseException] = []
@@ -325,6 +335,110 @@ class Heartbeat:
                     stub.Heartbeat(pb.HeartbeatRequest(), metadata=self.ident.metadata, timeout=HEARTBEAT_S)
         finally:
             channel.close()
+
+
+class RankedTrainer:
+    """Rank 0's trainer when a client trains on several processes: each round's task goes to the
+    other ranks first, then every rank trains its share of each batch (``fedfm.client.ranks``)."""
+
+    def __init__(self, trainer: Trainer, broadcast) -> None:
+        self.inner, self.broadcast = trainer, broadcast
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train(self, client_id, rows, header, groups, state, secure=None, send=None):
+        self.broadcast(("train", client_id, rows, header, groups, state))
+        return self.inner.train(client_id, rows, header, groups, state, secure, send)
+
+
+def broadcast(message=None):
+    """Rank 0 sends ``message`` to every rank; the others get it (``message`` None there)."""
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_worker(index: int, world: int, address: str, source: str, timeout_s: float) -> None:
+    """Ranks 1 … world − 1 of a client: build the same trainer from the config rank 0 got when it
+    joined, then train every task rank 0 sends, together with it; their updates are rank 0's."""
+    from fedfm.client import ranks
+    from fedfm.config import make_config
+
+    ranks.join(index + 1, world, address, timeout_s)
+    trainer = None
+    try:
+        while True:
+            message = broadcast()
+            if message[0] == "stop":
+                return
+            if message[0] == "config":
+                cfg = make_config(tomllib.loads(message[1]))
+                trainer = Trainer(cfg, local_data(cfg, source, message[2]), is_registered(source))
+                continue
+            _, client_id, rows, header, groups, state = message
+            try:  # masking and noise belong to rank 0's update alone; this rank's result is dropped
+                trainer.train(client_id, rows, {**header, "secure": False}, groups, state)
+            except Exception as err:  # rank 0's collective fails with its own reason
+                print(f"rank {index + 1}: round {header.get('round')} failed: {err}", flush=True)
+    finally:
+        ranks.leave()
+
+
+def run_ranked(server, ident, source, security, nproc, timeout_s, retry_s, give_up_s, note) -> list[Identity]:
+    """One client identity trained on ``nproc`` processes: spawn ranks 1 …, join them as rank 0,
+    serve the identity, and stop the ranks at the end (whatever the end)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from fedfm.client import ranks
+    from fedfm.config import make_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    workers = mp.start_processes(
+        rank_worker,
+        args=(nproc, address, source, timeout_s),
+        nprocs=nproc - 1,
+        join=False,
+        start_method="spawn",
+    )
+    ranks.join(0, nproc, address, timeout_s)
+    note(f"training on {nproc} processes (gloo, {address})")
+    built: dict = {}
+
+    def trainer_for(reply, stub, metadata):
+        if "trainer" not in built:
+            cfg = make_config(tomllib.loads(reply.config_toml))
+            try:
+                ranks.check(cfg)
+            except ValueError as err:
+                raise ClientError(str(err)) from None
+            mode = sharing_mode(cfg)
+            if mode.remote is not None or mode.client_weights is not None:
+                raise ClientError(f"--nproc: sharing.mode = {cfg.sharing.mode!r} trains in one process")
+            labels = json.loads(reply.label_names)
+            trainer = Trainer(cfg, local_data(cfg, source, labels), is_registered(source))
+            broadcast(("config", reply.config_toml, labels))
+            built["trainer"] = RankedTrainer(trainer, broadcast)
+        return built["trainer"]
+
+    ident.signing = security.identity() if not security.insecure else (None, None)
+    try:
+        serve_identity(server, ident, security, trainer_for, retry_s, give_up_s, note)
+    finally:
+        with contextlib.suppress(Exception):
+            broadcast(("stop",))
+        ranks.leave()
+        for p in workers.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [ident]
 
 
 def serve_identity(
