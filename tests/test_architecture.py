@@ -71,11 +71,12 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 
 
 def test_the_top_level_holds_only_the_front_doors_and_the_vocabulary():
-    """The front doors (api, cli) and the vocabulary every layer shares: types, the registry,
-    seeding, and the wire format (what a payload is as bytes, used by the deployment and by split
-    fine-tuning's two halves)."""
+    """The front doors (api, cli, hf: your own Trainer script) and the vocabulary every layer
+    shares: types, the registry, seeding; the wire format (what a payload is as bytes, used by
+    the deployment and by split fine-tuning's two halves) is the package wire/."""
     modules = sorted(p.stem for p in SRC.glob("*.py"))
-    assert modules == ["__init__", "api", "cli", "registry", "seeding", "types", "wire"]
+    assert modules == ["__init__", "api", "cli", "hf", "registry", "seeding", "types"]
+    assert (SRC / "wire" / "__init__.py").exists()
 
 
 def test_the_layer_contract_names_every_package_and_module():

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from fedfm.types import Params
-from fedfm.wire import CHUNK, WireError, declared_size, parse_header
+from fedfm.wire.messages import CHUNK, WireError, declared_size, float_metrics, parse_header
 
 DISK_RESERVE = 256 << 20  # disk a spill always leaves free
 SLOWEST_LINK = 8 << 20  # bytes per second a transfer is allowed to be as slow as (64 Mbit/s)
@@ -284,12 +284,32 @@ def load_groups(path: Path | None) -> dict[str, Params]:
         _remove(str(path))
 
 
+def payload_stream(rnd: int, payload):
+    """A client's payload as it travels: the header (round, payload kind, weight, metrics) and its
+    tensors as a ``TensorStream``; the server rebuilds it with ``fedfm.types.payload_from_wire``."""
+    header = {
+        "round": rnd,
+        "payload": payload.kind,
+        "num_examples": payload.num_examples,
+        "metrics": float_metrics(payload.metrics),
+    }
+    return header, TensorStream({k: v or None for k, v in payload.tensors().items()})
+
+
+def payload_message(rnd: int, payload) -> tuple[dict, bytes]:
+    """``payload_stream`` as a header (with the payload's size and digest) and one blob (tests)."""
+    header, stream = payload_stream(rnd, payload)
+    return {**header, **stream.declared()}, stream.blob()
+
+
 __all__ = [
     "SLOWEST_LINK",
     "BrokenStream",
     "SpilledParams",
     "TensorStream",
     "load_groups",
+    "payload_message",
+    "payload_stream",
     "open_groups",
     "spool",
     "transfer_s",

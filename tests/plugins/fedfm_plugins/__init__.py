@@ -254,10 +254,9 @@ class TrimOptions(BaseModel):
 
 @AGGREGATORS.register("plugin-trim", options=TrimOptions)
 def trim_by_count(updates, *, trim_count: int = 1):
-    from fedfm.algorithms.robust import _stack, coordinate_trimmed_mean, unflatten
+    from fedfm.algorithms.robust import Cohort, coordinate_trimmed_mean
 
-    x, _, like = _stack(updates)
-    return unflatten(coordinate_trimmed_mean(x, trim_count), like)
+    return Cohort(updates).map(lambda x: coordinate_trimmed_mean(x, trim_count))
 
 
 trim_by_count.bounds_influence = True  # a capability a deployment asks (one client's influence is bounded)

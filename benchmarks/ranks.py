@@ -1,0 +1,111 @@
+"""One client's local training on 2 processes (``fedfm.client.ranks``, gloo) against 1 process.
+
+The packaged MiniLM with LoRA r = 8 on BBC News, one client of the default partition, batch 16 of
+64 tokens, ``--steps`` steps; the same global batch either way. 1 process runs with every core's
+thread; each of 2 ranks with its share of the threads. Seconds per step are the round's training
+time over its steps (model building excluded), side by side in one run.
+
+    python benchmarks/ranks.py [--steps 12] [--out benchmarks/results/ranks.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def config(steps: int) -> dict:
+    return {
+        "run": {"rounds": 1, "seed": 0},
+        "model": {"name": "minilm", "max_length": 64},
+        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"name": "bbc-news", "max_examples": 600},
+        "training": {"local_steps": steps, "batch_size": 16, "lr": 5e-4},
+    }
+
+
+def train_round(cfg_dict: dict, theta_path: str) -> tuple[float, dict]:
+    from fedfm.client.program import ClientJob, ClientProgram
+    from fedfm.config import make_config
+    from fedfm.tasks.setup import build_task, prepare_data
+    from fedfm.types import RoundContext
+
+    cfg = make_config(cfg_dict)
+    data = prepare_data(cfg)
+    bundle, task = build_task(cfg, data)
+    program = ClientProgram.from_config(cfg)
+    job = ClientJob(0, data.client_train[0], None)
+    theta = torch.load(theta_path)
+    start = time.perf_counter()
+    payload, _ = program(bundle, task, job, theta, RoundContext(round=1, seed=0), {})
+    return time.perf_counter() - start, payload.delta
+
+
+def _rank(rank: int, world: int, port: int, cfg_dict: dict, theta_path: str, out: str, threads: int) -> None:
+    from fedfm.client import ranks
+
+    torch.set_num_threads(threads)
+    ranks.join(rank, world, f"127.0.0.1:{port}")
+    seconds, delta = train_round(cfg_dict, theta_path)
+    if rank == 0:
+        torch.save({"seconds": seconds, "delta": delta}, out)
+    ranks.leave()
+
+
+def main() -> None:
+    import fedfm
+    from fedfm.config import make_config
+    from fedfm.models.state import get_trainable_state
+    from fedfm.tasks.setup import build_task, prepare_data
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ranks.json")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 2
+    cfg = config(args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        theta = f"{tmp}/theta.pt"
+        c = make_config(cfg)
+        torch.save(get_trainable_state(build_task(c, prepare_data(c))[0].trainable), theta)
+        torch.set_num_threads(cores)
+        one_s, one = train_round(cfg, theta)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_rank, args=(2, port, cfg, theta, f"{tmp}/r0.pt", max(1, cores // 2)), nprocs=2, join=True)
+        two = torch.load(f"{tmp}/r0.pt")
+    diff = max(float((two["delta"][k] - one[k]).abs().max()) for k in one)
+    result = {
+        "benchmark": "scale/two-process-client",
+        "config": cfg,
+        "seeds": [0],
+        "fedfm_version": fedfm.__version__,
+        "machine": {"platform": platform.platform(), "cpus": cores, "python": platform.python_version()},
+        "one_process": {"threads": cores, "seconds_per_step": round(one_s / args.steps, 3)},
+        "two_processes": {
+            "threads_each": max(1, cores // 2),
+            "seconds_per_step": round(two["seconds"] / args.steps, 3),
+        },
+        "ratio_two_over_one": round(two["seconds"] / one_s, 3),
+        "max_abs_update_difference": diff,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
