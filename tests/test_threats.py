@@ -327,3 +327,15 @@ def test_heartbeats_keep_a_client_that_only_loads_its_model_connected(tmp_path, 
             assert coord.connected() == [0]
     finally:
         server.stop(grace=0)
+
+
+def test_secure_aggregation_above_256_mib_of_float32_is_refused_with_the_reason():
+    from fedfm.privacy.packing import MAX_VALUES, Layout
+
+    settings = {"clip_range": 1.0, "quantization_bits": 16, "max_weight": 1, "max_clients": 3}
+    fits = {"w": torch.empty(0).new_empty((MAX_VALUES,), device="meta")}
+    assert Layout.for_params(fits, False, **settings).tensor_length == MAX_VALUES
+    with pytest.raises(ValueError, match="refused above 67,108,864 values .* has 67,108,866"):
+        Layout.for_params({**fits, "b": torch.empty(2, device="meta")}, False, **settings)
+    with pytest.raises(ValueError, match="has 134,217,728"):  # SCAFFOLD's control doubles the vector
+        Layout.for_params(fits, True, **settings)

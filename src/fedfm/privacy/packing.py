@@ -44,6 +44,9 @@ _MAX_LOSS_UNITS = round(_MAX_LOSS / _SCALAR_STEP)
 RANGE_CONFIDENCE = 40.0  # Skellam's norm check: an honest sum fails it with probability ≈ e^-40
 
 
+MAX_VALUES = 1 << 26  # 64M values: 256 MiB of float32 per update (an int64 masked vector of 512 MiB)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each tensor sits in the vector, and the fixed-point settings; public to all parties."""
@@ -60,6 +63,15 @@ class Layout:
     @classmethod
     def for_params(cls, reference: Params, control: bool, **settings) -> Layout:
         shapes = tuple((k, tuple(v.shape)) for k, v in reference.items())
+        values = sum(math.prod(s) for _, s in shapes) * (2 if control else 1)
+        if values > MAX_VALUES:
+            raise ValueError(
+                f"secure aggregation is refused above {MAX_VALUES:,} values (256 MiB of float32 per "
+                f"update); this run's update has {values:,}: every masked input is an int64 vector "
+                "(8 bytes a value) that the server holds for each survivor until unmasking, and each "
+                "client expands one mask per neighbour (measured in docs/privacy.md). Train an adapter "
+                "(peft.method = 'lora') or use client-level DP without secure aggregation"
+            )
         return cls(shapes, control, **settings)
 
     @property
