@@ -7,6 +7,7 @@ from what its results file renders (``tests/test_docs.py`` runs the check, so a 
 hand, or a results file updated without its table, is caught).
 """
 
+# ruff: noqa: E501 (table text)
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,82 @@ def scale_server() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"scale-server": scale_server}
+def secagg_large() -> str:
+    """benchmarks/secagg_large.py: secure aggregation at 64–256 MiB per update."""
+    data = json.loads((RESULTS / "secagg-large.json").read_text())
+    lines = [
+        "| update (MiB of float32) | dropped | client s | server s | client s / MiB | server s / MiB | "
+        "peak RSS (MB) | upload ÷ float32 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size in data["sizes"]:
+        for r in size["rows"]:
+            cells = [
+                str(size["mib"]),
+                str(r["dropped"]),
+                f"{r['client_s_per_client']:.2f}",
+                f"{r['server_s']:.2f}",
+                f"{r['client_s_per_mib']:.3f}",
+                f"{r['server_s_per_mib']:.3f}",
+                f"{size['peak_rss_mb']:,.0f}",
+                f"{r['bytes_up_per_client'] * r['clients'] / (r['clients'] - r['dropped']) / r['plain_upload_bytes']:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    cfg, m = data["config"], data["machine"]
+    lines += [
+        "",
+        f"{cfg['protocol']}, {cfg['clients']} clients in one process, a {cfg['bits']}-bit field, one round per "
+        f"row (peak RSS per size, both rows). Refused above {data['refused_above_values']:,} values. Machine: "
+        f"{m['cpus']} CPUs, {m['torch_threads']} torch thread; fedfm {data['fedfm_version']}.",
+    ]
+    return "\n".join(lines)
+
+
+def two_processes() -> str:
+    """benchmarks/ranks.py: one client's local training on 2 processes against 1."""
+    d = json.loads((RESULTS / "ranks.json").read_text())
+    one, two = d["one_process"], d["two_processes"]
+    return "\n".join(
+        [
+            "| client | threads | s / step |",
+            "| --- | ---: | ---: |",
+            f"| 1 process | {one['threads']} | {one['seconds_per_step']:.3f} |",
+            f"| 2 processes (gloo) | {two['threads_each']} each | {two['seconds_per_step']:.3f} |",
+            "",
+            f"Ratio 2 ÷ 1: **{d['ratio_two_over_one']:.2f}** ({d['machine']['cpus']} CPUs; MiniLM LoRA r = 8, "
+            f"batch {d['config']['training']['batch_size']} of {d['config']['model']['max_length']} tokens, "
+            f"{d['config']['training']['local_steps']} steps; fedfm {d['fedfm_version']}). The updates differ by "
+            f"up to {d['max_abs_update_difference']:.3g}: MiniLM's own dropout (0.1) draws its masks per rank.",
+        ]
+    )
+
+
+def full_finetuning() -> str:
+    """benchmarks/fullft.py: deployed full fine-tuning, killed and resumed."""
+    d = json.loads((RESULTS / "fullft.json").read_text())
+    peak = d["server_peak_rss_mb"]
+    return "\n".join(
+        [
+            "| update per client | clients | rounds recorded | bytes up per round | server peak RSS (MB) | wall |",
+            "| ---: | ---: | --- | ---: | ---: | ---: |",
+            f"| {d['update_bytes_per_client'] / 1e6:.0f} MB | {d['config']['partition']['num_clients']} | "
+            f"{', '.join(map(str, d['rounds_recorded']))} (SIGKILL after round 1, resumed) | "
+            f"{d['bytes_up_per_round'][0] / 1e6:.0f} MB | {peak['before_kill']:,.0f} before, "
+            f"{peak['resumed']:,.0f} resumed | {d['wall_s'] / 60:.1f} min |",
+            "",
+            f"A random-init BERT of {d['config']['model']['parameters'] / 1e6:.0f}M parameters, `peft.method = "
+            f'"full"`, plaintext on loopback, {d["machine"]["cpus"]} CPUs; fedfm {d["fedfm_version"]}. The '
+            "checkpoint after round 1 was a safetensors file beside state.sqlite (more than 256 MiB of tensors).",
+        ]
+    )
+
+
+RENDERERS = {
+    "scale-server": scale_server,
+    "secagg-large": secagg_large,
+    "two-processes": two_processes,
+    "full-finetuning": full_finetuning,
+}
 BLOCK = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?\n)?(<!-- /results:\2 -->)", re.S)
 
 
