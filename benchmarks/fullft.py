@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -23,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _stamp import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -62,8 +62,6 @@ def peak_watch(pid_box: list, peaks: list, stop: threading.Event) -> None:
 
 def main() -> None:
     import tomli_w
-
-    import fedfm
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=7)
@@ -132,16 +130,9 @@ def main() -> None:
         by_pid = {}
         for pid, mb in peaks:
             by_pid[pid] = max(by_pid.get(pid, 0), mb)
+        shape = {"model": {"layers": args.layers, "hidden": 768, "parameters": params}}
         result = {
-            "benchmark": "scale/full-finetuning-deployed",
-            "config": cfg | {"model": {"layers": args.layers, "hidden": 768, "parameters": params}},
-            "seeds": [0],
-            "fedfm_version": fedfm.__version__,
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
+            **stamp("scale/full-finetuning-deployed", cfg | shape, [0]),
             "update_bytes_per_client": params * 4,
             "checkpoint_files_after_round_1": files,
             "rounds_recorded": [r["round"] for r in rounds],

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from _stamp import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -66,7 +66,6 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, theta_path: str, out
 
 
 def main() -> None:
-    import fedfm
     from fedfm.config import make_config
     from fedfm.models.state import get_trainable_state
     from fedfm.tasks.setup import build_task, prepare_data
@@ -90,11 +89,7 @@ def main() -> None:
         two = torch.load(f"{tmp}/r0.pt")
     diff = max(float((two["delta"][k] - one[k]).abs().max()) for k in one)
     result = {
-        "benchmark": "scale/two-process-client",
-        "config": cfg,
-        "seeds": [0],
-        "fedfm_version": fedfm.__version__,
-        "machine": {"platform": platform.platform(), "cpus": cores, "python": platform.python_version()},
+        **stamp("scale/two-process-client", cfg, [0]),
         "one_process": {"threads": cores, "seconds_per_step": round(one_s / args.steps, 3)},
         "two_processes": {
             "threads_each": max(1, cores // 2),

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _stamp import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -253,8 +254,6 @@ def main() -> None:
         return sender(args)
     import torch
 
-    import fedfm
-
     runs = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=os.environ.get("FEDFM_SCALE_TMP")) as tmp:
@@ -267,23 +266,14 @@ def main() -> None:
             runs.append(configuration(rule, n, args.gib, update, declared, tmp))
     by = {(r["rule"], r["senders"]): r for r in runs}
     lo, hi = min(args.senders), max(args.senders)
+    config = {
+        "gib_per_update": args.gib,
+        "senders": args.senders,
+        "old_path_senders": args.old,
+        "tensors": TENSORS,
+    }
     out = {
-        "benchmark": "scale/server-path",
-        "config": {
-            "gib_per_update": args.gib,
-            "senders": args.senders,
-            "old_path_senders": args.old,
-            "tensors": TENSORS,
-        },
-        "seeds": [0],
-        "fedfm_version": fedfm.__version__,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        **stamp("scale/server-path", config, [0], torch_threads=torch.get_num_threads()),
         "wall_s": round(time.perf_counter() - started, 1),
         "runs": runs,
         "ratio_peak_mean_max_vs_min_senders": round(

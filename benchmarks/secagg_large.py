@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from _stamp import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,6 @@ print(json.dumps({{"rows": rows, "peak_rss_mb": hwm / 1024}}))
 
 
 def main() -> None:
-    import fedfm
     from fedfm.privacy.packing import MAX_VALUES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,17 +53,9 @@ def main() -> None:
             {"mib": mib, "values": length, "peak_rss_mb": round(got["peak_rss_mb"], 1), "rows": got["rows"]}
         )
         print(json.dumps(sizes[-1]), flush=True)
+    config = {"clients": 4, "protocol": "SecAgg", "threshold": 0.67, "bits": 42, "mib": args.mib}
     out = {
-        "benchmark": "scale/secure-aggregation-large",
-        "config": {"clients": 4, "protocol": "SecAgg", "threshold": 0.67, "bits": 42, "mib": args.mib},
-        "seeds": [4],
-        "fedfm_version": fedfm.__version__,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": 1,
-            "python": platform.python_version(),
-        },  # fmt: skip
+        **stamp("scale/secure-aggregation-large", config, [4], torch_threads=1),
         "refused_above_values": MAX_VALUES,
         "sizes": sizes,
     }
