@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -152,3 +153,80 @@ def test_the_runs_client_transforms_apply_to_a_script_clients_update(
     assert max(float(v.abs().max()) for v in plain.delta.values()) > 0  # it trained from θ
     with pytest.raises(ValueError, match="trainable tensors differ"):
         client.train(0, None, header, {"p": {"nope": torch.zeros(1)}}, {})
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    from tests.deploy_tools import make_certificates
+
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def test_script_clients_of_a_deployed_server_over_mutual_tls_survive_its_kill_and_resume(
+    tmp_path, tiny_config, tiny_model_dir, csv_path, certs
+):
+    """Two script clients with the server's address and their TLS files in the environment, as a
+    site runs them; the server is killed with SIGKILL after round 1 and resumed; the clients ride
+    it out, and the run ends where an uninterrupted one does."""
+    import os
+    import signal
+    import subprocess
+
+    import tomli_w
+    from tests.deploy_tools import free_port, server_args, start, wait_for_file_text, write_tokens
+
+    from fedfm.server.checkpoint import load_checkpoint
+
+    (sites, labels) = write_sites(csv_path, tmp_path)
+    config = tmp_path / "exp.toml"
+    limits = {"max_update_norm": 100.0, "max_num_examples": 1000}
+    cfg = tiny_config(run={"rounds": 3}, validation=limits, partition={"method": "iid", "num_clients": 2})
+    config.write_text(tomli_w.dumps(cfg))
+    port, tokens = free_port(), write_tokens(tmp_path / "tokens.txt", 2)
+    out = tmp_path / "run"
+    args = server_args(config, port, tmp_path / "tokens.txt", certs, out)
+    server = start(args, tmp_path / "s1.log")
+    clients = []
+    for k, token in enumerate(tokens):
+        env = {
+            **os.environ,
+            "FEDFM_SERVER": f"localhost:{port}",
+            "FEDFM_TOKEN": token,
+            "FEDFM_CA": str(certs["ca"]),
+            "FEDFM_CERT": str(certs[f"site{k}"]),
+            "FEDFM_KEY": str(certs[f"site{k}_key"]),
+        }
+        argv = [
+            sys.executable,
+            str(EXAMPLE),
+            "--data",
+            str(sites[k]),
+            *script_args(tiny_model_dir, labels, tmp_path / f"o{k}"),
+        ]
+        log = open(tmp_path / f"c{k}.log", "w")  # noqa: SIM115
+        clients.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        wait_for_file_text(out / "metrics.jsonl", '"event": "round", "round": 1,')
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        resumed = args[:1] + args[2:]
+        i = resumed.index("--output")
+        resumed[i : i + 2] = ["--resume", out]
+        server = start(resumed, tmp_path / "s2.log")
+        assert server.wait(timeout=240) == 0, (tmp_path / "s2.log").read_text()[-3000:]
+        assert all(c.wait(timeout=60) == 0 for c in clients), (tmp_path / "c0.log").read_text()[-3000:]
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.kill()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["round"] for r in records if r.get("event") == "round"}) == [0, 1, 2, 3]
+    command = [str(EXAMPLE), "--data", str(tmp_path / "site{k}.csv")]
+    command += script_args(tiny_model_dir, labels, tmp_path / "w{k}")
+    whole = simulate(config, command, 2, output=tmp_path / "whole", progress=False)
+    resumed_params, whole_params = (
+        load_checkpoint(out / "checkpoint").params,
+        load_checkpoint(whole.run_dir / "checkpoint").params,
+    )
+    for n in whole_params:
+        torch.testing.assert_close(resumed_params[n], whole_params[n], atol=1e-5, rtol=1e-4)

@@ -125,7 +125,29 @@ def full_finetuning() -> str:
     )
 
 
+def llama_1b() -> str:
+    """benchmarks/llama1b.py: one federated LoRA round of a 1.17B decoder in bfloat16."""
+    d = json.loads((RESULTS / "llama1b.json").read_text())
+    shape, r, cfg = d["config"]["model_shape"], d["round"], d["config"]
+    t = cfg["training"]
+    return "\n".join(
+        [
+            "| model | clients | local steps | round (s) | run (s) | peak RSS (MB) | LoRA bytes up |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {shape['parameters'] / 1e9:.2f}B, {shape['layers']} layers, {shape['dtype']} | {r['num_clients']} | "
+            f"{t['local_steps']} × batch {t['batch_size']} | {r['round_s']:.1f} | {d['run_wall_s']:.1f} | "
+            f"{d['run_peak_rss_mb']:,.0f} | {r['bytes_up'] / 1e6:.1f} MB |",
+            "",
+            f"Random weights (test loss {r['test_loss']:.2f}, as for a uniform guess over the vocabulary); the run "
+            f"includes loading the model by path, the round and scoring {round(cfg['data']['max_examples'] * cfg['data']['test_fraction'])} "
+            f"held-out sequences; making and saving the model took {d['make_model_s']:.0f} s more. "
+            f"{d['machine']['cpus']} CPUs; fedfm {d['fedfm_version']}.",
+        ]
+    )
+
+
 RENDERERS = {
+    "llama-1b": llama_1b,
     "scale-server": scale_server,
     "secagg-large": secagg_large,
     "two-processes": two_processes,
