@@ -11,6 +11,16 @@ depend on the weights' values. Usage:
 
     python benchmarks/gpu.py classify --model minilm --out benchmarks/results/gpu-classify.json
     python benchmarks/gpu.py llm --tokenizer DIR --out benchmarks/results/gpu-llm.json
+
+``all``: one command for a lent GPU, each part in its own process with its own time limit, so
+that one failing part loses nothing else (``--dry-run`` prints the plan): the batched engine at
+50 clients against the in-process engine (``benchmarks/batched.py --device cuda``), a 1,000-client
+default simulation (``--simulation 1000``), a QLoRA round of the 1.17B decoder
+(``benchmarks/llama1b.py --quantization 4bit --device cuda``), and a client on two GPUs when two
+are present — not built yet (the ranks of ``fedfm client --nproc`` use gloo on the CPU and no
+device per rank), so it is recorded as such. JSON out, each part's own JSON inside.
+
+    python benchmarks/gpu.py all --out benchmarks/results/gpu-all.json
 """
 
 from __future__ import annotations
@@ -201,6 +211,61 @@ def llm(args) -> dict:
     return result
 
 
+def plan(folder: Path) -> list[tuple[str, list[str], Path]]:
+    """(part, command, the JSON it writes) for every part of ``all``."""
+    import sys
+
+    here = Path(__file__).resolve().parent
+    py = sys.executable
+    batched, llama = str(here / "batched.py"), str(here / "llama1b.py")
+    parts = {
+        "batched-vs-inprocess-50": [batched, "--device", "cuda", "--clients", "50", "--workloads", "minilm"],
+        "simulation-1000": [batched, "--device", "cuda", "--simulation", "1000"],
+        "qlora-1b-round": [llama, "--device", "cuda", "--quantization", "4bit"],
+    }
+    return [
+        (name, [py, *cmd, "--out", str(folder / f"{name}.json")], folder / f"{name}.json")
+        for name, cmd in parts.items()
+    ]
+
+
+def run_all(args) -> dict | None:
+    """Every GPU part in its own process; what each printed and wrote, and how it ended."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = plan(Path(tmp))
+        if args.dry_run:
+            for name, cmd, _ in parts:
+                print(name, " ".join(cmd))
+            return None
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks/gpu.py all needs a CUDA GPU (--dry-run shows the plan)")
+        result = {
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "parts": {},
+        }
+        for name, cmd, out in parts:
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.limit)
+                entry = {"rc": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
+            except subprocess.TimeoutExpired:
+                entry = {"rc": None, "tail": f"ran past {args.limit} s"}
+            entry["wall_s"] = round(time.perf_counter() - started, 1)
+            if out.exists():
+                entry["result"] = json.loads(out.read_text())
+            result["parts"][name] = entry
+            print(name, entry["rc"], entry["wall_s"], flush=True)
+        two = torch.cuda.device_count() >= 2
+        result["parts"]["two-gpu-client"] = {
+            "skipped": "not built: fedfm client --nproc ranks use gloo on the CPU, with no device per rank"
+            if two
+            else "needs two GPUs"
+        }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,8 +283,17 @@ def main() -> None:
     g.add_argument("--steps", type=int, default=10)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--out", default="benchmarks/results/gpu-llm.json")
+    a = sub.add_parser("all")
+    a.add_argument("--limit", type=int, default=1800, help="seconds each part may run")
+    a.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    a.add_argument("--out", default="benchmarks/results/gpu-all.json")
     args = parser.parse_args()
-    result = classify(args) if args.what == "classify" else llm(args)
+    if args.what == "all":
+        result = run_all(args)
+        if result is None:
+            return
+    else:
+        result = classify(args) if args.what == "classify" else llm(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

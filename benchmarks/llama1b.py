@@ -67,6 +67,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llama1b.json")
+    ap.add_argument("--device", default="cpu", help="run.device (cuda on a GPU)")
+    ap.add_argument("--quantization", default="none", choices=["none", "4bit"], help="4bit: QLoRA (a GPU)")
     args = ap.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,9 +76,14 @@ def main() -> None:
         params = make_model(folder)
         made_s, made_peak = time.perf_counter() - started, peak_mb()
         cfg = {
-            "run": {"rounds": 1, "seed": 0},
+            "run": {"rounds": 1, "seed": 0, "device": args.device},
             "task": {"kind": "instruction", "num_eval_prompts": 2, "max_new_tokens": 8},
-            "model": {"name": str(folder), "max_length": 256, "dtype": "bfloat16"},
+            "model": {
+                "name": str(folder),
+                "max_length": 256,
+                "dtype": "bfloat16",
+                "quantization": args.quantization,
+            },
             "peft": {"method": "lora", "r": 8, "alpha": 16},
             "data": {"name": "chatterbot", "max_examples": 320, "test_fraction": 0.2},
             "partition": {"method": "iid", "num_clients": 2},
