@@ -204,14 +204,13 @@ def simulate(
     client that exits with an error fails the call with its log's last lines."""
     import secrets
     import shutil
-    import socket
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
     from fedfm.config import load_config
-    from fedfm.deploy.client import ClientError
+    from fedfm.deploy.client import ClientError, loopback_address
     from fedfm.deploy.server import Security, serve
 
     if clients < 1:
@@ -223,16 +222,14 @@ def simulate(
     folder = Path(tempfile.mkdtemp(prefix="fedfm-federate-"))
     tokens = {k: secrets.token_hex(16) for k in range(clients)}
     (folder / "tokens.txt").write_text("".join(f"site{k} {t}\n" for k, t in tokens.items()))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    address = loopback_address()
     command = [str(c) for c in command]
     head = [sys.executable] if command[0].endswith(".py") else []
     procs = {}
     for k, token in tokens.items():
         env = {
             **os.environ,
-            "FEDFM_SERVER": f"127.0.0.1:{port}",
+            "FEDFM_SERVER": address,
             "FEDFM_TOKEN": token,
             "FEDFM_INSECURE": "1",
             "FEDFM_CLIENT": str(k),
@@ -247,7 +244,7 @@ def simulate(
     try:
         result = serve(
             cfg,
-            f"127.0.0.1:{port}",
+            address,
             folder / "tokens.txt",
             Security(insecure=True),
             output=output,

@@ -32,7 +32,16 @@ from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S, STALL_S, Watchdog
 from fedfm.sharing import sharing_mode
-from fedfm.wire import WireError, chunks, context_from, join, pack_tensors, payload_stream, unpack_tensors
+from fedfm.wire import (
+    WireError,
+    chunks,
+    context_from,
+    declared_size,
+    join,
+    pack_tensors,
+    payload_stream,
+    unpack_tensors,
+)
 from fedfm.wire.stream import BROKEN, BrokenStream, TensorStream, load_groups, spool, transfer_s
 
 RETRYABLE = {
@@ -283,10 +292,8 @@ def run_identities(
 
 def fetch_model_weights(stub, metadata, trainer: Trainer, deadline: float) -> str:
     """Fetch and load the weights the server ships for this client's model (a distilled offsite
-    emulator's middle layers), checked: the SHA-256 the header names, a size bounded by the
-    client's own model, exactly the tensors of those layers, finite. Returns the digest."""
-    import hashlib
-
+    emulator's middle layers), checked: the SHA-256 the header names (by ``join``), a size bounded
+    by the client's own model, exactly the tensors of those layers, finite. Returns the digest."""
     from fedfm.sharing.offsite import load_emulator_weights
 
     limit = sum(t.numel() * t.element_size() for t in trainer.bundle.model.state_dict().values()) + (64 << 10)
@@ -297,9 +304,9 @@ def fetch_model_weights(stub, metadata, trainer: Trainer, deadline: float) -> st
         raise ClientError(f"the server's model weights are malformed: {err}") from None
     if "error" in header:
         raise ClientError(f"the server has no model weights for this client: {header['error']}")
-    digest = hashlib.sha256(blob).hexdigest()
-    if header.get("sha256") != digest:
-        raise ClientError("the model weights the server sent do not match their SHA-256")
+    digest = header.get("sha256")
+    if not blob or not digest:  # join checked every byte against a declared digest, if there was one
+        raise ClientError("the model weights the server sent come without their SHA-256")
     try:
         load_emulator_weights(trainer.bundle, trainer.cfg, unpack_tensors(blob).get("e", {}))
     except ValueError as err:
@@ -387,19 +394,24 @@ def rank_worker(index: int, world: int, address: str, source: str, timeout_s: fl
         ranks.leave()
 
 
+def loopback_address() -> str:
+    """``127.0.0.1:PORT`` at a port free now (bound, then released for the caller to listen on)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def run_ranked(server, ident, source, security, nproc, timeout_s, retry_s, give_up_s, note) -> list[Identity]:
     """One client identity trained on ``nproc`` processes: spawn ranks 1 …, join them as rank 0,
     serve the identity, and stop the ranks at the end (whatever the end)."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from fedfm.client import ranks
     from fedfm.config import make_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = loopback_address()
     workers = mp.start_processes(
         rank_worker,
         args=(nproc, address, source, timeout_s),
@@ -512,9 +524,8 @@ def fetch_task(stub, request, metadata, silence_s: float = STALL_S) -> tuple[dic
     timer: list[threading.Timer] = []
 
     def sized(header: dict) -> None:  # the header says how many bytes follow: the deadline fits them
-        nbytes = header.get("nbytes", 0)
-        allowed = CALL_S + transfer_s(nbytes if isinstance(nbytes, int) and nbytes > 0 else 0)
-        timer.append(threading.Timer(allowed, call.cancel))
+        nbytes, _ = declared_size(header, None)
+        timer.append(threading.Timer(CALL_S + transfer_s(nbytes), call.cancel))
         timer[0].daemon = True
         timer[0].start()
 

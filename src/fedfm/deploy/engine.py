@@ -169,14 +169,18 @@ class GrpcEngine:
             c.waiting_for = set(c.tasks)
             c.cond.notify_all()
 
+    def wait_s(self, moved: int = 0) -> float:
+        """How long a round waits for its replies: the round's timeout plus the time ``moved``
+        bytes (the task down, the update up) may take on the slowest link planned for."""
+        return self.round_timeout_s + transfer_s(moved)
+
     def _collect(
-        self, rnd: int, step: str | None, pending: set[int], moved: int = 0
+        self, rnd: int, step: str | None, pending: set[int], wait_s: float | None = None
     ) -> Iterator[tuple[int, object]]:
-        """(client, reply) as they arrive until all ``pending`` answered or the deadline passed:
-        the round's timeout plus the time ``moved`` bytes (the task down, the update up) may take
-        on the slowest link planned for."""
+        """(client, reply) as they arrive until all ``pending`` answered or ``wait_s`` passed
+        (default: the round's timeout)."""
         c = self.coord
-        deadline = time.monotonic() + self.round_timeout_s + transfer_s(moved)
+        deadline = time.monotonic() + (self.round_timeout_s if wait_s is None else wait_s)
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -271,16 +275,15 @@ class GrpcEngine:
                 yield ClientResult(
                     k, failure=ClientFailure(k, "connect", "not connected when the round started")
                 )
-        pending = set(headers)
+        pending, allowed = set(headers), self.wait_s(stream.nbytes + limit)
         try:
-            for _, result in self._collect(ctx.round, None, pending, stream.nbytes + limit):
+            for _, result in self._collect(ctx.round, None, pending, allowed):
                 yield split.attach(result) if split is not None else result
         finally:
             if split is not None:
                 split.close_round()
 
         for k in sorted(pending):
-            allowed = self.round_timeout_s + transfer_s(stream.nbytes + limit)
             reason = f"no update within the round deadline ({allowed:.3g} s)"
             yield ClientResult(k, failure=ClientFailure(k, "timeout", reason))
 

@@ -82,6 +82,7 @@ class TensorStream:
             span = [offset, offset + size]
             entries[key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": span}
             offset += size
+        self._digest: str | None = None
         if not self.tensors:
             self.head, self.nbytes = b"", 0
             return
@@ -90,7 +91,6 @@ class TensorStream:
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.head = struct.pack("<Q", len(text)) + text
         self.nbytes = len(self.head) + offset
-        self._digest: str | None = None
 
     def segments(self) -> Iterator[memoryview]:
         """The header, then each tensor's bytes (on the CPU, contiguous: one tensor at a time)."""
