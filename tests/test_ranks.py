@@ -29,6 +29,7 @@ def client_update(cfg_dict: dict, theta_path: str):
     cfg = make_config(cfg_dict)
     data = prepare_data(cfg)
     bundle, task = build_task(cfg, data)
+    _LAST_MODEL.append(bundle.model)
     program = ClientProgram.from_config(cfg)
     job = ClientJob(0, data.client_train[0], None)
     theta = torch.load(theta_path)
@@ -36,16 +37,28 @@ def client_update(cfg_dict: dict, theta_path: str):
     return payload
 
 
-def _rank(rank: int, world: int, port: int, cfg_dict: dict, theta_path: str, out: str, die: bool) -> None:
+def _rank(
+    rank: int,
+    world: int,
+    port: int,
+    cfg_dict: dict,
+    theta_path: str,
+    out: str,
+    die: bool,
+    shard: bool = False,
+) -> None:
     from fedfm.client import ranks
 
     torch.set_num_threads(1)
-    ranks.join(rank, world, f"127.0.0.1:{port}", timeout_s=10)
+    ranks.join(rank, world, f"127.0.0.1:{port}", timeout_s=10, shard_base=shard)
     if die and rank == 1:
         os._exit(3)  # a rank that dies as the round starts
     try:
         payload = client_update(cfg_dict, theta_path)
-        torch.save({"delta": payload.delta, "loss": payload.metrics["train_loss"]}, f"{out}.{rank}")
+        held = local_bytes(ranks) if shard else None
+        torch.save(
+            {"delta": payload.delta, "loss": payload.metrics["train_loss"], "held": held}, f"{out}.{rank}"
+        )
     except Exception as err:
         torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out}.{rank}")
     finally:
@@ -78,12 +91,40 @@ def setup(tmp_path, tiny_config, csv_path):
     return cfg, str(theta), str(tmp_path / "out")
 
 
-def test_two_processes_give_the_update_one_process_gives_with_the_same_global_batch(setup):
+_LAST_MODEL: list = []
+
+
+def local_bytes(ranks) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model) for the last model built."""
+    from torch.distributed.tensor import DTensor
+
+    model = _LAST_MODEL[-1]
+    held = total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        held += local.numel() * local.element_size()
+        total += p.numel() * p.element_size()
+    return held, total
+
+
+@pytest.mark.parametrize(
+    ("shard", "batch_size"), [(False, 7), (True, 7), (True, 1)], ids=["ddp", "fsdp", "fsdp-empty-share"]
+)
+def test_two_processes_give_the_update_one_process_gives_with_the_same_global_batch(setup, shard, batch_size):
+    # With the frozen base sharded (FSDP), each rank holds about half of the base and gathers it
+    # block by block; the trainable LoRA weights stay whole, so the update is the same. With one
+    # row per batch rank 1's share is empty: it forwards a row that counts for nothing, since
+    # every rank must join each block's gather.
     cfg, theta, out = setup
+    cfg = {**cfg, "training": {**cfg["training"], "batch_size": batch_size}}
     torch.set_num_threads(1)
     one = client_update(cfg, theta)
-    mp.spawn(_rank, args=(2, free_port(), cfg, theta, out, False), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), cfg, theta, out, False, shard), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    if shard:
+        (held, total), (held_1, _) = ranks[0]["held"], ranks[1]["held"]
+        assert held + held_1 < 1.1 * total and held < 0.6 * total, (held, held_1, total)
+        print(f"rank 0 holds {held} of {total} parameter bytes; rank 1 {held_1}")
     for k, v in one.delta.items():
         assert torch.equal(ranks[0]["delta"][k], ranks[1]["delta"][k])  # every rank ends the same
         torch.testing.assert_close(ranks[0]["delta"][k], v, atol=1e-6, rtol=1e-5)
@@ -106,13 +147,20 @@ def test_dp_sgd_on_several_processes_is_refused(tiny_config):
     with pytest.raises(ValueError, match="DP-SGD"):
         ranks.check(make_config(tiny_config(privacy={"dp": "example", "noise_multiplier": 1.0})))
     ranks.check(make_config(tiny_config()))
+    full = make_config(tiny_config(peft={"method": "full"}))
+    ranks.check(full)  # several processes without sharding train every weight
+    with pytest.raises(ValueError, match="FSDP.*peft.method = 'full'"):
+        ranks.check(full, shard_base=True)
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        ranks.Layout(nproc=1, shard_base=True)
 
 
 def test_a_deployed_client_on_two_processes_trains_the_run_the_simulation_trains(
     tmp_path, tiny_config, certs, csv_path
 ):
-    """``fedfm client --nproc 2`` beside a one-process client, over mutual TLS: the deployed run
-    ends where the one-process simulation does (no dropout, so the ranks' shares add up exactly)."""
+    """Two clients, each ``fedfm client --nproc 2`` over mutual TLS, one with its frozen base
+    sharded (``--fsdp``): the deployed run ends where the one-process simulation does (no dropout,
+    so the ranks' shares add up exactly)."""
     pytest.importorskip("grpc")
     from tests.conftest import save_tiny_bert
     from tests.deploy_tools import client_args, client_data, free_port, server_args, start, write_tokens
@@ -139,11 +187,12 @@ def test_a_deployed_client_on_two_processes_trains_the_run_the_simulation_trains
     data = client_data(path)
     clients = [
         start(client_args(port, tokens[0], certs, "--nproc", "2", data=data), tmp_path / "c0.log"),
-        start(client_args(port, tokens[1], certs, data=data), tmp_path / "c1.log"),
+        start(client_args(port, tokens[1], certs, "--nproc", "2", "--fsdp", data=data), tmp_path / "c1.log"),
     ]
     assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert all(c.wait(timeout=60) == 0 for c in clients), (tmp_path / "c0.log").read_text()[-3000:]
     assert "training on 2 processes" in (tmp_path / "c0.log").read_text()
+    assert "frozen base sharded across them (FSDP)" in " ".join((tmp_path / "c1.log").read_text().split())
     simulated = fedfm.run(path, output=tmp_path / "sim", progress=False)
     deployed, local = (
         load_checkpoint(out / "checkpoint").params,

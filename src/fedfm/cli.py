@@ -401,10 +401,16 @@ def client(
         "--rank-timeout",
         help="With --nproc: seconds a rank waits for the others before the round fails.",
     ),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="With --nproc: shard the frozen base model across the processes (FSDP); each holds 1/N of it.",
+    ),
 ) -> None:
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
     import os
 
+    from fedfm.client.ranks import Layout
     from fedfm.deploy.auth import DeployError
     from fedfm.deploy.client import ClientError, ClientSecurity, Identity, run_identities
 
@@ -440,8 +446,7 @@ def client(
             give_up_s=give_up,
             note=Console().print,
             delay_s=delay,
-            nproc=nproc,
-            rank_timeout_s=rank_timeout,
+            ranks=Layout(nproc, rank_timeout, fsdp),
         )
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
         _fail(err)

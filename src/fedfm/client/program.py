@@ -32,6 +32,7 @@ from fedfm.algorithms.personal import (
 from fedfm.algorithms.schedules import lr_at
 from fedfm.client.costs import CostMeter
 from fedfm.client.ranks import current as current_ranks
+from fedfm.client.ranks import shard as shard_base
 from fedfm.client.steps import (
     ClientJob,
     autocast_context,
@@ -142,6 +143,8 @@ def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective
     ranks = current_ranks()
     if ranks is not None and dp_sgd is not None:
         raise ValueError("DP-SGD cannot train on several processes: run this client with --nproc 1")
+    if ranks is not None and ranks.shard_base:
+        shard_base(bundle.model, trainable)  # once, at the first local training
     return LocalTraining(
         bundle, task, job, global_params, ctx, cfg, hook, optimizer, steps, rows, generator,
         rank_mask=rank_mask, dp_sgd=dp_sgd, client_state=client_state, ranks=ranks,
@@ -183,6 +186,8 @@ def client_step(training: LocalTraining, positions: torch.Tensor) -> None:
     if ranks is not None:  # several processes: this rank's share of the batch, weighted by its size
         mine = ranks.share(positions)
         scale = len(mine) / len(positions)
+        if not len(mine) and ranks.shard_base:  # a sharded base gathers in every rank's forward
+            mine = positions[:1]  # a row that counts for nothing
     if len(mine):
         batch = client_batch(task, ctx, training.job, training.rows[mine], training.generator, device)
         with autocast_context(cfg.precision, device):

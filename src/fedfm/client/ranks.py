@@ -29,10 +29,12 @@ _current: Ranks | None = None
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the client's training processes."""
+    """This process's place among the client's training processes; ``shard_base``: the frozen
+    base model is sharded across them (FSDP, see ``shard``)."""
 
     rank: int
     world: int
+    shard_base: bool = False
 
     def share(self, positions: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a batch (every ``world``-th from ``rank``)."""
@@ -55,14 +57,31 @@ class Ranks:
         return float(t)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one client's local training is laid out on processes: ``nproc`` ranks; the seconds a
+    collective waits for a missing rank before the round fails; the frozen base sharded (FSDP)."""
+
+    nproc: int = 1
+    timeout_s: float = 300.0
+    shard_base: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be at least 1 (got {self.nproc})")
+        if self.shard_base and self.nproc < 2:
+            raise ValueError("sharding the base (FSDP) needs at least 2 processes")
+
+
 def current() -> Ranks | None:
     """The ranks this process trains among, or None (one process)."""
     return _current
 
 
-def join(rank: int, world: int, address: str, timeout_s: float = 120.0) -> Ranks:
+def join(rank: int, world: int, address: str, timeout_s: float = 120.0, shard_base: bool = False) -> Ranks:
     """Join the client's process group (gloo over TCP at ``address``, ``host:port``); every later
-    local training in this process trains as ``rank`` of ``world``."""
+    local training in this process trains as ``rank`` of ``world`` (with its frozen base sharded
+    across the ranks when ``shard_base``)."""
     import torch.distributed as dist
 
     global _current
@@ -73,7 +92,7 @@ def join(rank: int, world: int, address: str, timeout_s: float = 120.0) -> Ranks
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    _current = Ranks(rank, world)
+    _current = Ranks(rank, world, shard_base)
     return _current
 
 
@@ -87,12 +106,47 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def check(cfg) -> None:
-    """What local training on several ranks cannot do (``ValueError`` with the reason)."""
+def check(cfg, shard_base: bool = False) -> None:
+    """What local training on several ranks (with the base sharded) cannot do (``ValueError``
+    with the reason)."""
     from fedfm.privacy.guarantees import dp_mode
+
+    if shard_base and cfg.peft.method == "full":
+        raise ValueError(
+            "sharding the frozen base (FSDP) needs a frozen base: with peft.method = 'full' every "
+            "weight trains; train on several processes without sharding"
+        )
 
     if dp_mode(cfg).example_level:
         raise ValueError(
             "DP-SGD (privacy.dp = 'example') on several processes would need its per-example "
             "clipping and noise made across ranks; train DP-SGD clients in one process (--nproc 1)"
         )
+
+
+def shard(model: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> bool:
+    """Shard ``model``'s frozen weights across the ranks with FSDP (PyTorch's ``fully_shard``,
+    FSDP2), once; True when this call sharded it. Each block the model names as not to be split
+    (``_no_split_modules``, as accelerate's transformer auto-wrap uses it) is one FSDP unit, then
+    the root. The trainable parameters are left out of FSDP (``ignored_params``): they stay whole
+    on every rank and their gradients are summed by ``sum_gradients``, so training is the same as
+    unsharded; the frozen base is held 1/world per rank and gathered block by block in forward
+    and backward. Every rank must therefore run the same forwards (``client_step`` gives a rank
+    with an empty share a zero-weighted row)."""
+    if getattr(model, "_fedfm_sharded", False):
+        return False
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = set(trainable.values())
+    if all(p in ignored for p in model.parameters()):
+        raise ValueError("sharding the frozen base (FSDP) needs a frozen base: every weight trains")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    for block in [m for m in model.modules() if type(m).__name__ in names]:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    model._fedfm_sharded = True
+    return True

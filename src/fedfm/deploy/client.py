@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from fedfm.client.ranks import Layout
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S, STALL_S, Watchdog
@@ -236,23 +237,21 @@ def run_identities(
     give_up_s: float = 600.0,
     note: Callable[[str], None] = print,
     delay_s: float = 0.0,
-    nproc: int = 1,
-    rank_timeout_s: float = 300.0,
+    ranks: Layout | None = None,
 ) -> list[Identity]:
     """Serve one or more client identities from this process until the server says the run is done.
 
     The identities share one model (training takes turns), which is how a load test runs many light
     clients in a few processes. ``delay_s``: each update waits this long before its upload (a slower
-    device or link, for tests and demonstrations of asynchronous mode). ``nproc``: one identity
-    trains on this many processes (``fedfm.client.ranks``; this process is rank 0 and talks to the
-    server); a collective that waits ``rank_timeout_s`` for a dead rank fails the round.
+    device or link, for tests and demonstrations of asynchronous mode). ``ranks``: one identity
+    trains on ``ranks.nproc`` processes (``fedfm.client.ranks``; this process is rank 0 and talks
+    to the server; a collective that waits ``ranks.timeout_s`` for a dead rank fails the round),
+    with the frozen base sharded across them when ``ranks.shard_base``.
     """
-    if nproc > 1:
+    if ranks is not None and ranks.nproc > 1:
         if len(identities) != 1:
             raise ClientError("--nproc trains one client on several processes: give one identity")
-        return run_ranked(
-            server, identities[0], source, security, nproc, rank_timeout_s, retry_s, give_up_s, note
-        )
+        return run_ranked(server, identities[0], source, security, ranks, retry_s, give_up_s, note)
     shared: dict = {}
     build = threading.Lock()
     errors: list[BaseException] = []
@@ -368,13 +367,13 @@ def broadcast(message=None):
     return box[0]
 
 
-def rank_worker(index: int, world: int, address: str, source: str, timeout_s: float) -> None:
+def rank_worker(index: int, layout: Layout, address: str, source: str) -> None:
     """Ranks 1 … world − 1 of a client: build the same trainer from the config rank 0 got when it
     joined, then train every task rank 0 sends, together with it; their updates are rank 0's."""
     from fedfm.client import ranks
     from fedfm.config import make_config
 
-    ranks.join(index + 1, world, address, timeout_s)
+    ranks.join(index + 1, layout.nproc, address, layout.timeout_s, layout.shard_base)
     trainer = None
     try:
         while True:
@@ -403,8 +402,8 @@ def loopback_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def run_ranked(server, ident, source, security, nproc, timeout_s, retry_s, give_up_s, note) -> list[Identity]:
-    """One client identity trained on ``nproc`` processes: spawn ranks 1 …, join them as rank 0,
+def run_ranked(server, ident, source, security, layout: Layout, retry_s, give_up_s, note) -> list[Identity]:
+    """One client identity trained on ``layout.nproc`` processes: spawn ranks 1 …, join them as rank 0,
     serve the identity, and stop the ranks at the end (whatever the end)."""
     import torch.multiprocessing as mp
 
@@ -414,20 +413,21 @@ def run_ranked(server, ident, source, security, nproc, timeout_s, retry_s, give_
     address = loopback_address()
     workers = mp.start_processes(
         rank_worker,
-        args=(nproc, address, source, timeout_s),
-        nprocs=nproc - 1,
+        args=(layout, address, source),
+        nprocs=layout.nproc - 1,
         join=False,
         start_method="spawn",
     )
-    ranks.join(0, nproc, address, timeout_s)
-    note(f"training on {nproc} processes (gloo, {address})")
+    ranks.join(0, layout.nproc, address, layout.timeout_s, layout.shard_base)
+    sharded = ", the frozen base sharded across them (FSDP)" if layout.shard_base else ""
+    note(f"training on {layout.nproc} processes (gloo, {address}){sharded}")
     built: dict = {}
 
     def trainer_for(reply, stub, metadata):
         if "trainer" not in built:
             cfg = make_config(tomllib.loads(reply.config_toml))
             try:
-                ranks.check(cfg)
+                ranks.check(cfg, layout.shard_base)
             except ValueError as err:
                 raise ClientError(str(err)) from None
             mode = sharing_mode(cfg)
