@@ -55,7 +55,7 @@ def _rank(
         os._exit(3)  # a rank that dies as the round starts
     try:
         payload = client_update(cfg_dict, theta_path)
-        held = local_bytes(ranks) if shard else None
+        held = ranks.held_bytes(_LAST_MODEL[-1]) if shard else None
         torch.save(
             {"delta": payload.delta, "loss": payload.metrics["train_loss"], "held": held}, f"{out}.{rank}"
         )
@@ -92,19 +92,6 @@ def setup(tmp_path, tiny_config, csv_path):
 
 
 _LAST_MODEL: list = []
-
-
-def local_bytes(ranks) -> tuple[int, int]:
-    """(bytes of parameters this rank holds, bytes of the whole model) for the last model built."""
-    from torch.distributed.tensor import DTensor
-
-    model = _LAST_MODEL[-1]
-    held = total = 0
-    for p in model.parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        held += local.numel() * local.element_size()
-        total += p.numel() * p.element_size()
-    return held, total
 
 
 @pytest.mark.parametrize(

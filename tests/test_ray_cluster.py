@@ -56,7 +56,7 @@ def test_batched_ray_workers_on_two_nodes_survive_a_node_killed_mid_round(tmp_pa
     cfg, run_dir = prepare_run(cfg, output=tmp_path / "run")
     run = Run(cfg, run_dir, progress=False)
     engine = run.engine
-    assert len(set(engine.nodes.values())) == 2  # one worker per node
+    assert len({gang.node for gang in engine.workers}) == 2  # one worker per node
     killed = []
     inner = engine.run_cohort
 

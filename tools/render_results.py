@@ -89,18 +89,26 @@ def secagg_large() -> str:
 def two_processes() -> str:
     """benchmarks/ranks.py: one client's local training on 2 processes against 1."""
     d = json.loads((RESULTS / "ranks.json").read_text())
-    one, two = d["one_process"], d["two_processes"]
+    one, two, fsdp = d["one_process"], d["two_processes"], d["two_processes_fsdp"]
+    held = " / ".join(f"{mb:.1f}" for mb in fsdp["held_mb_per_rank"])
+    peaks = " / ".join(str(mb) for mb in fsdp["peak_rss_mb_per_rank"])
     return "\n".join(
         [
-            "| client | threads | s / step |",
-            "| --- | ---: | ---: |",
-            f"| 1 process | {one['threads']} | {one['seconds_per_step']:.3f} |",
-            f"| 2 processes (gloo) | {two['threads_each']} each | {two['seconds_per_step']:.3f} |",
+            "| client | threads | s / step | parameters held per rank (MB) | peak RSS per rank (MB) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| 1 process | {one['threads']} | {one['seconds_per_step']:.3f} | {fsdp['model_mb']:.1f} | — |",
+            f"| 2 processes (gloo) | {two['threads_each']} each | {two['seconds_per_step']:.3f} | "
+            f"{fsdp['unsharded_held_mb_per_rank']:.1f} | {fsdp['unsharded_peak_rss_mb_rank_0']} (rank 0) |",
+            f"| 2 processes, base sharded (`--fsdp`) | {fsdp['threads_each']} each | "
+            f"{fsdp['seconds_per_step']:.3f} | {held} | {peaks} |",
             "",
             f"Ratio 2 ÷ 1: **{d['ratio_two_over_one']:.2f}** ({d['machine']['cpus']} CPUs; MiniLM LoRA r = 8, "
             f"batch {d['config']['training']['batch_size']} of {d['config']['model']['max_length']} tokens, "
             f"{d['config']['training']['local_steps']} steps; fedfm {d['fedfm_version']}). The updates differ by "
-            f"up to {d['max_abs_update_difference']:.3g}: MiniLM's own dropout (0.1) draws its masks per rank.",
+            f"up to {d['max_abs_update_difference']:.3g}: MiniLM's own dropout (0.1) draws its masks per rank. "
+            f"Sharded against unsharded 2 processes: up to {fsdp['max_abs_update_difference_vs_unsharded']:.3g}; "
+            f"sharded ÷ 1 process: {fsdp['ratio_over_one_process']:.2f}. Peak RSS includes loading the whole "
+            "model on every rank before sharding it.",
         ]
     )
 

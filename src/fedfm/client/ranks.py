@@ -150,3 +150,16 @@ def shard(model: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> bool:
     fully_shard(model, mesh=mesh, ignored_params=ignored)
     model._fedfm_sharded = True
     return True
+
+
+def held_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters): a sharded
+    parameter counts its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    held = total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        held += local.numel() * local.element_size()
+        total += p.numel() * p.element_size()
+    return held, total
