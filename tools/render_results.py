@@ -1,10 +1,14 @@
 """Render measured tables into the docs from their results files, between markers.
 
-A table lives in a doc between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; NAME is
-a renderer below, which reads its JSON under ``benchmarks/results/``. ``python
-tools/render_results.py`` rewrites every marked table; ``--check`` exits 1 when a doc differs
-from what its results file renders (``tests/test_docs.py`` runs the check, so a number edited by
-hand, or a results file updated without its table, is caught).
+A table lives in a doc (README.md or docs/*.md) between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->``. NAME is a renderer below, which reads its JSON under
+``benchmarks/results/``; or ``sweep/FILE`` (``docs/results/FILE.json``, a sweep entry's groups as
+mean ± 95% interval, ``fedfm.reproduce.render.sweep_table``); or ``claims`` (the claims of
+``docs/results/claims.toml``, judged). ``python tools/render_results.py`` rewrites every marked
+table; ``--check`` exits 1 when a doc differs from what its results file renders, or when a
+table with measured-looking numbers stands outside markers without being listed in
+``docs/results/unsourced.toml`` (``tests/test_docs.py`` runs the check, so a number edited by
+hand, a results file updated without its table, or a new hand-written table is caught).
 """
 
 # ruff: noqa: E501 (table text)
@@ -14,11 +18,33 @@ import argparse
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
+UNSOURCED = DOCS / "results" / "unsourced.toml"
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def load_json(relative: str) -> dict:
+    return json.loads((ROOT / relative).read_text())
+
+
+def generic(name: str) -> str:
+    """``sweep/FILE`` and ``claims``: rendered by fedfm.reproduce.render."""
+    from fedfm.reproduce.render import claims_table, sweep_table
+
+    if name == "claims":
+        return claims_table(tomllib.loads((DOCS / "results" / "claims.toml").read_text())["claim"], load_json)
+    kind, _, file = name.partition("/")
+    if kind == "sweep":
+        return sweep_table(load_json(f"docs/results/{file}.json"))
+    raise KeyError(f"no renderer for results:{name}")
 
 
 def scale_server() -> str:
@@ -161,11 +187,33 @@ RENDERERS = {
     "two-processes": two_processes,
     "full-finetuning": full_finetuning,
 }
-BLOCK = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?\n)?(<!-- /results:\2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- results:([\w./-]+) -->\n)(.*?\n)?(<!-- /results:\2 -->)", re.S)
+
+
+def rendered(name: str) -> str:
+    return RENDERERS[name]() if name in RENDERERS else generic(name)
 
 
 def render(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + RENDERERS[m.group(2)]() + "\n" + m.group(4), text)
+    return BLOCK.sub(lambda m: m.group(1) + rendered(m.group(2)) + "\n" + m.group(4), text)
+
+
+def unsourced_problems() -> list[str]:
+    """Tables with measured-looking numbers outside markers and not listed in unsourced.toml,
+    and listed tables that no longer exist."""
+    from fedfm.reproduce.render import numeric_tables
+
+    listed = tomllib.loads(UNSOURCED.read_text()).get("table", [])
+    known = {(t["file"], t["header"]) for t in listed}
+    seen, problems = set(), []
+    for doc in documents():
+        rel = str(doc.relative_to(ROOT))
+        for line, header in numeric_tables(doc.read_text()):
+            seen.add((rel, header))
+            if (rel, header) not in known:
+                problems.append(f"{rel}:{line}: a table of measured numbers without a results file: {header}")
+    problems += [f"{f}: listed in {UNSOURCED.name} but not found: {h}" for f, h in sorted(known - seen)]
+    return problems
 
 
 def main() -> int:
@@ -173,7 +221,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if a doc differs from its rendering")
     args = ap.parse_args()
     stale = []
-    for doc in sorted(DOCS.glob("*.md")):
+    for doc in documents():
         text = doc.read_text()
         new = render(text)
         if new != text:
@@ -183,7 +231,10 @@ def main() -> int:
     if args.check and stale:
         print(f"tables differ from their results files: {', '.join(stale)} (python tools/render_results.py)")
         return 1
-    return 0
+    problems = unsourced_problems() if args.check else []
+    for p in problems:
+        print(p)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

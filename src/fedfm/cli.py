@@ -151,6 +151,38 @@ def sweep(
 
 
 @app.command()
+def reproduce(
+    targets: list[str] = typer.Argument(None, help="Entries or groups to rerun ('all': every entry)."),
+    list_: bool = typer.Option(False, "--list", help="List the documented experiments and their cost."),
+    quick: bool = typer.Option(False, "--quick", help="At each entry's documented reduced size."),
+    record: bool = typer.Option(
+        False, "--record", help="Measure and write the committed results themselves (maintainers)."
+    ),
+    root: Path | None = typer.Option(None, "--root", help="The fedfm source checkout (default: found from here)."),
+) -> None:
+    """Rerun documented experiments and judge them against the committed results."""
+    from fedfm.reproduce import find_root, listing, load, select
+    from fedfm.reproduce import reproduce as rerun
+
+    try:
+        checkout = find_root(root)
+        entries = select(load(checkout), list(targets or []))
+        if list_ or not targets:
+            Console().print(listing(entries), markup=False, soft_wrap=True)
+            if not list_:
+                Console().print("\nrerun: fedfm reproduce NAME|GROUP|all [--quick]")
+            return
+        outcomes = rerun(
+            entries, checkout, quick=quick, note=lambda s: Console().print(s, markup=False), record=record
+        )
+    except (FileNotFoundError, ValueError, *_user_errors()) as err:
+        _fail(err)
+    Console().print(f"comparison: {checkout / 'benchmarks/results/reproduced/comparison.md'}")
+    if not all(o.ok for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
 def synth(
     output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write (and resume)."),
     generator: str = typer.Option("smollm2-135m", help="Causal LM: registered name, folder or HF id."),
