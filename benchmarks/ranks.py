@@ -1,4 +1,4 @@
-"""One client's local training on 2 processes (``fedfm.client.ranks``, gloo) against 1 process,
+"""One client's local training on 2 processes (``fedfm.systems.ranks``, gloo) against 1 process,
 and on 2 processes with the frozen base sharded across them (FSDP, ``--fsdp``).
 
 The packaged MiniLM with LoRA r = 8 on BBC News, one client of the default partition, batch 16 of
@@ -62,7 +62,7 @@ def _rank(
 ) -> None:
     import resource
 
-    from fedfm.client import ranks
+    from fedfm.systems import ranks
 
     torch.set_num_threads(threads)
     ranks.join(rank, world, f"127.0.0.1:{port}", shard_base=shard)

@@ -47,7 +47,7 @@ def _rank(
     die: bool,
     shard: bool = False,
 ) -> None:
-    from fedfm.client import ranks
+    from fedfm.systems import ranks
 
     torch.set_num_threads(1)
     ranks.join(rank, world, f"127.0.0.1:{port}", timeout_s=10, shard_base=shard)
@@ -129,7 +129,7 @@ def test_a_rank_that_dies_fails_the_round_with_the_reason_instead_of_hanging(set
 
 
 def test_dp_sgd_on_several_processes_is_refused(tiny_config):
-    from fedfm.client import ranks
+    from fedfm.systems import ranks
 
     with pytest.raises(ValueError, match="DP-SGD"):
         ranks.check(make_config(tiny_config(privacy={"dp": "example", "noise_multiplier": 1.0})))

@@ -82,14 +82,17 @@ def test_the_judge_exact_interval_and_machine_rules():
     assert [v.verdict for v in verdicts] == ["same", "within", "reported"] and passed(verdicts)
     # on the committed machine a 3× slower step is judged, and falls outside
     assert judge(committed, same, same_machine=True)[2].verdict == "outside"
-    off = [m("bytes moved", "bytes", [100.0, 101.0]), m("final acc", "accuracy", [0.5, 0.5, 0.5], alpha="0.1")]
+    off = [
+        m("bytes moved", "bytes", [100.0, 101.0]),
+        m("final acc", "accuracy", [0.5, 0.5, 0.5], alpha="0.1"),
+    ]
     verdicts = judge(committed, off, same_machine=False)
     assert [v.verdict for v in verdicts] == ["differs", "outside", "missing"] and not passed(verdicts)
     with pytest.raises(ValueError, match="unknown kind"):
         m("x", "accuracyy", [1.0])
 
 
-def test_the_catalogue_and_selection():
+def test_the_catalogue_and_selection(tmp_path):
     root = find_root(ROOT / "docs")
     entries = load(root)
     names = [e.name for e in entries]
@@ -97,12 +100,23 @@ def test_the_catalogue_and_selection():
     assert [e.name for e in select(entries, ["default-experiment"])] == ["default-experiment"]
     assert {e.group for e in select(entries, ["experiments"])} == {"experiments"}
     assert select(entries, ["all"]) == entries
+    gpu = next(e for e in entries if e.gpu)
+    [outcome] = reproduce([gpu], tmp_path, quick=True, note=lambda s: None) if not _cuda() else [None]
+    if outcome is not None:
+        assert outcome.ok and outcome.status == "skipped: needs a GPU; committed result only"
     with pytest.raises(ValueError, match="did you mean 'default-experiment'"):
         select(entries, ["default-experimnt"])
     for e in entries:  # every entry points at what it reruns, and at committed results
         assert (root / (e.sweep or e.command[1])).is_file(), e.name
         assert (root / e.results).is_file(), f"{e.name}: {e.results} is not committed"
-        assert (root / e.results_path(quick=True)).is_file(), f"{e.name}: no committed quick results"
+        if not e.gpu:  # a GPU entry's quick results can only be recorded where a GPU is lent
+            assert (root / e.results_path(quick=True)).is_file(), f"{e.name}: no committed quick results"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def test_numeric_tables_outside_markers_are_found():
@@ -166,7 +180,10 @@ def test_a_script_entry_is_recorded_then_judged_both_ways(tmp_path):
     [changed] = reproduce(load(tmp_path), tmp_path, note=lambda s: None)
     assert not changed.ok and changed.verdicts[0].verdict == "differs"
     report = json.loads((tmp_path / "benchmarks/results/reproduced/comparison.json").read_text())
-    assert report[0]["ok"] is False and "differs" in (tmp_path / "benchmarks/results/reproduced/comparison.md").read_text()
+    assert (
+        report[0]["ok"] is False
+        and "differs" in (tmp_path / "benchmarks/results/reproduced/comparison.md").read_text()
+    )
 
 
 def test_the_cheapest_real_entry_reruns_at_its_quick_size_and_matches(tmp_path):
@@ -182,7 +199,16 @@ def test_the_cheapest_real_entry_reruns_at_its_quick_size_and_matches(tmp_path):
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     done = subprocess.run(
-        [sys.executable, "-m", "fedfm.cli", "reproduce", "default-experiment", "--quick", "--root", str(root)],
+        [
+            sys.executable,
+            "-m",
+            "fedfm.cli",
+            "reproduce",
+            "default-experiment",
+            "--quick",
+            "--root",
+            str(root),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -158,7 +158,9 @@ def reproduce(
     record: bool = typer.Option(
         False, "--record", help="Measure and write the committed results themselves (maintainers)."
     ),
-    root: Path | None = typer.Option(None, "--root", help="The fedfm source checkout (default: found from here)."),
+    root: Path | None = typer.Option(
+        None, "--root", help="The fedfm source checkout (default: found from here)."
+    ),
 ) -> None:
     """Rerun documented experiments and judge them against the committed results."""
     from fedfm.reproduce import find_root, listing, load, select
@@ -442,9 +444,9 @@ def client(
     """Join a fedfm server with local data that never leaves this machine; train until the run ends."""
     import os
 
-    from fedfm.client.ranks import Layout
     from fedfm.deploy.auth import DeployError
     from fedfm.deploy.client import ClientError, ClientSecurity, Identity, run_identities
+    from fedfm.systems.ranks import Layout
 
     if insecure:
         err_console.print(

@@ -31,8 +31,6 @@ from fedfm.algorithms.personal import (
 )
 from fedfm.algorithms.schedules import lr_at
 from fedfm.client.costs import CostMeter
-from fedfm.client.ranks import current as current_ranks
-from fedfm.client.ranks import shard as shard_base
 from fedfm.client.steps import (
     ClientJob,
     autocast_context,
@@ -45,6 +43,8 @@ from fedfm.models.build import ModelBundle, require_bitsandbytes
 from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy.dpsgd import ExampleDp, dp_sgd_final, dp_sgd_init, dp_sgd_step, poisson_batches
 from fedfm.seeding import NoiseSource, seed_torch, torch_generator
+from fedfm.systems.ranks import current as current_ranks
+from fedfm.systems.ranks import shard as shard_base
 from fedfm.transforms import Pipeline
 from fedfm.transforms.base import ClientStep
 from fedfm.types import ClientResult, Params, RoundContext, Update
@@ -110,7 +110,7 @@ class LocalTraining:
     micro: int = 0  # micro-batches run (gradient accumulation steps once per `grad_accumulation`)
     dp_sgd: object = None  # fedfm.privacy.dpsgd.DpSgdState: the DP-SGD step variant
     client_state: Params | None = None
-    ranks: object = None  # fedfm.client.ranks.Ranks: this client trains on several processes
+    ranks: object = None  # fedfm.systems.ranks.Ranks: this client trains on several processes
 
 
 def client_init(bundle, task, job, global_params, ctx, cfg, objective: Objective, client_state=None):

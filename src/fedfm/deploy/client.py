@@ -28,11 +28,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedfm.client.ranks import Layout
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S, STALL_S, Watchdog
 from fedfm.sharing import sharing_mode
+from fedfm.systems.ranks import Layout
 from fedfm.wire import (
     WireError,
     chunks,
@@ -244,7 +244,7 @@ def run_identities(
     The identities share one model (training takes turns), which is how a load test runs many light
     clients in a few processes. ``delay_s``: each update waits this long before its upload (a slower
     device or link, for tests and demonstrations of asynchronous mode). ``ranks``: one identity
-    trains on ``ranks.nproc`` processes (``fedfm.client.ranks``; this process is rank 0 and talks
+    trains on ``ranks.nproc`` processes (``fedfm.systems.ranks``; this process is rank 0 and talks
     to the server; a collective that waits ``ranks.timeout_s`` for a dead rank fails the round),
     with the frozen base sharded across them when ``ranks.shard_base``.
     """
@@ -345,7 +345,7 @@ class Heartbeat:
 
 class RankedTrainer:
     """Rank 0's trainer when a client trains on several processes: each round's task goes to the
-    other ranks first, then every rank trains its share of each batch (``fedfm.client.ranks``)."""
+    other ranks first, then every rank trains its share of each batch (``fedfm.systems.ranks``)."""
 
     def __init__(self, trainer: Trainer, broadcast) -> None:
         self.inner, self.broadcast = trainer, broadcast
@@ -370,8 +370,8 @@ def broadcast(message=None):
 def rank_worker(index: int, layout: Layout, address: str, source: str) -> None:
     """Ranks 1 … world − 1 of a client: build the same trainer from the config rank 0 got when it
     joined, then train every task rank 0 sends, together with it; their updates are rank 0's."""
-    from fedfm.client import ranks
     from fedfm.config import make_config
+    from fedfm.systems import ranks
 
     ranks.join(index + 1, layout.nproc, address, layout.timeout_s, layout.shard_base)
     trainer = None
@@ -407,8 +407,8 @@ def run_ranked(server, ident, source, security, layout: Layout, retry_s, give_up
     serve the identity, and stop the ranks at the end (whatever the end)."""
     import torch.multiprocessing as mp
 
-    from fedfm.client import ranks
     from fedfm.config import make_config
+    from fedfm.systems import ranks
 
     address = loopback_address()
     workers = mp.start_processes(

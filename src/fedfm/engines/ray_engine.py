@@ -21,7 +21,7 @@ node dies fails the clients it was training (with the node and the reason) and i
 round goes on, and later rounds run on the workers that remain.
 
 With ``ray.procs_per_client = N`` each client trains on N worker processes together
-(``fedfm.client.ranks``, gloo): a gang of N actors placed on one node (a ``STRICT_PACK``
+(``fedfm.systems.ranks``, gloo): a gang of N actors placed on one node (a ``STRICT_PACK``
 placement group), rank 0 first. Every rank is handed the same client and trains its share of
 each batch; gradients are summed across ranks before each step, so the update equals one
 process's to float tolerance, and rank 0's result is the client's. With ``ray.fsdp`` the frozen
@@ -71,7 +71,7 @@ class _Worker:
 
     def join(self, rank: int, layout, address: str) -> int:
         """Become ``rank`` of the gang that trains each client together."""
-        from fedfm.client import ranks
+        from fedfm.systems import ranks
 
         ranks.join(rank, layout.nproc, address, layout.timeout_s, layout.shard_base)
         self.rank = rank
@@ -147,8 +147,8 @@ class RaySection(Section):
     )
 
     def layout(self):
-        """How each client's training is laid out on processes (``fedfm.client.ranks.Layout``)."""
-        from fedfm.client.ranks import Layout
+        """How each client's training is laid out on processes (``fedfm.systems.ranks.Layout``)."""
+        from fedfm.systems.ranks import Layout
 
         return Layout(self.procs_per_client, self.rank_timeout_s, self.fsdp)
 
@@ -193,7 +193,7 @@ class RayEngine:
             )
         if cfg.sharing.mode != "none":
             raise ValueError(f"{who}: sharing.mode = {cfg.sharing.mode!r} trains each client in one process")
-        from fedfm.client import ranks
+        from fedfm.systems import ranks
 
         ranks.check(cfg, r.fsdp)
 

@@ -89,6 +89,9 @@ def select(entries: list[Entry], wanted: list[str]) -> list[Entry]:
         import difflib
 
         hints = [difflib.get_close_matches(w, sorted(known), n=1) for w in unknown]
-        said = ", ".join(f"{w!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for w, h in zip(unknown, hints))
+        said = ", ".join(
+            f"{w!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+            for w, h in zip(unknown, hints, strict=True)
+        )
         raise ValueError(f"no reproduce entry or group {said}; `fedfm reproduce --list` lists them")
     return [e for e in entries if e.name in wanted or e.group in wanted]

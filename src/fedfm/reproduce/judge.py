@@ -33,7 +33,9 @@ class Verdict:
 
     @property
     def label(self) -> str:
-        return self.name + (" [" + ", ".join(f"{k}={v}" for k, v in self.group.items()) + "]" if self.group else "")
+        return self.name + (
+            " [" + ", ".join(f"{k}={v}" for k, v in self.group.items()) + "]" if self.group else ""
+        )
 
 
 def judge_one(committed: Measurement, fresh: Measurement | None, same_machine: bool) -> Verdict:

@@ -15,13 +15,17 @@ from collections.abc import Callable
 from fedfm.reproduce.results import Measurement, measurements
 from fedfm.reproduce.stats import interval, paired
 
+DIGITS = {"seconds": 0, "mb": 0, "ratio": 2, "throughput": 1, "rounds": 1, "count": 0}
+
 
 def _cell(m: Measurement | None) -> str:
     if m is None:
         return "—"
+    iv = interval(m.values)
     if m.kind == "bytes":
-        return f"{interval(m.values).mean / 1e6:,.2f} MB"
-    return interval(m.values).format(3)
+        spread = "" if iv.half in (None, 0.0) else f" ± {iv.half / 1e6:,.2f}"
+        return f"{iv.mean / 1e6:,.2f}{spread} MB"
+    return iv.format(DIGITS.get(m.kind, 3))
 
 
 def sweep_table(data: dict, names: list[str] | None = None) -> str:
@@ -37,7 +41,9 @@ def sweep_table(data: dict, names: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(axes) + " ---: |" * (1 + len(names))]
     for key, row in groups.items():
         n = max(len(m.seeds) for m in row.values())
-        lines.append("| " + " | ".join([*(str(v) for _, v in key), str(n), *(_cell(row.get(c)) for c in names)]) + " |")
+        lines.append(
+            "| " + " | ".join([*(str(v) for _, v in key), str(n), *(_cell(row.get(c)) for c in names)]) + " |"
+        )
     seeds = ", ".join(str(s) for s in data.get("seeds", []))
     m = data.get("machine", {})
     lines += [
@@ -57,11 +63,15 @@ def find(data: dict, name: str, group: dict) -> Measurement:
     raise KeyError(f"no measurement {name!r} with group {group} in {data.get('benchmark')}")
 
 
-VERDICTS = {"better": "confirmed", "worse": "contradicted", "no clear difference": "not confirmed: no clear difference"}
+VERDICTS = {
+    "better": "confirmed",
+    "worse": "contradicted",
+    "no clear difference": "not confirmed: no clear difference",
+}
 
 
 def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+    return f"= {p:.2g}" if p >= 1e-4 else "< 1e-4"
 
 
 def _sides(claim: dict, data: dict, name: str) -> tuple[dict[int, float], dict[int, float], str]:
@@ -69,7 +79,7 @@ def _sides(claim: dict, data: dict, name: str) -> tuple[dict[int, float], dict[i
     sides are the differences a − b and c − d (an interaction: is the gap larger here than there?)."""
     a, b = (find(data, name, claim[k]) for k in ("a", "b"))
     if "c" not in claim:
-        said = f"{claim['a_label']} {interval(a.values).format(3)} vs {claim['b_label']} {interval(b.values).format(3)}"
+        said = f"{claim['a_label']} {_cell(a)} vs {claim['b_label']} {_cell(b)}"
         return a.by_seed(), b.by_seed(), said
     c, d = (find(data, name, claim[k]) for k in ("c", "d"))
 
@@ -96,14 +106,17 @@ def claim_row(claim: dict, load: Callable[[str], dict]) -> str:
     higher = claim.get("higher_is_better", True)
     a, b, said = _sides(claim, data, claim["measurement"])
     test = paired(a, b, higher)
-    said += f" ({claim['measurement']}); difference {test.difference.format(3)}, p = {_p(test.p)}, n = {test.difference.n} seeds"
+    d = test.difference
+    diff = f"{d.mean / 1e6:,.2f} MB" if claim["measurement"] == "bytes moved" else d.format(3)
+    said += f" ({claim['measurement']}); difference {diff}, p {_p(test.p)}"
+    said += f", n = {test.difference.n} seeds"
     if claim.get("ratio"):  # the b side over the a side, e.g. bytes moved
         ratio = interval(list(b.values())).mean / interval(list(a.values())).mean
         said += f"; {claim['ratio']}: {ratio:,.0f}×"
     if claim.get("also"):  # another measurement between the same sides, for context
         x, y, _ = _sides(claim, data, claim["also"])
         t = paired(x, y, claim.get("also_higher_is_better", True))
-        said += f"; {claim['also']}: {t.difference.format(3)}, {t.verdict} (p = {_p(t.p)})"
+        said += f"; {claim['also']}: {t.difference.format(3)}, {t.verdict} (p {_p(t.p)})"
     return f"| {claim['claim']} | {anchor} | {said} | **{VERDICTS[test.verdict]}** |"
 
 

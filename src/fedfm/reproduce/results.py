@@ -99,9 +99,13 @@ class Measurement:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"measurement {self.name!r}: unknown kind {self.kind!r} (one of {sorted(KINDS)})")
+            raise ValueError(
+                f"measurement {self.name!r}: unknown kind {self.kind!r} (one of {sorted(KINDS)})"
+            )
         if len(self.values) != len(self.seeds):
-            raise ValueError(f"measurement {self.name!r}: {len(self.values)} values for {len(self.seeds)} seeds")
+            raise ValueError(
+                f"measurement {self.name!r}: {len(self.values)} values for {len(self.seeds)} seeds"
+            )
 
     @property
     def key(self) -> tuple:
@@ -115,7 +119,13 @@ class Measurement:
         return dict(zip(self.seeds, self.values, strict=True))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "group": self.group, "seeds": self.seeds, "values": self.values}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "group": self.group,
+            "seeds": self.seeds,
+            "values": self.values,
+        }
 
 
 def lookup(data: Any, path: str) -> Any:

@@ -123,7 +123,9 @@ def reproduce(
                     outcomes.append(outcome)
                     continue
                 committed_data, fresh_data = (json.loads(p.read_text()) for p in (committed_path, fresh))
-                same = signature(committed_data.get("machine", {})) == signature(fresh_data.get("machine", {}))
+                same = signature(committed_data.get("machine", {})) == signature(
+                    fresh_data.get("machine", {})
+                )
                 outcome.verdicts = judge(
                     measurements(committed_data, entry.extract), measurements(fresh_data, entry.extract), same
                 )
@@ -171,7 +173,10 @@ def write_comparison(folder: Path, outcomes: list[Outcome]) -> None:
 def listing(entries: list[Entry], quick: bool = False) -> str:
     """The catalogue as a table: name, group, cost in CPU-minutes (2 cores), notes; and the total."""
     gpu = gpu_present()
-    lines = ["| entry | group | CPU-min (2 cores) | quick | documented in | notes |", "| --- | --- | ---: | ---: | --- | --- |"]
+    lines = [
+        "| entry | group | CPU-min (2 cores) | quick | documented in | notes |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+    ]
     for e in entries:
         notes = []
         if e.gpu and not gpu:
@@ -185,5 +190,7 @@ def listing(entries: list[Entry], quick: bool = False) -> str:
         )
     runnable = [e for e in entries if gpu or not e.gpu]
     total, total_quick = sum(e.cost_min for e in runnable), sum(e.quick_cost_min for e in runnable)
-    lines.append(f"\n{len(entries)} entries; {total:g} CPU-minutes in all, {total_quick:g} at the quick size.")
+    lines.append(
+        f"\n{len(entries)} entries; {total:g} CPU-minutes in all, {total_quick:g} at the quick size."
+    )
     return "\n".join(lines)

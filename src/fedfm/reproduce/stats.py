@@ -69,12 +69,15 @@ class Paired:
 
     difference: Interval
     p: float | None
-    verdict: str  # "better", "worse" (a against b, for a metric where higher is better) or "no clear difference"
+    verdict: (
+        str  # "better", "worse" (a against b, for a metric where higher is better) or "no clear difference"
+    )
 
     def format(self, digits: int = 3) -> str:
         p = "n/a" if self.p is None else (f"{self.p:.2g}" if self.p >= 1e-4 else "< 1e-4")
         sign = "+" if self.difference.mean >= 0 else ""
-        return f"{self.verdict} ({sign}{self.difference.format(digits)}, paired t-test p = {p}, n = {self.difference.n})"
+        d = self.difference
+        return f"{self.verdict} ({sign}{d.format(digits)}, paired t-test p = {p}, n = {d.n})"
 
 
 def paired(
@@ -94,8 +97,7 @@ def paired(
         from scipy.stats import t
 
         p = float(2 * t.sf(abs(mean) / (s / math.sqrt(n)), n - 1))
+    verdict = "better" if (mean > 0) == higher_is_better else "worse"
     if p >= alpha:
         verdict = "no clear difference"
-    else:
-        verdict = "better" if (mean > 0) == higher_is_better else "worse"
     return Paired(d, p, verdict)
