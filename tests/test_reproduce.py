@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fedfm.reproduce import Measurement, find_root, interval, judge, load, paired, reproduce, select
 from fedfm.reproduce.judge import passed
 from fedfm.reproduce.render import numeric_tables, sweep_table
+from fedfm.reproduce.results import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,8 +214,12 @@ def test_the_cheapest_real_entry_reruns_at_its_quick_size_and_matches(tmp_path):
         text=True,
         timeout=900,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((root / "benchmarks/results/reproduced/comparison.json").read_text())
+    # Wall seconds are judged too on the machine that committed them, and a loaded machine (the
+    # suite runs on every core) may fall outside: only machine-dependent kinds may fail here.
+    failing = [v for v in report[0]["verdicts"] if v["verdict"] in ("differs", "outside", "missing")]
+    assert all(KINDS[v["kind"]] == "machine" for v in failing), failing
+    assert done.returncode == (1 if failing else 0), done.stdout[-3000:] + done.stderr[-3000:]
     verdicts = {v["name"]: v["verdict"] for v in report[0]["verdicts"]}
     assert verdicts["bytes moved"] == "same" and verdicts["final test_accuracy"] == "within"
     fresh = json.loads((root / "benchmarks/results/reproduced/default-experiment.quick.json").read_text())
