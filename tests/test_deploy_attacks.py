@@ -406,3 +406,64 @@ def test_provision_writes_a_kit_per_site(tmp_path):
         provision(tmp_path / "fed", ["c"], ["x"])
     with pytest.raises(ProvisionError, match="site names"):
         provision(tmp_path / "other", ["bad name"], ["x"])
+
+
+def kit_env() -> dict:
+    """PATH with this interpreter's folder first, where the ``fedfm`` command lives."""
+    import sys
+    from pathlib import Path
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return [part.decode() for part in fh.read().split(b"\0") if part]
+
+
+def test_kit_scripts_exec_fedfm_and_pass_their_options_through(tmp_path, tiny_config):
+    """A provisioned federation run by its kits' start.sh with extra options (the server's
+    --output, --round-timeout, --quiet; the clients' --retry, --give-up, --name): each script's
+    process becomes fedfm's (exec), so stopping the script stops fedfm and leaves nothing behind."""
+    import subprocess
+
+    from fedfm.deploy.provision import provision
+
+    port, out = free_port(), tmp_path / "run"
+    kits = provision(tmp_path / "fed", ["hosp-a", "hosp-b"], ["localhost"], port=port)
+    path = experiment(tmp_path, tiny_config, 2)
+    env, logs = kit_env(), []
+
+    def kit(name, *args):
+        logs.append((tmp_path / f"{name}.log").open("w"))
+        command = ["bash", str(kits[name] / "start.sh"), *map(str, args)]
+        return subprocess.Popen(command, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
+
+    server = kit("server", path, "--output", out, "--round-timeout", "120", "--quiet")
+    time.sleep(1.0)
+    said = cmdline(server.pid)
+    assert said[0] != "bash" and "server" in said and said[said.index("--output") + 1] == str(out)
+    data = client_data(path)
+    clients = [kit(s, data, "--retry", "0.5", "--give-up", "120", "--name", s) for s in ("hosp-a", "hosp-b")]
+    assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()
+    assert all(c.wait(timeout=60) == 0 for c in clients)
+    assert rounds_of(out)[1]["num_clients"] == 2  # the run went where --output said
+
+    # nothing listens now: the client retries until --give-up; stopping its script stops it
+    lone = kit("hosp-a", data, "--retry", "0.5", "--give-up", "300")
+    time.sleep(2.0)
+    said = cmdline(lone.pid)
+    assert said[0] != "bash" and "client" in said and said[said.index("--give-up") + 1] == "300"
+    os.kill(lone.pid, signal.SIGTERM)
+    assert lone.wait(timeout=30) != 0
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(kits["hosp-a"]) in " ".join(_safe(p))]
+    assert left == []
+    for fh in logs:
+        fh.close()
+
+
+def _safe(pid: str) -> list[str]:
+    try:
+        return cmdline(int(pid))
+    except OSError:
+        return []

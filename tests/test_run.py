@@ -1,6 +1,7 @@
 """Whole runs on the tiny model: outputs, adapter equivalence, strategies, failures, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -72,6 +73,29 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(tiny_config, tin
     loss = F.cross_entropy(logits, labels).item()
     assert acc == pytest.approx(result.final_metrics["test_accuracy"])
     assert loss == pytest.approx(result.final_metrics["test_loss"], rel=1e-4)
+
+
+def test_an_export_loads_as_a_hugging_face_user_loads_it_and_predicts_the_same(tiny_config, tmp_path):
+    """The usual pattern: the base named by the adapter's config, its tokenizer from that folder,
+    then the adapter. adapter/base once held no tokenizer, so AutoTokenizer silently built a
+    default one and the model predicted at chance with no error."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = make_config(tiny_config(run={"rounds": 1}))
+    result = fedfm.run(cfg, output=tmp_path / "r", progress=False)
+    adapter = result.run_dir / "adapter"
+    base_path = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    assert Path(base_path) == adapter / "base"
+    tok = AutoTokenizer.from_pretrained(base_path)
+    assert tok.vocab_size == AutoTokenizer.from_pretrained(adapter).vocab_size
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_path), adapter)
+    test = prepare_data(cfg).test
+    enc = tok(test.texts, truncation=True, max_length=cfg.model.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(**enc).logits.argmax(-1)
+    acc = (predicted == torch.as_tensor(test.labels)).float().mean().item()
+    assert acc == pytest.approx(result.final_metrics["test_accuracy"])
 
 
 @pytest.mark.parametrize(

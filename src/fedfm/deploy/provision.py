@@ -174,12 +174,12 @@ def provision(
 def _client_command(site: str, host: str, port: int, token: bool) -> str:
     here = '"$(dirname "$0")"'
     parts = [
-        f"fedfm client --server {shlex.quote(f'{host}:{port}')}",
+        f"exec fedfm client --server {shlex.quote(f'{host}:{port}')}",
         f"--ca {here}/ca.pem --cert {here}/{site}.pem --key {here}/{site}.key",
     ]
     if token:
         parts.append(f"--token-file {here}/token")
-    parts.append('--data "${1:?usage: start.sh DATA_FILE}"')
+    parts.append('--data "${1:?usage: start.sh DATA_FILE [fedfm client options]}" "${@:2}"')
     return " \\\n  ".join(parts)
 
 
@@ -187,13 +187,18 @@ def _server_command(port: int) -> str:
     here = '"$(dirname "$0")"'
     return " \\\n  ".join(
         [
-            'fedfm server "${1:?usage: start.sh EXPERIMENT.toml}"',
+            'exec fedfm server "${1:?usage: start.sh EXPERIMENT.toml [fedfm server options]}"',
             f"--address 0.0.0.0:{port} --tokens {here}/tokens.txt",
             f"--cert {here}/server.pem --key {here}/server.key --client-ca {here}/ca.pem",
+            '"${@:2}"',
         ]
     )
 
 
 def _write_script(path: Path, command: str) -> None:
-    path.write_text(f"#!/usr/bin/env bash\n# written by fedfm provision\nset -euo pipefail\n{command}\n")
+    """The kit's ``start.sh``: ``exec`` (the script's process becomes fedfm's, so stopping the
+    script stops fedfm) and every argument after the first passed through (``--retry``,
+    ``--give-up``, ``--output``, ``--round-timeout``, ``--dashboard`` …)."""
+    head = "# written by fedfm provision; arguments after the first go to fedfm as they are"
+    path.write_text(f"#!/usr/bin/env bash\n{head}\nset -euo pipefail\n{command}\n")
     path.chmod(0o755)

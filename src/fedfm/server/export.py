@@ -56,7 +56,9 @@ def with_labelled_base(bundle: ModelBundle, folder: Path) -> None:
     """A PEFT adapter of a classifier names its base model, whose own config says nothing of this
     run's labels (a loader would build a 2-label head and fail on the adapter's). So the export
     holds ``base/``: the base model's config with the run's ``num_labels`` / ``id2label`` /
-    ``label2id`` and its weight files (hard links where the file system allows, else copies), and
+    ``label2id``, its weight files (hard links where the file system allows, else copies) and its
+    tokenizer — a complete model folder, so the usual pattern (``AutoTokenizer.from_pretrained(
+    peft_config.base_model_name_or_path)``) finds the run's tokenizer and not a default one — and
     the adapter config points there. A base given as a hub id (no local folder) is left as it is."""
     import json
     import os
@@ -68,6 +70,7 @@ def with_labelled_base(bundle: ModelBundle, folder: Path) -> None:
     base = folder / "base"
     base.mkdir(exist_ok=True)
     bundle.model.config.save_pretrained(str(base))
+    bundle.tokenizer.save_pretrained(str(base))
     for pattern in WEIGHT_FILES:
         for file in source.glob(pattern):
             target = base / file.name
