@@ -207,3 +207,133 @@ def test_a_relative_model_path_is_exported_absolute_and_config_toml_says_where_t
     adapter = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert os.path.isabs(adapter["base_model_name_or_path"])
     make_config(__import__("tomllib").loads(text))  # still a valid config
+
+
+# Issue 33's first-hour items, each with the message a user now sees.
+
+
+def test_suggestions_by_meaning_and_by_section():
+    for field, said in [
+        ({"training": {"learning_rate": 0.1}}, "did you mean training.lr?"),
+        ({"run": {"num_rounds": 3}}, "did you mean run.rounds?"),
+        ({"training": {"num_train_epochs": 2}}, "did you mean training.local_epochs?"),
+        ({"peft": {"lora_r": 4}}, "did you mean peft.r?"),
+        ({"training": {"rounds": 3}}, "did you mean run.rounds? (it is in [run], not [training])"),
+        ({"training": {"max_seq_length": 64}}, "did you mean model.max_length?"),
+        ({"training": {"lrr": 0.1}}, "did you mean training.lr?"),  # spelling still works
+    ]:
+        with pytest.raises(ConfigError) as err:
+            make_config(field)
+        assert said in str(err.value), str(err.value)
+
+
+def test_errors_in_a_pipe_are_not_hard_wrapped():
+    done = cli("run", "--set", "training.learning_rate=0.1")
+    said = (
+        "training.learning_rate: unknown field — did you mean training.lr? "
+        "(see docs/configuration.md for every field)"
+    )
+    assert done.returncode == 2 and said in done.stderr
+
+
+def test_max_grad_norm_turns_off_from_set_and_toml(tmp_path):
+    from fedfm.config import load_config
+
+    assert load_config(None, ["training.max_grad_norm=null"]).training.max_grad_norm is None
+    path = tmp_path / "exp.toml"
+    path.write_text('[training]\nmax_grad_norm = "null"\n')
+    cfg = load_config(path)
+    assert cfg.training.max_grad_norm is None
+    assert make_config(__import__("tomllib").loads(cfg.to_toml())).training.max_grad_norm is None
+
+
+def test_natural_partitioning_checks_the_cohort_against_the_columns_clients(tiny_config, tmp_path):
+    rows = [{**r, "site": f"hospital-{i % 12}"} for i, r in enumerate(make_rows(48))]
+    path = _write_csv(tmp_path / "sites.csv", rows)
+
+    def natural(cohort):
+        cfg = tiny_config(
+            data={"path": str(path)},
+            partition={"method": "natural", "column": "site"},
+            sampling={"clients_per_round": cohort},
+        )
+        del cfg["partition"]["num_clients"]
+        return cfg
+
+    resolved, _ = prepare_run(natural(11), output=tmp_path / "r")  # 11 > the default 10: accepted
+    assert resolved.partition.num_clients == 12 and resolved.sampling.clients_per_round == 11
+    with pytest.raises(
+        ConfigError, match=r"exceeds partition.num_clients \(12\).*distinct values of partition.column 'site'"
+    ):
+        prepare_run(natural(20), output=tmp_path / "r2")
+
+
+def test_clients_are_scored_on_their_own_split_only_where_one_has_one(tiny_config):
+    from types import SimpleNamespace
+
+    from fedfm.server.personalization import scores_clients
+
+    cfg = make_config(tiny_config(personalization={"finetune_steps": 2}, data={"client_test_fraction": 0.2}))
+    parts = SimpleNamespace(remote=False, cfg=cfg, data=SimpleNamespace(client_test=[[], []]))
+    assert not scores_clients(parts)  # nothing to score: no "scoring every client …" status
+    parts.data.client_test = [[], [3, 4]]
+    assert scores_clients(parts)
+    parts.remote = True  # a deployment: the data is with the sites
+    assert not scores_clients(parts)
+
+
+def test_console_and_report_word_failures_and_rejections_alike():
+    from fedfm.reporting.html import _problems
+    from fedfm.reporting.problems import problems
+
+    record = {
+        "round": 3,
+        "failed": [{"client": 1, "stage": "timeout", "reason": "no update within 60 s"}],
+        "rejected": [{"client": 2, "name": "hosp-c", "reason": "update norm 9.1 > 5"}],
+    }
+    lines = problems(record)
+    assert lines == [
+        "update of client 2 (hosp-c) rejected: update norm 9.1 > 5",
+        "client 1 failed at timeout: no update within 60 s",
+    ]
+    html = _problems([record])
+    assert all(f"round 3: {line.replace('>', '&gt;')}" in html for line in lines)
+
+
+def test_deduplicate_says_how_many_duplicates_had_another_label(tmp_path):
+    rows = make_rows(10)
+    flipped = [{**r, "label": "tech" if r["label"] != "tech" else "sport"} for r in rows[:3]]
+    path = _write_csv(tmp_path / "dups.csv", rows + rows[3:5] + flipped)
+    with pytest.warns(
+        DataNote, match="dropped 5 duplicate training rows; 3 of the dropped training rows had a label other"
+    ):
+        load_splits(_data_cfg(path))
+
+
+def test_max_examples_gives_exactly_that_many_rows():
+    import numpy as np
+
+    from fedfm.data.dataset import quotas, stratified_sample
+
+    assert quotas([1, 1, 1], 2) == [1, 1, 0]  # ties: the earlier class
+    assert quotas([50, 30, 20], 10) == [5, 3, 2]
+    assert quotas([7, 7, 7, 7, 7, 7, 7], 10) == [2, 2, 2, 1, 1, 1, 1]  # rounding alone would give 7
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        labels = rng.integers(0, int(rng.integers(2, 40)), size=int(rng.integers(50, 400)))
+        size = int(rng.integers(1, len(labels)))
+        taken = stratified_sample(labels, size, np.random.default_rng(1))
+        assert len(taken) == size and len(set(taken.tolist())) == size
+        for c in np.unique(labels):  # each class within one of its share
+            share = size * np.count_nonzero(labels == c) / len(labels)
+            assert abs(np.count_nonzero(labels[taken] == c) - share) < 1
+
+
+def test_the_command_line_starts_without_torch():
+    code = "import sys, fedfm.cli; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+    import fedfm as package
+
+    assert package.run is fedfm.api.run and "run" in dir(package)  # the API still loads on use

@@ -137,8 +137,14 @@ def natural_clients(cfg: RunConfig) -> RunConfig:
     if values is None:
         return cfg  # prepare_data names the missing column
     data = cfg.model_dump()
-    data["partition"]["num_clients"] = len({str(v) for v in values})
-    return make_config(data)
+    n = data["partition"]["num_clients"] = len({str(v) for v in values})
+    try:
+        return make_config(data)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err} (partition.num_clients = {n}: the distinct values of partition.column {p.column!r} "
+            "in the training data)"
+        ) from None
 
 
 def run_sweep(
@@ -162,6 +168,7 @@ def run_sweep(
         check_cells,
         counted_costs,
         expand,
+        final_values,
         load_sweep,
         wall_time,
         write_summary,
@@ -203,6 +210,7 @@ def run_sweep(
             "wall_s": round(wall_time(result.history), 1),
             "bytes": bytes_moved(result.history),
             **counted_costs(result.history),
+            "last": final_values(result.history, result.run_dir),
         }
         row = cell_summary(cell, result.config, result.history, spec, extra)
         done.write_text(json.dumps(row, indent=1))

@@ -11,14 +11,14 @@ from rich.markup import escape
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated fine-tuning of foundation models."
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages are never hard-wrapped (pipes, logs)
 
 
 def _version(value: bool) -> None:
     if value:
         import fedfm
 
-        Console().print(f"fedfm {fedfm.__version__}")
+        Console(soft_wrap=True).print(f"fedfm {fedfm.__version__}")
         raise typer.Exit()
 
 
@@ -88,7 +88,7 @@ def run(
             check_not_finished(resume, set_)
         fedfm.run(config, output=output, resume=resume, overrides=set_, progress=not quiet)
     except RunFinished as done:  # one line, never wrapped: a path and a command to copy
-        Console().print(escape(str(done)), soft_wrap=True)
+        Console(soft_wrap=True).print(escape(str(done)), soft_wrap=True)
     except RunInterrupted as stop:
         err_console.print(f"[yellow]{escape(str(stop))}[/yellow]", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -107,7 +107,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
         path = write_outputs(run_dir)
     except FileNotFoundError as err:
         _fail(err)
-    Console().print(f"wrote {path}")
+    Console(soft_wrap=True).print(f"wrote {path}")
 
 
 @app.command()
@@ -120,7 +120,7 @@ def export(
     from fedfm.server.export import export_run
 
     try:
-        with Console().status(
+        with Console(soft_wrap=True).status(
             "merging the adapter into the base weights" if merge else "writing the adapter"
         ):
             path = export_run(run_dir, output, merge)
@@ -129,7 +129,7 @@ def export(
     kind = (
         "merged model (transformers from_pretrained)" if merge else "adapter (peft PeftModel.from_pretrained)"
     )
-    Console().print(f"wrote {kind} to {path}")
+    Console(soft_wrap=True).print(f"wrote {kind} to {path}")
 
 
 @app.command()
@@ -145,7 +145,7 @@ def sweep(
     from fedfm.api import run_sweep
 
     try:
-        run_sweep(sweep_file, output, progress=not quiet, note=Console().print, overrides=set_)
+        run_sweep(sweep_file, output, progress=not quiet, note=Console(soft_wrap=True).print, overrides=set_)
     except _user_errors() as err:
         _fail(err)
 
@@ -170,16 +170,20 @@ def reproduce(
         checkout = find_root(root)
         entries = select(load(checkout), list(targets or []))
         if list_ or not targets:
-            Console().print(listing(entries), markup=False, soft_wrap=True)
+            Console(soft_wrap=True).print(listing(entries), markup=False, soft_wrap=True)
             if not list_:
-                Console().print("\nrerun: fedfm reproduce NAME|GROUP|all [--quick]")
+                Console(soft_wrap=True).print("\nrerun: fedfm reproduce NAME|GROUP|all [--quick]")
             return
         outcomes = rerun(
-            entries, checkout, quick=quick, note=lambda s: Console().print(s, markup=False), record=record
+            entries,
+            checkout,
+            quick=quick,
+            note=lambda s: Console(soft_wrap=True).print(s, markup=False),
+            record=record,
         )
     except (FileNotFoundError, ValueError, *_user_errors()) as err:
         _fail(err)
-    Console().print(f"comparison: {checkout / 'benchmarks/results/reproduced/comparison.md'}")
+    Console(soft_wrap=True).print(f"comparison: {checkout / 'benchmarks/results/reproduced/comparison.md'}")
     if not all(o.ok for o in outcomes):
         raise typer.Exit(1)
 
@@ -263,11 +267,11 @@ def synth(
             encoder=encoder,
             seed=seed,
         )
-        summary = synthesize(settings, output, device=device, note=Console().print)
+        summary = synthesize(settings, output, device=device, note=Console(soft_wrap=True).print)
     except (SynthError, FileNotFoundError, json.JSONDecodeError, KeyError, *_user_errors()) as err:
         _fail(err)
     total = sum(summary["accepted"].values())
-    Console().print(f"wrote {total} samples to {output}; rejected {summary['rejected']}")
+    Console(soft_wrap=True).print(f"wrote {total} samples to {output}; rejected {summary['rejected']}")
 
 
 def _synth_preference(output, generator, per_category, max_new_tokens, batch_size, seed, device) -> None:
@@ -276,10 +280,12 @@ def _synth_preference(output, generator, per_category, max_new_tokens, batch_siz
 
     settings = PreferenceSettings(generator, per_category, max_new_tokens, batch_size, seed)
     try:
-        summary = preference_pairs(settings, output, device=device, note=Console().print)
+        summary = preference_pairs(settings, output, device=device, note=Console(soft_wrap=True).print)
     except (SynthError, *_user_errors()) as err:
         _fail(err)
-    Console().print(f"wrote {summary['written']} preference pairs to {output}; dropped {summary['dropped']}")
+    Console(soft_wrap=True).print(
+        f"wrote {summary['written']} preference pairs to {output}; dropped {summary['dropped']}"
+    )
 
 
 @app.command()
@@ -306,14 +312,16 @@ def dashboard(
             if d.exists() and not d.is_dir():
                 raise DashboardError(f"{d} is not a run folder")
             if not d.exists():  # a run about to start: its card fills in when the folder appears
-                Console().print(f"waiting for {d} to appear")
+                Console(soft_wrap=True).print(f"waiting for {d} to appear")
         server = make_server(
             run_dirs, host, port, token, str(cert) if cert else None, str(key) if key else None
         )
     except (DashboardError, ImportError) as err:
         _fail(err)
     scheme = "https" if cert else "http"
-    Console().print(f"dashboard on {scheme}://{host}:{port}/{'?token=…' if token else ''} (Ctrl-C stops it)")
+    Console(soft_wrap=True).print(
+        f"dashboard on {scheme}://{host}:{port}/{'?token=…' if token else ''} (Ctrl-C stops it)"
+    )
     server.run()
 
 
@@ -385,7 +393,7 @@ def server(
             overrides=set_ if resume else (),
         )
     except RunFinished as done:  # as `fedfm run --resume` says it, rather than wait for clients
-        Console().print(escape(str(done)), soft_wrap=True)
+        Console(soft_wrap=True).print(escape(str(done)), soft_wrap=True)
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)
     except RunFailedError as err:
@@ -478,7 +486,7 @@ def client(
             security,
             retry_s=retry,
             give_up_s=give_up,
-            note=Console().print,
+            note=Console(soft_wrap=True).print,
             delay_s=delay,
             ranks=Layout(nproc, rank_timeout, fsdp),
         )
@@ -540,7 +548,7 @@ def provision(
         kits = make(output, site, server_name, tokens=not no_tokens, days=days, port=port)
     except (ProvisionError, OSError) as err:
         _fail(err)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"wrote the CA to {kits['ca']} (keep ca.key offline), the server kit to {kits['server']}")
     for name in site:
         console.print(f"  {name}: {kits[name]}  (send it to the site over a channel you trust)")

@@ -132,7 +132,7 @@ _KINDS = {
 
 def load_components() -> None:
     """Import every module that registers a kind of component, so that their options have joined
-    the config sections before any config is read (``fedfm/__init__`` calls this)."""
+    the config sections before any config is read (``fedfm.config`` calls this when first imported)."""
     import importlib
 
     for module, _ in _KINDS.values():

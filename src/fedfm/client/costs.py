@@ -132,11 +132,16 @@ class CostMeter:
 
 def round_costs(client_records: list[dict]) -> dict:
     """The round record's summary of its clients' counted costs: mean FLOPs per client, the
-    largest client peak memory (none when costs were not counted)."""
+    largest client peak memory and weights held, and under split learning the server's mean FLOPs
+    for a client's part (none when costs were not counted)."""
     counted = [r for r in client_records if "flops" in r]
     if not counted:
         return {}
-    return {
+    summary = {
         "client_flops_mean": sum(r["flops"] for r in counted) / len(counted),
         "client_peak_memory_bytes": max(r["peak_memory_bytes"] for r in counted),
+        "client_weights_bytes_max": max(r["memory_weights_bytes"] for r in counted),
     }
+    if all("server_flops" in r for r in counted):
+        summary["server_flops_mean"] = sum(r["server_flops"] for r in counted) / len(counted)
+    return summary

@@ -98,11 +98,22 @@ class RunConfig(_Section):
                 out.setdefault(section, {}).setdefault(name, value)
         return out
 
+    def clients_inferred(self) -> bool:
+        """Natural partitioning without ``partition.num_clients``: the client count is the number
+        of distinct values of ``partition.column``, known once the data is read
+        (``fedfm.api.natural_clients``); until then the checks on the cohort size wait."""
+        from fedfm.data.partition import by_column
+
+        p = self.partition
+        return by_column(p) and bool(p.column) and "num_clients" not in p.model_fields_set
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         from fedfm.algorithms.robust import min_cohort
         from fedfm.algorithms.sampling import cohort_size
 
+        if self.clients_inferred():
+            return self._other_checks()
         cohort = cohort_size(
             self.partition.num_clients, self.sampling.clients_per_round, self.sampling.fraction
         )
@@ -122,6 +133,9 @@ class RunConfig(_Section):
                 f"sampling.clients_per_round ({self.sampling.clients_per_round}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        return self._other_checks()
+
+    def _other_checks(self) -> RunConfig:
         if self.eval.local and self.data.client_test_fraction == 0:
             raise ValueError("eval.local needs data.client_test_fraction > 0")
         tiers = self.peft.rank_tiers
@@ -129,7 +143,8 @@ class RunConfig(_Section):
             raise ValueError(
                 f"peft.rank_tiers {tiers} must be positive with max equal to peft.r ({self.peft.r})"
             )
-        if tiers and self.peft.rank_assignment == "per_client" and len(tiers) != self.partition.num_clients:
+        per_client = tiers and self.peft.rank_assignment == "per_client" and not self.clients_inferred()
+        if per_client and len(tiers) != self.partition.num_clients:
             raise ValueError(
                 f"peft.rank_assignment = 'per_client' needs one rank per client: {len(tiers)} given for "
                 f"partition.num_clients = {self.partition.num_clients}"
@@ -315,19 +330,79 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     return result
 
 
+# Names other tools give fedfm's fields (Hugging Face TrainingArguments and PEFT, Flower, common
+# habit), so a field is suggested by meaning where its spelling is far: learning_rate → lr.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "num_rounds": "rounds",
+    "num_server_rounds": "rounds",
+    "rounds": "rounds",
+    "epochs": "local_epochs",
+    "num_epochs": "local_epochs",
+    "num_train_epochs": "local_epochs",
+    "max_steps": "local_steps",
+    "steps": "local_steps",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "batch": "batch_size",
+    "gradient_accumulation_steps": "grad_accumulation",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "seq_len": "max_length",
+    "model_name": "name",
+    "model_name_or_path": "name",
+    "model": "name",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "clients": "num_clients",
+    "n_clients": "num_clients",
+    "num_clients_per_round": "clients_per_round",
+    "fraction_fit": "fraction",
+    "min_fit_clients": "min_clients",
+    "min_available_clients": "min_clients",
+    "epsilon": "target_epsilon",
+    "noise_multiplier": "noise_multiplier",
+    "clip": "clip_norm",
+    "max_norm": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm",
+    "random_seed": "seed",
+    "output_dir": "output_root",
+}
+
+
+def _sections() -> dict[str, list[str]]:
+    return {
+        name: list(f.annotation.model_fields)
+        for name, f in RunConfig.model_fields.items()
+        if hasattr(f.annotation, "model_fields")
+    }
+
+
 def _did_you_mean(loc: tuple) -> str:
-    """`` — did you mean 'rounds'?`` for a misspelt section or field (difflib's closest name)."""
+    """`` — did you mean 'rounds'?`` for a misspelt section or field: a known synonym
+    (``learning_rate`` → ``lr``), then the same name in another section (``training.rounds`` →
+    ``run.rounds``), then difflib's closest name in the section, then a synonym elsewhere."""
     import difflib
 
-    model, names = RunConfig, list(RunConfig.model_fields)
-    if len(loc) == 2 and loc[0] in RunConfig.model_fields:
-        model = RunConfig.model_fields[loc[0]].annotation
-        names = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
-    if not close:
-        return ""
-    where = f"{loc[0]}." if len(loc) == 2 else ""
-    return f" — did you mean {where}{close[0]}?"
+    sections = _sections()
+    name = str(loc[-1])
+    if len(loc) != 2 or loc[0] not in sections:
+        close = difflib.get_close_matches(name, list(RunConfig.model_fields), n=1, cutoff=0.6)
+        return f" — did you mean {close[0]}?" if close else ""
+    section, names = loc[0], sections[loc[0]]
+    meant = SYNONYMS.get(name.lower())
+    if meant in names:
+        return f" — did you mean {section}.{meant}?"
+    elsewhere = [(other, c) for c in (name, meant) for other, fields in sections.items() if c in fields]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if elsewhere and elsewhere[0][1] == name or elsewhere and not close:
+        other, candidate = elsewhere[0]
+        return f" — did you mean {other}.{candidate}? (it is in [{other}], not [{section}])"
+    return f" — did you mean {section}.{close[0]}?" if close else ""
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -365,3 +440,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p}: not valid TOML: {err}") from None
     return make_config(data, overrides)
+
+
+def _register_components() -> None:
+    from fedfm.registry import load_components
+
+    load_components()  # every built-in component registered, its options in the config sections
+
+
+_register_components()

@@ -92,12 +92,13 @@ def check_fedbuff(cfg, dp: bool) -> None:
             value = _value(cfg, name)
             raise ValueError(f"{name} = {value!r} with run.mode = 'async': {reason}")
     fb, n = cfg.fedbuff, cfg.partition.num_clients
-    if fb.buffer_size > n * fb.max_per_client:
+    inferred = cfg.clients_inferred()  # the count is checked again once the data names it
+    if not inferred and fb.buffer_size > n * fb.max_per_client:
         raise ValueError(
             f"fedbuff.buffer_size ({fb.buffer_size}) exceeds what {n} clients with fedbuff.max_per_client = "
             f"{fb.max_per_client} can fill"
         )
-    if fb.concurrency is not None and fb.concurrency > n:
+    if not inferred and fb.concurrency is not None and fb.concurrency > n:
         raise ValueError(f"fedbuff.concurrency ({fb.concurrency}) exceeds partition.num_clients ({n})")
     from fedfm.algorithms.robust import min_cohort
 

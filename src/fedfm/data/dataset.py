@@ -63,10 +63,15 @@ def stratified_split(
     Both parts are sorted; every index lands in exactly one part.
     """
     labels = np.asarray(labels)
+    classes = np.unique(labels)
+    counts = [int(round(fraction * np.count_nonzero(labels == c))) for c in classes]
+    return _take(labels, classes, counts, rng)
+
+
+def _take(labels: np.ndarray, classes, counts: list[int], rng: np.random.Generator):
     taken: list[np.ndarray] = []
-    for c in np.unique(labels):
+    for c, k in zip(classes, counts, strict=True):
         idx = np.flatnonzero(labels == c)
-        k = int(round(fraction * len(idx)))
         taken.append(rng.permutation(idx)[:k])
     chosen = np.sort(np.concatenate(taken)) if taken else np.array([], dtype=np.int64)
     mask = np.ones(len(labels), dtype=bool)
@@ -74,12 +79,29 @@ def stratified_split(
     return np.flatnonzero(mask), chosen
 
 
+def quotas(sizes: list[int], size: int) -> list[int]:
+    """``size`` shared out in proportion to ``sizes`` by largest remainders (Hamilton): each
+    class gets ⌊share⌋, and the classes with the largest remainders one more until the total is
+    exactly ``size`` (ties: the earlier class). Each quota is the rounded share whenever rounding
+    already sums to ``size``."""
+    total = sum(sizes)
+    shares = [size * n / total for n in sizes]
+    out = [int(np.floor(s)) for s in shares]
+    order = sorted(range(len(sizes)), key=lambda i: (-(shares[i] - out[i]), i))
+    for i in order[: size - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """About ``size`` indices with the label proportions of ``labels`` (sorted)."""
+    """Exactly ``size`` indices (sorted) with the label proportions of ``labels``, each class's
+    share by largest remainders (``quotas``); all of them when ``size`` is not smaller."""
     if size >= len(labels):
         return np.arange(len(labels))
-    _, taken = stratified_split(labels, size / len(labels), rng)
-    return taken
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    counts = quotas([int(np.count_nonzero(labels == c)) for c in classes], size)
+    return _take(labels, classes, counts, rng)[1]
 
 
 def first_occurrences(texts: Sequence[str], exclude: Sequence[str] = ()) -> np.ndarray:

@@ -89,7 +89,7 @@ class ConsoleReporter:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.columns = COLUMNS
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)  # never hard-wrapped in a pipe
         self.terminal = self.console.is_terminal
         if not self.terminal:  # a log file: one record per line, however long
             self.console.soft_wrap = True

@@ -75,20 +75,9 @@ def _round_table(history: list[dict]) -> str:
 
 
 def _problems(history: list[dict]) -> str:
-    items = []
-    for r in history:
-        if r.get("skipped"):
-            items.append(f"<li class=warn>round {r['round']}: {html.escape(r['skipped'])}</li>")
-        for f in r.get("rejected", []):
-            items.append(
-                f"<li>round {r['round']}: update of client {f['client']} rejected: "
-                f"{html.escape(f['reason'])}</li>"
-            )
-        for f in r.get("failed", []):
-            items.append(
-                f"<li>round {r['round']}: client {f['client']} rejected at {html.escape(f['stage'])}: "
-                f"{html.escape(f['reason'])}</li>"
-            )
+    from fedfm.reporting.problems import problems
+
+    items = [f"<li>round {r['round']}: {html.escape(line)}</li>" for r in history for line in problems(r)]
     return f"<h2>Failed and rejected clients</h2><ul>{''.join(items)}</ul>" if items else ""
 
 

@@ -186,14 +186,46 @@ def bytes_moved(history: list[dict]) -> int | None:
 
 
 def counted_costs(history: list[dict]) -> dict:
-    """With ``training.count_costs``: a client's mean FLOPs per round and the largest peak memory."""
+    """With ``training.count_costs``: a client's mean FLOPs per round, the largest peak memory and
+    weights held, the server's mean FLOPs per round for a client's part (split learning), and the
+    bytes that crossed the cut over the run."""
     rounds = [r for r in history if r.get("client_flops_mean") is not None]
     if not rounds:
         return {}
-    return {
+    costs = {
         "client_flops": sum(r["client_flops_mean"] for r in rounds) / len(rounds),
         "client_memory": max(r["client_peak_memory_bytes"] for r in rounds),
     }
+    if all("client_weights_bytes_max" in r for r in rounds):
+        costs["client_weights"] = max(r["client_weights_bytes_max"] for r in rounds)
+    if all("server_flops_mean" in r for r in rounds):
+        costs["server_flops"] = sum(r["server_flops_mean"] for r in rounds) / len(rounds)
+    cut = [r["cut_bytes_up"] + r.get("cut_bytes_down", 0) for r in history if "cut_bytes_up" in r]
+    if cut:
+        costs["cut_bytes"] = int(sum(cut))
+    return costs
+
+
+def final_values(history: list[dict], run_dir: Path | None = None) -> dict[str, float]:
+    """Every numeric metric's last recorded value over the run's rounds, with the scores of local
+    fine-tuning after FL (``{"event": "personalization"}`` in ``metrics.jsonl``) where there are
+    some: what a results table may quote beyond the sweep's own metric."""
+    skip = {"round", "elapsed_s", "time"}
+    rows = list(history)
+    path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
+    if path is not None and path.is_file():
+        events = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        rows += [
+            {k: v for k, v in e.items() if k.startswith("finetuned_")}
+            for e in events
+            if e.get("event") == "personalization"
+        ]
+    last: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in skip and isinstance(v, int | float) and not isinstance(v, bool):
+                last[k] = float(v)
+    return last
 
 
 def wall_time(history: list[dict]) -> float:
@@ -287,7 +319,7 @@ def _row_bytes(row: dict, out: Path | None) -> int | None:
 def write_summary(out: Path, spec: SweepSpec, rows: list[dict]) -> None:
     """summary.csv (one row per cell, no curves), summary.md, the two plots, and with several
     ``run.seed`` values summary-seeds.md (mean ± std over seeds)."""
-    flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("curve", "last")} for r in rows]
     keys = list(dict.fromkeys(k for r in flat for k in r))
     with (out / "summary.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
@@ -366,6 +398,7 @@ __all__ = [
     "SweepSpec",
     "cell_summary",
     "expand",
+    "final_values",
     "load_sweep",
     "markdown_table",
     "rounds_to_target",

@@ -8,7 +8,8 @@ Each ``[[entry]]`` names one results file and how to make it again:
 - either ``sweep`` (a sweep file: its cells over ``run.seed`` become measurements, see
   ``fedfm.reproduce.sweeps``; ``quick_set`` and ``quick_seeds`` make the quick size) or
   ``command`` (a script; ``{python}`` and ``{out}`` are filled in; ``quick`` adds arguments),
-  with ``extract`` mapping a script's own fields to measurements;
+  with ``extract`` mapping a script's own fields to measurements; a sweep's ``metrics`` name more
+  of each cell's final values to keep (e.g. ``personal_local_accuracy_mean``, ``client_flops``);
 - ``cost_min`` and ``quick_cost_min``: CPU-minutes on this project's 2-core reference machine;
 - ``gpu``: measured on a GPU (rerun only where one is present); ``dp``: a DP entry (``noise_seed``
   is set in its config, so its noise — and therefore its numbers — come back the same).
@@ -37,6 +38,7 @@ class Entry:
     quick_set: list[str] = field(default_factory=list)
     quick_seeds: list[int] = field(default_factory=list)
     extract: list[dict] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
     gpu: bool = False
     dp: bool = False
     note: str = ""

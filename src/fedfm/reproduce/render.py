@@ -28,22 +28,53 @@ def _cell(m: Measurement | None) -> str:
     return iv.format(DIGITS.get(m.kind, 3))
 
 
-def sweep_table(data: dict, names: list[str] | None = None) -> str:
+def scaled(divisor: float, digits: int) -> Callable[[Measurement | None], str]:
+    """A cell in other units (bytes → MB: ``scaled(1e6, 1)``): mean ± 95% half-width, the value
+    alone where every seed gave the same."""
+
+    def cell(m: Measurement | None) -> str:
+        return "—" if m is None else _spread([v / divisor for v in m.values], digits)
+
+    return cell
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """Mean ± 95% half-width at ``digits`` decimals, thousands separated; the mean alone where the
+    half-width rounds to zero (every seed the same, to the digits shown)."""
+    iv = interval(values)
+    half = f"{iv.half or 0.0:,.{digits}f}"
+    return f"{iv.mean:,.{digits}f}" + ("" if float(half.replace(",", "")) == 0 else f" ± {half}")
+
+
+Column = tuple  # (header, [measurement names, shown "a / b"], optional cell format)
+
+
+def sweep_table(
+    data: dict,
+    names: list[str] | None = None,
+    columns: list[Column] | None = None,
+    labels: dict[str, str] | None = None,
+) -> str:
     """Rows: the groups (the swept fields other than the seed); columns: ``names`` (default every
-    measurement), each as mean ± the half-width of its 95% interval."""
+    measurement), each as mean ± the half-width of its 95% interval. ``columns``: headers of
+    one or more measurements each (``"mean / worst"``) with their own format; ``labels``: a row
+    label for each group's swept values (joined by ", "), in place of the axes."""
     found = measurements(data)
     names = names or list(dict.fromkeys(m.name for m in found))
+    columns = columns or [(n, [n]) for n in names]
     groups: dict[tuple, dict[str, Measurement]] = {}
     for m in found:
         groups.setdefault(tuple(m.group.items()), {})[m.name] = m
     axes = [k for k, _ in next(iter(groups))] if groups else []
-    head = [*axes, "seeds", *names]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(axes) + " ---: |" * (1 + len(names))]
+    lead = ["cell"] if labels else axes
+    head = [*lead, "seeds", *(c[0] for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(lead) + " ---: |" * (1 + len(columns))]
     for key, row in groups.items():
         n = max(len(m.seeds) for m in row.values())
-        lines.append(
-            "| " + " | ".join([*(str(v) for _, v in key), str(n), *(_cell(row.get(c)) for c in names)]) + " |"
-        )
+        said = ", ".join(str(v) for _, v in key)
+        first = [labels.get(said, said)] if labels else [str(v) for _, v in key]
+        cells = [" / ".join((c[2] if len(c) > 2 else _cell)(row.get(x)) for x in c[1]) for c in columns]
+        lines.append("| " + " | ".join([*first, str(n), *cells]) + " |")
     seeds = ", ".join(str(s) for s in data.get("seeds", []))
     m = data.get("machine", {})
     lines += [
@@ -74,12 +105,27 @@ def _p(p: float) -> str:
     return f"= {p:.2g}" if p >= 1e-4 else "< 1e-4"
 
 
+UNITS = {"bytes moved": (1e6, "MB", 2)}  # a claim's own ``unit = ["GFLOPs", 1e9, 1]`` wins
+
+
+def _unit(claim: dict, name: str) -> Callable[[list[float]], str]:
+    """How a claim shows values of ``name``: mean ± 95% half-width, in the claim's unit."""
+    unit = claim.get("unit") if name == claim["measurement"] else None
+    scale, label, digits = (unit[1], unit[0], unit[2]) if unit else UNITS.get(name, (1.0, "", 3))
+
+    def show(values: list[float]) -> str:
+        return f"{_spread([v / scale for v in values], digits)} {label}".rstrip()
+
+    return show
+
+
 def _sides(claim: dict, data: dict, name: str) -> tuple[dict[int, float], dict[int, float], str]:
     """Seed → value of the claim's two sides for measurement ``name``; with ``c`` and ``d``, the
     sides are the differences a − b and c − d (an interaction: is the gap larger here than there?)."""
     a, b = (find(data, name, claim[k]) for k in ("a", "b"))
+    show = _unit(claim, name)
     if "c" not in claim:
-        said = f"{claim['a_label']} {_cell(a)} vs {claim['b_label']} {_cell(b)}"
+        said = f"{claim['a_label']} {show(a.values)} vs {claim['b_label']} {show(b.values)}"
         return a.by_seed(), b.by_seed(), said
     c, d = (find(data, name, claim[k]) for k in ("c", "d"))
 
@@ -88,10 +134,7 @@ def _sides(claim: dict, data: dict, name: str) -> tuple[dict[int, float], dict[i
         return {s: xs[s] - ys[s] for s in sorted(set(xs) & set(ys))}
 
     ab, cd = gap(a, b), gap(c, d)
-    said = (
-        f"{claim['a_label']}: {interval(list(ab.values())).format(3)} vs "
-        f"{claim['b_label']}: {interval(list(cd.values())).format(3)}"
-    )
+    said = f"{claim['a_label']}: {show(list(ab.values()))} vs {claim['b_label']}: {show(list(cd.values()))}"
     return ab, cd, said
 
 
@@ -106,13 +149,12 @@ def claim_row(claim: dict, load: Callable[[str], dict]) -> str:
     higher = claim.get("higher_is_better", True)
     a, b, said = _sides(claim, data, claim["measurement"])
     test = paired(a, b, higher)
-    d = test.difference
-    diff = f"{d.mean / 1e6:,.2f} MB" if claim["measurement"] == "bytes moved" else d.format(3)
+    diff = _unit(claim, claim["measurement"])([a[s] - b[s] for s in sorted(set(a) & set(b))])
     said += f" ({claim['measurement']}); difference {diff}, p {_p(test.p)}"
     said += f", n = {test.difference.n} seeds"
     if claim.get("ratio"):  # the b side over the a side, e.g. bytes moved
         ratio = interval(list(b.values())).mean / interval(list(a.values())).mean
-        said += f"; {claim['ratio']}: {ratio:,.0f}×"
+        said += f"; {claim['ratio']}: {ratio:,.{0 if ratio >= 10 else 2}f}×"
     if claim.get("also"):  # another measurement between the same sides, for context
         x, y, _ = _sides(claim, data, claim["also"])
         t = paired(x, y, claim.get("also_higher_is_better", True))

@@ -52,7 +52,11 @@ def gpu_present() -> bool:
 
 def run_sweep_entry(entry: Entry, root: Path, out: Path, quick: bool, note: Callable[[str], None]) -> None:
     """The entry's sweep (at the quick size: its ``quick_set`` and ``quick_seeds``) into a
-    results file at ``out``."""
+    results file at ``out``. Its cells run under ``benchmarks/results/reproduced/cells/``; a call
+    stopped part-way (a crash, Ctrl-C) resumes from the cells it finished, and the folder is
+    removed once the results file is written."""
+    import shutil
+
     import fedfm
     from fedfm.reporting.sweep import load_sweep
     from fedfm.reproduce.sweeps import sweep_measurements
@@ -65,17 +69,26 @@ def run_sweep_entry(entry: Entry, root: Path, out: Path, quick: bool, note: Call
     if quick and entry.quick_seeds:
         sweep.setdefault("grid", {})["run.seed"] = list(entry.quick_seeds)
     overrides = list(entry.quick_set) if quick else []
+    cells = root / REPRODUCED / "cells" / Path(entry.results_path(quick)).stem
+    if (cells / "cells.toml").is_file() and (cells / "cells.toml").read_text() != tomli_w.dumps(data):
+        shutil.rmtree(cells)  # cells of another version of the sweep: not resumed
+    if cells.is_dir():
+        note(f"    resuming the cells finished earlier in {cells}")
+    cells.mkdir(parents=True, exist_ok=True)
+    earlier = [json.loads(p.read_text()) for p in cells.glob("*/cell.json")]
     with tempfile.TemporaryDirectory(prefix=f"fedfm-reproduce-{entry.name}-") as tmp, contextlib.chdir(root):
         path = Path(tmp) / source.name
         path.write_text(tomli_w.dumps(data))
+        (cells / "cells.toml").write_text(tomli_w.dumps(data))
         start = time.perf_counter()
-        rows = fedfm.run_sweep(path, Path(tmp) / "cells", progress=False, note=note, overrides=overrides)
-        wall = time.perf_counter() - start
+        rows = fedfm.run_sweep(path, cells, progress=False, note=note, overrides=overrides)
+        wall = time.perf_counter() - start + sum(r.get("wall_s") or 0.0 for r in earlier)
         spec = load_sweep(path)
     seeds = sorted({int(r.get("run.seed", 0)) for r in rows})
     config = {"sweep": entry.sweep, "overrides": overrides, "grid": spec.grid, "variants": spec.variants}
     head = stamp(f"{entry.group}/{entry.name}", config, seeds)
-    write(out, head, sweep_measurements(rows, spec.axes, spec.metric), wall, quick)
+    write(out, head, sweep_measurements(rows, spec.axes, spec.metric, entry.metrics), wall, quick)
+    shutil.rmtree(cells)
 
 
 def run_command_entry(entry: Entry, root: Path, out: Path, quick: bool, note: Callable[[str], None]) -> None:

@@ -35,6 +35,7 @@ from fedfm.privacy.guarantees import dp_mode
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
+from fedfm.reporting.problems import problems
 from fedfm.seeding import noise_key
 from fedfm.server.checkpoint import (
     CheckpointError,
@@ -412,12 +413,8 @@ class Run:
         if self.unbounded:  # said even with --quiet
             record["unbounded"] = True
             ConsoleReporter(enabled=True).warn(f"{word} {t}: {UNBOUNDED_WARNING}")
-        if "skipped" in record:
-            self.console.warn(f"{word} {t}: {record['skipped']}")
-        for f in record["failed"]:
-            self.console.warn(f"{word} {t}: client {f['client']} failed at {f['stage']}: {f['reason']}")
-        for r in record["rejected"]:
-            self.console.warn(f"{word} {t}: update of client {r['client']} rejected: {r['reason']}")
+        for line in problems(record):  # the report says the same (fedfm.reporting.problems)
+            self.console.warn(f"{word} {t}: {line}")
         if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
             record.update(self.evaluate(self.state.params))
         return record
@@ -431,7 +428,7 @@ class Run:
         return self.state.params if rank is None else truncate_rank(self.state.params, rank)
 
     def evaluate(self, params: Params) -> dict:
-        from fedfm.server.personalization import client_scores
+        from fedfm.server.personalization import client_scores, scores_clients
 
         by_cluster = self._cluster_scores(params) if clustered(self.cfg) else {}
         set_trainable_state(self.bundle.trainable, server_params(self.cfg, params, self.cluster_sizes))
@@ -439,6 +436,8 @@ class Run:
             metrics = {**self.evaluator(self.bundle, self.task), **by_cluster}
         server = self.server_model
         if server is None:
+            if not scores_clients(self.parts()):  # nothing to score: nothing said
+                return metrics
             with self.console.status("scoring every client on its own test split"):
                 return {**metrics, **client_scores(self.parts(), params)}
         set_trainable_state(server.bundle.trainable, server.params(params))  # plugged into the FM

@@ -77,9 +77,16 @@ def own_params(parts: RunParts, params, client_id: int):
     return client_start(params, (parts.client_state(client_id) or {}).get("personal"))
 
 
+def scores_clients(parts: RunParts) -> bool:
+    """Whether this process scores clients on their own test splits: a personalization method or
+    local fine-tuning is on, the clients' data is here (a simulation), and some client holds a
+    test split."""
+    return not parts.remote and active(parts.cfg) and any(len(rows) for rows in parts.data.client_test)
+
+
 def client_scores(parts: RunParts, params) -> dict:
     """The global model's and each personal model's score on every client's own test split."""
-    if parts.remote or not active(parts.cfg):
+    if not scores_clients(parts):
         return {}
     metric, higher = task_metric(parts.cfg.task.kind)
     bundle, task, bs = parts.bundle, parts.task, parts.cfg.eval.batch_size

@@ -72,6 +72,20 @@ class FederatedData:
         return summary
 
 
+def conflicting_labels(identities, labels) -> int:
+    """Repeated rows whose label differs from the label of the row's first occurrence."""
+    if labels is None or len(labels) != len(identities):
+        return 0
+    first: dict = {}
+    conflicts = 0
+    for identity, label in zip(identities, labels, strict=True):
+        if identity in first:
+            conflicts += int(first[identity] != label)
+        else:
+            first[identity] = label
+    return conflicts
+
+
 def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     """The source's training rows and the server's test split (de-duplicated, subsampled)."""
     seed, d = cfg.run.seed, cfg.data
@@ -79,6 +93,7 @@ def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
     if d.deduplicate:  # BBC News, for one, holds 98 exact duplicates that would leak into the test split
         seen = train.identities()
         before = (len(train), len(test) if test is not None else 0)
+        conflicting = conflicting_labels(seen, train.labels)
         train = train.subset(first_occurrences(seen))
         if test is not None:
             test = test.subset(first_occurrences(test.identities(), exclude=seen))
@@ -89,6 +104,11 @@ def load_splits(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
             from fedfm.data.sources import DataNote
 
             also = f" and {dropped[1]} test rows also in training or repeated" if dropped[1] else ""
+            if conflicting:
+                also += (
+                    f"; {conflicting} of the dropped training rows had a label other than their first "
+                    "copy's (the first copy's label was kept)"
+                )
             warnings.warn(
                 DataNote(f"data.deduplicate dropped {dropped[0]} duplicate training rows{also}"),
                 stacklevel=2,
