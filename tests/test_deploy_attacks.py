@@ -448,6 +448,13 @@ def test_kit_scripts_exec_fedfm_and_pass_their_options_through(tmp_path, tiny_co
     assert server.wait(timeout=240) == 0, (tmp_path / "server.log").read_text()
     assert all(c.wait(timeout=60) == 0 for c in clients)
     assert rounds_of(out)[1]["num_clients"] == 2  # the run went where --output said
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    sites = next(r["names"] for r in rows if r.get("event") == "sites")  # the roster, by name
+    assert sites == {"0": "hosp-a", "1": "hosp-b"}
+    assert {(r["client"], r["name"]) for r in rows if r.get("event") == "client"} == {
+        (0, "hosp-a"),
+        (1, "hosp-b"),
+    }
 
     # nothing listens now: the client retries until --give-up; stopping its script stops it
     lone = kit("hosp-a", data, "--retry", "0.5", "--give-up", "300")

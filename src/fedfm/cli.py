@@ -99,7 +99,10 @@ def run(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    json_: bool = typer.Option(False, "--json", help="Print what was written and the last metrics as JSON."),
+) -> None:
     """Rebuild the plots and report.html of a run folder."""
     from fedfm.reporting.outputs import write_outputs
 
@@ -107,7 +110,35 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
         path = write_outputs(run_dir)
     except FileNotFoundError as err:
         _fail(err)
+    if json_:
+        import json
+
+        from fedfm.reporting.status import run_status
+
+        said = run_status(run_dir)
+        print(json.dumps({"report": str(path), "plots": sorted(str(p) for p in Path(run_dir).glob("*.png")),
+                          "round": said["round"], "metrics": said["metrics"]}, indent=1))  # fmt: skip
+        return
     Console(soft_wrap=True).print(f"wrote {path}")
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="A run folder (running, stopped or finished)."),
+    json_: bool = typer.Option(False, "--json", help="Machine-readable: one JSON object."),
+) -> None:
+    """Where a run stands: state, round, ETA and its basis, last metrics, failed sites, ε."""
+    from fedfm.reporting.status import describe, run_status
+
+    if not (Path(run_dir) / "config.toml").is_file():
+        _fail(FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)"))
+    said = run_status(run_dir)
+    if json_:
+        import json
+
+        print(json.dumps(said, indent=1))
+    else:
+        Console(soft_wrap=True).print(describe(said), markup=False)
 
 
 @app.command()
@@ -558,14 +589,21 @@ def provision(
 def config(
     config: Path | None = typer.Argument(None, help="TOML experiment file."),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
+    json_: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
 ) -> None:
     """Validate a config and print it fully resolved (every default filled in)."""
     from fedfm.config import ConfigError, load_config
 
     try:
-        print(load_config(config, set_).to_toml())
+        cfg = load_config(config, set_)
     except ConfigError as err:
         _fail(err)
+    if json_:
+        import json
+
+        print(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    else:
+        print(cfg.to_toml())
 
 
 def main() -> None:

@@ -358,6 +358,7 @@ def serve(
 
     factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
     run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
+    run.name_sites({m.client_id: m.name for m in roster.members})
     coord.label_names = list(run.data.train.label_names)
     sharing = sharing_mode(cfg)
     shipped = sharing.client_weights(run.bundle, cfg) if sharing.client_weights is not None else None

@@ -50,11 +50,17 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 def client_scalars(records: list[dict], name: str) -> dict[str, float]:
-    """Every client's numbers, keyed ``name.format(client=k, metric=m)`` (each tracker's own style)."""
+    """Every client's numbers, keyed ``name.format(client=k, metric=m)`` (each tracker's own style);
+    a site with a name is keyed by it (characters trackers refuse become ``_``)."""
+    import re
+
+    def who(rec: dict) -> str:
+        return re.sub(r"[^\w.-]", "_", rec["name"]) if rec.get("name") else str(rec["client"])
+
     return {
-        name.format(client=rec["client"], metric=k): v
+        name.format(client=who(rec), metric=k): v
         for rec in records
-        for k, v in scalars({k: v for k, v in rec.items() if k != "client"}).items()
+        for k, v in scalars({k: v for k, v in rec.items() if k not in ("client", "name")}).items()
     }
 
 

@@ -35,7 +35,7 @@ from fedfm.privacy.guarantees import dp_mode
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
 from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
-from fedfm.reporting.problems import problems
+from fedfm.reporting.problems import name_sites, problems
 from fedfm.seeding import noise_key
 from fedfm.server.checkpoint import (
     CheckpointError,
@@ -155,6 +155,8 @@ class Run:
             if self.privacy.noise.reproducible:
                 self.console.warn(SEEDED_WARNING)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        # sites by name (natural partitioning: the column's values; a deployment: its roster)
+        self.names: dict[int, str] = dict(enumerate(self.data.client_names))
         self.cluster_sizes: list[int] | None = None  # IFCA: clients per cluster in the last round
         self.elapsed_offset = 0.0
         self.fresh = False  # set by _initial_state: no checkpoint to resume from
@@ -310,8 +312,17 @@ class Run:
     def elapsed(self) -> float:
         return self.elapsed_offset + time.perf_counter() - self.started
 
+    def name_sites(self, names: dict[int, str]) -> None:
+        """The sites' names by client index (``fedfm server``: the roster's), said beside the
+        index in the console, metrics.jsonl, the report, the dashboard and the trackers."""
+        self.names = {int(k): str(v) for k, v in names.items()}
+
     def execute(self) -> RunResult:
         cfg = self.cfg
+        if self.names:  # read by the dashboard, the report and `fedfm status`
+            self.metrics.write(
+                {"event": "sites", "names": {str(k): v for k, v in sorted(self.names.items())}}
+            )
         if self.state.round == 0 and cfg.eval.at_start and not self.metrics.has_round(0):
             record = {"round": 0, "num_clients": 0, "train_loss": None}
             if self.clock is not None:
@@ -380,8 +391,6 @@ class Run:
             results, timing = clock.settle(list(results), self.cohort, down)
         self.state, record = apply_round(self.state, results, rnd, self.strategy)
         record.update(timing)
-        for d in timing.get("dropped", []):
-            self.console.warn(f"round {t}: client {d['client']} dropped: {d['reason']}")
         if clustered(self.cfg):
             picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
             record["cluster_sizes"] = [picked.count(j) for j in range(clustered(self.cfg))]
@@ -406,6 +415,7 @@ class Run:
     def _round_done(self, t: int, word: str, record: dict, clients: list[dict]) -> dict:
         """After round (or FedBuff step) ``t``: its clients' records written and tracked, what went
         wrong said, the model evaluated on the cadence; → the record."""
+        name_sites(self.names, record, clients)
         for rec in clients:
             self.metrics.write({**rec, "event": "client", "round": t})
         if self.trackers is not None:

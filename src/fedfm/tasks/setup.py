@@ -9,7 +9,7 @@ import numpy as np
 from fedfm.client.steps import ClientJob
 from fedfm.config import RunConfig
 from fedfm.data.dataset import TextDataset, first_occurrences, stratified_sample, stratified_split
-from fedfm.data.partition import PARTITIONERS, PartitionError, label_counts
+from fedfm.data.partition import PARTITIONERS, PartitionError, by_column, label_counts, natural
 from fedfm.data.synthetic import synthetic_mode
 from fedfm.models.build import ModelBundle
 from fedfm.seeding import numpy_rng
@@ -25,6 +25,7 @@ class FederatedData:
     client_train: list[np.ndarray]
     client_test: list[np.ndarray]
     synthetic_rows: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
+    client_names: tuple[str, ...] = ()  # natural partitioning: client k is the column's k-th value
 
     @property
     def num_real(self) -> int:
@@ -57,6 +58,7 @@ class FederatedData:
             "clients": [
                 {
                     "client": k,
+                    **({"name": self.client_names[k]} if self.client_names else {}),
                     "num_train": int(len(real[k])),
                     "num_local_test": int(len(self.client_test[k])),
                     "label_counts": dict(zip(names, map(int, row), strict=True)),
@@ -150,6 +152,7 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
             f"columns: {', '.join(train.columns) or 'none'}"
         )
     parts = PARTITIONERS.get(p.method)(train.labels, groups, p, numpy_rng(seed, "partition"))
+    names = tuple(natural(groups)[1]) if by_column(p) else ()
     client_train, client_test = [], []
     for k, part in enumerate(parts):
         part = np.asarray(part, dtype=np.int64)
@@ -163,10 +166,9 @@ def prepare_data(cfg: RunConfig) -> FederatedData:
             client_train.append(part)
             client_test.append(np.array([], dtype=np.int64))
     if mode.replaces:
-        return FederatedData(train, test, client_train, client_test, np.arange(len(train)))
-    if synthetic is not None:
-        return with_synthetic(FederatedData(train, test, client_train, client_test), synthetic, cfg)
-    return FederatedData(train, test, client_train, client_test)
+        return FederatedData(train, test, client_train, client_test, np.arange(len(train)), names)
+    real = FederatedData(train, test, client_train, client_test, client_names=names)
+    return real if synthetic is None else with_synthetic(real, synthetic, cfg)
 
 
 def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) -> FederatedData:
@@ -184,7 +186,9 @@ def with_synthetic(data: FederatedData, synthetic: TextDataset, cfg: RunConfig) 
             )
             client_train.append(np.concatenate([rows, n + extra]))
     rows = np.arange(n, n + len(synthetic))
-    return FederatedData(concat(data.train, synthetic), data.test, client_train, data.client_test, rows)
+    return FederatedData(
+        concat(data.train, synthetic), data.test, client_train, data.client_test, rows, data.client_names
+    )
 
 
 def build_bundle(cfg: RunConfig, label_names: list[str]) -> ModelBundle:

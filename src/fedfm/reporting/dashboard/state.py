@@ -28,6 +28,7 @@ class RunView:
         self.rounds: list[dict] = []
         self.clients: dict[int, list[dict]] = {}
         self.events: list[dict] = []
+        self.names: dict[int, str] = {}  # sites by name ({"event": "sites"})
         self.config = self._config()
 
     def _config(self) -> dict:
@@ -53,7 +54,7 @@ class RunView:
         with path.open("rb") as fh:
             size = fh.seek(0, 2)
             if size < self.offset:  # truncated (a resume rewinds the log): read it again
-                self.offset, self.rounds, self.clients, self.events = 0, [], {}, []
+                self.offset, self.rounds, self.clients, self.events, self.names = 0, [], {}, [], {}
             fh.seek(self.offset)
             data = fh.read()
         cut = data.rfind(b"\n") + 1  # only whole lines; a half-written one waits for the next poll
@@ -70,6 +71,8 @@ class RunView:
                 self.rounds = [r for r in self.rounds if r["round"] != record.get("round")] + [record]
             elif kind == "client":
                 self.clients.setdefault(int(record.get("round", 0)), []).append(record)
+            elif kind == "sites":
+                self.names = {int(k): str(v) for k, v in (record.get("names") or {}).items()}
             elif kind in ("stopped", "personalization", "sharing", "warmup"):
                 self.events.append(record)
         return new
@@ -109,6 +112,9 @@ class RunView:
                 "status": "dropped",
                 "reason": str(d.get("reason", "")),
             }
+        for k, entry in status.items():
+            if k in self.names:
+                entry["name"] = self.names[k]
         return [status[k] for k in sorted(status)]
 
     def snapshot(self) -> dict:
@@ -123,6 +129,7 @@ class RunView:
             "task": self.config.get("task", {}).get("kind", "classification"),
             "target_epsilon": privacy.get("target_epsilon"),
             "withholds_clients": self.withholds_clients,
+            "names": {str(k): v for k, v in sorted(self.names.items())},
             "history": [{k: r.get(k) for k in ROUND_KEYS if k in r} for r in self.rounds],
             "cohort": self.cohort(),
             "generations": last.get("generations")
