@@ -32,6 +32,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
 	  echo "note: could not install chromium; the dashboard's browser test will be skipped"; fi
+	@if ! command -v prometheus >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1; } || \
+	  echo "note: could not install prometheus; the scrape test will be skipped"; fi
 	$(PIP) install -e ".[assets,vision,privacy,llm,deploy,ray,trackers,dashboard,dev]"
 	touch $@
 

@@ -386,6 +386,11 @@ def server(
     dashboard_port: int | None = typer.Option(
         None, "--dashboard", help="Serve the live dashboard of this run on 127.0.0.1:PORT."
     ),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        help="Prometheus /metrics on [HOST:]PORT (default host 127.0.0.1; counts and times only).",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
@@ -421,6 +426,7 @@ def server(
             wait_timeout_s=wait_timeout,
             progress=not quiet,
             dashboard_port=dashboard_port,
+            metrics_address=metrics,
             overrides=set_ if resume else (),
         )
     except RunFinished as done:  # as `fedfm run --resume` says it, rather than wait for clients

@@ -285,12 +285,15 @@ class Security:
         )
 
 
-def start_server(coord: Coordinator, address: str, security: Security, note=print) -> tuple[grpc.Server, int]:
+def start_server(
+    coord: Coordinator, address: str, security: Security, note=print, interceptors=()
+) -> tuple[grpc.Server, int]:
     """A started gRPC server on ``address`` (``HOST:PORT``, port 0 picks a free one); (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        interceptors=list(interceptors),
     )
     rpc.add_FedFMServicer_to_server(FedFMServicer(coord, note), server)
     creds = security.server_credentials()
@@ -314,10 +317,12 @@ def serve(
     wait_timeout_s: float = 600.0,
     progress: bool = True,
     dashboard_port: int | None = None,
+    metrics_address: str | None = None,
     overrides=(),
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
     ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.reporting.dashboard``);
+    ``metrics_address``: Prometheus ``/metrics`` on ``[HOST:]PORT`` (``fedfm.deploy.metrics``);
     ``overrides``: ``section.field=value`` for a resumed run (``run.rounds=N`` trains further).
 
     Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
@@ -357,7 +362,22 @@ def serve(
         verifier = CertificateVerifier(Path(security.client_ca).read_bytes())
 
     factory = GrpcEngine.factory(coord, round_timeout_s, least, wait_timeout_s, note, verifier)
-    run = Run(cfg, run_dir, progress=progress, engine_factory=factory, resume=resume is not None)
+    exporter = None
+    if metrics_address is not None:
+        from fedfm.deploy.metrics import ServerMetrics
+
+        exporter = ServerMetrics()
+        exporter.count_connected(lambda: len(roster.connected()))
+        exporter.planned.set(cfg.run.rounds)
+    callbacks = [exporter.round_done] if exporter is not None else []
+    run = Run(
+        cfg,
+        run_dir,
+        progress=progress,
+        engine_factory=factory,
+        resume=resume is not None,
+        callbacks=callbacks,
+    )
     run.name_sites({m.client_id: m.name for m in roster.members})
     coord.label_names = list(run.data.train.label_names)
     sharing = sharing_mode(cfg)
@@ -367,7 +387,12 @@ def serve(
         note(f"distilled emulator to ship: {len(coord.model_weights[1]) / 1e6:.1f} MB")
     if sharing.remote is not None:  # the server's part of every client's per-batch exchange
         coord.split = sharing.remote.server(cfg, run.bundle, run.task, coord.label_names)
-    server, port = start_server(coord, address, security, note)
+    interceptors = [exporter.interceptor()] if exporter is not None else []
+    server, port = start_server(coord, address, security, note, interceptors)
+    metrics_server = None
+    if exporter is not None:
+        metrics_server, metrics_port = exporter.serve(metrics_address)
+        note(f"Prometheus metrics on http://{metrics_server.server_address[0]}:{metrics_port}/metrics")
     page = None
     if dashboard_port is not None:
         from fedfm.reporting.dashboard.app import serve_in_thread
@@ -390,6 +415,8 @@ def serve(
         server.stop(grace=1.0)
         if page is not None:
             page.should_exit = True
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return result
 
 

@@ -327,7 +327,9 @@ class Run:
             record = {"round": 0, "num_clients": 0, "train_loss": None}
             if self.clock is not None:
                 record["virtual_time_s"] = self.clock.time
-            self._finish_round({**record, **self.evaluate(self.state.params), **self.privacy_record()})
+            self._finish_round(
+                {**record, **self.timed_evaluation(self.state.params), **self.privacy_record()}
+            )
         stopped = None
         with self.console.rounds(cfg.run.rounds, self.state.round) as bar:
             for t in range(self.state.round + 1, cfg.run.rounds + 1):
@@ -389,7 +391,10 @@ class Run:
         if clock is not None:  # who delivers when on the virtual clock; the first m are kept
             down = functools.cache(lambda c: serialized_nbytes(rnd.sent(c)))
             results, timing = clock.settle(list(results), self.cohort, down)
+        reduce_start = time.perf_counter()
         self.state, record = apply_round(self.state, results, rnd, self.strategy)
+        # streamed: the reduce runs as updates arrive, so this includes receiving them
+        record["aggregate_s"] = time.perf_counter() - reduce_start
         record.update(timing)
         if clustered(self.cfg):
             picked = [int(rec["cluster"]) for rec in rnd.tally.client_records if "cluster" in rec]
@@ -426,8 +431,13 @@ class Run:
         for line in problems(record):  # the report says the same (fedfm.reporting.problems)
             self.console.warn(f"{word} {t}: {line}")
         if t % self.cfg.eval.every == 0 or t == self.cfg.run.rounds:
-            record.update(self.evaluate(self.state.params))
+            record.update(self.timed_evaluation(self.state.params))
         return record
+
+    def timed_evaluation(self, params: Params) -> dict:
+        start = time.perf_counter()
+        metrics = self.evaluate(params)
+        return {**metrics, "eval_s": time.perf_counter() - start}
 
     def privacy_record(self) -> dict:
         return self.privacy.record(self.state.privacy) if self.privacy is not None else {}
