@@ -569,7 +569,9 @@ def federate(
 @app.command()
 def provision(
     output: Path = typer.Argument(..., help="A new folder for the CA and the startup kits."),
-    site: list[str] = typer.Option(..., "--site", help="A site (client) name; repeat for each site."),
+    site: list[str] = typer.Option(
+        [], "--site", help="A site (client) name; repeat for each site (none: sites join by request/sign)."
+    ),
     server_name: list[str] = typer.Option(
         ..., "--server-name", help="Host name or IP address clients dial (repeatable)."
     ),
@@ -589,6 +591,67 @@ def provision(
     console.print(f"wrote the CA to {kits['ca']} (keep ca.key offline), the server kit to {kits['server']}")
     for name in site:
         console.print(f"  {name}: {kits[name]}  (send it to the site over a channel you trust)")
+    if not site:
+        console.print("no sites yet: each site runs `fedfm request SITE DIR` and sends DIR/SITE.csr.pem; "
+                      f"`fedfm sign {output} SITE.csr.pem --out KIT` answers it")  # fmt: skip
+
+
+@app.command()
+def request(
+    site: str = typer.Argument(..., help="This site's name (as the coordinator will know it)."),
+    folder: Path = typer.Argument(..., help="This site's kit folder (its key stays here)."),
+) -> None:
+    """At a site: make its private key and a certificate signing request (distributed provisioning)."""
+    from fedfm.deploy.provision import ProvisionError
+    from fedfm.deploy.provision import request as make
+
+    try:
+        key, csr = make(site, folder)
+    except (ProvisionError, OSError) as err:
+        _fail(err)
+    Console(soft_wrap=True).print(
+        f"wrote {key} (never send it) and {csr}: send {csr.name} to the coordinator, who answers with "
+        f"{site}.pem, ca.pem, token and start.sh for {folder}"
+    )
+
+
+@app.command()
+def sign(
+    federation: Path = typer.Argument(..., help="The coordinator's federation folder (fedfm provision)."),
+    csr: Path = typer.Argument(..., help="A site's SITE.csr.pem."),
+    out: Path = typer.Option(..., "--out", help="Where to write the site's kit (no key: the site has it)."),
+    renew: bool = typer.Option(False, "--renew", help="A new certificate for a member (rotation)."),
+    days: int = typer.Option(365, "--days", help="Validity of the certificate."),
+) -> None:
+    """At the coordinator: sign a site's request; write its certificate, ca.pem, token and start.sh."""
+    from fedfm.deploy.provision import ProvisionError
+    from fedfm.deploy.provision import sign as make
+
+    try:
+        kit = make(federation, csr, out, days=days, renew=renew)
+    except (ProvisionError, OSError) as err:
+        _fail(err)
+    Console(soft_wrap=True).print(f"wrote {kit}: send it to the site (its key is already there)")
+
+
+@app.command()
+def revoke(
+    federation: Path = typer.Argument(..., help="The coordinator's federation folder."),
+    site: str = typer.Argument(..., help="The site whose certificates to revoke."),
+    reason: str = typer.Option("revoked by the coordinator", "--reason", help="Said to the site."),
+) -> None:
+    """Revoke a site's certificates: the server refuses the site at its next call, with the reason."""
+    from fedfm.deploy.provision import ProvisionError
+    from fedfm.deploy.provision import revoke as make
+
+    try:
+        serials = make(federation, site, reason)
+    except (ProvisionError, OSError) as err:
+        _fail(err)
+    Console(soft_wrap=True).print(
+        f"revoked {len(serials)} certificate(s) of {site} ({', '.join(serials)}) in "
+        f"{federation / 'server' / 'revoked.txt'}; a running server reads it at each call"
+    )
 
 
 @app.command()

@@ -79,13 +79,92 @@ def certificate_name(context) -> str | None:
     return names[0].decode(errors="replace") if names else None
 
 
+class Revocations:
+    """The serials of revoked certificates (``revoked.txt``: ``serial site revoked_at reason`` per
+    line, written by ``fedfm provision revoke``), read again whenever the file changes, so a
+    revocation applies at the site's next call without restarting the server. grpcio's Python TLS
+    takes no revocation list, so the check is here, on the peer certificate of every call."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.seen: tuple | None = None
+        self.entries: dict[int, str] = {}
+        self.lock = threading.Lock()
+
+    def reason(self, serial: int) -> str | None:
+        with self.lock:
+            try:
+                stat = self.path.stat()
+                seen = (stat.st_mtime_ns, stat.st_size)
+            except FileNotFoundError:
+                seen = None
+            if seen != self.seen:
+                self.seen, self.entries = seen, self._read() if seen else {}
+            return self.entries.get(serial)
+
+    def _read(self) -> dict[int, str]:
+        entries = {}
+        for line in self.path.read_text().splitlines():
+            parts = line.split(maxsplit=3)
+            if len(parts) >= 3:
+                try:
+                    serial = int(parts[0], 16)
+                except ValueError:
+                    continue
+                why = parts[3] if len(parts) > 3 else "revoked"
+                entries[serial] = f"revoked on {parts[2]}: {why}"
+        return entries
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def expiring(cert_pem: bytes, days: int = EXPIRY_WARNING_DAYS) -> str | None:
+    """A warning when the certificate expires within ``days`` (or has expired), else None."""
+    import datetime
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if left > datetime.timedelta(days=days):
+        return None
+    name = cert.subject.rfc4514_string()
+    when = cert.not_valid_after_utc.date().isoformat()
+    if left.total_seconds() <= 0:
+        return f"the certificate of {name} expired on {when}"
+    return f"the certificate of {name} expires on {when} (in {left.days} days): renew it (docs/deployment.md)"
+
+
+def certificate_warnings(paths) -> list[str]:
+    """A warning for each PEM certificate file that expires within 30 days (or has expired)."""
+    said = (expiring(Path(p).read_bytes()) for p in paths if Path(p).is_file())
+    return [w for w in said if w]
+
+
+def peer_pem(context) -> bytes | None:
+    """The client certificate the TLS handshake verified (PEM), or None."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return pems[0] if pems else None
+
+
+def peer_serial(context) -> int | None:
+    """The serial number of the client certificate the TLS handshake verified, or None."""
+    from cryptography import x509
+
+    pem = peer_pem(context)
+    return None if pem is None else x509.load_pem_x509_certificate(pem).serial_number
+
+
 @dataclass
 class Roster:
-    """The federation's members, looked up by token digest or by certificate name."""
+    """The federation's members, looked up by token digest or by certificate name; a revoked
+    certificate is refused whatever token comes with it."""
 
     members: list[Member]
     mutual_tls: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    revocations: Revocations | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, mutual_tls: bool) -> Roster:
@@ -99,6 +178,11 @@ class Roster:
         """(member, "") for an authenticated caller, else (None, why) — the reason never holds the token."""
         token = bearer(context.invocation_metadata())
         cert = certificate_name(context) if self.mutual_tls else None
+        if self.mutual_tls and self.revocations is not None:
+            serial = peer_serial(context)
+            why = None if serial is None else self.revocations.reason(serial)
+            if why is not None:
+                return None, f"the certificate of site {cert!r} (serial {serial:x}) was {why}"
         if token is not None:
             presented = digest(token)
             found = None

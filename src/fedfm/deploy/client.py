@@ -30,6 +30,7 @@ import numpy as np
 
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
+from fedfm.deploy.auth import certificate_warnings
 from fedfm.deploy.server import MAX_MESSAGE, POLL_S, STALL_S, Watchdog
 from fedfm.sharing import sharing_mode
 from fedfm.systems.ranks import Layout
@@ -89,6 +90,10 @@ class ClientSecurity:
         read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
         creds = grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
         return grpc.secure_channel(server, creds, options=options)
+
+    def expiry_warnings(self) -> list[str]:
+        """This site's certificate and the CA's, when either expires within 30 days."""
+        return certificate_warnings(p for p in (self.cert, self.ca) if p)
 
     def identity(self):
         """(signer, verifier) for signed secure aggregation: this site's certificate key and the
@@ -248,6 +253,8 @@ def run_identities(
     to the server; a collective that waits ``ranks.timeout_s`` for a dead rank fails the round),
     with the frozen base sharded across them when ``ranks.shard_base``.
     """
+    for warning in security.expiry_warnings():
+        note(f"warning: {warning}")
     if ranks is not None and ranks.nproc > 1:
         if len(identities) != 1:
             raise ClientError("--nproc trains one client on several processes: give one identity")

@@ -26,8 +26,9 @@ import grpc
 
 from fedfm.deploy import fedfm_pb2 as pb
 from fedfm.deploy import fedfm_pb2_grpc as rpc
-from fedfm.deploy.auth import DeployError, Roster
+from fedfm.deploy.auth import DeployError, Revocations, Roster, certificate_warnings, expiring, peer_pem
 from fedfm.deploy.engine import Coordinator, GrpcEngine
+from fedfm.deploy.provision import REVOKED
 from fedfm.deploy.view import client_config_toml
 from fedfm.sharing import sharing_mode
 from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
@@ -108,6 +109,10 @@ class FedFMServicer(rpc.FedFMServicer):
         m = self._enter(context)
         try:
             self.note(f"client {m.client_id} ({m.name}) joined from {context.peer()}")
+            pem = peer_pem(context)
+            soon = expiring(pem) if pem else None
+            if soon:
+                self.note(f"warning: site {m.name}: {soon}")
             c = self.coord
             return pb.JoinReply(
                 client_id=m.client_id,
@@ -335,6 +340,7 @@ def serve(
 
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
+    roster.revocations = Revocations(Path(tokens).parent / REVOKED)  # fedfm provision revoke writes it
     new_folder = resume is None and (output is None or not Path(output).exists())
     cfg, run_dir = api.prepare_run(config, output=output, resume=resume, overrides=overrides)
     try:
@@ -346,6 +352,7 @@ def serve(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     console = ConsoleReporter(enabled=True)
+    warnings += certificate_warnings(p for p in (security.cert, security.client_ca) if p)
     for warning in warnings:
         console.warn(warning)
     note = ConsoleReporter(enabled=progress).note
