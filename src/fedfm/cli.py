@@ -44,6 +44,19 @@ def _main(
         _fail(err)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, a Kubernetes pod's termination) stops the command as Ctrl-C does,
+    through its cleanup (the server tells its clients, closes its ports), instead of killing it."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _fail(err: Exception, status: int = 2) -> None:
     """Print a user error (brackets in it are text, not markup) and exit with ``status`` (2: bad
     input; 1: the run itself failed)."""
@@ -83,6 +96,7 @@ def run(
 
     if baselines:
         set_ = [*set_, "task.baselines=true"]
+    stop_on_sigterm()
     try:
         if resume is not None:
             check_not_finished(resume, set_)
@@ -391,17 +405,30 @@ def server(
         "--metrics",
         help="Prometheus /metrics on [HOST:]PORT (default host 127.0.0.1; counts and times only).",
     ),
+    health: str | None = typer.Option(
+        None, "--health", help="/healthz and /readyz on [HOST:]PORT for an orchestrator's probes."
+    ),
+    resume_existing: bool = typer.Option(
+        False,
+        "--resume-existing",
+        help="If --output already holds a run, resume it (a restarted container or pod).",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens)."""
+    """Serve a federated experiment to clients on other machines (gRPC, TLS, per-client tokens).
+    SIGTERM (a pod's stop) ends it at once; every finished round is checkpointed, so `--resume`
+    (or `--resume-existing`) continues from the last one."""
     from fedfm.api import RunFinished, check_not_finished
     from fedfm.config import ConfigError, load_config
     from fedfm.deploy.server import DeployError, Security, serve
     from fedfm.server.driver import RunFailedError
 
+    if resume_existing and resume is None and output is not None and (output / "checkpoint").exists():
+        resume, config = output, None
+    stop_on_sigterm()
     try:
         if mode is not None and resume:
             raise ConfigError("--mode with --resume: a resumed run keeps its own run.mode")
@@ -427,10 +454,16 @@ def server(
             progress=not quiet,
             dashboard_port=dashboard_port,
             metrics_address=metrics,
+            health_address=health,
             overrides=set_ if resume else (),
         )
     except RunFinished as done:  # as `fedfm run --resume` says it, rather than wait for clients
         Console(soft_wrap=True).print(escape(str(done)), soft_wrap=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the last finished round is checkpointed
+        err_console.print(
+            "stopped; every finished round is checkpointed: resume with fedfm server --resume RUN"
+        )
+        raise typer.Exit(143) from None
     except (DeployError, OSError, *_user_errors()) as err:
         _fail(err)
     except RunFailedError as err:
@@ -500,6 +533,7 @@ def client(
     security = ClientSecurity(
         str(ca) if ca else None, str(cert) if cert else None, str(key) if key else None, server_name, insecure
     )
+    stop_on_sigterm()
     try:
         if token is not None and token_file is not None:
             raise ClientError("give at most one of --token and --token-file")
@@ -527,6 +561,9 @@ def client(
             delay_s=delay,
             ranks=Layout(nproc, rank_timeout, fsdp),
         )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server goes on without this site
+        err_console.print("stopped")
+        raise typer.Exit(143) from None
     except (ClientError, DeployError, OSError, *_user_errors()) as err:
         _fail(err)
 

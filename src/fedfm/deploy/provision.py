@@ -174,6 +174,7 @@ def provision(
         _write_script(kit / "start.sh", _client_command(site, server_names[0], port, bool(token)))
     _write_private(server / "tokens.txt", "".join(f"{line}\n" for line in lines).encode())
     (kits["ca"] / ISSUED).write_text("".join(issued))
+    (server / REVOKED).write_text("")  # fedfm revoke appends; the server reads it at each call
     _write_script(server / "start.sh", _server_command(port))
     return kits
 

@@ -323,11 +323,13 @@ def serve(
     progress: bool = True,
     dashboard_port: int | None = None,
     metrics_address: str | None = None,
+    health_address: str | None = None,
     overrides=(),
 ):
     """Run a federated experiment whose clients connect over gRPC; returns the RunResult.
     ``dashboard_port``: the live dashboard of the run on 127.0.0.1 (``fedfm.reporting.dashboard``);
     ``metrics_address``: Prometheus ``/metrics`` on ``[HOST:]PORT`` (``fedfm.deploy.metrics``);
+    ``health_address``: ``/healthz`` and ``/readyz`` on ``[HOST:]PORT`` (``fedfm.deploy.health``);
     ``overrides``: ``section.field=value`` for a resumed run (``run.rounds=N`` trains further).
 
     Before round 1 the server waits up to ``wait_timeout_s`` for every client; before each round
@@ -339,6 +341,12 @@ def serve(
     from fedfm.server.driver import Run
 
     security.server_credentials()  # TLS material first: nothing else is worth doing without it
+    health = health_server = None
+    if health_address is not None:  # alive while loading; ready once clients can connect
+        from fedfm.deploy.health import Health
+
+        health = Health()
+        health_server, _ = health.serve(health_address)
     roster = Roster.from_file(tokens, mutual_tls=security.client_ca is not None)
     roster.revocations = Revocations(Path(tokens).parent / REVOKED)  # fedfm provision revoke writes it
     new_folder = resume is None and (output is None or not Path(output).exists())
@@ -396,6 +404,8 @@ def serve(
         coord.split = sharing.remote.server(cfg, run.bundle, run.task, coord.label_names)
     interceptors = [exporter.interceptor()] if exporter is not None else []
     server, port = start_server(coord, address, security, note, interceptors)
+    if health is not None:
+        health.ready = True
     metrics_server = None
     if exporter is not None:
         metrics_server, metrics_port = exporter.serve(metrics_address)
@@ -406,24 +416,32 @@ def serve(
 
         page = serve_in_thread([run_dir], "127.0.0.1", dashboard_port)
         note(f"dashboard on http://127.0.0.1:{dashboard_port}/")
+    stopped = False
     try:
         note(f"listening on port {port}; waiting for clients")
         connected = run.engine.wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
         note(f"{connected} of {cfg.partition.num_clients} clients connected; starting")
         result = run.execute()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped to resume, not ended; clients keep
+        stopped = True  # retrying (until --give-up) and rejoin the resumed server
+        raise
     except BaseException as err:  # clients must not think a failed run succeeded
         coord.outcome = {"ok": False, "reason": f"the server stopped: {type(err).__name__}: {err}"[:500]}
         raise
     finally:
-        with coord.cond:
-            coord.done = True
-            coord.cond.notify_all()
-        time.sleep(min(POLL_S, 2.0))  # let polling clients hear "done"
+        if not stopped:
+            with coord.cond:
+                coord.done = True
+                coord.cond.notify_all()
+            time.sleep(min(POLL_S, 2.0))  # let polling clients hear "done"
         server.stop(grace=1.0)
         if page is not None:
             page.should_exit = True
         if metrics_server is not None:
             metrics_server.shutdown()
+        if health is not None:
+            health.ready = False
+            health_server.shutdown()
     return result
 
 
