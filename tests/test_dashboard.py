@@ -147,6 +147,12 @@ def test_the_page_in_a_real_browser_follows_a_live_run(tiny_config, tmp_path):
             rejected = page.locator("tr.rejected").first
             rejected.wait_for(timeout=60_000)
             assert "non-finite" in rejected.inner_text() or "nan" in rejected.inner_text().lower()
+            card = page.locator("[data-run=run]")
+            assert card.locator("[data-role=axes]").count() == 2  # both curves have axes
+            assert "no DP" in card.locator("[data-role=privacy]").inner_text()
+            cell = card.locator("[data-role=timeline] td.rejected").first  # the site × round grid
+            assert "rejected" in cell.get_attribute("title")
+            assert card.locator("[data-role=log]").inner_text().strip()  # the run's own log, streamed
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             browser.close()
@@ -155,3 +161,41 @@ def test_the_page_in_a_real_browser_follows_a_live_run(tiny_config, tmp_path):
         run.wait(timeout=300)
         page_server.wait(timeout=30)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+def test_a_plain_headless_screenshot_shows_a_finished_run(tiny_config, tmp_path):
+    """What a person tries first: chromium --headless --dump-dom / --screenshot, no waiting for
+    events. The page is served with the runs' state inside, so the first paint shows them."""
+    import fedfm
+
+    result = fedfm.run(tiny_config(run={"rounds": 2}), output=tmp_path / "run", progress=False)
+    port = free_port()
+    page_server = _start(["dashboard", result.run_dir, "--port", port], tmp_path / "dash.log")
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert _wait_until_up(url, page_server, tmp_path / "dash.log") == 200
+        dom = subprocess.run([CHROMIUM, *BROWSER_ARGS, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=120).stdout  # fmt: skip
+        assert "round 2 of 2" in dom and 'data-role="axes"' in dom and "no DP" in dom
+        assert 'data-role="timeline"' in dom and ">connecting…</span>" not in dom
+        shot = tmp_path / "first-paint.png"
+        subprocess.run([CHROMIUM, *BROWSER_ARGS, f"--screenshot={shot}", "--window-size=1000,900", url],
+                       capture_output=True, timeout=120)  # fmt: skip
+        assert shot.stat().st_size > 20_000
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, ARTIFACTS / "dashboard-first-paint.png")
+    finally:
+        page_server.terminate()
+        page_server.wait(timeout=30)
+
+
+def test_the_first_paint_carries_the_state_and_no_value_can_close_its_script(tmp_path):
+    from fedfm.reporting.dashboard.app import first_paint
+
+    html = first_paint([{"name": "r", "now": "</script><script>window.__owned=1</script>"}])
+    inside = html.split('<script id="initial" type="application/json">')[1].split("</script>")[0]
+    assert json.loads(inside)[0]["now"].startswith("</script>")  # the value, whole, as data
+    assert "/*INITIAL*/" not in html

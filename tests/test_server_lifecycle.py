@@ -41,7 +41,8 @@ def test_probes_sigterm_and_resume_existing(tmp_path, tiny_config):
     tokens = write_tokens(tmp_path / "tokens.txt", 2)
     path = experiment(tmp_path, tiny_config, 2, run={"rounds": 3, "threads": 1})
     port, health, out = free_port(), free_port(), tmp_path / "run"
-    extra = ("--health", f"127.0.0.1:{health}", "--resume-existing", "--round-timeout", "60")
+    extra = ("--health", f"127.0.0.1:{health}", "--resume-existing", "--round-timeout", "60",
+             "--log-json", tmp_path / "server.jsonl")  # fmt: skip
     server = start(server_args(path, port, tmp_path / "tokens.txt", certs, out, *extra), tmp_path / "s1.log")
     deadline = time.monotonic() + 120
     while probe(health, "/readyz") != 200 and time.monotonic() < deadline:
@@ -49,9 +50,11 @@ def test_probes_sigterm_and_resume_existing(tmp_path, tiny_config):
     assert probe(health, "/healthz") == 200 and probe(health, "/readyz") == 200
     assert probe(health, "/metrics") == 404  # nothing else is served
     data = client_data(path)
+    logs = [("--log-json", tmp_path / "client0.jsonl"), ()]
     clients = [
         start(
-            client_args(port, t, certs, "--delay", "2", "--give-up", "120", data=data), tmp_path / f"c{k}.log"
+            client_args(port, t, certs, "--delay", "2", "--give-up", "120", *logs[k], data=data),
+            tmp_path / f"c{k}.log",
         )
         for k, t in enumerate(tokens)
     ]
@@ -71,3 +74,11 @@ def test_probes_sigterm_and_resume_existing(tmp_path, tiny_config):
     assert all(c.wait(timeout=120) == 0 for c in clients)
     final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in final if r.get("event") == "round" and r["round"] > 0] == [1, 2, 3]
+    # structured logs: the server's --log-json, the run folder's log.jsonl, a client's --log-json
+    server_log = [json.loads(x) for x in (tmp_path / "server.jsonl").read_text().splitlines()]
+    assert {r["name"] for r in server_log if r.get("event") == "joined"} == {"site0", "site1"}
+    assert all(r["source"] == "server" and r["time"].endswith("+00:00") for r in server_log)
+    run_log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in run_log if r.get("event") == "round" and r.get("round")][-1] == 3
+    client_log = [json.loads(x) for x in (tmp_path / "client0.jsonl").read_text().splitlines()]
+    assert any("update sent" in r["message"] for r in client_log) and client_log[0]["source"] == "client"

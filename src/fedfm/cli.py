@@ -408,6 +408,9 @@ def server(
     health: str | None = typer.Option(
         None, "--health", help="/healthz and /readyz on [HOST:]PORT for an orchestrator's probes."
     ),
+    log_json: str | None = typer.Option(
+        None, "--log-json", help="Also write every message as JSON lines to PATH ('-': stdout)."
+    ),
     resume_existing: bool = typer.Option(
         False,
         "--resume-existing",
@@ -429,6 +432,10 @@ def server(
     if resume_existing and resume is None and output is not None and (output / "checkpoint").exists():
         resume, config = output, None
     stop_on_sigterm()
+    if log_json:
+        from fedfm.reporting.logs import attach
+
+        attach(log_json, "server")
     try:
         if mode is not None and resume:
             raise ConfigError("--mode with --resume: a resumed run keeps its own run.mode")
@@ -497,6 +504,9 @@ def client(
     server_name: str | None = typer.Option(None, "--server-name", help="Host name the certificate names."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext (no TLS): trusted networks only."),
     name: str = typer.Option("", "--name", help="Shown in the server's log."),
+    log_json: str | None = typer.Option(
+        None, "--log-json", help="Also write every message as JSON lines to PATH ('-': stdout)."
+    ),
     retry: float = typer.Option(1.0, "--retry", help="Seconds between reconnection attempts."),
     give_up: float = typer.Option(600.0, "--give-up", help="Stop after this long without the server."),
     delay: float = typer.Option(
@@ -534,6 +544,12 @@ def client(
         str(ca) if ca else None, str(cert) if cert else None, str(key) if key else None, server_name, insecure
     )
     stop_on_sigterm()
+    say = Console(soft_wrap=True).print
+    if log_json:
+        from fedfm.reporting.logs import attach, logged
+
+        attach(log_json, "client")
+        say = logged(say)
     try:
         if token is not None and token_file is not None:
             raise ClientError("give at most one of --token and --token-file")
@@ -557,7 +573,7 @@ def client(
             security,
             retry_s=retry,
             give_up_s=give_up,
-            note=Console(soft_wrap=True).print,
+            note=say,
             delay_s=delay,
             ranks=Layout(nproc, rank_timeout, fsdp),
         )

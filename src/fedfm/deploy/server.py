@@ -30,6 +30,7 @@ from fedfm.deploy.auth import DeployError, Revocations, Roster, certificate_warn
 from fedfm.deploy.engine import Coordinator, GrpcEngine
 from fedfm.deploy.provision import REVOKED
 from fedfm.deploy.view import client_config_toml
+from fedfm.reporting.logs import emit
 from fedfm.sharing import sharing_mode
 from fedfm.transforms.validation import UNBOUNDED_WARNING, influence_bound
 from fedfm.types import ClientFailure, ClientResult, payload_from_wire
@@ -109,6 +110,7 @@ class FedFMServicer(rpc.FedFMServicer):
         m = self._enter(context)
         try:
             self.note(f"client {m.client_id} ({m.name}) joined from {context.peer()}")
+            emit("info", f"{m.name} joined", event="joined", client=m.client_id, name=m.name)
             pem = peer_pem(context)
             soon = expiring(pem) if pem else None
             if soon:
@@ -416,12 +418,13 @@ def serve(
 
         page = serve_in_thread([run_dir], "127.0.0.1", dashboard_port)
         note(f"dashboard on http://127.0.0.1:{dashboard_port}/")
-    stopped = False
+    stopped = done = False
     try:
         note(f"listening on port {port}; waiting for clients")
         connected = run.engine.wait_for_clients(cfg.partition.num_clients)  # everyone, once, before round 1
         note(f"{connected} of {cfg.partition.num_clients} clients connected; starting")
         result = run.execute()
+        done = True
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped to resume, not ended; clients keep
         stopped = True  # retrying (until --give-up) and rejoin the resumed server
         raise
@@ -435,13 +438,25 @@ def serve(
                 coord.cond.notify_all()
             time.sleep(min(POLL_S, 2.0))  # let polling clients hear "done"
         server.stop(grace=1.0)
-        if page is not None:
-            page.should_exit = True
         if metrics_server is not None:
             metrics_server.shutdown()
         if health is not None:
             health.ready = False
             health_server.shutdown()
+        if page is not None and not done:
+            page.should_exit = True
+    if page is not None:  # a person most wants to look when the run has ended: keep it up
+        ConsoleReporter(enabled=True).note(
+            f"the run is finished; the dashboard stays on http://127.0.0.1:{dashboard_port}/ "
+            "until this server is stopped (Ctrl-C or SIGTERM)"
+        )
+        try:
+            while not page.should_exit:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            page.should_exit = True
     return result
 
 

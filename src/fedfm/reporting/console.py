@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedfm.reporting.logs import emit
+
 COLUMNS = [
     ("round", "round", "{:d}"),
     ("clients", "num_clients", "{:d}"),
@@ -98,14 +100,17 @@ class ConsoleReporter:
         self.in_rounds = False  # inside the rounds a log gets only their rows (no per-round steps)
 
     def note(self, text: str) -> None:
+        emit("info", text)  # the structured log has it, quiet or not (fedfm.reporting.logs)
         if self.enabled:
             self.console.print(f"[dim]{text}[/dim]")
 
     def warn(self, text: str) -> None:
+        emit("warning", text)
         if self.enabled:
             self.console.print(f"[yellow]warning:[/yellow] {text}")
 
     def status(self, text: str):
+        emit("info", f"{text} …", event="status")  # the dashboard's "now" line
         if self.enabled and not self.terminal and not self.in_rounds:  # a log: say what starts, once
             self.console.print(f"{text} …")
         return self.console.status(text) if self.enabled and self.terminal else contextlib.nullcontext()
@@ -131,6 +136,8 @@ class ConsoleReporter:
         self.console.print("  ".join(f"{h:>10}" for h, _, _ in self.columns))
 
     def round_row(self, record: dict) -> None:
+        said = {k: record[k] for _, k, _ in self.columns if isinstance(record.get(k), int | float)}
+        emit("info", f"round {record.get('round')}", event="round", **said)
         if self.enabled:
             row = "  ".join(f"{_fmt(record, k, f):>10}" for _, k, f in self.columns)
             if not self.terminal and self.eta is not None and record.get("round"):

@@ -14,34 +14,13 @@ import statistics
 import time
 from pathlib import Path
 
-from fedfm.reporting.dashboard.state import RunView
+from fedfm.reporting.dashboard.state import ETA_WINDOW, RunView, eta, round_seconds
 from fedfm.reporting.problems import SITE_LISTS, client_label
 
-ETA_WINDOW = 5
 METRICS = (
     "test_accuracy", "test_loss", "test_perplexity", "test_reward_accuracy", "train_loss",
     "num_clients", "bytes_up_total", "bytes_down_total",
 )  # fmt: skip
-
-
-def round_seconds(rounds: list[dict]) -> list[float]:
-    """Wall seconds between consecutive round records (``elapsed_s``), oldest first."""
-    times = [r["elapsed_s"] for r in rounds if isinstance(r.get("elapsed_s"), int | float)]
-    return [b - a for a, b in zip(times, times[1:], strict=False) if b >= a]
-
-
-def eta(rounds: list[dict], total: int | None) -> tuple[float | None, str]:
-    """(seconds left, basis) — None where nothing is left or no round has been timed."""
-    done = rounds[-1]["round"] if rounds else 0
-    spans = round_seconds(rounds)[-ETA_WINDOW:]
-    if not total or done >= total or not spans:
-        return None, "no round timed yet" if total and done < total else "nothing left"
-    per = statistics.median(spans)
-    basis = (
-        f"{total - done} rounds left × {per:.1f} s, the median of the last {len(spans)} rounds' "
-        "wall time (evaluation included)"
-    )
-    return (total - done) * per, basis
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:

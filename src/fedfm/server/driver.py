@@ -34,6 +34,7 @@ from fedfm.models.state import get_trainable_state, set_trainable_state
 from fedfm.privacy.guarantees import dp_mode
 from fedfm.reporting import outputs
 from fedfm.reporting.console import ConsoleReporter
+from fedfm.reporting.logs import attach, detach
 from fedfm.reporting.metrics import MetricsLog, remove_stale_temporaries
 from fedfm.reporting.problems import name_sites, problems
 from fedfm.seeding import noise_key
@@ -94,6 +95,8 @@ class Run:
         only its test split. ``resume``: the folder must hold a checkpoint (a missing or damaged
         one is an error, never a silent restart)."""
         self.started, self.resume, self.cfg, self.run_dir = time.perf_counter(), resume, cfg, run_dir
+        # every note, warning and round row also as JSON lines in RUN/log.jsonl (the dashboard's)
+        self.log = attach(run_dir / "log.jsonl", "run" if engine_factory is None else "server", key="run")
         self.callbacks = list(callbacks)
         self.console = ConsoleReporter(enabled=progress)
         if cfg.run.threads:
@@ -318,6 +321,12 @@ class Run:
         self.names = {int(k): str(v) for k, v in names.items()}
 
     def execute(self) -> RunResult:
+        try:
+            return self._execute()
+        finally:
+            detach(self.log)  # the run folder's log ends with the run
+
+    def _execute(self) -> RunResult:
         cfg = self.cfg
         if self.names:  # read by the dashboard, the report and `fedfm status`
             self.metrics.write(

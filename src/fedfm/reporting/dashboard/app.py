@@ -35,6 +35,16 @@ def check_binding(host: str, token: str | None, cert: str | None, key: str | Non
         )
 
 
+def first_paint(runs: list[dict]) -> str:
+    """The page with the runs' current state inside it, so the first paint shows them (a plain
+    ``chromium --headless --screenshot`` too) before any server-sent event arrives. The JSON sits in
+    a ``<script type="application/json">``; ``<`` is escaped so no value can close that element."""
+    import json
+
+    state = json.dumps(runs).replace("<", "\\u003c")
+    return PAGE.read_text().replace("/*INITIAL*/[]", state)
+
+
 def create_app(run_dirs, token: str | None = None, poll_s: float = 0.5):
     from sse_starlette.sse import EventSourceResponse
     from starlette.applications import Starlette
@@ -64,7 +74,7 @@ def create_app(run_dirs, token: str | None = None, poll_s: float = 0.5):
     async def page(request):
         if not allowed(request):
             return refused()
-        return HTMLResponse(PAGE.read_text(), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(first_paint(snapshots()), headers={"Cache-Control": "no-store"})
 
     async def runs(request):
         return JSONResponse(snapshots()) if allowed(request) else refused()
