@@ -42,6 +42,16 @@ def test_round_costs_summarise_the_counted_clients():
     records = [{"flops": 10.0, "peak_memory_bytes": 5.0}, {"flops": 30.0, "peak_memory_bytes": 7.0}, {}]
     assert round_costs(records) == {"client_flops_mean": 20.0, "client_peak_memory_bytes": 7.0}
     assert round_costs([{"train_loss": 1.0}]) == {}
+    split = [  # split learning: the weights a client holds and the server's FLOPs for its part
+        {"flops": 10.0, "peak_memory_bytes": 5.0, "memory_weights_bytes": 3.0, "server_flops": 40.0},
+        {"flops": 30.0, "peak_memory_bytes": 7.0, "memory_weights_bytes": 4.0, "server_flops": 60.0},
+    ]
+    assert round_costs(split) == {
+        "client_flops_mean": 20.0,
+        "client_peak_memory_bytes": 7.0,
+        "client_weights_bytes_max": 4.0,
+        "server_flops_mean": 50.0,
+    }
 
 
 def test_the_batched_engine_refuses_to_count(tiny_config):

@@ -166,8 +166,13 @@ def test_killed_client_is_left_out_at_the_deadline_and_a_restarted_one_rejoins(t
     assert all(c.wait(timeout=60) == 0 for c in clients[:2]) and again.wait(timeout=60) == 0
     rounds = rounds_of(out)
     assert rounds[2]["num_clients"] == 2
-    assert rounds[2]["failed"] == [
-        {"client": 2, "stage": "timeout", "reason": "no update within the round deadline (15 s)"}
+    assert rounds[2]["failed"] == [  # the site by name beside its index (tokens.txt: site2)
+        {
+            "client": 2,
+            "stage": "timeout",
+            "reason": "no update within the round deadline (15 s)",
+            "name": "site2",
+        }
     ]
     assert (
         rounds[3]["num_clients"] == 3

@@ -11,6 +11,21 @@ from fedfm.config.options import field_kind
 from fedfm.registry import registry_for
 
 
+def canonical(fields: dict) -> list:
+    """Fields in an order that does not depend on which module Python imported first: a section's
+    own fields as declared, then the components' (their options, or their sections) by component
+    and name. Components register when their modules are imported, and that order varies."""
+
+    def component(f) -> str | None:
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        return extra.get("component")
+
+    own = [(n, f) for n, f in fields.items() if component(f) is None]
+    added = sorted(((n, f) for n, f in fields.items() if component(f) is not None),
+                   key=lambda item: (component(item[1]), item[0]))  # fmt: skip
+    return own + added
+
+
 def _type(annotation) -> str:
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     if typing.get_origin(annotation) is typing.Literal:
@@ -32,7 +47,7 @@ def render() -> str:
         "(`src/fedfm/config/sections.py`) and the options of the registered components._",
         "",
     ]
-    for section, field in RunConfig.model_fields.items():
+    for section, field in canonical(RunConfig.model_fields):
         model = field.default_factory().__class__
         lines += [f"## `[{section}]`", ""]
         owner = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
@@ -42,7 +57,7 @@ def render() -> str:
             "| field | type | default | meaning |",
             "| --- | --- | --- | --- |",
         ]
-        for name, f in model.model_fields.items():
+        for name, f in canonical(model.model_fields):
             default = f.default if f.default_factory is None else f.default_factory()
             named, text = field_kind(f), f.description or ""
             if named is not None:

@@ -140,8 +140,9 @@ def round_costs(client_records: list[dict]) -> dict:
     summary = {
         "client_flops_mean": sum(r["flops"] for r in counted) / len(counted),
         "client_peak_memory_bytes": max(r["peak_memory_bytes"] for r in counted),
-        "client_weights_bytes_max": max(r["memory_weights_bytes"] for r in counted),
     }
+    if all("memory_weights_bytes" in r for r in counted):
+        summary["client_weights_bytes_max"] = max(r["memory_weights_bytes"] for r in counted)
     if all("server_flops" in r for r in counted):
         summary["server_flops_mean"] = sum(r["server_flops"] for r in counted) / len(counted)
     return summary

@@ -88,19 +88,26 @@ def make_ca(days: int, common_name: str = "fedfm federation CA"):
 def issue(ca_cert, ca_key, common_name: str, days: int, server_names: list[str] | None = None):
     """A certificate for ``common_name`` signed by the CA: a server certificate when
     ``server_names`` (DNS names or IP addresses) are given, else a client (site) certificate."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _certificate(ca_cert, ca_key, common_name, key.public_key(), days, server_names), key
+
+
+def _certificate(ca_cert, ca_key, common_name: str, public_key, days: int, server_names=None):
+    """The CA's signature on ``public_key`` for ``common_name``: a server certificate (its names
+    as subject alternative names) when ``server_names`` are given, else a site's (client) one."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
@@ -115,7 +122,7 @@ def issue(ca_cert, ca_key, common_name: str, days: int, server_names: list[str] 
             except ValueError:
                 alt.append(x509.DNSName(n))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def provision(
@@ -270,8 +277,8 @@ def sign(
     ca.pem, its token (a new site's line is added to the server's tokens.txt) and start.sh, but no
     key. ``renew``: a new certificate for a member (rotation; its token is kept). → ``out``."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
 
     fed, out = Path(fed), Path(out)
     settings = _federation(fed)
@@ -295,19 +302,7 @@ def sign(
         raise ProvisionError(f"site {site!r} is not a member: sign without --renew to add it")
     ca_cert = x509.load_pem_x509_certificate((fed / "ca" / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((fed / "ca" / "ca.key").read_bytes(), password=None)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(site))
-        .issuer_name(ca_cert.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _certificate(ca_cert, ca_key, site, csr.public_key(), days)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{site}.pem").write_bytes(_cert_pem(cert))
     (out / "ca.pem").write_bytes(_cert_pem(ca_cert))
