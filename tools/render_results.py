@@ -243,25 +243,50 @@ def privacy_summary() -> str:
     return "\n".join(lines)
 
 
+def benchmark(name: str):
+    """A script under benchmarks/ as a module (its own table writer, reused here)."""
+    import importlib
+
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def robustness() -> str:
-    """benchmarks/robustness.py: final accuracy (backdoor: and ASR) per attack and aggregator."""
-    rows = json.loads((RESULTS / "robustness.json").read_text())
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    rules = list(dict.fromkeys(r["aggregator"] for r in rows))
-    cell = {(r["attack"], r["aggregator"]): r for r in rows}
-    lines = ["| attack \\ aggregator | " + " | ".join(rules) + " |", "| --- |" + " --- |" * len(rules)]
-    for attack in attacks:
-        cols = []
-        for rule in rules:
-            r = cell[(attack, rule)]
-            text = f"{r['test_accuracy']:.3f}"
-            if r.get("attack_success_rate") is not None:
-                text += f" / ASR {r['attack_success_rate']:.2f}"
-            if r.get("skipped_rounds"):
-                text += f" ({r['skipped_rounds']} skipped)"
-            cols.append(text)
-        lines.append(f"| {attack} | " + " | ".join(cols) + " |")
-    return "\n".join(lines)
+    """benchmarks/robustness.py: final accuracy (backdoor: and ASR) per attack and aggregator,
+    by the script's own table writer."""
+    return benchmark("robustness").markdown(json.loads((RESULTS / "robustness.json").read_text()))
+
+
+PERSONALIZATION = {
+    "fedavg": "FedAvg",
+    "fedsa-lora": "FedSA-LoRA",
+    "fedper": "FedPer",
+    "fedrep": "FedRep (2 head steps)",
+    "ditto": "Ditto (λ = 0.1)",
+    "ifca": "IFCA (k = 3)",
+    "local-only": "local-only",
+}
+
+
+def personalization() -> str:
+    """examples/sweeps/personalization.toml (reproduce entry ``personalization``): server test
+    accuracy, each client on its own test split (global, personal, after local fine-tuning), bytes up."""
+    from fedfm.reproduce.render import scaled, sweep_table
+
+    data = load_json("docs/results/personalization.json")
+    own = ("_local_accuracy_mean", "_local_accuracy_worst10")
+    sweep = tomllib.loads((ROOT / data["config"]["sweep"]).read_text())["sweep"]
+    steps = sweep.get("set", {}).get("personalization.finetune_steps", "?")
+    columns = [
+        ("server test acc", ["test_accuracy"]),
+        ("global on own test: mean / worst", [f"global{s}" for s in own]),
+        ("personal: mean / worst", [f"personal{s}" for s in own]),
+        (f"after {steps} local FT steps: mean / worst", [f"finetuned{s}" for s in own]),
+        ("MB up", ["bytes_up_total"], scaled(1e6, 1)),
+    ]
+    return sweep_table(data, columns=columns, labels=PERSONALIZATION)
 
 
 def secagg() -> str:
@@ -423,6 +448,7 @@ RENDERERS = {
     "secagg-large": secagg_large,
     "two-processes": two_processes,
     "full-finetuning": full_finetuning,
+    "personalization": personalization,
 }
 BLOCK = re.compile(r"(<!-- results:([\w./-]+) -->\n)(.*?\n)?(<!-- /results:\2 -->)", re.S)
 
