@@ -10,8 +10,8 @@ from tests.test_checkpoint import cli
 from tests.test_first_hour import _write_csv
 
 import fedfm
-from fedfm.reporting.dashboard.state import RunView
-from fedfm.reporting.status import eta, run_status
+from fedfm.reporting.dashboard.state import RunView, eta
+from fedfm.reporting.status import run_status
 
 
 def records(run_dir, event):

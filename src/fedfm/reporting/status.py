@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fedfm.reporting.dashboard.state import ETA_WINDOW, RunView, eta, round_seconds
+from fedfm.reporting.dashboard.state import ETA_WINDOW, RunView, round_seconds
 from fedfm.reporting.problems import SITE_LISTS, client_label
 
 METRICS = (
@@ -42,7 +42,8 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         state = "not started"
     else:
         state = "running" if age is not None and age <= quiet_after else "idle"
-    left, basis = eta(rounds, snap["rounds_total"]) if state == "running" else (None, state)
+    # the dashboard's snapshot has computed the ETA already (the same rounds, not finished)
+    left, basis = (snap["eta_s"], snap["eta_basis"]) if state == "running" else (None, state)
     privacy = view.config.get("privacy", {})
     eps = next((r["epsilon"] for r in reversed(rounds) if r.get("epsilon") is not None), None)
     problems = [

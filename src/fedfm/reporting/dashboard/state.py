@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 from fedfm.reporting.logs import tail
+from fedfm.reporting.problems import SITE_LISTS
 
 ROUND_KEYS = (
     "round", "num_clients", "train_loss", "test_loss", "test_accuracy", "test_perplexity",
@@ -154,7 +155,7 @@ class RunView:
             if not self.withholds_clients:
                 for rec in self.clients.get(t, []):
                     cells.setdefault(int(rec["client"]), {})[t] = {"status": "trained"}
-            for kind in ("failed", "rejected", "dropped"):
+            for kind in SITE_LISTS:
                 for e in r.get(kind) or []:
                     status = "timed out" if e.get("stage") == "timeout" else kind
                     cells.setdefault(int(e["client"]), {})[t] = {
