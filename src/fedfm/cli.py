@@ -234,6 +234,49 @@ def reproduce(
 
 
 @app.command()
+def audit(
+    source: Path = typer.Argument(..., help="A run folder, or a config TOML."),
+    attack: list[str] = typer.Option(
+        [], "--attack", "-a", help="inversion, canaries, membership (repeatable; default: all)."
+    ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        help="Minutes: an attack whose estimated cost does not fit is skipped, with the reason.",
+    ),
+    set_: list[str] = typer.Option([], "--set", help="An attack's option, ATTACK.OPTION=VALUE (repeatable)."),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Where audit.json/audit.md go (default: the run folder, or runs/audit-NAME-TIME).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the attacks' own randomness."),
+) -> None:
+    """Attack fedfm's privacy promises on a run or config: update inversion (your configuration,
+    the attack's best case, secure aggregation, DP), canary clients against DP's ε, membership
+    inference; tables in audit.md (and the run's report), numbers in audit.json."""
+    from fedfm.audit.runner import audit as run_audit
+
+    console = Console(soft_wrap=True)
+    try:
+        written = run_audit(
+            source,
+            list(attack) or None,
+            budget,
+            list(set_),
+            output,
+            seed,
+            note=lambda s: console.print(s, markup=False),
+        )
+    except (ValueError, FileNotFoundError, *_user_errors()) as err:
+        _fail(err)
+    from fedfm.audit.runner import markdown
+
+    console.print(markdown(written), markup=False)
+
+
+@app.command()
 def synth(
     output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write (and resume)."),
     generator: str = typer.Option("smollm2-135m", help="Causal LM: registered name, folder or HF id."),

@@ -89,8 +89,8 @@ def write_partition(run_dir: Path, summary: dict) -> Path:
     return path
 
 
-def baselines_html(baselines: dict, table: str) -> str:
-    """The markdown baselines table as HTML (it is simple: a header row, a rule, data rows)."""
+def table_html(table: str) -> str:
+    """A simple markdown table (a header row, a rule, data rows) as HTML."""
     import html
 
     lines = [line.strip("|").split("|") for line in table.splitlines()]
@@ -98,13 +98,37 @@ def baselines_html(baselines: dict, table: str) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in lines[2:]
     )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def baselines_html(baselines: dict, table: str) -> str:
+    """The markdown baselines table as HTML."""
     return (
         "<h2>Is federation worth it? Baselines</h2>"
         f"<p>Local-only: each client alone for {baselines['rounds']} rounds of its local steps; "
         f"centralized: the pooled data for the federation's {baselines['federated_total_steps']} total "
         "steps. Own held-out: each client's groups in the test split (mean over clients).</p>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        + table_html(table)
     )
+
+
+def audit_html(markdown: str) -> str:
+    """``fedfm audit``'s audit.md as HTML: each attack's heading, notes and table."""
+    import html
+
+    parts, table = ["<h2>Privacy audit (fedfm audit)</h2>"], []
+    for line in markdown.splitlines()[1:] + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            parts.append(table_html("\n".join(table)))
+            table = []
+        if line.startswith("## "):
+            parts.append(f"<h3>{html.escape(line[3:])}</h3>")
+        elif line.strip():
+            parts.append(f"<p>{html.escape(line)}</p>")
+    return "".join(parts)
 
 
 def finetuned_html(event: dict) -> str:
@@ -149,6 +173,8 @@ def write_outputs(run_dir: str | Path) -> Path:
 
         baselines = json.loads((run_dir / "baselines.json").read_text())
         extra.append(baselines_html(baselines, markdown(baselines)))
+    if (run_dir / "audit.md").is_file():
+        extra.append(audit_html((run_dir / "audit.md").read_text()))
     samples = run_dir / SAMPLES_FILE
     html = render_report(
         run_dir.name, config_text, history, partition, plots, extra, samples if samples.is_file() else None
