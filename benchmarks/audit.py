@@ -9,7 +9,8 @@ over seeds, in the reproduce results format.
 - canaries: the default experiment with central client DP at ε = 2 (the sound mechanism, and the
   noise divided by 10), and examples/dp-secagg.toml's central-noise twin (ε = 8, adaptive clipping).
 - membership: the default experiment undefended and with central client DP at ε = 8 (uniform
-  weighting, as DP needs), final accuracy beside the attacks' AUC.
+  weighting, as DP needs; ``privacy.noise_seed`` = the seed, so its noise comes back the same),
+  final accuracy beside the attacks' AUC.
 
     python benchmarks/audit.py --out benchmarks/results/audit.json            # 3 seeds
     python benchmarks/audit.py --out /tmp/audit.quick.json --quick            # 1 seed, 2 rounds
@@ -156,7 +157,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fedfm-audit-") as tmp:
             for label, privacy in (
                 ("none", {}),
-                ("client DP, ε = 8", {"dp": "client", "target_epsilon": 8.0}),
+                ("client DP, ε = 8", {"dp": "client", "target_epsilon": 8.0, "noise_seed": seed}),
             ):
                 note(f"membership: {label}, seed {seed}")
                 changes = {

@@ -289,6 +289,53 @@ def personalization() -> str:
     return sweep_table(data, columns=columns, labels=PERSONALIZATION)
 
 
+def _audit(attack: str, columns: list) -> str:
+    """One attack's rows of benchmarks/results/audit.json (benchmarks/audit.py) as a sweep table."""
+    from fedfm.reproduce.render import sweep_table
+
+    data = load_json("benchmarks/results/audit.json")
+    keep = [
+        {**m, "group": {k: v for k, v in m["group"].items() if k != "attack"}}
+        for m in data["measurements"]
+        if m["group"].get("attack") == attack
+    ]
+    return sweep_table({**data, "measurements": keep}, columns=columns)
+
+
+def audit_inversion() -> str:
+    return _audit(
+        "inversion",
+        [
+            ("token precision", ["token_precision"]),
+            ("token recall", ["token_recall"]),
+            ("ROUGE-L", ["rouge_l"]),
+            ("label-count error", ["label_count_error"]),
+        ],
+    )
+
+
+def audit_canaries() -> str:
+    return _audit(
+        "canaries",
+        [
+            ("reported ε", ["reported epsilon"]),
+            ("one-run 95% lower bound", ["one-run lower bound"]),
+            ("estimate (Andrew et al.)", ["estimate"]),
+        ],
+    )
+
+
+def audit_membership() -> str:
+    return _audit(
+        "membership",
+        [
+            ("final test accuracy", ["final test accuracy"]),
+            ("loss attack: AUC / TPR at 1% FPR", ["loss_auc", "loss_tpr_at_1pct_fpr"]),
+            ("calibrated: AUC / TPR at 1% FPR", ["calibrated_auc", "calibrated_tpr_at_1pct_fpr"]),
+        ],
+    )
+
+
 def secagg() -> str:
     """benchmarks/secagg.py: per-round protocol costs of SecAgg and SecAgg+ by cohort and dropouts."""
     rows = json.loads((RESULTS / "secagg.json").read_text())["protocol"]
@@ -449,6 +496,9 @@ RENDERERS = {
     "two-processes": two_processes,
     "full-finetuning": full_finetuning,
     "personalization": personalization,
+    "audit-inversion": audit_inversion,
+    "audit-canaries": audit_canaries,
+    "audit-membership": audit_membership,
 }
 BLOCK = re.compile(r"(<!-- results:([\w./-]+) -->\n)(.*?\n)?(<!-- /results:\2 -->)", re.S)
 

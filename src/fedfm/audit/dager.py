@@ -123,13 +123,18 @@ def recover_tokens(
     was_training = model.training
     model.eval()
     try:
+        width = length  # positions swept: all of them while inputs depend on position, else one
         for start in range(0, vocab_size, chunk):
             ids = torch.arange(start, min(start + chunk, vocab_size))
-            seq = ids[:, None].expand(-1, length).to(device)
+            seq = ids[:, None].expand(-1, width).to(device)
             x = inputs_at(model, module, _model_inputs(seq, encoder)).cpu()
             if start == 0 and length > 1:
                 positional = not torch.allclose(x[:, 0], x[:, 1], rtol=1e-5, atol=1e-6)
-            dist = span_distance(x.reshape(-1, x.shape[-1]), basis).reshape(len(ids), length)
+                width = length if positional else 1
+                x = x[:, :width]
+            dist = span_distance(x.reshape(-1, x.shape[-1]), basis).reshape(len(ids), width)
+            dist = dist.expand(-1, length)  # rotary positions: one distance holds at every position
+            dist = dist.clone()
             for t in skip:
                 if start <= t < start + len(ids):
                     dist[t - start] = float("inf")
