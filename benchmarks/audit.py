@@ -58,7 +58,8 @@ def inversion(raw: dict, seed: int, note) -> list[dict]:
     bundle, task = build_task(cfg, data)
     start = warm_start(bundle, task, data, cfg, seed)
     audit = InversionAudit(cfg, bundle, task, data, start, victim=seed % data.num_clients, batch=1)
-    return audit.run(default_settings(clients=5, epsilon=8.0), seed, progress=note)
+    lora = cfg.peft.method == "lora"
+    return audit.run(default_settings(clients=5, epsilon=8.0, lora=lora), seed, progress=note)
 
 
 def smollm2(seed: int, note) -> list[dict]:

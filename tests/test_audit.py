@@ -190,19 +190,20 @@ def test_inversion_recovers_text_in_its_best_case_and_not_under_secagg_dp_or_ada
     assert private["label_count_error"] > 0.5
 
 
-def test_lora_round_one_update_of_a_is_zero_so_nothing_is_recovered(bbc_minilm):
-    """With B = 0 (the round-1 global model) A's gradient Σ (Bᵀδ) xᵀ is zero: the span is empty."""
+def test_round_one_gives_nothing_unless_a_malicious_server_crafts_b(bbc_minilm):
+    """With B = 0 (an honest round 1) A's gradient Σ (Bᵀδ) xᵀ is zero: nothing to recover. A server
+    that sends a crafted B ≠ 0 instead (it chooses θ) gets the text back from that same round."""
     from fedfm.audit.inversion import InversionAudit, Setting
     from fedfm.models.state import get_trainable_state
 
     cfg, data, bundle, task = bbc_minilm
-    fresh = {
-        k: torch.zeros_like(v) if "lora_B" in k else v.clone()
-        for k, v in get_trainable_state(bundle.trainable).items()
-    }
-    audit = InversionAudit(cfg, bundle, task, data, fresh, victim=0, batch=1)
-    (row,) = audit.run([Setting("round 1", best=True)])
-    assert row["span_rank"] == 0 and row["token_recall"] == 0.0 and row["rouge_l"] == 0.0
+    state = get_trainable_state(bundle.trainable)
+    audit = InversionAudit(cfg, bundle, task, data, state, victim=0, batch=1)
+    honest, malicious = audit.run(
+        [Setting("round 1", best=True, start="round 1"), Setting("crafted", best=True, start="crafted")]
+    )
+    assert honest["span_rank"] == 0 and honest["token_recall"] == 0.0 and honest["rouge_l"] == 0.0
+    assert malicious["token_recall"] >= 0.6 and malicious["rouge_l"] >= 0.6, malicious["recovered_text"]
 
 
 # ---------------------------------------------------------------- membership inference, both ways

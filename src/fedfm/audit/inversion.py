@@ -53,15 +53,45 @@ class Setting:
     best: bool  # SGD, one step, few rows, no clipping, dropout off
     clients: int = 1  # updates summed before the attacker sees them (secure aggregation)
     epsilon: float | None = None  # client-level DP noise on the (one-client) aggregate
+    start: str = "global"  # "global": the round-2 state; "round 1": B = 0; "crafted": B chosen by the server
 
 
-def default_settings(clients: int = 5, epsilon: float = 8.0) -> list[Setting]:
-    return [
+def default_settings(clients: int = 5, epsilon: float = 8.0, lora: bool = False) -> list[Setting]:
+    """The four columns; with LoRA also round 1 from an honest server (B = 0) and from a malicious
+    one that sends a crafted B ≠ 0 (the active, fishing-style server: it chooses θ)."""
+    rows = [
         Setting("your configuration", best=False),
         Setting("best case", best=True),
         Setting(f"secure aggregation, {clients} clients", best=True, clients=clients),
         Setting(f"client DP, ε = {epsilon:g}", best=True, epsilon=epsilon),
     ]
+    if lora:
+        rows += [
+            Setting("round 1, honest server (B = 0)", best=True, start="round 1"),
+            Setting("round 1, crafted B (malicious server)", best=True, start="crafted"),
+        ]
+    return rows
+
+
+CRAFTED_STD = 0.02  # the malicious server's B: N(0, 0.02²) entries, about 8× a trained B's spread
+
+
+def round_one(state: Params) -> Params:
+    """The state a fresh LoRA run sends in round 1: every B factor zero."""
+    return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
+
+
+def crafted(state: Params, seed: int) -> Params:
+    """A malicious server's round-1 model: every B factor random (B ≠ 0 makes A's gradient
+    Σ (Bᵀδ) xᵀ carry the inputs' span, which B = 0 would have zeroed; larger B lifts it further
+    above float32 rounding)."""
+    g = torch_generator(seed, "crafted-lora-b")
+    return {
+        k: (torch.randn(v.shape, generator=g, dtype=torch.float64) * CRAFTED_STD).to(v.dtype)
+        if "lora_B" in k
+        else v
+        for k, v in state.items()
+    }
 
 
 @contextlib.contextmanager
@@ -194,12 +224,14 @@ class InversionAudit:
     def one(self, setting: Setting, seed: int) -> dict:
         training = self.cfg.training
         trained = best_training(training, self.batch) if setting.best else training
+        starts = {"global": lambda: self.start, "round 1": lambda: round_one(self.start)}
+        start = starts.get(setting.start, lambda: crafted(self.start, seed))()
         delta, used, steps = train_client(
             self.bundle,
             self.task,
             self.victim,
             self.victim_rows(setting.best),
-            self.start,
+            start,
             trained,
             seed,
             setting.best,
@@ -208,7 +240,7 @@ class InversionAudit:
         for other in range(1, setting.clients):  # the secure-aggregation sum: others' best-case updates
             k = (self.victim + other) % self.data.num_clients
             rows = np.asarray(self.data.client_train[k])[: self.batch]
-            theirs, _, _ = train_client(self.bundle, self.task, k, rows, self.start, trained, seed, True)
+            theirs, _, _ = train_client(self.bundle, self.task, k, rows, start, trained, seed, True)
             seen = {key: seen[key] + theirs[key] for key in seen}
         if setting.epsilon is not None:
             seen = self._dp_view(seen, setting.epsilon, seed)

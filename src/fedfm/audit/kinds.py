@@ -54,7 +54,8 @@ def run_inversion(ctx, options: InversionOptions) -> dict:
         options.tau,
     )
     clients = min(options.clients, ctx.data.num_clients)  # a sum of distinct clients' updates
-    rows = audit.run(default_settings(clients, options.epsilon), ctx.seed, progress=ctx.note)
+    lora = any("lora_B" in key for key in ctx.bundle.trainable)
+    rows = audit.run(default_settings(clients, options.epsilon, lora), ctx.seed, progress=ctx.note)
     return {"rows": rows, "victim": options.victim, "attacked_round": 2, "batch": options.batch}
 
 
