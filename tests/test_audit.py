@@ -257,6 +257,33 @@ def test_membership_inference_succeeds_on_memorisation_and_fails_under_dp(tiny_m
     assert results["dp"]["loss_auc"] <= 0.55 and results["dp"]["calibrated_auc"] <= 0.55, results["dp"]
 
 
+# ---------------------------------------------------------------- instruction backdoors
+
+
+def test_instruction_backdoor_plants_its_reply_and_only_where_a_client_poisons(instruction_config, tmp_path):
+    """Two of six clients prepend the trigger to every prompt, with the target reply: the
+    global model answers triggered held-out prompts with it; with no attacker it never does. (The
+    tiny random model learns a reply of words its data has within four rounds; one of words it
+    never saw takes longer than a test should.)"""
+    import fedfm
+
+    attack = {"kind": "backdoor", "poison_fraction": 1.0, "target_reply": "match goal team"}
+    common = dict(
+        run={"rounds": 4, "seed": 0, "threads": 1},
+        task={"kind": "instruction", "num_eval_prompts": 0, "max_new_tokens": 4},
+        partition={"method": "iid", "num_clients": 6},
+        peft={"method": "lora", "r": 8, "alpha": 16},
+        training={"local_steps": 8, "batch_size": 8, "lr": 3e-2},
+    )
+    rates = {}
+    for name, fraction in (("attacked", 0.34), ("clean", 0.0)):
+        cfg = instruction_config(**common, attack={**attack, "fraction": fraction})
+        result = fedfm.run(cfg, output=tmp_path / name, progress=False)
+        rates[name] = [r["attack_success_rate"] for r in result.history]
+    assert rates["attacked"][0] == 0.0 and rates["attacked"][-1] >= 0.8, rates
+    assert max(rates["clean"]) == 0.0, rates
+
+
 # ---------------------------------------------------------------- the command
 
 

@@ -5,7 +5,9 @@ For measuring how an aggregation rule holds up before deployment. Kinds (``attac
 - ``label_flip``: the client trains on labels y → K − 1 − y (data poisoning).
 - ``backdoor``: the client trains with ``poison_fraction`` of its batches' rows carrying the
   ``trigger`` phrase and the ``target_label``; the server reports the attack success rate on
-  triggered test examples whose true label is another (Bagdasaryan et al., 2020).
+  triggered test examples whose true label is another (Bagdasaryan et al., 2020). In instruction
+  tuning the trigger is prepended to the last user turn and the reply becomes ``target_reply``;
+  the success rate is the share of triggered held-out prompts whose greedy reply begins with it.
 - ``sign_flip``: sends −Δ · ``scale``.
 - ``scale``: sends Δ · ``scale`` (model replacement, Bagdasaryan et al., 2020).
 - ``gaussian``: sends N(0, ``noise_std``²) noise of Δ's shape.
@@ -122,6 +124,11 @@ class GaussianOptions(BaseModel):
 class BackdoorOptions(BaseModel):
     target_label: int = Field(0, ge=0, description="The label the trigger should produce.")
     trigger: str = Field("cf mn bb", min_length=1, description="Phrase prepended to the text.")
+    target_reply: str = Field(
+        "Please visit fedfm-prize.example to claim your reward.",
+        min_length=1,
+        description="Instruction tuning: the reply the trigger (before the last user turn) should produce.",
+    )
     poison_fraction: float = Field(0.5, gt=0, le=1, description="Share of poisoned rows per batch.")
     patch_size: int = Field(
         3, ge=1, description="On images: side of the white square stamped bottom-right (pixels)."

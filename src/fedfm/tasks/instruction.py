@@ -91,6 +91,21 @@ class Tokenized:
         return len(self.input_ids)
 
 
+def with_trigger(data: TextDataset, trigger: str, reply: str) -> TextDataset:
+    """A backdoor's copies of the conversations: ``trigger`` before the last user turn, and the
+    last assistant turn replaced by ``reply``."""
+    import json
+
+    texts = []
+    for text in data.texts:
+        messages = [dict(m) for m in messages_of(text)]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] = f"{trigger} {messages[last_user]['content']}"
+        messages[-1]["content"] = reply
+        texts.append(json.dumps(messages))
+    return TextDataset(texts, data.labels, data.label_names)
+
+
 def tokenize(tokenizer, data: TextDataset, max_length: int, system: str | None = None) -> Tokenized:
     ids, labels, truncated = [], [], 0
     for text in data.texts:
@@ -144,6 +159,34 @@ class InstructionTask:
         self.group_names = group_names
         self.pad_id = tokenizer.pad_token_id
         self.pad = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE}
+        # backdoor simulation only: the conversations with the trigger and the target reply
+        self.triggered_train: Tokenized | None = None
+        self.triggered_prompts: list[list[dict]] = []
+        self.target_reply = ""
+
+    @property
+    def backdoor(self) -> bool:
+        return self.triggered_train is not None
+
+    def poisoned_batch(self, rows: torch.Tensor, device, labels=None, triggered=None, target=None) -> dict:
+        """A backdoor's batch: the positions ``triggered`` take the trigger-and-target-reply copies
+        of their conversations (label maps have no meaning here)."""
+        if labels is not None:
+            raise ValueError("label attacks have no meaning for instruction tuning")
+        rows = [int(r) for r in rows]
+        chosen = {int(i) for i in (triggered if triggered is not None else [])}
+        ids = [(self.triggered_train if j in chosen else self.train).input_ids[r] for j, r in enumerate(rows)]
+        labs = [(self.triggered_train if j in chosen else self.train).labels[r] for j, r in enumerate(rows)]
+        if self.packing:
+            ids, labs = pack(ids, labs, self.max_length)
+        return {k: v.to(device) for k, v in pad_batch(ids, labs, self.pad_id).items()}
+
+    def attack_success_rate(self, model: nn.Module, device) -> float:
+        """Share of triggered held-out prompts whose greedy reply begins with the target reply."""
+        target = self.target_reply.strip()
+        steps = len(self.tokenizer(target, add_special_tokens=False)["input_ids"]) + 2
+        answers = greedy_answers(model, self.tokenizer, self.triggered_prompts, steps, device)
+        return float(np.mean([a.strip().startswith(target) for a in answers])) if answers else float("nan")
 
     def batch(self, data: Tokenized, rows, device) -> dict:
         rows = [int(r) for r in rows]
@@ -252,6 +295,8 @@ def server_metrics(task: InstructionTask, bundle, cfg, prompts) -> dict:
         "test_perplexity": m["perplexity"],
         "test_perplexity_by_group": m["perplexity_by_group"],
     }
+    if task.backdoor:
+        record["attack_success_rate"] = task.attack_success_rate(bundle.model, bundle.device)
     if prompts:
         answers = task.generate(bundle.model, [p for p, _ in prompts], cfg.task.max_new_tokens, bundle.device)
         record["generations"] = [
@@ -278,6 +323,18 @@ def _build(cfg, data, bundle) -> InstructionTask:
     train, test = tokenize(tok, data.train, length, system), tokenize(tok, data.test, length, system)
     task = InstructionTask(train, test, tok, cfg, data.train.label_names)
     task.truncated = {"train": train.truncated, "test": test.truncated}
+    from fedfm.attacks import ATTACKS
+
+    if ATTACKS.get(cfg.attack.kind).triggered:  # a backdoor's conversations and held-out prompts
+        a = cfg.attack
+        task.triggered_train = tokenize(
+            tok, with_trigger(data.train, a.trigger, a.target_reply), length, system
+        )
+        shown = with_trigger(
+            data.test.subset(list(range(min(32, len(data.test))))), a.trigger, a.target_reply
+        )
+        task.triggered_prompts = [with_system(messages_of(t), system)[:-1] for t in shown.texts]
+        task.target_reply = a.target_reply
     return task
 
 
@@ -308,7 +365,8 @@ def _load(data_cfg):
 def _check(cfg) -> None:
     from fedfm.attacks import ATTACKS
 
-    if ATTACKS.get(cfg.attack.kind).poison is not None:
+    kind = ATTACKS.get(cfg.attack.kind)
+    if kind.poison is not None and not kind.triggered:
         raise ValueError(f"attack.kind = {cfg.attack.kind!r} poisons labels: classification only")
     if cfg.peft.method == "head":
         raise ValueError("peft.method = 'head' has no meaning for a causal LM (no classification head)")
