@@ -8,6 +8,8 @@ over seeds, in the reproduce results format.
   64 tokens): one seed, best case and your configuration, marked as such.
 - canaries: the default experiment with central client DP at ε = 2 (the sound mechanism, and the
   noise divided by 10), and examples/dp-secagg.toml's central-noise twin (ε = 8, adaptive clipping).
+- observed: on the same runs, the property attack on the per-client losses the server records
+  (none under DP: it records none).
 - membership: the default experiment undefended and with central client DP at ε = 8 (uniform
   weighting, as DP needs; ``privacy.noise_seed`` = the seed, so its noise comes back the same),
   final accuracy beside the attacks' AUC.
@@ -118,6 +120,10 @@ def membership(raw: dict, seed: int, folder: Path, note) -> dict:
     (row,) = run_membership(ctx, MembershipOptions())["rows"]
     records = [json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     row["final_test_accuracy"] = [r["test_accuracy"] for r in records if "test_accuracy" in r][-1]
+    from fedfm.audit.observed import observed_attack
+
+    seen = observed_attack(folder / "run")  # what the server saw per client in the clear
+    row["property_auc"] = seen["rows"][0]["property_auc"] if "rows" in seen else None
     return row
 
 
@@ -176,6 +182,9 @@ def main() -> int:
                     "calibrated_tpr_at_1pct_fpr",
                 ):
                     add(key, "score", group, seed, r[key])
+                add(
+                    "property_auc", "score", {"attack": "observed", "defense": label}, seed, r["property_auc"]
+                )
     if not args.quick:
         note("inversion: SmolLM2-135M, seed 0 (one seed)")
         for r in smollm2(0, note):

@@ -257,6 +257,49 @@ def test_membership_inference_succeeds_on_memorisation_and_fails_under_dp(tiny_m
     assert results["dp"]["loss_auc"] <= 0.55 and results["dp"]["calibrated_auc"] <= 0.55, results["dp"]
 
 
+# ---------------------------------------------------------------- what the server sees per client
+
+
+def test_normalised_entropy_by_hand():
+    from fedfm.audit.observed import normalised_entropy
+
+    assert normalised_entropy([5, 0, 0]) == 0.0
+    assert normalised_entropy([2, 2]) == pytest.approx(1.0)
+    assert normalised_entropy([1, 1, 2]) == pytest.approx(
+        (2 * 0.25 * math.log(4) + 0.5 * math.log(2)) / math.log(3)
+    )
+
+
+def _records_folder(folder, losses: dict[int, float], counts: dict[int, list[int]], with_loss=True):
+    folder.mkdir()
+    rows = []
+    for rnd in (1, 2):
+        for k, loss in losses.items():
+            record = {"event": "client", "round": rnd, "client": k, "num_examples": sum(counts[k])}
+            if with_loss:
+                record["train_loss"] = loss + 0.01 * rnd
+            rows.append(json.dumps(record))
+    (folder / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    clients = [
+        {"client": k, "num_train": sum(c), "label_counts": {"a": c[0], "b": c[1]}} for k, c in counts.items()
+    ]
+    (folder / "partition.json").write_text(json.dumps({"clients": clients}))
+
+
+def test_property_attack_reads_skew_off_the_losses_and_sizes_off_the_counts(tmp_path):
+    from fedfm.audit.observed import observed_attack
+
+    counts = {0: [10, 0], 1: [9, 1], 2: [5, 5], 3: [6, 4], 4: [20, 0], 5: [3, 3]}
+    skewed_fit_faster = {0: 0.1, 1: 0.2, 4: 0.15, 2: 0.9, 3: 0.8, 5: 1.0}
+    _records_folder(tmp_path / "a", skewed_fit_faster, counts)
+    (row,) = observed_attack(tmp_path / "a")["rows"]
+    assert row["property_auc"] == 1.0 and row["skewed"] == 3 and row["data_size_exact"]
+    _records_folder(tmp_path / "b", {k: 1.1 - v for k, v in skewed_fit_faster.items()}, counts)
+    assert observed_attack(tmp_path / "b")["rows"][0]["property_auc"] == 0.0
+    _records_folder(tmp_path / "c", skewed_fit_faster, counts, with_loss=False)  # secure aggregation's view
+    assert "no per-client training loss" in observed_attack(tmp_path / "c")["skipped"]
+
+
 # ---------------------------------------------------------------- instruction backdoors
 
 

@@ -12,7 +12,9 @@ model, or only the configuration) and a one-line description:
 - ``canaries`` (``fedfm.audit.canaries``): canary clients against the run's client-level DP —
   Steinke et al.'s one-run 95% lower bound and Andrew et al.'s estimate beside the reported ε;
 - ``membership`` (``fedfm.audit.membership``): loss-threshold and reference-calibrated
-  membership inference on the final global model (AUC, TPR at 1% FPR).
+  membership inference on the final global model (AUC, TPR at 1% FPR);
+- ``observed`` (``fedfm.audit.observed``): what the server sees per client in the clear (loss,
+  example count) and a property attack on it (is this client's data skewed?).
 
 The pure maths lives apart (``scores``, ``epsilon``, ``span``, ``labels``); ``runner`` builds the
 run, runs the chosen attacks within ``--budget`` and writes ``audit.json`` and ``audit.md``.

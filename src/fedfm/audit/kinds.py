@@ -95,6 +95,16 @@ def run_membership(ctx, options: MembershipOptions) -> dict:
     return {"rows": [result]}
 
 
+class ObservedOptions(_Options):
+    pass
+
+
+def run_observed(ctx, options: ObservedOptions) -> dict:
+    from fedfm.audit.observed import observed_attack
+
+    return observed_attack(ctx.run_dir or ctx.trained_dir)
+
+
 def row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -154,6 +164,19 @@ def _membership_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _observed_table(result: dict) -> str:
+    if "skipped" in result:
+        return f"Skipped: {result['skipped']}.\n"
+    lines = header(
+        "clients", "with skewed data", "property AUC (−mean training loss)", "data size seen exactly"
+    )
+    for r in result["rows"]:
+        lines.append(
+            row(r["clients"], r["skewed"], fmt(r["property_auc"]), "yes" if r["data_size_exact"] else "no")
+        )
+    return "\n".join(lines) + "\n"
+
+
 AUDITS.register("inversion")(
     AuditKind(
         run_inversion,
@@ -176,6 +199,15 @@ AUDITS.register("membership")(
         MembershipOptions,
         "membership inference on the final model",
         _membership_table,
+        needs_final=True,
+    )
+)
+AUDITS.register("observed")(
+    AuditKind(
+        run_observed,
+        ObservedOptions,
+        "what the server sees per client in the clear (loss, example count): a property attack",
+        _observed_table,
         needs_final=True,
     )
 )

@@ -37,6 +37,7 @@ class AuditContext:
     seed: int
     note: object = print
     run_dir: Path | None = None
+    trained_dir: Path | None = None  # a config's run, trained by the audit (membership, observed)
     _warm: Params | None = field(default=None, repr=False)
     _train_s: float | None = field(default=None, repr=False)
 
@@ -86,6 +87,8 @@ def estimate_s(name: str, ctx: AuditContext, options) -> float:
         return 4 * sweep + ctx.client_train_s() * 2 + 0.1 * options.clients
     if name == "canaries":
         return 2e-10 * cfg.run.rounds * options.canaries * min(ctx.bundle.num_trainable(), 65_536) + 1.0
+    if name == "observed":
+        return run_s
     if name == "membership":
         step = ctx.client_train_s() / max(1, cfg.training.steps_for(len(ctx.data.client_train[0])))
         return run_s + step * (options.reference_steps + 4 * options.limit / cfg.training.batch_size)
@@ -186,6 +189,7 @@ def train_final(ctx: AuditContext, out: Path) -> None:
     result = run(ctx.cfg, output=out / "run", progress=False)
     state = load_checkpoint(result.run_dir / "checkpoint")
     ctx.final = {k: v.clone() for k, v in state.params.items()}
+    ctx.trained_dir = result.run_dir
 
 
 def audit(
