@@ -180,12 +180,12 @@ def build_context(source: Path, seed: int, note=print, overrides=()) -> AuditCon
     return AuditContext(cfg, data, bundle, task, start, final, seed, note, run_dir)
 
 
-def train_final(ctx: AuditContext, out: Path) -> None:
+def train_final(ctx: AuditContext, out: Path, why: str = "membership") -> None:
     """Run the config's experiment into ``out/run`` and take its final global model."""
     from fedfm.api import run
     from fedfm.server.checkpoint import load_checkpoint
 
-    ctx.note(f"audit: membership needs the final model; running the experiment into {out / 'run'}")
+    ctx.note(f"audit: {why} needs the run's final model; running the experiment into {out / 'run'}")
     result = run(ctx.cfg, output=out / "run", progress=False)
     state = load_checkpoint(result.run_dir / "checkpoint")
     ctx.final = {k: v.clone() for k, v in state.params.items()}
@@ -236,7 +236,7 @@ def audit(
         note(f"audit: {name} — {kind.describe}")
         t = time.perf_counter()
         if kind.needs_final and ctx.final is None:
-            train_final(ctx, folder)
+            train_final(ctx, folder, name)
         results[name] = {
             **kind.run(ctx, opts),
             "options": opts.model_dump(),
