@@ -82,10 +82,8 @@ def smollm2(seed: int, note) -> list[dict]:
 
 
 def canaries(seed: int) -> list[dict]:
-    from fedfm.algorithms.sampling import cohort_size
-    from fedfm.audit.canaries import canary_audit
+    from fedfm.audit.canaries import canary_audit, central_plan
     from fedfm.config import RunConfig, load_config
-    from fedfm.privacy.plan import PrivacyPlan
 
     rows = []
     dp2 = RunConfig.model_validate(
@@ -99,9 +97,7 @@ def canaries(seed: int) -> list[dict]:
         ("default, ε = 2, noise ÷ 10 (broken)", dp2, 0.1),
         ("examples/dp-secagg.toml, central twin", shipped, 1.0),
     ):
-        n = cfg.partition.num_clients
-        m = cohort_size(n, cfg.sampling.clients_per_round, cfg.sampling.fraction)
-        plan = PrivacyPlan(cfg, n, m, 100_000, note=lambda _: None)
+        plan = central_plan(cfg, cfg.partition.num_clients, 100_000)
         rows.append({"config": name, **canary_audit(plan, 400, seed, noise_factor=factor)})
     return rows
 

@@ -35,6 +35,22 @@ from fedfm.privacy import dp
 from fedfm.seeding import numpy_rng, torch_generator
 
 
+def central_plan(cfg, num_clients: int, dim: int, epsilon: float | None = None, note=lambda _: None):
+    """The run's ``PrivacyPlan`` (its cohort from its sampling); with ``epsilon``, the same run
+    under central client-level DP calibrated for that ε (the audit's DP column, or a canary audit
+    of a config that has no DP of its own)."""
+    from fedfm.algorithms.sampling import cohort_size
+    from fedfm.privacy.plan import PrivacyPlan
+
+    if epsilon is not None:
+        privacy = cfg.privacy.model_copy(
+            update={"dp": "client", "target_epsilon": epsilon, "noise_multiplier": None, "noise": "central"}
+        )
+        cfg = cfg.model_copy(update={"privacy": privacy})
+    cohort = cohort_size(num_clients, cfg.sampling.clients_per_round, cfg.sampling.fraction)
+    return PrivacyPlan(cfg, num_clients, cohort, dim, note=note)
+
+
 def canary_audit(
     plan,
     canaries: int = 400,

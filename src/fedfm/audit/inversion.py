@@ -224,8 +224,7 @@ class InversionAudit:
     def one(self, setting: Setting, seed: int) -> dict:
         training = self.cfg.training
         trained = best_training(training, self.batch) if setting.best else training
-        starts = {"global": lambda: self.start, "round 1": lambda: round_one(self.start)}
-        start = starts.get(setting.start, lambda: crafted(self.start, seed))()
+        start = self._start(setting.start, seed)
         delta, used, steps = train_client(
             self.bundle,
             self.task,
@@ -252,23 +251,26 @@ class InversionAudit:
             result.update(self._labels(seen, used_rows, lr, trained.batch_size, steps))
         return result
 
+    def _start(self, which: str, seed: int) -> Params:
+        """The model the victim starts from: the round-2 global state, round 1's (B = 0), or a
+        malicious server's crafted one."""
+        if which == "global":
+            return self.start
+        if which == "round 1":
+            return round_one(self.start)
+        if which == "crafted":
+            return crafted(self.start, seed)
+        raise ValueError(f"unknown inversion start {which!r} (global, round 1, crafted)")
+
     def _dp_view(self, delta: Params, epsilon: float, seed: int) -> Params:
-        from fedfm.algorithms.sampling import cohort_size
-        from fedfm.privacy.plan import PrivacyPlan
+        from fedfm.audit.canaries import central_plan
 
-        privacy = self.cfg.privacy.model_copy(
-            update={"dp": "client", "target_epsilon": epsilon, "noise_multiplier": None, "noise": "central"}
-        )
-        cfg = self.cfg.model_copy(update={"privacy": privacy})
-
-        n = self.data.num_clients
-        cohort = cohort_size(n, cfg.sampling.clients_per_round, cfg.sampling.fraction)
         dim = sum(v.numel() for v in delta.values())
-        plan = PrivacyPlan(cfg, n, cohort, dim, note=lambda _: None)
-        c = cfg.privacy.clip_norm
+        plan = central_plan(self.cfg, self.data.num_clients, dim, epsilon)
+        c = plan.cfg.clip_norm
         clipped, _ = dp.clip(delta, c)
         noise = dp.gaussian_like(clipped, plan.z_delta * c, torch_generator(seed, "audit-dp"))
-        return {k: (clipped[k] + noise[k]) / cohort for k in clipped}
+        return {k: (clipped[k] + noise[k]) / plan.cohort for k in clipped}
 
     def _tokens(self, seen: Params, used_rows, max_inputs: int) -> dict:
         if not self.linears:

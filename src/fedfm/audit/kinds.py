@@ -60,29 +60,15 @@ def run_inversion(ctx, options: InversionOptions) -> dict:
 
 
 def run_canaries(ctx, options: CanaryOptions) -> dict:
-    from fedfm.algorithms.sampling import cohort_size
-    from fedfm.audit.canaries import canary_audit
-    from fedfm.privacy.plan import PrivacyPlan
+    from fedfm.audit.canaries import canary_audit, central_plan
 
-    cfg = ctx.cfg
-    if cfg.privacy.dp != "client":
-        if options.epsilon is None:
-            return {"skipped": "no client-level DP in this configuration (privacy.dp); "
-                    "--set canaries.epsilon=2 audits the same run with it"}  # fmt: skip
-        privacy = cfg.privacy.model_copy(
-            update={
-                "dp": "client",
-                "target_epsilon": options.epsilon,
-                "noise_multiplier": None,
-                "noise": "central",
-            }
-        )
-        cfg = cfg.model_copy(update={"privacy": privacy})
-    n = ctx.data.num_clients
-    cohort = cohort_size(n, cfg.sampling.clients_per_round, cfg.sampling.fraction)
-    plan = PrivacyPlan(cfg, n, cohort, ctx.bundle.num_trainable(), note=ctx.note)
-    result = canary_audit(plan, options.canaries, ctx.seed, noise_factor=options.noise_factor)
-    return {"rows": [result]}
+    own = ctx.cfg.privacy.dp == "client"
+    if not own and options.epsilon is None:
+        return {"skipped": "no client-level DP in this configuration (privacy.dp); "
+                "--set canaries.epsilon=2 audits the same run with it"}  # fmt: skip
+    epsilon = None if own else options.epsilon
+    plan = central_plan(ctx.cfg, ctx.data.num_clients, ctx.bundle.num_trainable(), epsilon, ctx.note)
+    return {"rows": [canary_audit(plan, options.canaries, ctx.seed, noise_factor=options.noise_factor)]}
 
 
 def run_membership(ctx, options: MembershipOptions) -> dict:
@@ -131,8 +117,6 @@ def _inversion_table(result: dict) -> str:
 
 
 def _canary_table(result: dict) -> str:
-    if "skipped" in result:
-        return f"Skipped: {result['skipped']}.\n"
     lines = header(
         "reported ε (δ)", "one-run 95% lower bound", "estimate (Andrew et al.)", "canaries (joined)",
         "right / guesses", "z", "noise factor",
@@ -165,8 +149,6 @@ def _membership_table(result: dict) -> str:
 
 
 def _observed_table(result: dict) -> str:
-    if "skipped" in result:
-        return f"Skipped: {result['skipped']}.\n"
     lines = header(
         "clients", "with skewed data", "property AUC (−mean training loss)", "data size seen exactly"
     )
